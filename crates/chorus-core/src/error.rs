@@ -1,0 +1,31 @@
+//! The errors of chorus's logic that a caller branches on. The server maps each
+//! variant to a gRPC status in exactly one place (`chorus-server/src/status.rs`);
+//! the `Display` text is etcd's message where etcd has one, because clients match
+//! on those strings.
+
+/// An error from validating or executing a KV request. Each one leaves the state unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    #[error("etcdserver: key is not provided")]
+    EmptyKey,
+    #[error("etcdserver: key is too large ({size_bytes} bytes, at most {max_bytes})")]
+    KeyTooLarge { size_bytes: u64, max_bytes: u64 },
+    #[error("etcdserver: value is too large ({size_bytes} bytes, at most {max_bytes})")]
+    ValueTooLarge { size_bytes: u64, max_bytes: u64 },
+    #[error("etcdserver: request is too large")]
+    RequestTooLarge { size_bytes: u64, max_bytes: u64 },
+    #[error("etcdserver: too many operations in txn request")]
+    TooManyOps { ops_count: u64, max_count: u64 },
+    #[error("etcdserver: duplicate key given in txn request")]
+    DuplicateKey,
+    #[error("etcdserver: range_end must be empty, \"\\0\", or greater than key")]
+    InvalidRangeEnd,
+    #[error("etcdserver: {0}")]
+    InvalidArgument(String),
+    #[error("etcdserver: mvcc: required revision has been compacted")]
+    Compacted { compact_revision: i64 },
+    #[error("etcdserver: mvcc: required revision is a future revision")]
+    FutureRevision { current_revision: i64 },
+    #[error("etcdserver: lease not found")]
+    LeaseNotFound,
+}

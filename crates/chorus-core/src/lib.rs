@@ -1,0 +1,19 @@
+//! chorus-core: all of chorus's logic, with no IO. No tokio, no sockets, no files,
+//! no clock reads, no unseeded randomness: everything is driven by method calls
+//! that take inputs (a tick, a message, a request, "this was persisted") and return
+//! the effects for a driver to perform. That is what lets the simulator run the
+//! production code.
+//!
+//! - [`limits`]: every size and count limit, in one place.
+//! - [`validate`]: checks a request against the limits before it is proposed.
+//! - [`mvcc`]: the MVCC key space (etcd semantics), the deterministic state machine.
+//! - [`node`]: the consensus node around raft-rs, the state machine, and proposal
+//!   and read tracking.
+
+pub mod error;
+pub mod limits;
+pub mod mvcc;
+pub mod node;
+pub mod validate;
+
+pub use error::KvError;
