@@ -1,1 +1,67 @@
-//! limits: being written.
+//! Every size and count limit of chorus, declared in one place (STYLE.md, habit 5).
+//!
+//! A limit exists so that one client cannot make a node allocate, replicate or fsync
+//! without bound: everything a request carries is copied into the raft log of every
+//! member, kept in memory by the MVCC store and written to disk. The defaults are
+//! etcd's, so that a request etcd accepts is accepted here too.
+//!
+//! To add a limit: add a `pub const ..._DEFAULT` with its unit last, a field with the
+//! same name (without `_DEFAULT`) and a doc comment saying what it protects, and
+//! set the field in [`Limits::default`].
+
+/// Default of [`Limits::request_bytes_max`]: etcd's `--max-request-bytes` (1.5 MiB).
+pub const REQUEST_BYTES_MAX_DEFAULT: u64 = 1_572_864;
+
+/// Default of [`Limits::key_bytes_max`] (64 KiB).
+pub const KEY_BYTES_MAX_DEFAULT: u64 = 65_536;
+
+/// Default of [`Limits::value_bytes_max`]: as large as a whole request may be.
+pub const VALUE_BYTES_MAX_DEFAULT: u64 = REQUEST_BYTES_MAX_DEFAULT;
+
+/// Default of [`Limits::txn_ops_max`]: etcd's `--max-txn-ops`.
+pub const TXN_OPS_MAX_DEFAULT: u64 = 128;
+
+/// The limits a node enforces. Every member of a cluster should use the same values:
+/// they are checked before a request is proposed, so a member with smaller limits
+/// still applies what a member with larger ones accepted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// The largest encoded client request. Every accepted request becomes a raft
+    /// log entry that is sent to every member and fsynced by a majority before it is
+    /// answered, so one huge request stalls every other write behind it.
+    pub request_bytes_max: u64,
+    /// The longest key (and range end). Keys are held in memory by the MVCC index
+    /// for as long as any revision of them exists, and compared on every range.
+    pub key_bytes_max: u64,
+    /// The longest value. Every revision of a value stays in memory and on disk
+    /// until it is compacted away.
+    pub value_bytes_max: u64,
+    /// The most compares, or operations in one branch, of a txn. A txn is applied
+    /// as one step on every member, so its size bounds how long apply can stall.
+    pub txn_ops_max: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_bytes_max: REQUEST_BYTES_MAX_DEFAULT,
+            key_bytes_max: KEY_BYTES_MAX_DEFAULT,
+            value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+            txn_ops_max: TXN_OPS_MAX_DEFAULT,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_etcds() {
+        let limits = Limits::default();
+        assert_eq!(limits.request_bytes_max, 1_572_864);
+        assert_eq!(limits.key_bytes_max, 65_536);
+        assert_eq!(limits.value_bytes_max, 1_572_864);
+        assert_eq!(limits.txn_ops_max, 128);
+    }
+}

@@ -1,1 +1,617 @@
-//! node: being written.
+//! The consensus node: raft-rs's `RawNode`, the replicated state machine, and the
+//! bookkeeping around them (proposals waiting for their entry, reads waiting for
+//! their read index), all without IO.
+//!
+//! # Driving a node
+//!
+//! The driver (in `chorus-server`, or the simulator) owns one [`Node`] and calls,
+//! from one thread:
+//!
+//! - [`Node::tick`] every heartbeat interval of its monotonic clock;
+//! - [`Node::step`] for every raft message received from a peer;
+//! - [`Node::propose`] and [`Node::read_index`] for client requests;
+//!
+//! and then, while [`Node::has_work`] is true, performs one **cycle** in exactly this
+//! order (raft-rs's Ready protocol; each step is named so a test can crash there):
+//!
+//! 1. `begin`: [`Node::begin_cycle`] takes raft-rs's `Ready`, applies the committed
+//!    entries it holds to the in-memory state machine, and returns a [`Cycle`].
+//! 2. `send-early`: send [`Cycle::messages`] (a leader replicates before it persists;
+//!    raft thesis 10.2.1).
+//! 3. `persist`: write [`Cycle::persist`] in ONE storage transaction: new log entries,
+//!    hard state, conf state, the state machine's writes and the applied index
+//!    together, so replaying the log after a crash is idempotent. fsync it when
+//!    [`PersistBatch::must_sync`] is set.
+//! 4. `finish`: call [`Node::finish_cycle`], which advances raft-rs and applies the
+//!    entries that became committed by this persist.
+//! 5. `send-late`: send [`Finished::messages`] (votes and append acknowledgements may
+//!    only leave after the persist).
+//! 6. `reply`: answer clients from [`Cycle::replies`], [`Finished::replies`] and the
+//!    ready reads of both.
+//!
+//! Writes applied in step 4 are carried into the next cycle's persist batch (the
+//! entries are already durable in the log on a majority, so nothing is lost if the
+//! node crashes first: they are applied again on restart).
+//!
+//! # Determinism
+//!
+//! raft-rs randomizes election timeouts with an unseeded thread RNG whenever it
+//! resets (on every change of role, term or leader). After every call that can reset
+//! it, before the next tick can act on the drawn value, we overwrite it with a draw
+//! from a ChaCha RNG seeded by the driver, so the node's behaviour depends only on
+//! its inputs.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chorus_proto::chorus::v1::{command::Op, Command, MemberAttributes};
+use chorus_proto::etcdserverpb::{
+    CompactionResponse, DeleteRangeResponse, PutResponse, TxnResponse,
+};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+};
+use raft::{GetEntriesContext, RaftState, RawNode, StateRole};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::KvError;
+use crate::mvcc::{MvccStore, WriteSet};
+
+/// How a node is set up. Every field is an input; nothing is read from the environment.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This member's raft id (its etcd member id); never zero.
+    pub id: u64,
+    /// The voters of a newly created cluster. Ignored when the storage already holds a
+    /// conf state.
+    pub initial_voters: Vec<u64>,
+    /// Ticks without a leader's heartbeat before a follower campaigns (the minimum;
+    /// each timeout adds seeded jitter of up to the same amount again).
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Seeds the election-timeout jitter.
+    pub seed: u64,
+    /// Distinguishes this boot from earlier ones, so an entry proposed before a crash
+    /// and applied after the restart is never taken for a new proposal's answer.
+    pub boot_id: u64,
+}
+
+/// What storage hands back at start-up: everything the node persisted.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub hard_state: HardState,
+    pub conf_state: ConfState,
+    /// Log entries in index order, starting at index 1 (no log compaction yet).
+    pub entries: Vec<Entry>,
+    pub applied_index: u64,
+    pub mvcc: MvccStore,
+    pub members: BTreeMap<u64, MemberAttributes>,
+}
+
+/// A proposal could not be handed to raft.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// No leader is known (an election is under way, or this node is cut off).
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    /// raft-rs refused it for another reason (for example a leader transfer).
+    #[error("etcdserver: proposal dropped: {0}")]
+    Dropped(String),
+}
+
+/// The result of applying one command, for the client that proposed it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    PublishMember,
+}
+
+/// A proposal of this node that has been applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The sequence number given to [`Node::propose`].
+    pub seq: u64,
+    pub result: Result<OpResponse, KvError>,
+    /// The raft index of the entry (for tests and tracing).
+    pub index: u64,
+}
+
+/// What one cycle must write, in one transaction.
+#[derive(Debug, Default)]
+pub struct PersistBatch {
+    /// Entries to append; an entry replaces any stored entry at the same or a later
+    /// index (a new leader may overwrite an uncommitted suffix).
+    pub entries: Vec<Entry>,
+    /// The hard state to store (always the current one; it is small).
+    pub hard_state: HardState,
+    /// Set when the conf state changed.
+    pub conf_state: Option<ConfState>,
+    /// The state machine's changes since the last persist.
+    pub writes: WriteSet,
+    /// Members whose published attributes changed since the last persist.
+    pub members: Vec<MemberAttributes>,
+    /// The index of the last entry whose effects are in `writes` (or earlier).
+    pub applied_index: u64,
+    /// The batch must be on disk (fsync) before the cycle finishes: it holds log
+    /// entries or a changed vote or term.
+    pub must_sync: bool,
+}
+
+/// The first half of a cycle: see the module documentation for what to do with it.
+#[derive(Debug, Default)]
+pub struct Cycle {
+    pub messages: Vec<Message>,
+    pub persist: PersistBatch,
+    pub replies: Vec<Reply>,
+    /// Read contexts whose read index this node has now applied.
+    pub reads_ready: Vec<u64>,
+}
+
+/// The second half of a cycle.
+#[derive(Debug, Default)]
+pub struct Finished {
+    pub messages: Vec<Message>,
+    pub replies: Vec<Reply>,
+    pub reads_ready: Vec<u64>,
+}
+
+/// The node's view of consensus, for status calls and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub id: u64,
+    pub role: StateRole,
+    pub term: u64,
+    pub leader_id: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+}
+
+/// raft-rs's view of the log: the whole log in memory, mirrored from storage.
+///
+/// Keeping it in memory keeps raft-rs's reads free of IO. The log is never compacted
+/// yet, so it grows with every write; log compaction and snapshots are a later step.
+#[derive(Debug, Default)]
+pub struct LogStore {
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// Index of the first entry in `entries` (1 while the log is uncompacted).
+    first_index: u64,
+    entries: VecDeque<Entry>,
+}
+
+impl LogStore {
+    fn new(hard_state: HardState, conf_state: ConfState, entries: Vec<Entry>) -> LogStore {
+        let first_index = entries.first().map_or(1, |e| e.index);
+        for (offset, entry) in entries.iter().enumerate() {
+            assert_eq!(entry.index, first_index + offset as u64, "log has a gap");
+        }
+        LogStore { hard_state, conf_state, first_index, entries: entries.into() }
+    }
+
+    fn last_index_value(&self) -> u64 {
+        self.first_index + self.entries.len() as u64 - 1
+    }
+
+    /// Appends entries, first dropping any stored entry at or after the first new index.
+    fn append(&mut self, new_entries: &[Entry]) {
+        let Some(first_new) = new_entries.first() else { return };
+        assert!(first_new.index >= self.first_index, "append below the first index");
+        assert!(first_new.index <= self.last_index_value() + 1, "append leaves a gap");
+        let keep = (first_new.index - self.first_index) as usize;
+        self.entries.truncate(keep);
+        self.entries.extend(new_entries.iter().cloned());
+    }
+}
+
+impl raft::Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < self.first_index {
+            return Err(raft::Error::Store(raft::StorageError::Compacted));
+        }
+        assert!(high <= self.last_index_value() + 1, "entries past the last index");
+        let max_bytes = max_size.into().unwrap_or(u64::MAX);
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size_bytes = 0u64;
+        for index in low..high {
+            let entry = &self.entries[(index - self.first_index) as usize];
+            size_bytes += u64::from(entry.compute_size());
+            if !out.is_empty() && size_bytes > max_bytes {
+                break;
+            }
+            out.push(entry.clone());
+        }
+        Ok(out)
+    }
+
+    fn term(&self, index: u64) -> raft::Result<u64> {
+        if index == self.first_index - 1 {
+            return Ok(0);
+        }
+        if index < self.first_index {
+            return Err(raft::Error::Store(raft::StorageError::Compacted));
+        }
+        match self.entries.get((index - self.first_index) as usize) {
+            Some(entry) => Ok(entry.term),
+            None => Err(raft::Error::Store(raft::StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index_value())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // The log is never compacted, so raft-rs never needs a snapshot to catch a
+        // follower up. Saying "not yet" keeps raft-rs retrying harmlessly.
+        Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+/// One member: raft-rs plus the replicated state machine.
+pub struct Node {
+    raw: RawNode<LogStore>,
+    mvcc: MvccStore,
+    members: BTreeMap<u64, MemberAttributes>,
+    applied_index: u64,
+    election_ticks: usize,
+    rng: ChaCha8Rng,
+    /// (role, term, leader) when the election timeout was last set.
+    timeout_epoch: (StateRole, u64, u64),
+    boot_id: u64,
+    /// Reads waiting until the applied index reaches their read index.
+    reads_waiting: Vec<(u64, u64)>,
+    /// The state machine's changes not yet handed to storage.
+    pending_writes: WriteSet,
+    pending_members: Vec<MemberAttributes>,
+    pending_conf_state: Option<ConfState>,
+    /// The Ready between `begin_cycle` and `finish_cycle`.
+    in_cycle: Option<raft::Ready>,
+}
+
+impl Node {
+    /// Builds a node from its configuration and what storage recovered.
+    pub fn new(
+        config: &NodeConfig,
+        recovered: Recovered,
+        logger: &slog::Logger,
+    ) -> Result<Node, raft::Error> {
+        let mut conf_state = recovered.conf_state;
+        if conf_state.voters.is_empty() && conf_state.learners.is_empty() {
+            conf_state.voters = config.initial_voters.clone();
+        }
+        assert!(
+            recovered.applied_index <= recovered.hard_state.commit.max(recovered.applied_index),
+            "applied index past commit"
+        );
+        let mut hard_state = recovered.hard_state;
+        // The applied index is persisted with the data it produced, but the commit
+        // index in the hard state may have been written in an earlier transaction.
+        // Everything applied was committed, so the commit index is at least that.
+        hard_state.commit = hard_state.commit.max(recovered.applied_index);
+        let store = LogStore::new(hard_state, conf_state, recovered.entries);
+        let raft_config = raft::Config {
+            id: config.id,
+            election_tick: config.election_ticks,
+            heartbeat_tick: config.heartbeat_ticks,
+            applied: recovered.applied_index,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 256,
+            check_quorum: true,
+            pre_vote: true,
+            // raft-rs draws from [min, max) with an unseeded RNG on every reset; we
+            // overwrite each draw before it is used (see `reseed_election_timeout`).
+            min_election_tick: config.election_ticks,
+            max_election_tick: 2 * config.election_ticks,
+            read_only_option: raft::ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        let raw = RawNode::new(&raft_config, store, logger)?;
+        let mut node = Node {
+            raw,
+            mvcc: recovered.mvcc,
+            members: recovered.members,
+            applied_index: recovered.applied_index,
+            election_ticks: config.election_ticks,
+            rng: ChaCha8Rng::seed_from_u64(config.seed ^ config.id.rotate_left(17)),
+            timeout_epoch: (StateRole::Follower, u64::MAX, 0),
+            boot_id: config.boot_id,
+            reads_waiting: Vec::new(),
+            pending_writes: WriteSet::default(),
+            pending_members: Vec::new(),
+            pending_conf_state: None,
+            in_cycle: None,
+        };
+        node.reseed_election_timeout();
+        Ok(node)
+    }
+
+    /// Advances raft's logical clock by one tick.
+    pub fn tick(&mut self) {
+        assert!(self.in_cycle.is_none(), "tick during a cycle");
+        self.raw.tick();
+        self.reseed_election_timeout();
+    }
+
+    /// Hands a message from a peer to raft. Messages from members no longer in the
+    /// configuration are ignored (raft-rs reports them as `StepPeerNotFound`).
+    pub fn step(&mut self, message: Message) {
+        assert!(self.in_cycle.is_none(), "step during a cycle");
+        match self.raw.step(message) {
+            Ok(()) | Err(raft::Error::StepPeerNotFound) | Err(raft::Error::StepLocalMsg) => {}
+            // Any other error is a message raft-rs chose to drop; raft tolerates loss.
+            Err(_) => {}
+        }
+        self.reseed_election_timeout();
+    }
+
+    /// Proposes a command. `seq` must be unique among this boot's proposals; the
+    /// answer comes back as a [`Reply`] with the same `seq` once the entry is applied
+    /// here (which may never happen if the entry is lost in a leader change: the
+    /// driver times such proposals out).
+    pub fn propose(&mut self, seq: u64, op: Op) -> Result<(), ProposeError> {
+        assert!(self.in_cycle.is_none(), "propose during a cycle");
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return Err(ProposeError::NoLeader);
+        }
+        let command = Command {
+            proposer_id: self.raw.raft.id,
+            proposal_seq: self.proposal_tag(seq),
+            op: Some(op),
+        };
+        let result = self.raw.propose(Vec::new(), command.encode_to_vec());
+        self.reseed_election_timeout();
+        match result {
+            Ok(()) => Ok(()),
+            Err(raft::Error::ProposalDropped) => Err(ProposeError::NoLeader),
+            Err(other) => Err(ProposeError::Dropped(other.to_string())),
+        }
+    }
+
+    /// Asks for a read index for the context `ctx`; once this node has applied up to
+    /// it, `ctx` is listed in `reads_ready` and reads of it may be served locally.
+    /// If no leader answers, nothing comes back: the driver asks again or times out.
+    pub fn read_index(&mut self, ctx: u64) {
+        assert!(self.in_cycle.is_none(), "read_index during a cycle");
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        self.reseed_election_timeout();
+    }
+
+    /// Whether a cycle has anything to do.
+    pub fn has_work(&self) -> bool {
+        self.raw.has_ready()
+            || !self.pending_writes.is_empty()
+            || !self.pending_members.is_empty()
+            || self.pending_conf_state.is_some()
+    }
+
+    /// Step 1 of a cycle: see the module documentation.
+    pub fn begin_cycle(&mut self) -> Cycle {
+        assert!(self.in_cycle.is_none(), "cycle already begun");
+        let mut cycle = Cycle::default();
+        if !self.raw.has_ready() {
+            cycle.persist = self.take_persist_batch(Vec::new(), false);
+            return cycle;
+        }
+        let mut ready = self.raw.ready();
+        assert!(
+            ready.snapshot().is_empty(),
+            "raft produced a snapshot, but chorus never compacts its log yet"
+        );
+        cycle.messages = ready.take_messages();
+        let committed = ready.take_committed_entries();
+        cycle.replies = self.apply_entries(committed);
+        if let Some(hard_state) = ready.hs() {
+            self.raw.mut_store().hard_state = hard_state.clone();
+        }
+        let entries = ready.take_entries();
+        self.raw.mut_store().append(&entries);
+        for read_state in ready.take_read_states() {
+            let ctx = u64::from_be_bytes(read_state.request_ctx[..8].try_into().expect("ctx"));
+            self.reads_waiting.push((ctx, read_state.index));
+        }
+        cycle.reads_ready = self.take_reads_ready();
+        let must_sync = ready.must_sync() || !entries.is_empty();
+        cycle.persist = self.take_persist_batch(entries, must_sync);
+        self.in_cycle = Some(ready);
+        cycle
+    }
+
+    /// Step 4 of a cycle: the batch of [`Node::begin_cycle`] is persisted.
+    pub fn finish_cycle(&mut self) -> Finished {
+        let mut finished = Finished::default();
+        let Some(mut ready) = self.in_cycle.take() else {
+            return finished;
+        };
+        finished.messages = ready.take_persisted_messages();
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().hard_state.commit = commit;
+        }
+        finished.messages.extend(light.take_messages());
+        finished.replies = self.apply_entries(light.take_committed_entries());
+        self.raw.advance_apply();
+        finished.reads_ready = self.take_reads_ready();
+        self.reseed_election_timeout();
+        finished
+    }
+
+    /// The replicated key space, as applied on this node.
+    pub fn mvcc(&self) -> &MvccStore {
+        &self.mvcc
+    }
+
+    /// Members that have published their attributes, by id.
+    pub fn members(&self) -> &BTreeMap<u64, MemberAttributes> {
+        &self.members
+    }
+
+    /// The current voters and learners.
+    pub fn conf_state(&self) -> ConfState {
+        self.raw.raft.prs().conf().to_conf_state()
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        NodeStatus {
+            id: self.raw.raft.id,
+            role: self.raw.raft.state,
+            term: self.raw.raft.term,
+            leader_id: self.raw.raft.leader_id,
+            commit_index: self.raw.raft.raft_log.committed,
+            applied_index: self.applied_index,
+            last_index: self.raw.raft.raft_log.last_index(),
+        }
+    }
+
+    /// Starts an election now (tests and leader transfer).
+    pub fn campaign(&mut self) {
+        let _ = self.raw.campaign();
+        self.reseed_election_timeout();
+    }
+
+    fn proposal_tag(&self, seq: u64) -> u64 {
+        assert!(seq < 1 << 40, "proposal sequence exhausted");
+        (self.boot_id << 40) | seq
+    }
+
+    fn take_persist_batch(&mut self, entries: Vec<Entry>, must_sync: bool) -> PersistBatch {
+        PersistBatch {
+            entries,
+            hard_state: self.raw.store().hard_state.clone(),
+            conf_state: self.pending_conf_state.take(),
+            writes: std::mem::take(&mut self.pending_writes),
+            members: std::mem::take(&mut self.pending_members),
+            applied_index: self.applied_index,
+            must_sync,
+        }
+    }
+
+    fn take_reads_ready(&mut self) -> Vec<u64> {
+        let applied = self.applied_index;
+        let mut ready = Vec::new();
+        self.reads_waiting.retain(|&(ctx, index)| {
+            if index <= applied {
+                ready.push(ctx);
+                false
+            } else {
+                true
+            }
+        });
+        ready
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Vec<Reply> {
+        let mut replies = Vec::new();
+        for entry in entries {
+            if entry.index <= self.applied_index {
+                continue;
+            }
+            assert_eq!(entry.index, self.applied_index + 1, "applied entries out of order");
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if let Some(reply) = self.apply_normal(&entry) {
+                        replies.push(reply);
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    let mut change = ConfChange::default();
+                    change.merge_from_bytes(&entry.data).expect("corrupt conf change entry");
+                    self.apply_conf_change(&change);
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let mut change = ConfChangeV2::default();
+                    change.merge_from_bytes(&entry.data).expect("corrupt conf change entry");
+                    self.apply_conf_change(&change);
+                }
+            }
+            self.applied_index = entry.index;
+        }
+        replies
+    }
+
+    fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI) {
+        match self.raw.apply_conf_change(change) {
+            Ok(conf_state) => {
+                self.raw.mut_store().conf_state = conf_state.clone();
+                self.pending_conf_state = Some(conf_state);
+            }
+            // A change raft-rs refuses (for example one that leaves no voter) is a
+            // committed no-op on every member alike, so skipping it stays deterministic.
+            Err(_) => {}
+        }
+    }
+
+    fn apply_normal(&mut self, entry: &Entry) -> Option<Reply> {
+        if entry.data.is_empty() {
+            return None; // a new leader's empty entry
+        }
+        let command = Command::decode(&entry.data[..])
+            .unwrap_or_else(|e| panic!("corrupt command at index {}: {e}", entry.index));
+        let result = match command.op {
+            Some(op) => self.apply_op(op),
+            None => panic!("command without an operation at index {}", entry.index),
+        };
+        let ours = command.proposer_id == self.raw.raft.id
+            && command.proposal_seq >> 40 == self.boot_id;
+        ours.then(|| Reply {
+            seq: command.proposal_seq & ((1 << 40) - 1),
+            result,
+            index: entry.index,
+        })
+    }
+
+    fn apply_op(&mut self, op: Op) -> Result<OpResponse, KvError> {
+        let writes = &mut self.pending_writes;
+        match op {
+            Op::Put(request) => self.mvcc.put(&request, writes).map(OpResponse::Put),
+            Op::DeleteRange(request) => {
+                self.mvcc.delete_range(&request, writes).map(OpResponse::DeleteRange)
+            }
+            Op::Txn(request) => self.mvcc.txn(&request, writes).map(OpResponse::Txn),
+            Op::Compaction(request) => {
+                self.mvcc.compact(&request, writes).map(OpResponse::Compaction)
+            }
+            Op::PublishMember(attributes) => {
+                self.members.insert(attributes.member_id, attributes.clone());
+                self.pending_members.push(attributes);
+                Ok(OpResponse::PublishMember)
+            }
+        }
+    }
+
+    /// Sets a fresh, seeded election timeout whenever raft-rs has reset its own
+    /// (which it does on every change of role, term or leader).
+    fn reseed_election_timeout(&mut self) {
+        let raft = &self.raw.raft;
+        let epoch = (raft.state, raft.term, raft.leader_id);
+        if epoch == self.timeout_epoch {
+            return;
+        }
+        self.timeout_epoch = epoch;
+        let jitter = self.rng.random_range(0..self.election_ticks);
+        self.raw.raft.set_randomized_election_timeout(self.election_ticks + jitter);
+    }
+}
+
+#[cfg(test)]
+mod tests;

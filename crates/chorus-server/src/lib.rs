@@ -1,1 +1,234 @@
-//! placeholder
+//! chorus-server: the tokio shell around chorus-core.
+//!
+//! [`serve`] runs one member: it opens the data directory, starts the node driver
+//! thread, the ticker, the peer transport and the client gRPC server, and runs
+//! until its shutdown future completes. Start-up order matters: everything that
+//! can fail (configuration, data directory, binding ports) fails before the member
+//! talks to anyone.
+
+pub mod api;
+pub mod config;
+pub mod driver;
+mod raft_log;
+pub mod status;
+pub mod transport;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chorus_core::node::{Node, NodeConfig};
+use chorus_proto::chorus::v1::MemberAttributes;
+use chorus_proto::etcdserverpb::cluster_server::ClusterServer;
+use chorus_proto::etcdserverpb::kv_server::KvServer;
+use chorus_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use chorus_storage::{DiskStorage, Identity, StorageError};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{ClusterState, ConfigError, ServerConfig};
+
+use crate::api::cluster::{ClusterService, ConfiguredMember};
+use crate::api::kv::KvService;
+use crate::api::maintenance::MaintenanceService;
+use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
+use crate::transport::{PeerLink, PeerService, PEER_QUEUE_MESSAGES_MAX};
+
+/// Inputs (requests, peer batches, ticks) queued for the driver before senders wait.
+pub const DRIVER_QUEUE_INPUTS_MAX: usize = 8192;
+/// Extra room above the request limit for gRPC framing and the other fields.
+const GRPC_MESSAGE_OVERHEAD_BYTES: u64 = 64 * 1024;
+
+/// Why a member could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("raft could not start: {0}")]
+    Raft(String),
+    #[error("gRPC server failed: {0}")]
+    Grpc(String),
+}
+
+/// Runs one member until `shutdown` completes. `on_ready` is called with the bound
+/// client addresses once the member is listening.
+pub async fn serve(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(Vec<SocketAddr>) + Send,
+) -> Result<(), ServerError> {
+    config.validate()?;
+    let member_id = config.member_id();
+    let cluster_id = config.cluster_id();
+    let ids = HeaderIds { cluster_id, member_id };
+    let identity = Identity { cluster_id, member_id };
+    let data_dir = config.data_dir.clone();
+    let opened = tokio::task::spawn_blocking(move || DiskStorage::open(&data_dir, identity))
+        .await
+        .expect("storage open task")?;
+    tracing::info!(
+        member = %format!("{member_id:016x}"),
+        cluster = %format!("{cluster_id:016x}"),
+        data_dir = %config.data_dir.display(),
+        created = opened.created,
+        applied_index = opened.recovered.applied_index,
+        "opened data directory"
+    );
+
+    let client_listeners = bind_all(&config.listen_client_addrs).await?;
+    let peer_listeners = bind_all(&config.listen_peer_addrs).await?;
+    let client_addrs: Vec<SocketAddr> =
+        client_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+
+    let member_ids = config.member_ids();
+    let node_config = NodeConfig {
+        id: member_id,
+        initial_voters: member_ids.values().copied().collect(),
+        election_ticks: config.election_ticks(),
+        heartbeat_ticks: 1,
+        seed: member_id ^ opened.boot_count,
+        boot_id: opened.boot_count,
+    };
+    let node = Node::new(&node_config, opened.recovered, &raft_log::logger(&config.name))
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+
+    let (input_tx, input_rx) = mpsc::channel(DRIVER_QUEUE_INPUTS_MAX);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let peers = start_peer_senders(&config, &member_ids, cluster_id, member_id);
+    let own_attributes = MemberAttributes {
+        member_id,
+        name: config.name.clone(),
+        client_urls: config.advertise_client_urls.clone(),
+    };
+    let driver = Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes);
+    let driver_thread = std::thread::Builder::new()
+        .name(format!("chorus-driver-{}", config.name))
+        .spawn(move || driver.run())
+        .expect("spawn driver thread");
+    let ticker = tokio::spawn(run_ticker(
+        input_tx.clone(),
+        Duration::from_millis(config.heartbeat_interval_ms),
+        stop_rx.clone(),
+    ));
+
+    let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms));
+    let mut servers = Vec::new();
+    for listener in peer_listeners {
+        let service = PeerService::new(cluster_id, member_id, input_tx.clone(), stop_rx.clone());
+        let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(service);
+        servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            wait_stop(stop_rx.clone()),
+        )));
+    }
+    drop(input_tx);
+    let configured = configured_members(&config, &member_ids);
+    let message_bytes_max = (config.limits.request_bytes_max + GRPC_MESSAGE_OVERHEAD_BYTES) as usize;
+    for listener in client_listeners {
+        let kv = KvServer::new(KvService::new(handle.clone(), config.limits.clone()))
+            .max_decoding_message_size(message_bytes_max);
+        let maintenance = MaintenanceServer::new(MaintenanceService::new(handle.clone(), ids));
+        let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(kv)
+            .add_service(maintenance)
+            .add_service(cluster);
+        servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            wait_stop(stop_rx.clone()),
+        )));
+    }
+    drop(handle);
+    on_ready(client_addrs);
+
+    shutdown.await;
+    tracing::info!(member = %config.name, "stopping");
+    let _ = stop_tx.send(true);
+    let mut failure = None;
+    for server in servers {
+        if let Ok(Err(error)) = server.await {
+            failure = Some(ServerError::Grpc(error.to_string()));
+        }
+    }
+    let _ = ticker.await;
+    // Every sender is gone once the servers and ticker have stopped; the driver
+    // finishes its last cycle and returns.
+    tokio::task::spawn_blocking(move || driver_thread.join())
+        .await
+        .expect("join task")
+        .expect("driver thread panicked");
+    failure.map_or(Ok(()), Err)
+}
+
+async fn bind_all(addrs: &[String]) -> Result<Vec<TcpListener>, ServerError> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn start_peer_senders(
+    config: &ServerConfig,
+    member_ids: &BTreeMap<String, u64>,
+    cluster_id: u64,
+    member_id: u64,
+) -> HashMap<u64, mpsc::Sender<raft::prelude::Message>> {
+    let mut peers = HashMap::new();
+    for (name, urls) in &config.initial_cluster {
+        let peer_id = member_ids[name];
+        if peer_id == member_id {
+            continue;
+        }
+        let addr = config::url_to_addr(&urls[0]).expect("validated URL");
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
+        let link = PeerLink { cluster_id, from_id: member_id, to_id: peer_id, addr };
+        tokio::spawn(transport::run_peer_sender(link, rx));
+        peers.insert(peer_id, tx);
+    }
+    peers
+}
+
+fn configured_members(
+    config: &ServerConfig,
+    member_ids: &BTreeMap<String, u64>,
+) -> BTreeMap<u64, ConfiguredMember> {
+    config
+        .initial_cluster
+        .iter()
+        .map(|(name, urls)| (member_ids[name], ConfiguredMember { name: name.clone(), peer_urls: urls.clone() }))
+        .collect()
+}
+
+async fn run_ticker(inputs: mpsc::Sender<Input>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                if inputs.send(Input::Tick).await.is_err() {
+                    return;
+                }
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}

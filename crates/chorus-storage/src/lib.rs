@@ -1,1 +1,323 @@
-//! placeholder
+//! chorus-storage: one redb database per node, and the only crate that calls fsync.
+//!
+//! # On-disk format (format version 1)
+//!
+//! One file, `<data-dir>/member/chorus.redb`, with these tables:
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | `meta` | name | bytes; see below |
+//! | `raft_log` | raft index (`u64`) | raft-rs `Entry`, protobuf-encoded |
+//! | `kv` | 17-byte revision key (see `chorus_core::mvcc`) | `mvccpb.KeyValue`, protobuf-encoded |
+//! | `members` | member id (`u64`) | `chorus.v1.MemberAttributes`, protobuf-encoded |
+//!
+//! `meta` holds `format_version`, `cluster_id`, `member_id`, `boot_count` (each a
+//! big-endian `u64`), `hard_state` and `conf_state` (raft-rs protobuf), and
+//! `applied_index` and `compact_revision` (big-endian `u64` / `i64`).
+//!
+//! Every cycle of the node is written by [`DiskStorage::persist`] in ONE write
+//! transaction: appended log entries, hard state, conf state, the state machine's
+//! changes and the applied index. The applied index therefore always matches the
+//! data it produced, and replaying the log after a crash is idempotent. The
+//! transaction is fsynced (redb `Durability::Immediate`) when it holds log entries
+//! or a changed term or vote; otherwise it is left for the next durable commit to
+//! carry to disk, which is safe because everything in it can be re-derived by
+//! applying the (durable) log again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chorus_core::mvcc::MvccStore;
+use chorus_core::node::{PersistBatch, Recovered};
+use chorus_proto::chorus::v1::MemberAttributes;
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, HardState};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("members");
+
+/// The on-disk format this build writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+/// The database file's name inside `<data-dir>/member/`.
+pub const DB_FILE_NAME: &str = "chorus.redb";
+
+/// Which cluster and member a data directory belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub cluster_id: u64,
+    pub member_id: u64,
+}
+
+/// Why storage could not be opened or written. Every variant's message is one line
+/// that names the path and says what is wrong, for an operator to act on.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("data directory {path} is unreadable: {source}")]
+    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("data directory {path} is corrupt: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "data directory {path} belongs to cluster {found:016x}, not to this cluster \
+         {expected:016x} (check --initial-cluster and --initial-cluster-token, or use \
+         another --data-dir)"
+    )]
+    WrongCluster { path: PathBuf, found: u64, expected: u64 },
+    #[error(
+        "data directory {path} belongs to member {found:016x}, not to this member \
+         {expected:016x} (check --name and --initial-advertise-peer-urls)"
+    )]
+    WrongMember { path: PathBuf, found: u64, expected: u64 },
+    #[error("data directory {path} was written by format version {found}; this build reads {FORMAT_VERSION}")]
+    WrongFormat { path: PathBuf, found: u64 },
+    #[error("data directory {path} is in use by another chorus process")]
+    InUse { path: PathBuf },
+    #[error("storage failure in {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+}
+
+/// A node's storage: one redb database.
+pub struct DiskStorage {
+    db: Database,
+    path: PathBuf,
+}
+
+/// What [`DiskStorage::open`] hands back.
+pub struct Opened {
+    pub storage: DiskStorage,
+    pub recovered: Recovered,
+    /// Counts the times this data directory was opened; distinguishes boots.
+    pub boot_count: u64,
+    /// Whether the data directory was created by this call.
+    pub created: bool,
+}
+
+impl DiskStorage {
+    /// Opens (or creates) the data directory for `identity` and reads back
+    /// everything persisted in it.
+    pub fn open(data_dir: &Path, identity: Identity) -> Result<Opened, StorageError> {
+        let member_dir = data_dir.join("member");
+        std::fs::create_dir_all(&member_dir)
+            .map_err(|source| StorageError::Unreadable { path: data_dir.to_path_buf(), source })?;
+        let path = member_dir.join(DB_FILE_NAME);
+        let created = !path.exists();
+        let db = open_database(&path, created)?;
+        let storage = DiskStorage { db, path };
+        let boot_count = storage.check_identity(identity, created)?;
+        let recovered = storage.recover()?;
+        Ok(Opened { storage, recovered, boot_count, created })
+    }
+
+    /// Writes one cycle's batch in one transaction, durably when the batch says so.
+    pub fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let durability = if batch.must_sync { Durability::Immediate } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| self.io(e))?;
+        {
+            let mut log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
+            if let Some(first) = batch.entries.first() {
+                log.retain_in(first.index.., |_, _| false).map_err(|e| self.io(e))?;
+            }
+            for entry in &batch.entries {
+                let bytes = entry.write_to_bytes().expect("encode raft entry");
+                log.insert(entry.index, bytes.as_slice()).map_err(|e| self.io(e))?;
+            }
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let hard_state = batch.hard_state.write_to_bytes().expect("encode hard state");
+            meta.insert("hard_state", hard_state.as_slice()).map_err(|e| self.io(e))?;
+            if let Some(conf_state) = &batch.conf_state {
+                let bytes = conf_state.write_to_bytes().expect("encode conf state");
+                meta.insert("conf_state", bytes.as_slice()).map_err(|e| self.io(e))?;
+            }
+            let applied = batch.applied_index.to_be_bytes();
+            meta.insert("applied_index", applied.as_slice()).map_err(|e| self.io(e))?;
+            if let Some(revision) = batch.writes.compact_revision {
+                let bytes = revision.to_be_bytes();
+                meta.insert("compact_revision", bytes.as_slice()).map_err(|e| self.io(e))?;
+            }
+            let mut kv = txn.open_table(KV).map_err(|e| self.io(e))?;
+            for (key, value) in &batch.writes.puts {
+                kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))?;
+            }
+            for key in &batch.writes.removes {
+                kv.remove(key.as_slice()).map_err(|e| self.io(e))?;
+            }
+            let mut members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
+            for member in &batch.members {
+                let bytes = member.encode_to_vec();
+                members.insert(member.member_id, bytes.as_slice()).map_err(|e| self.io(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// The database file's size on disk, in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, error: impl std::fmt::Display) -> StorageError {
+        StorageError::Io { path: self.path.clone(), detail: error.to_string() }
+    }
+
+    fn corrupt(&self, detail: impl Into<String>) -> StorageError {
+        StorageError::Corrupt { path: self.path.clone(), detail: detail.into() }
+    }
+
+    /// Checks (or, for a new directory, records) which cluster and member the data
+    /// belongs to, and counts this boot. Returns the boot count.
+    fn check_identity(&self, identity: Identity, created: bool) -> Result<u64, StorageError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let boot_count;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let read = |meta: &redb::Table<&str, &[u8]>, name: &str| -> Result<Option<u64>, StorageError> {
+                let value = meta.get(name).map_err(|e| self.io(e))?;
+                value.map(|v| decode_u64(v.value()).ok_or_else(|| self.corrupt(format!("meta {name} is malformed")))).transpose()
+            };
+            match read(&meta, "format_version")? {
+                Some(FORMAT_VERSION) => {}
+                Some(found) => return Err(StorageError::WrongFormat { path: self.path.clone(), found }),
+                None if created => {}
+                None => return Err(self.corrupt("no format version: not a chorus data directory")),
+            }
+            if let Some(found) = read(&meta, "cluster_id")? {
+                if found != identity.cluster_id {
+                    let path = self.path.clone();
+                    return Err(StorageError::WrongCluster { path, found, expected: identity.cluster_id });
+                }
+            }
+            if let Some(found) = read(&meta, "member_id")? {
+                if found != identity.member_id {
+                    let path = self.path.clone();
+                    return Err(StorageError::WrongMember { path, found, expected: identity.member_id });
+                }
+            }
+            boot_count = read(&meta, "boot_count")?.unwrap_or(0) + 1;
+            let writes = [
+                ("format_version", FORMAT_VERSION),
+                ("cluster_id", identity.cluster_id),
+                ("member_id", identity.member_id),
+                ("boot_count", boot_count),
+            ];
+            for (name, value) in writes {
+                meta.insert(name, value.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
+            }
+            txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
+            txn.open_table(KV).map_err(|e| self.io(e))?;
+            txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))?;
+        Ok(boot_count)
+    }
+
+    fn recover(&self) -> Result<Recovered, StorageError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        let meta_bytes = |name: &str| -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(meta.get(name).map_err(|e| self.io(e))?.map(|v| v.value().to_vec()))
+        };
+        let mut recovered = Recovered::default();
+        if let Some(bytes) = meta_bytes("hard_state")? {
+            recovered.hard_state = HardState::parse_from_bytes(&bytes)
+                .map_err(|e| self.corrupt(format!("hard state: {e}")))?;
+        }
+        if let Some(bytes) = meta_bytes("conf_state")? {
+            recovered.conf_state = ConfState::parse_from_bytes(&bytes)
+                .map_err(|e| self.corrupt(format!("conf state: {e}")))?;
+        }
+        if let Some(bytes) = meta_bytes("applied_index")? {
+            recovered.applied_index =
+                decode_u64(&bytes).ok_or_else(|| self.corrupt("applied index is malformed"))?;
+        }
+        let compact_revision = match meta_bytes("compact_revision")? {
+            Some(bytes) => decode_u64(&bytes).ok_or_else(|| self.corrupt("compact revision is malformed"))? as i64,
+            None => 0,
+        };
+        recovered.entries = self.read_log(&txn)?;
+        let last_index = recovered.entries.last().map_or(0, |e| e.index);
+        if recovered.applied_index > last_index || recovered.hard_state.commit > last_index {
+            return Err(self.corrupt(format!(
+                "applied index {} or commit index {} is past the last log entry {last_index}",
+                recovered.applied_index, recovered.hard_state.commit
+            )));
+        }
+        let kv = txn.open_table(KV).map_err(|e| self.io(e))?;
+        let mut records = Vec::new();
+        for item in kv.iter().map_err(|e| self.io(e))? {
+            let (key, value) = item.map_err(|e| self.io(e))?;
+            let key: [u8; 17] = key.value().try_into().map_err(|_| self.corrupt("a kv record key is not 17 bytes"))?;
+            records.push((key, value.value().to_vec()));
+        }
+        recovered.mvcc = MvccStore::restore(records, compact_revision)
+            .map_err(|e| self.corrupt(format!("kv records: {e}")))?;
+        let members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
+        let mut by_id = BTreeMap::new();
+        for item in members.iter().map_err(|e| self.io(e))? {
+            let (id, value) = item.map_err(|e| self.io(e))?;
+            let member = MemberAttributes::decode(value.value())
+                .map_err(|e| self.corrupt(format!("member {:016x}: {e}", id.value())))?;
+            by_id.insert(id.value(), member);
+        }
+        recovered.members = by_id;
+        Ok(recovered)
+    }
+
+    fn read_log(&self, txn: &redb::ReadTransaction) -> Result<Vec<Entry>, StorageError> {
+        let log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
+        let mut entries: Vec<Entry> = Vec::new();
+        for item in log.iter().map_err(|e| self.io(e))? {
+            let (index, value) = item.map_err(|e| self.io(e))?;
+            let entry = Entry::parse_from_bytes(value.value())
+                .map_err(|e| self.corrupt(format!("log entry {}: {e}", index.value())))?;
+            if entry.index != index.value() {
+                return Err(self.corrupt(format!("log entry stored at {} says index {}", index.value(), entry.index)));
+            }
+            if let Some(previous) = entries.last() {
+                if entry.index != previous.index + 1 {
+                    return Err(self.corrupt(format!("log has a gap after index {}", previous.index)));
+                }
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+}
+
+fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Opens the database file, turning redb's errors into one-line answers.
+fn open_database(path: &Path, create: bool) -> Result<Database, StorageError> {
+    let result = if create { Database::create(path) } else { Database::open(path) };
+    result.map_err(|error| match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => StorageError::InUse { path: path.to_path_buf() },
+        redb::DatabaseError::Storage(redb::StorageError::Io(source))
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            StorageError::Unreadable { path: path.to_path_buf(), source }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(source))
+            if source.kind() == std::io::ErrorKind::InvalidData
+                || source.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            StorageError::Corrupt { path: path.to_path_buf(), detail: source.to_string() }
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => {
+            StorageError::Corrupt { path: path.to_path_buf(), detail }
+        }
+        other => StorageError::Corrupt { path: path.to_path_buf(), detail: other.to_string() },
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! Scripted cluster tests of the node logic: three nodes in memory, messages passed
+//! by hand, with a filter to cut links. Persist batches are dropped (no storage
+//! here); `chorus-storage` and the simulator cover persistence.
+
+use super::*;
+use chorus_proto::etcdserverpb::{PutRequest, RangeRequest};
+
+struct Cluster {
+    nodes: Vec<Node>,
+    /// Links that drop every message: (from, to).
+    cut: Vec<(u64, u64)>,
+    replies: Vec<(u64, Reply)>,
+    reads: Vec<(u64, u64)>,
+}
+
+fn config(id: u64) -> NodeConfig {
+    NodeConfig {
+        id,
+        initial_voters: vec![1, 2, 3],
+        election_ticks: 10,
+        heartbeat_ticks: 1,
+        seed: 7,
+        boot_id: 1,
+    }
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let nodes = (1..=3)
+            .map(|id| Node::new(&config(id), Recovered::default(), &logger).unwrap())
+            .collect();
+        Cluster { nodes, cut: Vec::new(), replies: Vec::new(), reads: Vec::new() }
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[(id - 1) as usize]
+    }
+
+    /// Runs cycles and delivers messages until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut messages = Vec::new();
+            for node in &mut self.nodes {
+                let id = node.status().id;
+                while node.has_work() {
+                    let cycle = node.begin_cycle();
+                    messages.extend(cycle.messages);
+                    let finished = node.finish_cycle();
+                    messages.extend(finished.messages);
+                    for reply in cycle.replies.into_iter().chain(finished.replies) {
+                        self.replies.push((id, reply));
+                    }
+                    for ctx in cycle.reads_ready.into_iter().chain(finished.reads_ready) {
+                        self.reads.push((id, ctx));
+                    }
+                }
+            }
+            if messages.is_empty() {
+                return;
+            }
+            for message in messages {
+                if !self.cut.contains(&(message.from, message.to)) {
+                    self.node(message.to).step(message);
+                }
+            }
+        }
+        panic!("cluster did not settle");
+    }
+
+    fn tick_all(&mut self, ticks: usize) {
+        for _ in 0..ticks {
+            for node in &mut self.nodes {
+                node.tick();
+            }
+            self.settle();
+        }
+    }
+
+    fn leader(&self) -> Option<u64> {
+        let leaders: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|n| n.status().role == StateRole::Leader)
+            .map(|n| n.status().id)
+            .collect();
+        assert!(leaders.len() <= 1 || {
+            let terms: Vec<u64> = leaders.iter().map(|id| self.nodes[(*id - 1) as usize].status().term).collect();
+            terms.windows(2).all(|w| w[0] != w[1])
+        });
+        leaders.into_iter().max_by_key(|id| self.nodes[(*id - 1) as usize].status().term)
+    }
+}
+
+fn put(key: &str, value: &str) -> Op {
+    Op::Put(PutRequest { key: key.into(), value: value.into(), ..Default::default() })
+}
+
+#[test]
+fn three_nodes_elect_one_leader() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let leader = cluster.leader().expect("a leader");
+    for node in &cluster.nodes {
+        assert_eq!(node.status().leader_id, leader);
+    }
+}
+
+#[test]
+fn put_on_a_follower_is_forwarded_applied_everywhere_and_answered_there() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let leader = cluster.leader().unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.node(follower).propose(42, put("k", "v")).unwrap();
+    cluster.settle();
+    cluster.tick_all(2); // followers learn the new commit index on the next heartbeat
+    let answered: Vec<_> = cluster.replies.iter().filter(|(_, r)| r.seq == 42).collect();
+    assert_eq!(answered.len(), 1, "exactly one reply, from the proposer");
+    assert_eq!(answered[0].0, follower);
+    assert!(matches!(answered[0].1.result, Ok(OpResponse::Put(_))));
+    let hashes: Vec<u32> = cluster.nodes.iter().map(|n| n.mvcc().state_hash()).collect();
+    assert!(hashes.windows(2).all(|w| w[0] == w[1]), "states differ: {hashes:?}");
+    let range = RangeRequest { key: "k".into(), ..Default::default() };
+    for node in &cluster.nodes {
+        let response = node.mvcc().range(&range).unwrap();
+        assert_eq!(response.kvs[0].value, b"v");
+    }
+}
+
+#[test]
+fn read_index_on_a_follower_waits_for_apply() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let leader = cluster.leader().unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.node(leader).propose(1, put("a", "1")).unwrap();
+    cluster.settle();
+    cluster.node(follower).read_index(99);
+    cluster.settle();
+    cluster.tick_all(2);
+    assert!(cluster.reads.contains(&(follower, 99)));
+    let range = RangeRequest { key: "a".into(), ..Default::default() };
+    assert_eq!(cluster.node(follower).mvcc().range(&range).unwrap().kvs.len(), 1);
+}
+
+#[test]
+fn an_isolated_leader_steps_down_and_cannot_commit() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let old = cluster.leader().unwrap();
+    for other in 1..=3 {
+        if other != old {
+            cluster.cut.push((old, other));
+            cluster.cut.push((other, old));
+        }
+    }
+    cluster.node(old).propose(5, put("lost", "x")).unwrap();
+    cluster.tick_all(60);
+    let new = cluster.leader().unwrap();
+    assert_ne!(new, old, "the majority elected a new leader");
+    assert_ne!(cluster.node(old).status().role, StateRole::Leader, "check-quorum stepped down");
+    assert!(cluster.replies.iter().all(|(_, r)| r.seq != 5), "nothing committed without a quorum");
+    assert!(matches!(cluster.node(old).propose(6, put("x", "y")), Err(ProposeError::NoLeader)));
+}
+
+#[test]
+fn an_entry_from_an_earlier_boot_is_not_taken_for_a_new_proposal() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let leader = cluster.leader().unwrap();
+    cluster.node(leader).boot_id = 2;
+    let command = Command { proposer_id: leader, proposal_seq: (1 << 40) | 3, op: Some(put("k", "v")) };
+    cluster.node(leader).raw.propose(Vec::new(), command.encode_to_vec()).unwrap();
+    cluster.settle();
+    assert!(cluster.replies.iter().all(|(_, r)| r.seq != 3));
+}

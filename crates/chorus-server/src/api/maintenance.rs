@@ -1,0 +1,100 @@
+//! etcd's `Maintenance` service: `Status` and an alarm list (chorus raises no alarms
+//! yet); the other rpcs belong to later work and answer `Unimplemented`.
+
+use std::pin::Pin;
+
+use chorus_proto::etcdserverpb::maintenance_server::Maintenance;
+use chorus_proto::etcdserverpb::{
+    alarm_request::AlarmAction, AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse,
+    DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
+    MoveLeaderRequest, MoveLeaderResponse, ResponseHeader, SnapshotRequest, SnapshotResponse,
+    StatusRequest, StatusResponse,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::not_yet;
+use crate::driver::{DriverStatus, HeaderIds, NodeHandle};
+
+/// The etcd API version chorus speaks, reported by `Status` (etcdctl prints it).
+pub const ETCD_API_VERSION: &str = "3.5.0";
+
+pub struct MaintenanceService {
+    node: NodeHandle,
+    ids: HeaderIds,
+}
+
+impl MaintenanceService {
+    pub fn new(node: NodeHandle, ids: HeaderIds) -> MaintenanceService {
+        MaintenanceService { node, ids }
+    }
+}
+
+pub(crate) fn header(ids: HeaderIds, status: &DriverStatus) -> ResponseHeader {
+    ResponseHeader {
+        cluster_id: ids.cluster_id,
+        member_id: ids.member_id,
+        revision: status.revision,
+        raft_term: status.node.term,
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        match AlarmAction::try_from(request.into_inner().action) {
+            Ok(AlarmAction::Get) => {
+                let status = self.node.status().await?;
+                Ok(Response::new(AlarmResponse { header: Some(header(self.ids, &status)), alarms: vec![] }))
+            }
+            Ok(_) => Err(not_yet("Maintenance.Alarm (activate/deactivate)")),
+            Err(_) => Err(Status::invalid_argument("etcdserver: unknown alarm action")),
+        }
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let status = self.node.status().await?;
+        let is_learner = status.conf_state.learners.contains(&self.ids.member_id);
+        Ok(Response::new(StatusResponse {
+            header: Some(header(self.ids, &status)),
+            version: ETCD_API_VERSION.to_string(),
+            db_size: status.db_size_bytes as i64,
+            leader: status.node.leader_id,
+            raft_index: status.node.last_index,
+            raft_term: status.node.term,
+            raft_applied_index: status.node.applied_index,
+            errors: vec![],
+            db_size_in_use: status.db_size_bytes as i64,
+            is_learner,
+            ..Default::default()
+        }))
+    }
+
+    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        Err(not_yet("Maintenance.Defragment"))
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        Err(not_yet("Maintenance.Hash"))
+    }
+
+    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        Err(not_yet("Maintenance.HashKV"))
+    }
+
+    type SnapshotStream = SnapshotStream;
+
+    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
+        Err(not_yet("Maintenance.Snapshot"))
+    }
+
+    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(not_yet("Maintenance.MoveLeader"))
+    }
+
+    async fn downgrade(&self, _: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {
+        Err(not_yet("Maintenance.Downgrade"))
+    }
+}

@@ -1,0 +1,12 @@
+//! The client-facing gRPC services. Each handler validates its request against the
+//! limits (`chorus_core::validate`) before anything is proposed, then hands it to
+//! the driver through a [`NodeHandle`](crate::driver::NodeHandle).
+
+pub mod cluster;
+pub mod kv;
+pub mod maintenance;
+
+/// Answer for an rpc that chorus does not serve yet (listed in the README).
+pub(crate) fn not_yet(rpc: &str) -> tonic::Status {
+    tonic::Status::unimplemented(format!("{rpc} is not implemented in chorus yet (see the README's feature table)"))
+}

@@ -1,0 +1,441 @@
+//! The node driver: one OS thread that owns the [`Node`] and its [`DiskStorage`],
+//! and performs the effects the node returns, in the order written in
+//! `chorus_core::node` (begin, send-early, persist, finish, send-late, reply).
+//!
+//! Everything reaches the driver through one bounded channel of [`Input`]s: ticks,
+//! peer messages, client proposals and reads. The driver takes the first input that
+//! arrives, then every input already waiting (up to [`INPUT_BATCH_MAX`]), and only
+//! then runs cycles. So all the proposals that arrived while the previous fsync was
+//! running share the next one: group commit without a timer.
+//!
+//! It is a thread rather than a tokio task because a cycle blocks on fsync.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use chorus_core::node::{Node, NodeStatus, OpResponse, Reply};
+use chorus_proto::chorus::v1::{command::Op, MemberAttributes};
+use chorus_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use chorus_storage::DiskStorage;
+use raft::prelude::{ConfState, Message};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::status::RequestError;
+
+/// The most inputs handled before a cycle runs (bounds the work between fsyncs).
+pub const INPUT_BATCH_MAX: usize = 4096;
+/// A linearizable read batch that has had no answer for this many ticks asks again
+/// (its first read-index request may have been lost with a leader).
+const READ_RETRY_TICKS: u64 = 3;
+/// How often, in ticks, a member re-publishes its attributes until they are applied.
+const PUBLISH_RETRY_TICKS: u64 = 10;
+
+pub type ProposeReply = oneshot::Sender<Result<OpResponse, RequestError>>;
+pub type ReadReply = oneshot::Sender<Result<RangeResponse, RequestError>>;
+
+/// Work for the driver.
+pub enum Input {
+    Tick,
+    Peer(Vec<Message>),
+    Propose { op: Op, deadline: Instant, reply: ProposeReply },
+    /// A range read; linearizable unless the request says `serializable`.
+    Read { request: RangeRequest, deadline: Instant, reply: ReadReply },
+    Status { reply: oneshot::Sender<DriverStatus> },
+}
+
+/// What the status and member-list calls need to know.
+#[derive(Debug, Clone)]
+pub struct DriverStatus {
+    pub node: NodeStatus,
+    pub revision: i64,
+    pub db_size_bytes: u64,
+    pub conf_state: ConfState,
+    pub members: BTreeMap<u64, MemberAttributes>,
+}
+
+/// Fixed facts the driver stamps into every response header.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderIds {
+    pub cluster_id: u64,
+    pub member_id: u64,
+}
+
+struct PendingProposal {
+    deadline: Instant,
+    reply: ProposeReply,
+}
+
+/// A proposal raft refused because no leader was known; retried every tick.
+struct ParkedProposal {
+    seq: u64,
+    op: Op,
+    deadline: Instant,
+    reply: ProposeReply,
+}
+
+struct PendingRead {
+    request: RangeRequest,
+    deadline: Instant,
+    reply: ReadReply,
+}
+
+struct ReadBatch {
+    reads: Vec<PendingRead>,
+    asked_at_tick: u64,
+}
+
+pub struct Driver {
+    node: Node,
+    storage: DiskStorage,
+    inputs: mpsc::Receiver<Input>,
+    peers: HashMap<u64, mpsc::Sender<Message>>,
+    ids: HeaderIds,
+    own_attributes: MemberAttributes,
+    next_seq: u64,
+    proposals: HashMap<u64, PendingProposal>,
+    parked: VecDeque<ParkedProposal>,
+    /// Linearizable reads that arrived since the last read-index request.
+    reads_unasked: Vec<PendingRead>,
+    read_batches: BTreeMap<u64, ReadBatch>,
+    next_read_ctx: u64,
+    ticks: u64,
+    publish_seq: Option<u64>,
+    publish_asked_at_tick: u64,
+}
+
+impl Driver {
+    pub fn new(
+        node: Node,
+        storage: DiskStorage,
+        inputs: mpsc::Receiver<Input>,
+        peers: HashMap<u64, mpsc::Sender<Message>>,
+        ids: HeaderIds,
+        own_attributes: MemberAttributes,
+    ) -> Driver {
+        Driver {
+            node,
+            storage,
+            inputs,
+            peers,
+            ids,
+            own_attributes,
+            next_seq: 1,
+            proposals: HashMap::new(),
+            parked: VecDeque::new(),
+            reads_unasked: Vec::new(),
+            read_batches: BTreeMap::new(),
+            next_read_ctx: 1,
+            ticks: 0,
+            publish_seq: None,
+            publish_asked_at_tick: 0,
+        }
+    }
+
+    /// Runs until every sender of the input channel is gone.
+    pub fn run(mut self) {
+        while let Some(first) = self.inputs.blocking_recv() {
+            self.handle(first);
+            for _ in 1..INPUT_BATCH_MAX {
+                match self.inputs.try_recv() {
+                    Ok(input) => self.handle(input),
+                    Err(_) => break,
+                }
+            }
+            self.ask_read_index();
+            while self.node.has_work() {
+                self.cycle();
+            }
+        }
+        tracing::info!("node driver stopped");
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Tick => self.on_tick(),
+            Input::Peer(messages) => {
+                for message in messages {
+                    self.node.step(message);
+                }
+            }
+            Input::Propose { op, deadline, reply } => {
+                let seq = self.take_seq();
+                self.propose(seq, op, deadline, reply);
+            }
+            Input::Read { request, deadline, reply } => {
+                if request.serializable {
+                    let result = self.serve_read(&request);
+                    let _ = reply.send(result);
+                } else {
+                    self.reads_unasked.push(PendingRead { request, deadline, reply });
+                }
+            }
+            Input::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn propose(&mut self, seq: u64, op: Op, deadline: Instant, reply: ProposeReply) {
+        match self.node.propose(seq, op.clone()) {
+            Ok(()) => {
+                self.proposals.insert(seq, PendingProposal { deadline, reply });
+            }
+            Err(_) => self.parked.push_back(ParkedProposal { seq, op, deadline, reply }),
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        self.node.tick();
+        let now = Instant::now();
+        self.expire(now);
+        // Retry proposals that found no leader, now that one may be known.
+        for _ in 0..self.parked.len() {
+            let Some(parked) = self.parked.pop_front() else { break };
+            if self.node.status().leader_id == raft::INVALID_ID {
+                self.parked.push_back(parked);
+                break;
+            }
+            self.propose(parked.seq, parked.op, parked.deadline, parked.reply);
+        }
+        // Ask again for read batches whose read index has not come back.
+        let stale: Vec<u64> = self
+            .read_batches
+            .iter()
+            .filter(|(_, batch)| self.ticks - batch.asked_at_tick >= READ_RETRY_TICKS)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in stale {
+            self.node.read_index(ctx);
+            if let Some(batch) = self.read_batches.get_mut(&ctx) {
+                batch.asked_at_tick = self.ticks;
+            }
+        }
+        self.publish_attributes();
+    }
+
+    /// Answers every request whose deadline has passed with `Unavailable`.
+    fn expire(&mut self, now: Instant) {
+        let no_leader = self.node.status().leader_id == raft::INVALID_ID;
+        let error = if no_leader { RequestError::NoLeader } else { RequestError::Timeout };
+        self.proposals.retain(|_, pending| {
+            if pending.deadline > now {
+                return true;
+            }
+            let reply = std::mem::replace(&mut pending.reply, oneshot::channel().0);
+            let _ = reply.send(Err(error.clone()));
+            false
+        });
+        while self.parked.front().is_some_and(|p| p.deadline <= now) {
+            let parked = self.parked.pop_front().expect("front exists");
+            let _ = parked.reply.send(Err(RequestError::NoLeader));
+        }
+        for batch in self.read_batches.values_mut() {
+            let (expired, live): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut batch.reads).into_iter().partition(|r| r.deadline <= now);
+            batch.reads = live;
+            for read in expired {
+                let _ = read.reply.send(Err(error.clone()));
+            }
+        }
+        self.read_batches.retain(|_, batch| !batch.reads.is_empty());
+    }
+
+    /// Until this member's client URLs are in the replicated member table, proposes
+    /// them (once per [`PUBLISH_RETRY_TICKS`]).
+    fn publish_attributes(&mut self) {
+        let id = self.ids.member_id;
+        if self.node.members().get(&id) == Some(&self.own_attributes) {
+            self.publish_seq = None;
+            return;
+        }
+        if self.publish_seq.is_some() && self.ticks - self.publish_asked_at_tick < PUBLISH_RETRY_TICKS {
+            return;
+        }
+        let seq = self.take_seq();
+        let op = Op::PublishMember(self.own_attributes.clone());
+        if self.node.propose(seq, op).is_ok() {
+            self.publish_seq = Some(seq);
+            self.publish_asked_at_tick = self.ticks;
+        }
+    }
+
+    /// One read-index request for all linearizable reads that arrived since the last.
+    fn ask_read_index(&mut self) {
+        if self.reads_unasked.is_empty() {
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        let reads = std::mem::take(&mut self.reads_unasked);
+        self.read_batches.insert(ctx, ReadBatch { reads, asked_at_tick: self.ticks });
+        self.node.read_index(ctx);
+    }
+
+    /// One cycle, in the order documented in `chorus_core::node`.
+    fn cycle(&mut self) {
+        // 1. begin
+        let cycle = self.node.begin_cycle();
+        // 2. send-early
+        self.send(cycle.messages);
+        // 3. persist
+        if let Err(error) = self.storage.persist(&cycle.persist) {
+            // The node cannot go on without its disk: continuing could acknowledge
+            // writes that are not durable. Stop the whole process.
+            tracing::error!(%error, "storage write failed; stopping");
+            eprintln!("chorus: fatal: {error}");
+            std::process::exit(70);
+        }
+        // 4. finish
+        let finished = self.node.finish_cycle();
+        // 5. send-late
+        self.send(finished.messages);
+        // 6. reply
+        self.answer(cycle.replies);
+        self.answer(finished.replies);
+        self.serve_reads(cycle.reads_ready);
+        self.serve_reads(finished.reads_ready);
+    }
+
+    fn send(&mut self, messages: Vec<Message>) {
+        for message in messages {
+            if let Some(peer) = self.peers.get(&message.to) {
+                // A full queue means the peer is slow or gone: raft retransmits, so
+                // dropping here only costs time, never safety.
+                let _ = peer.try_send(message);
+            }
+        }
+    }
+
+    fn answer(&mut self, replies: Vec<Reply>) {
+        for reply in replies {
+            if Some(reply.seq) == self.publish_seq {
+                self.publish_seq = None;
+                continue;
+            }
+            let Some(pending) = self.proposals.remove(&reply.seq) else { continue };
+            let result = reply.result.map(|r| self.stamp(r)).map_err(RequestError::Kv);
+            let _ = pending.reply.send(result);
+        }
+    }
+
+    fn serve_reads(&mut self, contexts: Vec<u64>) {
+        for ctx in contexts {
+            let Some(batch) = self.read_batches.remove(&ctx) else { continue };
+            for read in batch.reads {
+                let result = self.serve_read(&read.request);
+                let _ = read.reply.send(result);
+            }
+        }
+    }
+
+    fn serve_read(&self, request: &RangeRequest) -> Result<RangeResponse, RequestError> {
+        let mut response = self.node.mvcc().range(request)?;
+        response.header = Some(self.header());
+        Ok(response)
+    }
+
+    fn header(&self) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.ids.cluster_id,
+            member_id: self.ids.member_id,
+            revision: self.node.mvcc().revision(),
+            raft_term: self.node.status().term,
+        }
+    }
+
+    /// Fills the ids and term into a response's header, keeping its revision.
+    fn stamp(&self, mut response: OpResponse) -> OpResponse {
+        let mut header = self.header();
+        let slot = match &mut response {
+            OpResponse::Put(r) => &mut r.header,
+            OpResponse::DeleteRange(r) => &mut r.header,
+            OpResponse::Txn(r) => &mut r.header,
+            OpResponse::Compaction(r) => &mut r.header,
+            OpResponse::PublishMember => return response,
+        };
+        if let Some(revision) = slot.as_ref().map(|h| h.revision) {
+            header.revision = revision;
+        }
+        *slot = Some(header);
+        response
+    }
+
+    fn status(&self) -> DriverStatus {
+        DriverStatus {
+            node: self.node.status(),
+            revision: self.node.mvcc().revision(),
+            db_size_bytes: self.storage.size_bytes(),
+            conf_state: self.node.conf_state(),
+            members: self.node.members().clone(),
+        }
+    }
+}
+
+/// How API handlers talk to the driver.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inputs: mpsc::Sender<Input>,
+    request_timeout: Duration,
+}
+
+impl NodeHandle {
+    pub fn new(inputs: mpsc::Sender<Input>, request_timeout: Duration) -> NodeHandle {
+        NodeHandle { inputs, request_timeout }
+    }
+
+    /// Proposes a write and waits for it to be applied here, at most the request timeout.
+    pub async fn propose(&self, op: Op) -> Result<OpResponse, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Propose { op, deadline, reply }, deadline).await?;
+        Self::await_answer(answer, deadline).await
+    }
+
+    /// Serves a range read (linearizable unless the request is serializable).
+    pub async fn read(&self, request: RangeRequest) -> Result<RangeResponse, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Read { request, deadline, reply }, deadline).await?;
+        Self::await_answer(answer, deadline).await
+    }
+
+    pub async fn status(&self) -> Result<DriverStatus, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Status { reply }, deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(status)) => Ok(status),
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+
+    async fn submit(&self, input: Input, deadline: Instant) -> Result<(), RequestError> {
+        match tokio::time::timeout_at(deadline.into(), self.inputs.send(input)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+
+    async fn await_answer<T>(
+        answer: oneshot::Receiver<Result<T, RequestError>>,
+        deadline: Instant,
+    ) -> Result<T, RequestError> {
+        // The driver answers every request by its deadline; the margin only covers
+        // a driver that has stopped mid-request.
+        let margin = Duration::from_millis(500);
+        match tokio::time::timeout_at((deadline + margin).into(), answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+}

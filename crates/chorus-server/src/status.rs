@@ -1,0 +1,62 @@
+//! The one place where errors become gRPC statuses. Every match is exhaustive, so a
+//! new error variant cannot reach a client unmapped. Messages are etcd's where etcd
+//! has one, because etcd's client libraries turn them back into typed errors.
+
+use chorus_core::node::ProposeError;
+use chorus_core::KvError;
+use tonic::{Code, Status};
+
+/// Why a request could not be served, beyond bad input.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: server stopped")]
+    Stopped,
+    #[error("etcdserver: too many requests")]
+    Overloaded,
+}
+
+impl From<ProposeError> for RequestError {
+    fn from(error: ProposeError) -> RequestError {
+        match error {
+            ProposeError::NoLeader => RequestError::NoLeader,
+            ProposeError::Dropped(_) => RequestError::NoLeader,
+        }
+    }
+}
+
+pub fn kv_code(error: &KvError) -> Code {
+    match error {
+        KvError::EmptyKey
+        | KvError::KeyTooLarge { .. }
+        | KvError::ValueTooLarge { .. }
+        | KvError::RequestTooLarge { .. }
+        | KvError::TooManyOps { .. }
+        | KvError::DuplicateKey
+        | KvError::InvalidRangeEnd
+        | KvError::InvalidArgument(_) => Code::InvalidArgument,
+        KvError::Compacted { .. } | KvError::FutureRevision { .. } => Code::OutOfRange,
+        KvError::LeaseNotFound => Code::NotFound,
+    }
+}
+
+impl From<RequestError> for Status {
+    fn from(error: RequestError) -> Status {
+        let code = match &error {
+            RequestError::Kv(kv) => kv_code(kv),
+            RequestError::NoLeader | RequestError::Timeout | RequestError::Stopped => Code::Unavailable,
+            RequestError::Overloaded => Code::ResourceExhausted,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+/// The status for a request that failed validation.
+pub fn invalid(error: KvError) -> Status {
+    RequestError::Kv(error).into()
+}

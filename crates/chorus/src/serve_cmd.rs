@@ -1,0 +1,228 @@
+//! `chorus serve` and `chorus dev`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use chorus_core::limits::Limits;
+use chorus_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use chorus_proto::etcdserverpb::StatusRequest;
+use chorus_server::config::{parse_initial_cluster, split_urls, url_to_addr};
+use chorus_server::{ClusterState, ServerConfig};
+use tokio::sync::watch;
+
+/// Run one member of a chorus cluster. Flags are etcd's, with the same meaning;
+/// each can also be given as an environment variable (`--name` as `CHORUS_NAME`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Human-readable name of this member.
+    #[arg(long, env = "CHORUS_NAME", default_value = "default")]
+    pub name: String,
+    /// Where this member keeps its data (default: `<name>.chorus`).
+    #[arg(long, env = "CHORUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic (comma separated).
+    #[arg(long, env = "CHORUS_LISTEN_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub listen_client_urls: String,
+    /// This member's client URLs to advertise to the rest of the cluster.
+    #[arg(long, env = "CHORUS_ADVERTISE_CLIENT_URLS", default_value = "http://localhost:2379")]
+    pub advertise_client_urls: String,
+    /// URLs to listen on for peer traffic.
+    #[arg(long, env = "CHORUS_LISTEN_PEER_URLS", default_value = "http://localhost:2380")]
+    pub listen_peer_urls: String,
+    /// This member's peer URLs to advertise to the rest of the cluster.
+    #[arg(long, env = "CHORUS_INITIAL_ADVERTISE_PEER_URLS", default_value = "http://localhost:2380")]
+    pub initial_advertise_peer_urls: String,
+    /// Initial cluster configuration: `name=peer-url,name=peer-url,...`.
+    #[arg(long, env = "CHORUS_INITIAL_CLUSTER", default_value = "default=http://localhost:2380")]
+    pub initial_cluster: String,
+    /// `new` for a new cluster; `existing` to join one (not supported yet).
+    #[arg(long, env = "CHORUS_INITIAL_CLUSTER_STATE", default_value = "new")]
+    pub initial_cluster_state: String,
+    /// A token unique to this cluster, so that two clusters with the same member
+    /// URLs get different ids.
+    #[arg(long, env = "CHORUS_INITIAL_CLUSTER_TOKEN", default_value = "etcd-cluster")]
+    pub initial_cluster_token: String,
+    /// Time between leader heartbeats, in milliseconds (raft's tick).
+    #[arg(long, env = "CHORUS_HEARTBEAT_INTERVAL", default_value_t = 100)]
+    pub heartbeat_interval: u64,
+    /// Time without a leader before a follower campaigns, in milliseconds.
+    #[arg(long, env = "CHORUS_ELECTION_TIMEOUT", default_value_t = 1000)]
+    pub election_timeout: u64,
+    /// How long a write or linearizable read may wait for the cluster before it is
+    /// answered `Unavailable`, in milliseconds.
+    #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 5000)]
+    pub request_timeout: u64,
+    /// Largest client request accepted, in bytes.
+    #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT)]
+    pub max_request_bytes: u64,
+    /// Most operations in each branch of a txn.
+    #[arg(long, env = "CHORUS_MAX_TXN_OPS", default_value_t = chorus_core::limits::TXN_OPS_MAX_DEFAULT)]
+    pub max_txn_ops: u64,
+}
+
+impl ServeArgs {
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let addrs = |urls: &str| -> anyhow::Result<Vec<String>> {
+            split_urls(urls).iter().map(|u| url_to_addr(u).map_err(anyhow::Error::from)).collect()
+        };
+        let initial_cluster_state = match self.initial_cluster_state.as_str() {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            other => anyhow::bail!("--initial-cluster-state must be new or existing, not {other:?}"),
+        };
+        let limits = Limits {
+            request_bytes_max: self.max_request_bytes,
+            value_bytes_max: self.max_request_bytes.min(Limits::default().value_bytes_max),
+            txn_ops_max: self.max_txn_ops,
+            ..Limits::default()
+        };
+        Ok(ServerConfig {
+            name: self.name.clone(),
+            data_dir: self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.chorus", self.name))),
+            listen_client_addrs: addrs(&self.listen_client_urls)?,
+            advertise_client_urls: split_urls(&self.advertise_client_urls),
+            listen_peer_addrs: addrs(&self.listen_peer_urls)?,
+            initial_advertise_peer_urls: split_urls(&self.initial_advertise_peer_urls),
+            initial_cluster: parse_initial_cluster(&self.initial_cluster)?,
+            initial_cluster_state,
+            initial_cluster_token: self.initial_cluster_token.clone(),
+            heartbeat_interval_ms: self.heartbeat_interval,
+            election_timeout_ms: self.election_timeout,
+            request_timeout_ms: self.request_timeout,
+            limits,
+        })
+    }
+}
+
+/// Start a local three-member cluster for development: client ports 2379, 22379
+/// and 32379, peer ports 2380, 22380 and 32380 on 127.0.0.1, as etcd's own local
+/// cluster setup uses.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DevArgs {
+    /// Where the three members keep their data (one subdirectory each).
+    #[arg(long, env = "CHORUS_DEV_DATA_DIR", default_value = "./chorus-data")]
+    pub data_dir: PathBuf,
+    /// First client port; members use it, +20000 and +30000 (peer port = client + 1).
+    #[arg(long, default_value_t = 2379)]
+    pub base_port: u16,
+}
+
+pub async fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    config.validate()?;
+    let name = config.name.clone();
+    chorus_server::serve(config, shutdown_signal(), move |addrs| {
+        let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        tracing::info!(member = %name, clients = %list.join(","), "serving");
+    })
+    .await?;
+    Ok(())
+}
+
+/// The three members of `chorus dev`, as (name, client port, peer port).
+fn dev_members(base_port: u16) -> anyhow::Result<Vec<(String, u16, u16)>> {
+    let offsets = [0u32, 20_000, 30_000];
+    offsets
+        .iter()
+        .enumerate()
+        .map(|(i, offset)| {
+            let client = u16::try_from(u32::from(base_port) + offset).context("--base-port too large")?;
+            let peer = client.checked_add(1).context("--base-port too large")?;
+            Ok((format!("node{}", i + 1), client, peer))
+        })
+        .collect()
+}
+
+pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let members = dev_members(args.base_port)?;
+    let initial_cluster: Vec<String> =
+        members.iter().map(|(name, _, peer)| format!("{name}=http://127.0.0.1:{peer}")).collect();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    for (name, client, peer) in &members {
+        let serve = ServeArgs {
+            name: name.clone(),
+            data_dir: Some(args.data_dir.join(name)),
+            listen_client_urls: format!("http://127.0.0.1:{client}"),
+            advertise_client_urls: format!("http://127.0.0.1:{client}"),
+            listen_peer_urls: format!("http://127.0.0.1:{peer}"),
+            initial_advertise_peer_urls: format!("http://127.0.0.1:{peer}"),
+            initial_cluster: initial_cluster.join(","),
+            initial_cluster_state: "new".into(),
+            initial_cluster_token: "chorus-dev".into(),
+            heartbeat_interval: 100,
+            election_timeout: 1000,
+            request_timeout: 5000,
+            max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
+            max_txn_ops: chorus_core::limits::TXN_OPS_MAX_DEFAULT,
+        };
+        let config = serve.to_config()?;
+        let mut stop = stop_rx.clone();
+        let shutdown = async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        };
+        tasks.push(tokio::spawn(chorus_server::serve(config, shutdown, |_| {})));
+    }
+    let endpoints: Vec<String> = members.iter().map(|(_, client, _)| format!("127.0.0.1:{client}")).collect();
+    println!("chorus dev: three members, data under {}", args.data_dir.display());
+    for ((name, client, peer), endpoint) in members.iter().zip(&endpoints) {
+        println!("  {name}: client http://{endpoint}  peer http://127.0.0.1:{peer}");
+        let _ = client;
+    }
+    let ready = tokio::select! {
+        ready = wait_for_leader(&endpoints, Duration::from_secs(30)) => ready,
+        _ = shutdown_signal() => { let _ = stop_tx.send(true); Ok(()) }
+    };
+    match ready {
+        Ok(()) if !*stop_tx.borrow() => {
+            println!("chorus dev: ready; try: etcdctl --endpoints {} put hello world", endpoints.join(","));
+            println!("chorus dev: press Ctrl-C to stop");
+            shutdown_signal().await;
+        }
+        Ok(()) => {}
+        Err(error) => eprintln!("chorus dev: {error:#}"),
+    }
+    let _ = stop_tx.send(true);
+    let mut failed = false;
+    for task in tasks {
+        if let Ok(Err(error)) = task.await {
+            eprintln!("chorus dev: member failed: {error}");
+            failed = true;
+        }
+    }
+    println!("chorus dev: stopped");
+    if failed {
+        anyhow::bail!("a member failed");
+    }
+    Ok(())
+}
+
+/// Polls `Status` on every endpoint until one reports a leader.
+async fn wait_for_leader(endpoints: &[String], limit: Duration) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        for endpoint in endpoints {
+            let Ok(mut client) = MaintenanceClient::connect(format!("http://{endpoint}")).await else {
+                continue;
+            };
+            if let Ok(status) = client.status(StatusRequest {}).await {
+                if status.into_inner().leader != 0 {
+                    return Ok(());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("no leader was elected within {} s", limit.as_secs())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
