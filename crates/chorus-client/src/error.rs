@@ -69,18 +69,23 @@ fn server_message(status: &Status) -> String {
     }
 }
 
-/// The status message followed by its source chain ("tcp connect error: Connection refused"),
-/// because for transport failures the useful part is usually in the sources.
+/// The status message followed by the root cause of its source chain ("tcp connect error:
+/// Connection refused"), because for transport failures the useful part is the root cause;
+/// the layers between (tonic's "transport error" wrappers) add nothing.
 fn describe_status(status: &Status) -> String {
     let mut text = server_message(status);
+    let mut root_cause = None;
     let mut source = status.source();
     while let Some(error) = source {
-        let message = error.to_string();
+        root_cause = Some(error);
+        source = error.source();
+    }
+    if let Some(root_cause) = root_cause {
+        let message = root_cause.to_string();
         if !text.contains(&message) {
             text.push_str(": ");
             text.push_str(&message);
         }
-        source = error.source();
     }
     text
 }

@@ -590,9 +590,10 @@ fn put_prev_kv_ignore_value_and_ignore_lease() {
 
     let mut keep_lease = put_request("k", "v2");
     keep_lease.ignore_lease = true;
-    store
+    let response = store
         .put(&keep_lease, &mut WriteSet::default())
         .expect("ignore_lease");
+    assert_eq!(response.prev_kv, None, "prev_kv only when asked");
     let mut after = kv("k", "v2", 2, 4, 3);
     after.lease = 43;
     assert_eq!(
@@ -813,193 +814,64 @@ fn store_for_compares() -> MvccStore {
 fn compare_every_target_and_operator() {
     use CompareResult::{Equal, Greater, Less, NotEqual};
     use CompareTarget::{Create, Lease, Mod, Value, Version};
-    let value = |v: &str| TargetUnion::Value(v.as_bytes().to_vec());
+    let on = |key: &str, target, result, union| compare(key, target, result, union);
+    let version = |key, result, operand| on(key, Version, result, TargetUnion::Version(operand));
+    let create = |result, operand| on("k", Create, result, TargetUnion::CreateRevision(operand));
+    let modified = |result, operand| on("k", Mod, result, TargetUnion::ModRevision(operand));
+    let lease = |key, result, operand| on(key, Lease, result, TargetUnion::Lease(operand));
+    let value = |key, result, operand: &str| {
+        on(
+            key,
+            Value,
+            result,
+            TargetUnion::Value(operand.as_bytes().to_vec()),
+        )
+    };
+    // One row per line reads as a table. k: version 2, create 2, mod 3, value "m",
+    // lease 7; x does not exist. Columns: name, compare, holds.
+    #[rustfmt::skip]
     let cases: Vec<(&str, Compare, bool)> = vec![
-        (
-            "version equal",
-            compare("k", Version, Equal, TargetUnion::Version(2)),
-            true,
-        ),
-        (
-            "version equal, other",
-            compare("k", Version, Equal, TargetUnion::Version(1)),
-            false,
-        ),
-        (
-            "version greater",
-            compare("k", Version, Greater, TargetUnion::Version(1)),
-            true,
-        ),
-        (
-            "version greater, equal",
-            compare("k", Version, Greater, TargetUnion::Version(2)),
-            false,
-        ),
-        (
-            "version less",
-            compare("k", Version, Less, TargetUnion::Version(3)),
-            true,
-        ),
-        (
-            "version less, equal",
-            compare("k", Version, Less, TargetUnion::Version(2)),
-            false,
-        ),
-        (
-            "version not equal",
-            compare("k", Version, NotEqual, TargetUnion::Version(1)),
-            true,
-        ),
-        (
-            "version not equal, equal",
-            compare("k", Version, NotEqual, TargetUnion::Version(2)),
-            false,
-        ),
-        (
-            "create equal",
-            compare("k", Create, Equal, TargetUnion::CreateRevision(2)),
-            true,
-        ),
-        (
-            "create greater",
-            compare("k", Create, Greater, TargetUnion::CreateRevision(2)),
-            false,
-        ),
-        (
-            "create less",
-            compare("k", Create, Less, TargetUnion::CreateRevision(3)),
-            true,
-        ),
-        (
-            "create not equal",
-            compare("k", Create, NotEqual, TargetUnion::CreateRevision(2)),
-            false,
-        ),
-        (
-            "mod equal",
-            compare("k", Mod, Equal, TargetUnion::ModRevision(3)),
-            true,
-        ),
-        (
-            "mod greater",
-            compare("k", Mod, Greater, TargetUnion::ModRevision(2)),
-            true,
-        ),
-        (
-            "mod less",
-            compare("k", Mod, Less, TargetUnion::ModRevision(3)),
-            false,
-        ),
-        (
-            "mod not equal",
-            compare("k", Mod, NotEqual, TargetUnion::ModRevision(4)),
-            true,
-        ),
-        ("value equal", compare("k", Value, Equal, value("m")), true),
-        (
-            "value equal, other",
-            compare("k", Value, Equal, value("l")),
-            false,
-        ),
-        (
-            "value greater",
-            compare("k", Value, Greater, value("l")),
-            true,
-        ),
-        (
-            "value greater, longer",
-            compare("k", Value, Greater, value("ma")),
-            false,
-        ),
-        ("value less", compare("k", Value, Less, value("n")), true),
-        (
-            "value less, equal",
-            compare("k", Value, Less, value("m")),
-            false,
-        ),
-        (
-            "value not equal",
-            compare("k", Value, NotEqual, value("x")),
-            true,
-        ),
-        (
-            "value not equal, equal",
-            compare("k", Value, NotEqual, value("m")),
-            false,
-        ),
-        (
-            "lease equal",
-            compare("k", Lease, Equal, TargetUnion::Lease(7)),
-            true,
-        ),
-        (
-            "lease greater",
-            compare("k", Lease, Greater, TargetUnion::Lease(7)),
-            false,
-        ),
-        (
-            "lease less",
-            compare("k", Lease, Less, TargetUnion::Lease(8)),
-            true,
-        ),
-        (
-            "lease not equal",
-            compare("k", Lease, NotEqual, TargetUnion::Lease(0)),
-            true,
-        ),
-        // A key that does not exist compares as version, revisions and lease 0.
-        (
-            "missing: version equal 0",
-            compare("x", Version, Equal, TargetUnion::Version(0)),
-            true,
-        ),
-        (
-            "missing: version greater 0",
-            compare("x", Version, Greater, TargetUnion::Version(0)),
-            false,
-        ),
-        (
-            "missing: create less 1",
-            compare("x", Create, Less, TargetUnion::CreateRevision(1)),
-            true,
-        ),
-        (
-            "missing: mod equal 0",
-            compare("x", Mod, Equal, TargetUnion::ModRevision(0)),
-            true,
-        ),
-        (
-            "missing: lease equal 0",
-            compare("x", Lease, Equal, TargetUnion::Lease(0)),
-            true,
-        ),
-        // ... except a value compare, which is always false.
-        (
-            "missing: value equal empty",
-            compare("x", Value, Equal, value("")),
-            false,
-        ),
-        (
-            "missing: value not equal",
-            compare("x", Value, NotEqual, value("a")),
-            false,
-        ),
-        (
-            "missing: value less",
-            compare("x", Value, Less, value("a")),
-            false,
-        ),
-        // The operand is used only when it matches the target; otherwise it is 0.
-        (
-            "mismatched operand is 0",
-            compare("k", Version, Greater, TargetUnion::CreateRevision(9)),
-            true,
-        ),
-        (
-            "mismatched operand is not 2",
-            compare("k", Version, Equal, TargetUnion::ModRevision(2)),
-            false,
-        ),
+        ("version equal", version("k", Equal, 2), true),
+        ("version equal, other", version("k", Equal, 1), false),
+        ("version greater", version("k", Greater, 1), true),
+        ("version greater, equal", version("k", Greater, 2), false),
+        ("version less", version("k", Less, 3), true),
+        ("version less, equal", version("k", Less, 2), false),
+        ("version not equal", version("k", NotEqual, 1), true),
+        ("version not equal, equal", version("k", NotEqual, 2), false),
+        ("create equal", create(Equal, 2), true),
+        ("create greater, equal", create(Greater, 2), false),
+        ("create less", create(Less, 3), true),
+        ("create not equal, equal", create(NotEqual, 2), false),
+        ("mod equal", modified(Equal, 3), true),
+        ("mod greater", modified(Greater, 2), true),
+        ("mod less, equal", modified(Less, 3), false),
+        ("mod not equal", modified(NotEqual, 4), true),
+        ("value equal", value("k", Equal, "m"), true),
+        ("value equal, other", value("k", Equal, "l"), false),
+        ("value greater", value("k", Greater, "l"), true),
+        ("value greater, operand longer", value("k", Greater, "ma"), false),
+        ("value less", value("k", Less, "n"), true),
+        ("value less, equal", value("k", Less, "m"), false),
+        ("value not equal", value("k", NotEqual, "x"), true),
+        ("value not equal, equal", value("k", NotEqual, "m"), false),
+        ("lease equal", lease("k", Equal, 7), true),
+        ("lease greater, equal", lease("k", Greater, 7), false),
+        ("lease less", lease("k", Less, 8), true),
+        ("lease not equal", lease("k", NotEqual, 0), true),
+        // A key that does not exist compares as version, revisions and lease 0 ...
+        ("missing: version equal 0", version("x", Equal, 0), true),
+        ("missing: version greater 0", version("x", Greater, 0), false),
+        ("missing: create less 1", on("x", Create, Less, TargetUnion::CreateRevision(1)), true),
+        ("missing: mod equal 0", on("x", Mod, Equal, TargetUnion::ModRevision(0)), true),
+        ("missing: lease equal 0", lease("x", Equal, 0), true),
+        // ... except in a value compare, which is then always false.
+        ("missing: value equal empty", value("x", Equal, ""), false),
+        ("missing: value not equal", value("x", NotEqual, "a"), false),
+        ("missing: value less", value("x", Less, "a"), false),
+        // The operand counts only when it matches the target; otherwise it is 0.
+        ("mismatched operand is 0", on("k", Version, Greater, TargetUnion::CreateRevision(9)), true),
+        ("mismatched operand is not 2", on("k", Version, Equal, TargetUnion::ModRevision(2)), false),
     ];
     let mut store = store_for_compares();
     for (name, compare, expected) in cases {
@@ -1023,53 +895,19 @@ fn compare_over_ranges() {
         range_end: end.to_vec(),
         ..compare(key, target, result, union)
     };
+    let prefix_r = prefix_range_end(b"r");
+    // r1: version 1, create 4; r2: version 2, create 5; k: version 2.
+    // Columns: name, compare, holds.
+    #[rustfmt::skip]
     let cases: Vec<(&str, Compare, bool)> = vec![
-        (
-            "all keys exist",
-            ranged("r", b"s", Version, Greater, TargetUnion::Version(0)),
-            true,
-        ),
-        (
-            "all keys below",
-            ranged("r", b"s", Version, Less, TargetUnion::Version(3)),
-            true,
-        ),
-        (
-            "one key fails",
-            ranged("r", b"s", Version, Equal, TargetUnion::Version(1)),
-            false,
-        ),
-        (
-            "prefix, create",
-            ranged(
-                "r",
-                &prefix_range_end(b"r"),
-                Create,
-                Greater,
-                TargetUnion::CreateRevision(3),
-            ),
-            true,
-        ),
-        (
-            "from key covers k and r*",
-            ranged("k", &[0], Version, Greater, TargetUnion::Version(0)),
-            true,
-        ),
-        (
-            "from key, one fails",
-            ranged("k", &[0], Version, Equal, TargetUnion::Version(2)),
-            false,
-        ),
-        (
-            "empty range: version 0",
-            ranged("x", b"y", Version, Equal, TargetUnion::Version(0)),
-            true,
-        ),
-        (
-            "empty range: value false",
-            ranged("x", b"y", Value, Equal, TargetUnion::Value(Vec::new())),
-            false,
-        ),
+        ("all keys exist", ranged("r", b"s", Version, Greater, TargetUnion::Version(0)), true),
+        ("all keys below", ranged("r", b"s", Version, Less, TargetUnion::Version(3)), true),
+        ("one key fails", ranged("r", b"s", Version, Equal, TargetUnion::Version(1)), false),
+        ("prefix, create", ranged("r", &prefix_r, Create, Greater, TargetUnion::CreateRevision(3)), true),
+        ("from key covers k and r*", ranged("k", &[0], Version, Greater, TargetUnion::Version(0)), true),
+        ("from key, one fails", ranged("k", &[0], Version, Equal, TargetUnion::Version(2)), false),
+        ("empty range: version 0", ranged("x", b"y", Version, Equal, TargetUnion::Version(0)), true),
+        ("empty range: value false", ranged("x", b"y", Value, Equal, TargetUnion::Value(vec![])), false),
     ];
     let mut store = store_for_compares();
     for (name, compare, expected) in cases {
@@ -1534,174 +1372,120 @@ fn small_limits() -> Limits {
     }
 }
 
-#[test]
-fn validate_single_requests() {
-    let limits = small_limits();
-    let too_large = KvError::KeyTooLarge {
+fn key_too_large() -> KvError {
+    KvError::KeyTooLarge {
         size_bytes: 9,
         max_bytes: 8,
-    };
+    }
+}
+
+fn negative(field: &str) -> Result<(), KvError> {
+    let message = format!("{field} must not be negative (got -1)");
+    Err(KvError::InvalidArgument(message))
+}
+
+fn invalid(message: &str) -> Result<(), KvError> {
+    Err(KvError::InvalidArgument(message.to_string()))
+}
+
+#[test]
+fn validate_range_requests() {
+    let limits = small_limits();
     let range = |key: &[u8], end: &[u8]| validate_range(&range_request(key, end), &limits);
     let range_with = |edit: &dyn Fn(&mut RangeRequest)| {
         let mut request = range_request(b"k", b"");
         edit(&mut request);
         validate_range(&request, &limits)
     };
+    let too_large = Err(KvError::RequestTooLarge {
+        size_bytes: 306,
+        max_bytes: 200,
+    });
+    // Columns: name, result, expected.
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Result<(), KvError>, Result<(), KvError>)> = vec![
+        ("ok", range(b"k", b""), Ok(())),
+        ("empty key", range(b"", b""), Err(KvError::EmptyKey)),
+        ("key too large", range(b"123456789", b""), Err(key_too_large())),
+        ("range end too large", range(b"k", b"123456789"), Err(key_too_large())),
+        ("range end below key", range(b"k", b"j"), Err(KvError::InvalidRangeEnd)),
+        ("range end equal to key", range(b"k", b"k"), Ok(())),
+        ("from key", range(b"k", &[0]), Ok(())),
+        ("all keys", range(&[0], &[0]), Ok(())),
+        ("negative revision", range_with(&|r| r.revision = -1), negative("revision")),
+        ("negative limit", range_with(&|r| r.limit = -1), negative("limit")),
+        ("unknown sort order", range_with(&|r| r.sort_order = 3), invalid("invalid sort option")),
+        ("unknown sort target", range_with(&|r| r.sort_target = 5), invalid("invalid sort option")),
+        ("request too large", range_with(&|r| r.range_end = vec![b'z'; 300]), too_large),
+    ];
+    for (name, got, expected) in cases {
+        assert_eq!(got, expected, "{name}");
+    }
+}
+
+#[test]
+fn validate_put_requests() {
+    let limits = small_limits();
     let put_with = |edit: &dyn Fn(&mut PutRequest)| {
         let mut request = put_request("k", "v");
         edit(&mut request);
         validate_put(&request, &limits)
     };
-    let delete = |key: &[u8], end: &[u8]| validate_delete_range(&delete_request(key, end), &limits);
-    let negative = |field: &str| {
-        Err(KvError::InvalidArgument(format!(
-            "{field} must not be negative (got -1)"
-        )))
+    let value_too_large = |size_bytes| {
+        Err(KvError::ValueTooLarge {
+            size_bytes,
+            max_bytes: 16,
+        })
     };
+    let too_large = |size_bytes| {
+        Err(KvError::RequestTooLarge {
+            size_bytes,
+            max_bytes: 200,
+        })
+    };
+    // Columns: name, result, expected. A 194-byte value makes a 200-byte request:
+    // within the request limit, so the value check speaks.
+    #[rustfmt::skip]
     let cases: Vec<(&str, Result<(), KvError>, Result<(), KvError>)> = vec![
-        ("range: ok", range(b"k", b""), Ok(())),
-        ("range: empty key", range(b"", b""), Err(KvError::EmptyKey)),
-        (
-            "range: key too large",
-            range(b"123456789", b""),
-            Err(too_large.clone()),
-        ),
-        (
-            "range: range end too large",
-            range(b"k", b"123456789"),
-            Err(too_large.clone()),
-        ),
-        (
-            "range: range end below key",
-            range(b"k", b"j"),
-            Err(KvError::InvalidRangeEnd),
-        ),
-        ("range: range end equal to key", range(b"k", b"k"), Ok(())),
-        ("range: from key", range(b"k", &[0]), Ok(())),
-        ("range: all keys", range(&[0], &[0]), Ok(())),
-        (
-            "range: negative revision",
-            range_with(&|r| r.revision = -1),
-            negative("revision"),
-        ),
-        (
-            "range: negative limit",
-            range_with(&|r| r.limit = -1),
-            negative("limit"),
-        ),
-        (
-            "range: unknown sort order",
-            range_with(&|r| r.sort_order = 3),
-            Err(KvError::InvalidArgument("invalid sort option".into())),
-        ),
-        (
-            "range: unknown sort target",
-            range_with(&|r| r.sort_target = 5),
-            Err(KvError::InvalidArgument("invalid sort option".into())),
-        ),
-        (
-            "range: too large",
-            range_with(&|r| r.range_end = vec![b'z'; 300]),
-            Err(KvError::RequestTooLarge {
-                size_bytes: 306,
-                max_bytes: 200,
-            }),
-        ),
-        ("put: ok", put_with(&|_| {}), Ok(())),
-        (
-            "put: empty key",
-            put_with(&|p| p.key.clear()),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "put: key too large",
-            put_with(&|p| p.key = b"123456789".to_vec()),
-            Err(too_large.clone()),
-        ),
-        (
-            "put: value at limit",
-            put_with(&|p| p.value = vec![1; 16]),
-            Ok(()),
-        ),
-        (
-            "put: value too large",
-            put_with(&|p| p.value = vec![1; 17]),
-            Err(KvError::ValueTooLarge {
-                size_bytes: 17,
-                max_bytes: 16,
-            }),
-        ),
-        (
-            "put: request too large",
-            put_with(&|p| p.value = vec![1; 250]),
-            Err(KvError::RequestTooLarge {
-                size_bytes: 256,
-                max_bytes: 200,
-            }),
-        ),
-        (
-            // 200 bytes exactly: within the request limit, so the value check speaks.
-            "put: request at the limit",
-            put_with(&|p| p.value = vec![1; 194]),
-            Err(KvError::ValueTooLarge {
-                size_bytes: 194,
-                max_bytes: 16,
-            }),
-        ),
-        (
-            "put: request one byte over the limit",
-            put_with(&|p| p.value = vec![1; 195]),
-            Err(KvError::RequestTooLarge {
-                size_bytes: 201,
-                max_bytes: 200,
-            }),
-        ),
-        (
-            "put: ignore_value with value",
-            put_with(&|p| p.ignore_value = true),
-            Err(KvError::InvalidArgument("value is provided".into())),
-        ),
-        (
-            "put: ignore_lease with lease",
-            put_with(&|p| {
-                p.ignore_lease = true;
-                p.lease = 1
-            }),
-            Err(KvError::InvalidArgument("lease is provided".into())),
-        ),
+        ("ok", put_with(&|_| {}), Ok(())),
+        ("empty key", put_with(&|p| p.key.clear()), Err(KvError::EmptyKey)),
+        ("key too large", put_with(&|p| p.key = b"123456789".to_vec()), Err(key_too_large())),
+        ("value at the limit", put_with(&|p| p.value = vec![1; 16]), Ok(())),
+        ("value too large", put_with(&|p| p.value = vec![1; 17]), value_too_large(17)),
+        ("request at the limit", put_with(&|p| p.value = vec![1; 194]), value_too_large(194)),
+        ("request one byte over", put_with(&|p| p.value = vec![1; 195]), too_large(201)),
+        ("ignore_value with a value", put_with(&|p| p.ignore_value = true), invalid("value is provided")),
+        ("ignore_lease with a lease", put_with(&|p| { p.ignore_lease = true; p.lease = 1 }), invalid("lease is provided")),
+        ("ignore_value without a value", put_with(&|p| { p.ignore_value = true; p.value.clear() }), Ok(())),
+    ];
+    for (name, got, expected) in cases {
+        assert_eq!(got, expected, "{name}");
+    }
+}
+
+#[test]
+fn validate_delete_and_compaction_requests() {
+    let limits = small_limits();
+    let delete = |key: &[u8], end: &[u8]| validate_delete_range(&delete_request(key, end), &limits);
+    let compaction = |revision| {
+        validate_compaction(&CompactionRequest {
+            revision,
+            physical: false,
+        })
+    };
+    // Columns: name, result, expected.
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Result<(), KvError>, Result<(), KvError>)> = vec![
         ("delete: ok", delete(b"a", b"b"), Ok(())),
-        (
-            "delete: empty key",
-            delete(b"", b"b"),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "delete: key too large",
-            delete(b"123456789", b""),
-            Err(too_large),
-        ),
-        (
-            "delete: range end below key",
-            delete(b"b", b"a"),
-            Err(KvError::InvalidRangeEnd),
-        ),
+        ("delete: empty key", delete(b"", b"b"), Err(KvError::EmptyKey)),
+        ("delete: key too large", delete(b"123456789", b""), Err(key_too_large())),
+        ("delete: range end below key", delete(b"b", b"a"), Err(KvError::InvalidRangeEnd)),
         ("delete: from key", delete(b"b", &[0]), Ok(())),
-        (
-            "compaction: ok",
-            validate_compaction(&CompactionRequest {
-                revision: 5,
-                physical: false,
-            }),
-            Ok(()),
-        ),
-        (
-            "compaction: negative revision",
-            validate_compaction(&CompactionRequest {
-                revision: -1,
-                physical: false,
-            }),
-            negative("revision"),
-        ),
+        // 3 bytes of key, 303 of range end, 2 of prev_kv.
+        ("delete: request too large", delete(b"a", &[b'z'; 300]), Err(KvError::RequestTooLarge { size_bytes: 308, max_bytes: 200 })),
+        ("compaction: ok", compaction(5), Ok(())),
+        ("compaction: zero is left to the store", compaction(0), Ok(())),
+        ("compaction: negative revision", compaction(-1), negative("revision")),
     ];
     for (name, got, expected) in cases {
         assert_eq!(got, expected, "{name}");
@@ -1711,297 +1495,93 @@ fn validate_single_requests() {
 #[test]
 fn validate_txn_requests() {
     let limits = small_limits();
-    let check = |request: TxnRequest| validate_txn(&request, &limits);
-    let empty_key_compare = Compare {
-        key: Vec::new(),
-        ..version_is("k", 1)
+    let compare_with = |edit: &dyn Fn(&mut Compare)| {
+        let mut compare = version_is("k", 1);
+        edit(&mut compare);
+        compare
     };
-    let bad_target = Compare {
-        target: 9,
-        ..version_is("k", 1)
+    let nested = |success, failure| op_txn(txn(vec![], success, failure));
+    let compares_only = |compares| txn(compares, vec![], vec![]);
+    let success_only = |ops| txn(vec![], ops, vec![]);
+    let too_many = |ops_count, max_count| {
+        Err(KvError::TooManyOps {
+            ops_count,
+            max_count,
+        })
     };
-    let bad_result = Compare {
-        result: 9,
-        ..version_is("k", 1)
-    };
-    let inverted_compare = Compare {
-        range_end: b"a".to_vec(),
-        ..version_is("k", 1)
-    };
-    let nested =
-        |success: Vec<RequestOp>, failure: Vec<RequestOp>| op_txn(txn(vec![], success, failure));
+    let empty_op = RequestOp { request: None };
+    let ok = txn(
+        vec![version_is("k", 1)],
+        vec![op_put("a", "1"), op_range(b"a", b"")],
+        vec![op_delete(b"a", b"")],
+    );
+    // Columns: name, request, expected. Like etcd, a nested txn gets the budget its
+    // parent left: 3 - 2 = 1 below.
+    #[rustfmt::skip]
     let cases: Vec<(&str, TxnRequest, Result<(), KvError>)> = vec![
-        (
-            "ok",
-            txn(
-                vec![version_is("k", 1)],
-                vec![op_put("a", "1"), op_range(b"a", b"")],
-                vec![op_delete(b"a", b"")],
-            ),
-            Ok(()),
-        ),
+        ("ok", ok, Ok(())),
         ("empty", txn(vec![], vec![], vec![]), Ok(())),
-        (
-            "compare: empty key",
-            txn(vec![empty_key_compare], vec![], vec![]),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "compare: unknown target",
-            txn(vec![bad_target], vec![], vec![]),
-            Err(KvError::InvalidArgument("unknown compare target 9".into())),
-        ),
-        (
-            "compare: unknown result",
-            txn(vec![bad_result], vec![], vec![]),
-            Err(KvError::InvalidArgument("unknown compare result 9".into())),
-        ),
-        (
-            "compare: range end below key",
-            txn(vec![inverted_compare], vec![], vec![]),
-            Err(KvError::InvalidRangeEnd),
-        ),
-        (
-            "op: empty put key",
-            txn(vec![], vec![op_put("", "1")], vec![]),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "op: empty range key in failure",
-            txn(vec![], vec![], vec![op_range(b"", b"")]),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "op: empty delete key",
-            txn(vec![], vec![op_delete(b"", b"")], vec![]),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "op: empty key in nested txn",
-            txn(vec![], vec![nested(vec![], vec![op_put("", "1")])], vec![]),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "op: empty compare key in nested txn",
-            txn(
-                vec![],
-                vec![op_txn(txn(
-                    vec![Compare {
-                        key: Vec::new(),
-                        ..version_is("k", 1)
-                    }],
-                    vec![],
-                    vec![],
-                ))],
-                vec![],
-            ),
-            Err(KvError::EmptyKey),
-        ),
-        (
-            "op: value too large",
-            txn(vec![], vec![op_put("a", "0123456789abcdefg")], vec![]),
-            Err(KvError::ValueTooLarge {
-                size_bytes: 17,
-                max_bytes: 16,
-            }),
-        ),
-        (
-            "op: no request",
-            txn(vec![], vec![RequestOp { request: None }], vec![]),
-            Err(KvError::InvalidArgument("key not found".into())),
-        ),
-        (
-            "ops: at the limit",
-            txn(
-                vec![version_is("k", 1); 3],
-                vec![op_put("a", "1"), op_put("b", "1"), op_put("c", "1")],
-                vec![],
-            ),
-            Ok(()),
-        ),
-        (
-            "ops: too many compares",
-            txn(vec![version_is("k", 1); 4], vec![], vec![]),
-            Err(KvError::TooManyOps {
-                ops_count: 4,
-                max_count: 3,
-            }),
-        ),
-        (
-            "ops: too many in success",
-            txn(vec![], vec![op_range(b"a", b""); 4], vec![]),
-            Err(KvError::TooManyOps {
-                ops_count: 4,
-                max_count: 3,
-            }),
-        ),
-        (
-            "ops: too many in failure",
-            txn(vec![], vec![], vec![op_range(b"a", b""); 4]),
-            Err(KvError::TooManyOps {
-                ops_count: 4,
-                max_count: 3,
-            }),
-        ),
-        // Like etcd, a nested txn gets the budget its parent left: 3 - 2 = 1.
-        (
-            "ops: nested within budget",
-            txn(
-                vec![],
-                vec![
-                    op_range(b"a", b""),
-                    nested(vec![op_range(b"b", b"")], vec![]),
-                ],
-                vec![],
-            ),
-            Ok(()),
-        ),
-        (
-            "ops: nested over budget",
-            txn(
-                vec![],
-                vec![
-                    op_range(b"a", b""),
-                    nested(vec![op_range(b"b", b""); 2], vec![]),
-                ],
-                vec![],
-            ),
-            Err(KvError::TooManyOps {
-                ops_count: 2,
-                max_count: 1,
-            }),
-        ),
-        (
-            "too large",
-            txn(vec![], vec![op_put("k", &"x".repeat(300))], vec![]),
-            Err(KvError::RequestTooLarge {
-                size_bytes: 0,
-                max_bytes: 0,
-            }),
-        ),
+        ("compare: empty key", compares_only(vec![compare_with(&|c| c.key.clear())]), Err(KvError::EmptyKey)),
+        ("compare: key too large", compares_only(vec![compare_with(&|c| c.key = b"123456789".to_vec())]), Err(key_too_large())),
+        ("compare: unknown target", compares_only(vec![compare_with(&|c| c.target = 9)]), invalid("unknown compare target 9")),
+        ("compare: unknown result", compares_only(vec![compare_with(&|c| c.result = 9)]), invalid("unknown compare result 9")),
+        ("compare: range end below key", compares_only(vec![compare_with(&|c| c.range_end = b"a".to_vec())]), Err(KvError::InvalidRangeEnd)),
+        ("op: empty put key", success_only(vec![op_put("", "1")]), Err(KvError::EmptyKey)),
+        ("op: empty range key in failure", txn(vec![], vec![], vec![op_range(b"", b"")]), Err(KvError::EmptyKey)),
+        ("op: empty delete key", success_only(vec![op_delete(b"", b"")]), Err(KvError::EmptyKey)),
+        ("op: empty key in nested txn", success_only(vec![nested(vec![], vec![op_put("", "1")])]), Err(KvError::EmptyKey)),
+        ("op: empty compare key in nested txn", success_only(vec![op_txn(compares_only(vec![compare_with(&|c| c.key.clear())]))]), Err(KvError::EmptyKey)),
+        ("op: value too large", success_only(vec![op_put("a", "0123456789abcdefg")]), Err(KvError::ValueTooLarge { size_bytes: 17, max_bytes: 16 })),
+        ("op: range end below key", success_only(vec![op_range(b"b", b"a")]), Err(KvError::InvalidRangeEnd)),
+        ("op: no request", success_only(vec![empty_op]), invalid("key not found")),
+        ("ops: at the limit", txn(vec![version_is("k", 1); 3], vec![op_put("a", "1"), op_put("b", "1"), op_put("c", "1")], vec![]), Ok(())),
+        ("ops: too many compares", compares_only(vec![version_is("k", 1); 4]), too_many(4, 3)),
+        ("ops: too many in success", success_only(vec![op_range(b"a", b""); 4]), too_many(4, 3)),
+        ("ops: too many in failure", txn(vec![], vec![], vec![op_range(b"a", b""); 4]), too_many(4, 3)),
+        ("ops: nested within budget", success_only(vec![op_range(b"a", b""), nested(vec![op_range(b"b", b"")], vec![])]), Ok(())),
+        ("ops: nested over budget", success_only(vec![op_range(b"a", b""), nested(vec![op_range(b"b", b""); 2], vec![])]), too_many(2, 1)),
+        ("ops: nested failure over budget", success_only(vec![op_range(b"a", b""), nested(vec![], vec![op_range(b"b", b""); 2])]), too_many(2, 1)),
     ];
     for (name, request, expected) in cases {
-        let size_bytes = request.encoded_len() as u64;
-        let expected = match expected {
-            Err(KvError::RequestTooLarge { .. }) => {
-                assert!(size_bytes > 200, "{name}: the case must be over the limit");
-                Err(KvError::RequestTooLarge {
-                    size_bytes,
-                    max_bytes: 200,
-                })
-            }
-            other => other,
-        };
-        assert_eq!(check(request), expected, "{name}");
+        assert_eq!(validate_txn(&request, &limits), expected, "{name}");
     }
+    let large = success_only(vec![op_put("k", &"x".repeat(300))]);
+    let size_bytes = large.encoded_len() as u64;
+    assert!(size_bytes > 300, "the request is over the limit");
+    let expected = Err(KvError::RequestTooLarge {
+        size_bytes,
+        max_bytes: 200,
+    });
+    assert_eq!(validate_txn(&large, &limits), expected, "request too large");
 }
 
 #[test]
 fn validate_txn_duplicate_keys() {
     let limits = Limits::default();
-    let nested =
-        |success: Vec<RequestOp>, failure: Vec<RequestOp>| op_txn(txn(vec![], success, failure));
+    let nested = |success, failure| op_txn(txn(vec![], success, failure));
+    // Columns: name, the ops of one branch, accepted.
+    #[rustfmt::skip]
     let cases: Vec<(&str, Vec<RequestOp>, bool)> = vec![
-        // name, success branch, accepted
-        (
-            "distinct puts",
-            vec![op_put("a", "1"), op_put("b", "1")],
-            true,
-        ),
-        (
-            "same key put twice",
-            vec![op_put("a", "1"), op_put("a", "2")],
-            false,
-        ),
-        (
-            "put inside a deleted range",
-            vec![op_delete(b"a", b"c"), op_put("b", "1")],
-            false,
-        ),
-        (
-            "put before a delete of the same key",
-            vec![op_put("a", "1"), op_delete(b"a", b"")],
-            false,
-        ),
-        (
-            "put at the exclusive range end",
-            vec![op_delete(b"a", b"c"), op_put("c", "1")],
-            true,
-        ),
-        (
-            "overlapping deletes",
-            vec![
-                op_delete(b"a", b"c"),
-                op_delete(b"b", b"d"),
-                op_delete(b"b", b""),
-            ],
-            true,
-        ),
-        (
-            "reads do not conflict",
-            vec![op_range(b"a", b""), op_put("a", "1"), op_range(b"a", b"")],
-            true,
-        ),
-        (
-            "put in nested txn and outer",
-            vec![op_put("a", "1"), nested(vec![op_put("a", "2")], vec![])],
-            false,
-        ),
-        (
-            "put in two nested txns",
-            vec![
-                nested(vec![op_put("a", "1")], vec![]),
-                nested(vec![op_put("a", "2")], vec![]),
-            ],
-            false,
-        ),
-        (
-            "same key in both branches of a nested txn",
-            vec![nested(vec![op_put("a", "1")], vec![op_put("a", "2")])],
-            true,
-        ),
-        (
-            "nested success put inside outer delete",
-            vec![
-                op_delete(b"a", b"z"),
-                nested(vec![op_put("m", "1")], vec![]),
-            ],
-            false,
-        ),
-        (
-            "nested failure put inside outer delete",
-            vec![
-                op_delete(b"a", b"z"),
-                nested(vec![], vec![op_put("m", "1")]),
-            ],
-            false,
-        ),
-        (
-            "outer put inside nested delete",
-            vec![
-                nested(vec![op_delete(b"a", b"z")], vec![]),
-                op_put("m", "1"),
-            ],
-            false,
-        ),
-        (
-            "deeply nested duplicate",
-            vec![
-                op_put("a", "1"),
-                nested(vec![nested(vec![op_put("a", "2")], vec![])], vec![]),
-            ],
-            false,
-        ),
-        // etcd's check sees a from-key delete as an empty interval; so do we.
-        (
-            "put after a from-key delete (etcd allows)",
-            vec![op_delete(b"a", &[0]), op_put("b", "1")],
-            true,
-        ),
+        ("distinct puts", vec![op_put("a", "1"), op_put("b", "1")], true),
+        ("same key put twice", vec![op_put("a", "1"), op_put("a", "2")], false),
+        ("put inside a deleted range", vec![op_delete(b"a", b"c"), op_put("b", "1")], false),
+        ("put before a delete of the same key", vec![op_put("a", "1"), op_delete(b"a", b"")], false),
+        ("put at the exclusive range end", vec![op_delete(b"a", b"c"), op_put("c", "1")], true),
+        ("overlapping deletes", vec![op_delete(b"a", b"c"), op_delete(b"b", b"d"), op_delete(b"b", b"")], true),
+        ("reads do not conflict", vec![op_range(b"a", b""), op_put("a", "1"), op_range(b"a", b"")], true),
+        ("put in nested txn and outer", vec![op_put("a", "1"), nested(vec![op_put("a", "2")], vec![])], false),
+        ("put in two nested txns", vec![nested(vec![op_put("a", "1")], vec![]), nested(vec![op_put("a", "2")], vec![])], false),
+        ("same key in both branches of a nested txn", vec![nested(vec![op_put("a", "1")], vec![op_put("a", "2")])], true),
+        ("nested success put inside outer delete", vec![op_delete(b"a", b"z"), nested(vec![op_put("m", "1")], vec![])], false),
+        ("nested failure put inside outer delete", vec![op_delete(b"a", b"z"), nested(vec![], vec![op_put("m", "1")])], false),
+        ("outer put inside nested delete", vec![nested(vec![op_delete(b"a", b"z")], vec![]), op_put("m", "1")], false),
+        ("deeply nested duplicate", vec![op_put("a", "1"), nested(vec![nested(vec![op_put("a", "2")], vec![])], vec![])], false),
+        // etcd's check sees a from-key delete as an empty interval; so does ours.
+        ("put after a from-key delete (etcd allows)", vec![op_delete(b"a", &[0]), op_put("b", "1")], true),
     ];
-    for (name, success, accepted) in cases {
-        let in_success = validate_txn(&txn(vec![], success.clone(), vec![]), &limits);
-        let in_failure = validate_txn(&txn(vec![], vec![], success), &limits);
+    for (name, ops, accepted) in cases {
+        let in_success = validate_txn(&txn(vec![], ops.clone(), vec![]), &limits);
+        let in_failure = validate_txn(&txn(vec![], vec![], ops), &limits);
         let expected = if accepted {
             Ok(())
         } else {
@@ -2280,7 +1860,13 @@ fn state_hash_tells_states_apart() {
         revision: 2,
         physical: false,
     };
-    compacted.compact(&request, &mut write_set).expect("compact");
+    compacted
+        .compact(&request, &mut write_set)
+        .expect("compact");
     assert!(write_set.removes.is_empty());
-    assert_ne!(compacted.state_hash(), uncompacted.state_hash(), "compact revision");
+    assert_ne!(
+        compacted.state_hash(),
+        uncompacted.state_hash(),
+        "compact revision"
+    );
 }

@@ -41,7 +41,8 @@ const RETRIES_MAX: u32 = 3;
 /// device file on stdin), not a value.
 const STDIN_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
-/// Options shared by every client subcommand.
+// Options shared by every client subcommand. (A plain comment: clap would show a doc comment on
+// a flattened struct as the whole program's description.)
 #[derive(clap::Args, Debug, Clone)]
 pub struct GlobalOpts {
     /// gRPC endpoints of the cluster, comma separated (host:port or http://host:port)
@@ -49,21 +50,41 @@ pub struct GlobalOpts {
         long,
         global = true,
         env = "CHORUS_ENDPOINTS",
+        help_heading = "Client options",
         value_delimiter = ',',
         default_value = ENDPOINTS_DEFAULT
     )]
     pub endpoints: Vec<String>,
 
     /// Output format
-    #[arg(short = 'w', long, global = true, value_enum, default_value_t = WriteOut::Simple)]
+    #[arg(
+        short = 'w',
+        long,
+        global = true,
+        value_enum,
+        default_value_t = WriteOut::Simple,
+        help_heading = "Client options"
+    )]
     pub write_out: WriteOut,
 
     /// Dial timeout for client connections (e.g. 2s, 500ms)
-    #[arg(long, global = true, default_value = "2s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        global = true,
+        default_value = "2s",
+        value_parser = parse_duration,
+        help_heading = "Client options"
+    )]
     pub dial_timeout: Duration,
 
     /// Timeout of one command, retries included, excluding the dial timeout (e.g. 5s)
-    #[arg(long, global = true, default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        global = true,
+        default_value = "5s",
+        value_parser = parse_duration,
+        help_heading = "Client options"
+    )]
     pub command_timeout: Duration,
 }
 
@@ -78,7 +99,8 @@ pub enum WriteOut {
     Table,
 }
 
-/// The client subcommands.
+// The client subcommands. (A plain comment, not a doc comment: clap would show a doc comment
+// on a flattened enum as the whole program's description.)
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum ClientCommand {
     /// Puts the given key into the store
@@ -393,7 +415,10 @@ async fn status(global: &GlobalOpts) -> Result<(), CommandError> {
         match task.await {
             Ok((endpoint, Ok(response))) => answered.push((endpoint, response)),
             Ok((endpoint, Err(error))) => {
-                eprintln!("Failed to get the status of endpoint {endpoint} ({error})");
+                let message = error.to_string();
+                let prefix = format!("{endpoint}: ");
+                let message = message.strip_prefix(&prefix).unwrap_or(&message);
+                eprintln!("Failed to get the status of endpoint {endpoint} ({message})");
                 failed = true;
             }
             Err(error) => return Err(CommandError::Io(format!("status task failed: {error}"))),
@@ -805,15 +830,15 @@ fn parse_quoted(text: &str) -> Result<(Vec<u8>, &str), String> {
 
 /// Decodes one Go escape sequence (after its backslash) into `bytes`.
 fn unescape(chars: &mut std::str::CharIndices<'_>, bytes: &mut Vec<u8>) -> Result<(), String> {
+    let Some((_, escape)) = chars.next() else {
+        return Err("unfinished escape".to_string());
+    };
     let mut take_digits = |count: usize, radix: u32| -> Result<u32, String> {
         let digits: String = chars.by_ref().take(count).map(|(_, c)| c).collect();
         match u32::from_str_radix(&digits, radix) {
             Ok(number) if digits.len() == count => Ok(number),
             _ => Err(format!("invalid escape digits {digits:?}")),
         }
-    };
-    let Some((_, escape)) = chars.next() else {
-        return Err("unfinished escape".to_string());
     };
     let byte = match escape {
         'a' => 0x07,

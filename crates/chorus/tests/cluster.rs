@@ -1,0 +1,156 @@
+//! Real processes on loopback: three `chorus serve` members, killed with SIGKILL
+//! and restarted, checked through the `etcd-client` crate (a third-party client).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use etcd_client::{Client, GetOptions};
+
+const KEYS_COUNT: usize = 1000;
+const WRITERS_COUNT: usize = 8;
+
+/// Puts `key`, retrying (bounded) while the cluster fails over. Returns whether the
+/// put was acknowledged.
+async fn put_with_retry(client: &mut Client, key: &str, value: &str, deadline: Instant) -> bool {
+    while Instant::now() < deadline {
+        if client.put(key, value, None).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_mid_load_new_leader_takes_writes_and_restarted_member_catches_up() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS_COUNT {
+        let mut client = cluster.client().await;
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for k in (w..KEYS_COUNT).step_by(WRITERS_COUNT) {
+                let (key, value) = (format!("load/{k:04}"), format!("value-{k}"));
+                if put_with_retry(&mut client, &key, &value, deadline).await {
+                    acked.lock().unwrap().insert(key, value);
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < KEYS_COUNT / 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let acked_at_kill = acked.lock().unwrap().len();
+    // The first write acknowledged after the kill.
+    let mut probe = cluster.client().await;
+    assert!(put_with_retry(&mut probe, "probe", "after-kill", deadline).await, "no write after the kill");
+    let failover = killed_at.elapsed();
+    eprintln!("failover: first write {} ms after SIGKILL of the leader", failover.as_millis());
+    let new_leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    assert_ne!(new_leader, leader);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), KEYS_COUNT, "every write was acknowledged in the end");
+    assert!(acked_at_kill < KEYS_COUNT, "the kill happened during the load");
+
+    cluster.restart(leader);
+    let leader_status = common::status_of(&cluster.endpoint(new_leader)).await.unwrap();
+    cluster.wait_applied(leader, leader_status.raft_applied_index(), Duration::from_secs(30)).await;
+    let mut ranges = Vec::new();
+    for i in 0..3 {
+        ranges.push(cluster.local_range(i, "load/").await);
+    }
+    let expected: Vec<(String, String)> = acked.into_iter().collect();
+    for (i, range) in ranges.iter().enumerate() {
+        assert_eq!(range, &expected, "member {i} differs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_cluster_sigkilled_during_load_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Instant::now() + Duration::from_secs(3);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS_COUNT {
+        let mut client = cluster.client().await;
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..100_000u64 {
+                if Instant::now() > stop {
+                    break;
+                }
+                let (key, value) = (format!("crash/{w}/{n:06}"), format!("v{n}"));
+                match client.put(key.as_str(), value.as_str(), None).await {
+                    Ok(_) => {
+                        acked.lock().unwrap().insert(key, value);
+                    }
+                    Err(_) => break, // the cluster is gone
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "the load was running when the cluster died ({} acked)", acked.len());
+    for i in 0..3 {
+        cluster.restart(i);
+    }
+    cluster.wait_leader(Duration::from_secs(30)).await;
+    let mut client = cluster.client().await;
+    let response = client.get("crash/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    let stored: BTreeMap<String, String> = response
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+        .collect();
+    let lost: Vec<&String> = acked.keys().filter(|k| stored.get(*k) != acked.get(*k)).collect();
+    assert!(lost.is_empty(), "{} acknowledged writes lost, e.g. {:?}", lost.len(), lost.first());
+    eprintln!("whole-cluster crash: {} acknowledged writes, all present", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_a_quorum_answers_unavailable_within_the_request_timeout() {
+    let mut cluster = Cluster::start(3, &["--request-timeout", "2000"]);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut client = cluster.client_of(0).await;
+    client.put("before", "ok", None).await.unwrap();
+    cluster.kill(1);
+    cluster.kill(2);
+    for _ in 0..2 {
+        let start = Instant::now();
+        let error = client.put("after", "never", None).await.expect_err("a minority cannot write");
+        let elapsed = start.elapsed();
+        match &error {
+            etcd_client::Error::GRpcStatus(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            }
+            other => panic!("expected a gRPC status, got {other:?}"),
+        }
+        assert!(elapsed < Duration::from_millis(3500), "answered after {elapsed:?}");
+        let start = Instant::now();
+        let error = client.get("before", None).await.expect_err("a minority cannot read linearizably");
+        assert!(matches!(&error, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable), "{error:?}");
+        assert!(start.elapsed() < Duration::from_millis(3500));
+    }
+    let local = client.get("before", Some(GetOptions::new().with_serializable())).await.unwrap();
+    assert_eq!(local.kvs()[0].value(), b"ok", "serializable reads are still served locally");
+}

@@ -1,0 +1,202 @@
+//! A cluster of real `chorus serve` processes on loopback, for tests: start, kill
+//! with SIGKILL, restart, and find the leader. Every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions, GetOptions};
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Member>,
+    initial_cluster: String,
+    extra_args: Vec<String>,
+}
+
+/// A free loopback port (bound and released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Cluster {
+    /// Starts `size` members with the given extra `chorus serve` flags.
+    pub fn start(size: usize, extra_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (1..=size)
+            .map(|i| {
+                let name = format!("m{i}");
+                Member {
+                    data_dir: dir.path().join(&name),
+                    log_path: dir.path().join(format!("{name}.log")),
+                    name,
+                    client_port: free_port(),
+                    peer_port: free_port(),
+                    child: None,
+                }
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            dir,
+            members,
+            initial_cluster,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..size {
+            cluster.restart(i);
+        }
+        cluster
+    }
+
+    /// Starts member `i` (again), appending to its log file.
+    pub fn restart(&mut self, i: usize) {
+        let member = &self.members[i];
+        assert!(member.child.is_none(), "member {i} is running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&member.log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_chorus"))
+            .arg("serve")
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(&member.data_dir)
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{}", member.client_port)])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", member.client_port)])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", member.peer_port)])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", member.peer_port)])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-token", "chorus-test"])
+            .args(&self.extra_args)
+            .env("CHORUS_LOG", "info,raft=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn chorus serve");
+        self.members[i].child = Some(child);
+    }
+
+    /// SIGKILLs member `i` and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.members[i].child.is_some()
+    }
+
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// A client of every member.
+    pub async fn client(&self) -> Client {
+        connect(&self.endpoints()).await
+    }
+
+    /// A client of member `i` only.
+    pub async fn client_of(&self, i: usize) -> Client {
+        connect(&[self.endpoint(i)]).await
+    }
+
+    /// Waits until a running member reports itself leader; returns its index.
+    pub async fn wait_leader(&self, limit: Duration) -> usize {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            for i in (0..self.members.len()).filter(|i| self.is_running(*i)) {
+                if let Some(status) = status_of(&self.endpoint(i)).await {
+                    if status.leader() != 0 && status.leader() == status.header().unwrap().member_id() {
+                        return i;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.dump_logs();
+        panic!("no leader within {limit:?}");
+    }
+
+    /// Waits until member `i` has applied at least `index`.
+    pub async fn wait_applied(&self, i: usize, index: u64, limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = status_of(&self.endpoint(i)).await {
+                if status.raft_applied_index() >= index {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.dump_logs();
+        panic!("member {i} did not apply index {index} within {limit:?}");
+    }
+
+    /// Every key under `prefix` with its value, read serializably from member `i`.
+    pub async fn local_range(&self, i: usize, prefix: &str) -> Vec<(String, String)> {
+        let mut client = self.client_of(i).await;
+        let options = GetOptions::new().with_prefix().with_serializable();
+        let response = client.get(prefix, Some(options)).await.expect("serializable range");
+        response
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+            .collect()
+    }
+
+    pub fn dump_logs(&self) {
+        for member in &self.members {
+            let log = std::fs::read_to_string(&member.log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- log of {} (last 40 lines) ----", member.name);
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+pub async fn connect(endpoints: &[String]) -> Client {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(8));
+    Client::connect(endpoints, Some(options)).await.expect("connect")
+}
+
+/// `Maintenance.Status` of one endpoint, or None if it does not answer.
+pub async fn status_of(endpoint: &str) -> Option<etcd_client::StatusResponse> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout(Duration::from_secs(2));
+    let mut client = Client::connect([endpoint], Some(options)).await.ok()?;
+    client.status().await.ok()
+}
