@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
 use crate::endpoint::{parse_endpoint, parse_endpoints, EndpointAddress};
-use crate::error::{is_endpoint_failure, is_never_sent};
+use crate::error::{is_endpoint_failure, is_local_timeout, is_never_sent};
 use crate::ClientError;
 
 /// The largest response this client accepts. tonic's default (4 MiB) is too small for a range
@@ -99,9 +99,10 @@ impl Client {
     ///
     /// Every endpoint gets a lazily connected channel, so a node that is down now is used once
     /// it comes back. To start on a healthy endpoint rather than on whichever is listed first,
-    /// all endpoints are dialed at once (each bounded by `dial_timeout`) and the first to
-    /// answer becomes current. If none answers, the client is still returned: requests will
-    /// fail with a clear error, and succeed once an endpoint comes up.
+    /// every endpoint is dialed and asked for its status at once, and the first to answer
+    /// within `dial_timeout` becomes current. If none answers, the client is still returned
+    /// (after `dial_timeout` at most): requests will fail with a clear error, and succeed once
+    /// an endpoint comes up.
     pub async fn connect(
         endpoints: &[String],
         options: ClientOptions,
@@ -271,9 +272,15 @@ impl Client {
             let index = self.shared.current_index.load(Ordering::Relaxed);
             let endpoint = &self.shared.endpoints[index];
             let channel = endpoint.channel.clone();
-            let status = match self.attempt(channel, deadline, &message, &rpc).await? {
-                Ok(response) => return Ok(response),
-                Err(status) => status,
+            let status = match self.attempt(channel, deadline, &message, &rpc).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(status)) => status,
+                Err(timeout) => {
+                    // An endpoint that let a request time out is likely paused or cut off:
+                    // send the next call elsewhere.
+                    self.move_past(index);
+                    return Err(timeout);
+                }
             };
             let endpoint_failed = is_endpoint_failure(&status);
             if endpoint_failed {
@@ -316,6 +323,7 @@ impl Client {
         request.set_timeout(remaining);
         match tokio::time::timeout(remaining, rpc(channel, request)).await {
             Ok(Ok(response)) => Ok(Ok(response.into_inner())),
+            Ok(Err(status)) if is_local_timeout(&status) => Err(self.timeout_error()),
             Ok(Err(status)) => Ok(Err(status)),
             Err(_elapsed) => Err(self.timeout_error()),
         }
@@ -366,25 +374,34 @@ fn endpoint_config(uri: &tonic::transport::Uri, options: &ClientOptions) -> Endp
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
 }
 
-/// Dials every endpoint at once and returns the first that completes a connection within
-/// `dial_timeout`, with its connected channel.
+/// Dials every endpoint at once and returns the first that answers a Maintenance `Status`
+/// request within `dial_timeout`, with its connected channel. A request, not just a TCP
+/// connection, because a paused process (SIGSTOP) or a port that accepts but never speaks
+/// gRPC still completes the TCP handshake. Any answer counts, even an error status: the
+/// endpoint is reachable, and errors are the caller's to see on its own requests.
 async fn dial_first_healthy(
     configs: &[Endpoint],
     dial_timeout: Duration,
 ) -> Option<(usize, Channel)> {
     let dials = configs.iter().enumerate().map(|(index, config)| {
         Box::pin(async move {
-            match tokio::time::timeout(dial_timeout, config.connect()).await {
-                Ok(Ok(channel)) => Ok((index, channel)),
-                Ok(Err(error)) => Err(error.to_string()),
+            let probe = async {
+                let channel = config.connect().await.map_err(|error| error.to_string())?;
+                let mut request = tonic::Request::new(StatusRequest {});
+                request.set_timeout(dial_timeout);
+                match MaintenanceClient::new(channel.clone()).status(request).await {
+                    Err(status) if is_endpoint_failure(&status) => Err(status.to_string()),
+                    Ok(_) | Err(_) => Ok((index, channel)),
+                }
+            };
+            match tokio::time::timeout(dial_timeout, probe).await {
+                Ok(outcome) => outcome,
                 Err(_elapsed) => Err("dial timeout".to_string()),
             }
         })
     });
-    futures::future::select_ok(dials)
-        .await
-        .ok()
-        .map(|(found, _others)| found)
+    let (found, _others) = futures::future::select_ok(dials).await.ok()?;
+    Some(found)
 }
 
 fn kv_client(channel: Channel) -> KvClient<Channel> {

@@ -96,6 +96,12 @@ pub(crate) fn is_never_sent(status: &Status) -> bool {
     source_chain_has::<tonic::ConnectError>(status)
 }
 
+/// True when tonic itself gave up because the request's deadline passed (it enforces the
+/// gRPC timeout we set on each request). That is our own timeout, not the server's answer.
+pub(crate) fn is_local_timeout(status: &Status) -> bool {
+    source_chain_has::<tonic::TimeoutExpired>(status)
+}
+
 /// True when the failure came from the transport (connection lost, reset, refused) rather than
 /// from a gRPC answer of the server. tonic wraps every channel failure in a
 /// `tonic::transport::Error`; a status the server sent has no such source.

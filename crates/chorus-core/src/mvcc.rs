@@ -390,7 +390,8 @@ impl MvccStore {
             previous = Some(revision);
             let mut kv = KeyValue::decode(bytes.as_slice())
                 .map_err(|e| corrupt(format!("record {revision:?} does not decode: {e}")))?;
-            if kv.key.is_empty() || kv.mod_revision != revision.main {
+            let revision_valid = revision.main > 1 && revision.sub >= 0;
+            if !revision_valid || kv.key.is_empty() || kv.mod_revision != revision.main {
                 return Err(corrupt(format!("record {revision:?} is inconsistent")));
             }
             let key = std::mem::take(&mut kv.key);
@@ -411,7 +412,8 @@ impl MvccStore {
         self.compact_revision
     }
 
-    /// The number of keys that exist now (deleted keys excluded).
+    /// The number of keys that exist now (deleted keys excluded). Walks every key:
+    /// meant for status and metrics, not for a hot path.
     pub fn key_count(&self) -> u64 {
         self.keys.values().filter(|h| h.live().is_some()).count() as u64
     }

@@ -1806,6 +1806,13 @@ fn restore_rejects_corrupt_records() {
             vec![(good_key, kv("", "v", 2, 2, 1).encode_to_vec())],
         ),
         (
+            "revision 1 holds no change",
+            vec![(
+                Revision { main: 1, sub: 0 }.to_rev_key(false),
+                kv("k", "v", 1, 1, 1).encode_to_vec(),
+            )],
+        ),
+        (
             "out of order",
             vec![
                 (

@@ -101,6 +101,8 @@ pub struct Driver {
     ticks: u64,
     publish_seq: Option<u64>,
     publish_asked_at_tick: u64,
+    /// (leader, term) when proposals were last checked against leader changes.
+    leader_seen: (u64, u64),
 }
 
 impl Driver {
@@ -128,6 +130,7 @@ impl Driver {
             ticks: 0,
             publish_seq: None,
             publish_asked_at_tick: 0,
+            leader_seen: (raft::INVALID_ID, 0),
         }
     }
 
@@ -151,11 +154,15 @@ impl Driver {
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::Tick => self.on_tick(),
+            Input::Tick => {
+                self.on_tick();
+                self.fail_proposals_on_leader_change();
+            }
             Input::Peer(messages) => {
                 for message in messages {
                     self.node.step(message);
                 }
+                self.fail_proposals_on_leader_change();
             }
             Input::Propose { op, deadline, reply } => {
                 let seq = self.take_seq();
@@ -218,6 +225,26 @@ impl Driver {
             }
         }
         self.publish_attributes();
+    }
+
+    /// When the leader changes, a proposal forwarded to the old leader may be lost
+    /// with it; rather than let the client wait for its deadline, answer every
+    /// proposal in flight "leader changed" (its outcome is unknown), as etcd does,
+    /// so clients retry against the new leader at once.
+    fn fail_proposals_on_leader_change(&mut self) {
+        let status = self.node.status();
+        let seen = (status.leader_id, status.term);
+        if seen == self.leader_seen {
+            return;
+        }
+        let had_leader = self.leader_seen.0 != raft::INVALID_ID;
+        self.leader_seen = seen;
+        if !had_leader {
+            return;
+        }
+        for (_, pending) in self.proposals.drain() {
+            let _ = pending.reply.send(Err(RequestError::LeaderChanged));
+        }
     }
 
     /// Answers every request whose deadline has passed with `Unavailable`.

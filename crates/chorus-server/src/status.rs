@@ -15,6 +15,10 @@ pub enum RequestError {
     NoLeader,
     #[error("etcdserver: request timed out")]
     Timeout,
+    /// The leader changed while the request was in flight: it may or may not have
+    /// been applied (as etcd answers). Clients retry.
+    #[error("etcdserver: leader changed")]
+    LeaderChanged,
     #[error("etcdserver: server stopped")]
     Stopped,
     #[error("etcdserver: too many requests")]
@@ -49,7 +53,10 @@ impl From<RequestError> for Status {
     fn from(error: RequestError) -> Status {
         let code = match &error {
             RequestError::Kv(kv) => kv_code(kv),
-            RequestError::NoLeader | RequestError::Timeout | RequestError::Stopped => Code::Unavailable,
+            RequestError::NoLeader
+            | RequestError::Timeout
+            | RequestError::LeaderChanged
+            | RequestError::Stopped => Code::Unavailable,
             RequestError::Overloaded => Code::ResourceExhausted,
         };
         Status::new(code, error.to_string())
