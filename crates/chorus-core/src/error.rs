@@ -28,4 +28,8 @@ pub enum KvError {
     FutureRevision { current_revision: i64 },
     #[error("etcdserver: lease not found")]
     LeaseNotFound,
+    /// Persisted state that cannot be decoded: a corrupt data directory, never a
+    /// client's mistake.
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
 }

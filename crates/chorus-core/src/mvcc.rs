@@ -886,7 +886,7 @@ fn header(revision: i64) -> Option<ResponseHeader> {
 }
 
 fn corrupt(detail: String) -> KvError {
-    KvError::InvalidArgument(format!("corrupt mvcc record: {detail}"))
+    KvError::Corrupt(format!("mvcc record: {detail}"))
 }
 
 /// The sort a range asks for, as etcd applies it: no order but a target other than

@@ -550,14 +550,11 @@ impl Node {
     }
 
     fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI) {
-        match self.raw.apply_conf_change(change) {
-            Ok(conf_state) => {
-                self.raw.mut_store().conf_state = conf_state.clone();
-                self.pending_conf_state = Some(conf_state);
-            }
-            // A change raft-rs refuses (for example one that leaves no voter) is a
-            // committed no-op on every member alike, so skipping it stays deterministic.
-            Err(_) => {}
+        // A change raft-rs refuses (for example one that leaves no voter) is a
+        // committed no-op on every member alike, so skipping it stays deterministic.
+        if let Ok(conf_state) = self.raw.apply_conf_change(change) {
+            self.raw.mut_store().conf_state = conf_state.clone();
+            self.pending_conf_state = Some(conf_state);
         }
     }
 
@@ -573,7 +570,7 @@ impl Node {
         };
         let ours = command.proposer_id == self.raw.raft.id
             && command.proposal_seq >> 40 == self.boot_id;
-        ours.then(|| Reply {
+        ours.then_some(Reply {
             seq: command.proposal_seq & ((1 << 40) - 1),
             result,
             index: entry.index,

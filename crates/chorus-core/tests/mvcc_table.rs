@@ -1826,7 +1826,7 @@ fn restore_rejects_corrupt_records() {
     for (name, records) in cases {
         let result = MvccStore::restore(records, 0);
         assert!(
-            matches!(result, Err(KvError::InvalidArgument(_))),
+            matches!(result, Err(KvError::Corrupt(_))),
             "{name}: {result:?}"
         );
     }

@@ -46,6 +46,7 @@ pub fn kv_code(error: &KvError) -> Code {
         | KvError::InvalidArgument(_) => Code::InvalidArgument,
         KvError::Compacted { .. } | KvError::FutureRevision { .. } => Code::OutOfRange,
         KvError::LeaseNotFound => Code::NotFound,
+        KvError::Corrupt(_) => Code::DataLoss,
     }
 }
 
