@@ -292,11 +292,20 @@ impl Client {
             };
             let name = &endpoint.address.name;
             if !retryable || retries >= options.retries_max {
-                return Err(classify(&name, status));
+                return Err(classify(name, status));
             }
             retries += 1;
-            tracing::debug!(endpoint = %name, error = %status, retries, "retrying on the next endpoint");
+            tracing::debug!(
+                endpoint = %name,
+                error = %status,
+                retries,
+                "retrying on the next endpoint"
+            );
             let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                // The last failure says more than "timed out" would.
+                return Err(classify(name, status));
+            }
             tokio::time::sleep(retry_backoff(retries).min(remaining)).await;
         }
     }
@@ -389,7 +398,10 @@ async fn dial_first_healthy(
                 let channel = config.connect().await.map_err(|error| error.to_string())?;
                 let mut request = tonic::Request::new(StatusRequest {});
                 request.set_timeout(dial_timeout);
-                match MaintenanceClient::new(channel.clone()).status(request).await {
+                match MaintenanceClient::new(channel.clone())
+                    .status(request)
+                    .await
+                {
                     Err(status) if is_endpoint_failure(&status) => Err(status.to_string()),
                     Ok(_) | Err(_) => Ok((index, channel)),
                 }

@@ -483,6 +483,14 @@ impl Node {
         }
     }
 
+    /// The term and data of the log entry at `index`, if this node holds it. The
+    /// simulator uses it to check that committed entries never change.
+    pub fn log_entry(&self, index: u64) -> Option<(u64, &[u8])> {
+        let store = self.raw.store();
+        let offset = index.checked_sub(store.first_index)?;
+        store.entries.get(offset as usize).map(|e| (e.term, e.data.as_ref()))
+    }
+
     /// Starts an election now (tests and leader transfer).
     pub fn campaign(&mut self) {
         let _ = self.raw.campaign();

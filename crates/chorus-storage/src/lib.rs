@@ -23,6 +23,12 @@
 //! or a changed term or vote; otherwise it is left for the next durable commit to
 //! carry to disk, which is safe because everything in it can be re-derived by
 //! applying the (durable) log again.
+//!
+//! The same code runs on any redb [`StorageBackend`]: [`DiskStorage::open`] uses the
+//! file, and the simulator opens a [`sim_disk::SimDisk`] with
+//! [`DiskStorage::open_with_backend`].
+
+pub mod sim_disk;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,7 +39,7 @@ use chorus_proto::chorus::v1::MemberAttributes;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition};
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -82,7 +88,18 @@ pub enum StorageError {
 /// A node's storage: one redb database.
 pub struct DiskStorage {
     db: Database,
+    /// Names the database in error messages: the file's path, or the label given to
+    /// [`DiskStorage::open_with_backend`] (such as `sim://node2`).
     path: PathBuf,
+    size: SizeSource,
+}
+
+/// Where [`DiskStorage::size_bytes`] reads the database's size from.
+enum SizeSource {
+    /// The file at `DiskStorage::path`.
+    File,
+    /// A handle sharing the storage that redb was given.
+    Backend(Box<dyn StorageBackend>),
 }
 
 /// What [`DiskStorage::open`] hands back.
@@ -105,10 +122,34 @@ impl DiskStorage {
         let path = member_dir.join(DB_FILE_NAME);
         let created = !path.exists();
         let db = open_database(&path, created)?;
-        let storage = DiskStorage { db, path };
-        let boot_count = storage.check_identity(identity, created)?;
-        let recovered = storage.recover()?;
-        Ok(Opened { storage, recovered, boot_count, created })
+        DiskStorage { db, path, size: SizeSource::File }.finish_open(identity, created)
+    }
+
+    /// Opens (or, when `backend` is empty, creates) the database on `backend` for
+    /// `identity` and reads back everything persisted in it, as [`DiskStorage::open`]
+    /// does for a file. `label` stands for the path in error messages. `backend` is
+    /// cloned to read its length for [`DiskStorage::size_bytes`], so a clone must
+    /// share the storage, as a [`sim_disk::SimBackend`]'s clone does.
+    pub fn open_with_backend<B: StorageBackend + Clone>(
+        backend: B,
+        label: &str,
+        identity: Identity,
+    ) -> Result<Opened, StorageError> {
+        let path = PathBuf::from(label);
+        let length_bytes = backend.len();
+        let length_bytes = length_bytes.map_err(|source| StorageError::Unreadable { path: path.clone(), source })?;
+        let size = SizeSource::Backend(Box::new(backend.clone()));
+        let db = redb::Builder::new().create_with_backend(backend);
+        let db = db.map_err(|error| database_error(&path, error))?;
+        DiskStorage { db, path, size }.finish_open(identity, length_bytes == 0)
+    }
+
+    /// The part of opening that is the same for every backend: check (or record) the
+    /// identity, count the boot, and read everything back.
+    fn finish_open(self, identity: Identity, created: bool) -> Result<Opened, StorageError> {
+        let boot_count = self.check_identity(identity, created)?;
+        let recovered = self.recover()?;
+        Ok(Opened { storage: self, recovered, boot_count, created })
     }
 
     /// Writes one cycle's batch in one transaction, durably when the batch says so.
@@ -154,12 +195,15 @@ impl DiskStorage {
         txn.commit().map_err(|e| self.io(e))
     }
 
-    /// The database file's size on disk, in bytes.
+    /// The database's size on disk, in bytes (0 when it cannot be read).
     pub fn size_bytes(&self) -> u64 {
-        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+        match &self.size {
+            SizeSource::File => std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
+            SizeSource::Backend(backend) => backend.len().unwrap_or(0),
+        }
     }
 
-    /// The database file's path.
+    /// The database file's path, or the label of the backend it was opened on.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -299,7 +343,12 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
 /// Opens the database file, turning redb's errors into one-line answers.
 fn open_database(path: &Path, create: bool) -> Result<Database, StorageError> {
     let result = if create { Database::create(path) } else { Database::open(path) };
-    result.map_err(|error| match error {
+    result.map_err(|error| database_error(path, error))
+}
+
+/// Turns an error of opening a database into a one-line answer naming `path`.
+fn database_error(path: &Path, error: redb::DatabaseError) -> StorageError {
+    match error {
         redb::DatabaseError::DatabaseAlreadyOpen => StorageError::InUse { path: path.to_path_buf() },
         redb::DatabaseError::Storage(redb::StorageError::Io(source))
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
@@ -316,7 +365,7 @@ fn open_database(path: &Path, create: bool) -> Result<Database, StorageError> {
             StorageError::Corrupt { path: path.to_path_buf(), detail }
         }
         other => StorageError::Corrupt { path: path.to_path_buf(), detail: other.to_string() },
-    })
+    }
 }
 
 #[cfg(test)]

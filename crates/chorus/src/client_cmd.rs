@@ -20,8 +20,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use chorus_client::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, RequestOp, ResponseHeader, StatusResponse, TxnRequest, TxnResponse,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
+    RequestOp, ResponseHeader, StatusResponse, TxnRequest, TxnResponse,
 };
 use chorus_client::proto::mvccpb::KeyValue;
 use chorus_client::{prefix_range_end, Client, ClientError, ClientOptions};
@@ -334,8 +334,7 @@ async fn put(global: &GlobalOpts, args: PutArgs) -> Result<(), CommandError> {
             let value = read_stdin_all().await?;
             if value.is_empty() {
                 return Err(CommandError::Usage(
-                    "put command needs 1 argument and input from stdin or 2 arguments"
-                        .to_string(),
+                    "put command needs 1 argument and input from stdin or 2 arguments".to_string(),
                 ));
             }
             value
@@ -360,7 +359,7 @@ async fn del(global: &GlobalOpts, args: DelArgs) -> Result<(), CommandError> {
     let request = delete_request(&args).map_err(CommandError::Usage)?;
     let response = connect(global).await?.delete(request).await?;
     emit(global.write_out, &DeleteJson::from(&response), |out| {
-        print_delete(out, &response, false)
+        print_delete(out, &response)
     })
 }
 
@@ -426,7 +425,9 @@ async fn status(global: &GlobalOpts) -> Result<(), CommandError> {
     }
     if !answered.is_empty() {
         let json: Vec<StatusEntryJson> = answered.iter().map(StatusEntryJson::from).collect();
-        emit(global.write_out, &json, |out| print_status_table(out, &answered))?;
+        emit(global.write_out, &json, |out| {
+            print_status_table(out, &answered)
+        })?;
     }
     if failed {
         return Err(CommandError::Reported);
@@ -446,7 +447,8 @@ async fn read_stdin_all() -> Result<Vec<u8>, CommandError> {
     })
     .await
     .map_err(|error| CommandError::Io(format!("reading standard input: {error}")))?;
-    let bytes = read.map_err(|error| CommandError::Io(format!("reading standard input: {error}")))?;
+    let bytes =
+        read.map_err(|error| CommandError::Io(format!("reading standard input: {error}")))?;
     if bytes.len() as u64 > STDIN_BYTES_MAX {
         return Err(CommandError::Usage(format!(
             "standard input is larger than {STDIN_BYTES_MAX} bytes"
@@ -556,7 +558,9 @@ fn key_range(
     from_key: bool,
 ) -> Result<(Vec<u8>, Vec<u8>), String> {
     if prefix && from_key {
-        return Err("`--prefix` and `--from-key` cannot be set at the same time, choose one".into());
+        return Err(
+            "`--prefix` and `--from-key` cannot be set at the same time, choose one".into(),
+        );
     }
     let key = key.as_bytes().to_vec();
     let flag = if prefix { "--prefix" } else { "--from-key" };
@@ -576,7 +580,7 @@ fn key_range(
 }
 
 fn parse_lease_id(text: &str) -> Result<i64, String> {
-    let digits = text.trim_start_matches("0x");
+    let digits = text.strip_prefix("0x").unwrap_or(text);
     u64::from_str_radix(digits, 16)
         // Lease IDs are printed as unsigned hex; the wire field is a signed 64-bit integer.
         .map(|id| id as i64)
@@ -615,9 +619,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
     }
     if total_s <= 0.0 {
-        return Err(format!("invalid duration {text:?}: must be greater than zero"));
+        return Err(format!(
+            "invalid duration {text:?}: must be greater than zero"
+        ));
     }
-    Duration::try_from_secs_f64(total_s).map_err(|error| format!("invalid duration {text:?}: {error}"))
+    Duration::try_from_secs_f64(total_s)
+        .map_err(|error| format!("invalid duration {text:?}: {error}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,7 +633,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// One request line of a txn: etcdctl parses these with its own `put`, `get` and `del`
 /// commands, so we parse them with ours, flags included.
 #[derive(clap::Parser, Debug)]
-#[command(no_binary_name = true, disable_help_flag = true, disable_help_subcommand = true)]
+#[command(
+    no_binary_name = true,
+    disable_help_flag = true,
+    disable_help_subcommand = true
+)]
 enum TxnOp {
     Put(PutArgs),
     Get(GetArgs),
@@ -715,7 +726,9 @@ fn parse_compare(line: &str) -> Result<Compare, String> {
         .strip_prefix(')')
         .ok_or_else(|| malformed("expected ')' after the key"))?;
     let rest = rest.trim_start();
-    let operator_len = rest.find(char::is_whitespace).unwrap_or(rest.len());
+    let operator_len = rest
+        .find(|c: char| !"=!<>".contains(c))
+        .unwrap_or(rest.len());
     let (operator, rest) = rest.split_at(operator_len);
     let (value, rest) = parse_quoted(rest.trim_start()).map_err(|error| malformed(&error))?;
     if !rest.trim().is_empty() {
@@ -726,7 +739,11 @@ fn parse_compare(line: &str) -> Result<Compare, String> {
         "!=" => compare::CompareResult::NotEqual,
         ">" => compare::CompareResult::Greater,
         "<" => compare::CompareResult::Less,
-        _ => return Err(malformed(&format!("unknown operator {operator:?} (use =, !=, > or <)"))),
+        _ => {
+            return Err(malformed(&format!(
+                "unknown operator {operator:?} (use =, !=, > or <)"
+            )))
+        }
     };
     let number = || {
         let text = String::from_utf8_lossy(&value);
@@ -734,11 +751,26 @@ fn parse_compare(line: &str) -> Result<Compare, String> {
             .map_err(|_| malformed(&format!("expected an integer, got {text:?}")))
     };
     let (target, target_union) = match target.trim() {
-        "ver" | "version" => (compare::CompareTarget::Version, compare::TargetUnion::Version(number()?)),
-        "c" | "create" => (compare::CompareTarget::Create, compare::TargetUnion::CreateRevision(number()?)),
-        "m" | "mod" => (compare::CompareTarget::Mod, compare::TargetUnion::ModRevision(number()?)),
-        "val" | "value" => (compare::CompareTarget::Value, compare::TargetUnion::Value(value.clone())),
-        "lease" => (compare::CompareTarget::Lease, compare::TargetUnion::Lease(number()?)),
+        "ver" | "version" => (
+            compare::CompareTarget::Version,
+            compare::TargetUnion::Version(number()?),
+        ),
+        "c" | "create" => (
+            compare::CompareTarget::Create,
+            compare::TargetUnion::CreateRevision(number()?),
+        ),
+        "m" | "mod" => (
+            compare::CompareTarget::Mod,
+            compare::TargetUnion::ModRevision(number()?),
+        ),
+        "val" | "value" => (
+            compare::CompareTarget::Value,
+            compare::TargetUnion::Value(value.clone()),
+        ),
+        "lease" => (
+            compare::CompareTarget::Lease,
+            compare::TargetUnion::Lease(number()?),
+        ),
         other => return Err(malformed(&format!("unknown target {other:?}"))),
     };
     Ok(Compare {
@@ -773,7 +805,9 @@ fn parse_request_op(line: &str) -> Result<RequestOp, String> {
             let value = value.clone().into_bytes();
             request_op::Request::RequestPut(put_request(&args, value))
         }
-        TxnOp::Get(args) => request_op::Request::RequestRange(range_request(&args).map_err(invalid)?),
+        TxnOp::Get(args) => {
+            request_op::Request::RequestRange(range_request(&args).map_err(invalid)?)
+        }
         TxnOp::Del(args) => {
             request_op::Request::RequestDeleteRange(delete_request(&args).map_err(invalid)?)
         }
@@ -795,10 +829,10 @@ fn split_words(line: &str) -> Result<Vec<Vec<u8>>, String> {
             let end = quoted
                 .find('\'')
                 .ok_or_else(|| format!("in {line:?}: missing closing '"))?;
-            (quoted[..end].as_bytes().to_vec(), &quoted[end + 1..])
+            (quoted.as_bytes()[..end].to_vec(), &quoted[end + 1..])
         } else {
             let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-            (rest[..end].as_bytes().to_vec(), &rest[end..])
+            (rest.as_bytes()[..end].to_vec(), &rest[end..])
         };
         words.push(word);
         rest = after.trim_start();
@@ -811,7 +845,7 @@ fn split_words(line: &str) -> Result<Vec<Vec<u8>>, String> {
 fn parse_quoted(text: &str) -> Result<(Vec<u8>, &str), String> {
     if let Some(raw) = text.strip_prefix('`') {
         let end = raw.find('`').ok_or("missing closing `")?;
-        return Ok((raw[..end].as_bytes().to_vec(), &raw[end + 1..]));
+        return Ok((raw.as_bytes()[..end].to_vec(), &raw[end + 1..]));
     }
     let body = text
         .strip_prefix('"')
@@ -901,10 +935,10 @@ fn print_range(out: &mut Vec<u8>, response: &RangeResponse, value_only: bool, co
     }
 }
 
-fn print_delete(out: &mut Vec<u8>, response: &DeleteRangeResponse, value_only: bool) {
+fn print_delete(out: &mut Vec<u8>, response: &DeleteRangeResponse) {
     let _ = writeln!(out, "{}", response.deleted);
     for kv in &response.prev_kvs {
-        print_kv(out, kv, value_only);
+        print_kv(out, kv, false);
     }
 }
 
@@ -919,10 +953,10 @@ fn print_txn(out: &mut Vec<u8>, response: &TxnResponse) {
         out.push(b'\n');
         match &op.response {
             Some(response_op::Response::ResponsePut(put)) => print_put(out, put),
-            Some(response_op::Response::ResponseRange(range)) => print_range(out, range, false, false),
-            Some(response_op::Response::ResponseDeleteRange(delete)) => {
-                print_delete(out, delete, false)
+            Some(response_op::Response::ResponseRange(range)) => {
+                print_range(out, range, false, false)
             }
+            Some(response_op::Response::ResponseDeleteRange(delete)) => print_delete(out, delete),
             Some(response_op::Response::ResponseTxn(nested)) => print_txn(out, nested),
             None => out.extend_from_slice(b"unexpected empty response\n"),
         }
@@ -1154,22 +1188,26 @@ struct ResponseOpJson {
 /// Serde's default (externally tagged) enum shape is exactly Go's `{"ResponsePut": {...}}`.
 #[derive(Serialize, Debug)]
 enum ResponseJson {
-    ResponseRange(RangeJson),
-    ResponsePut(PutJson),
-    ResponseDeleteRange(DeleteJson),
-    ResponseTxn(TxnJson),
+    #[serde(rename = "ResponseRange")]
+    Range(RangeJson),
+    #[serde(rename = "ResponsePut")]
+    Put(PutJson),
+    #[serde(rename = "ResponseDeleteRange")]
+    DeleteRange(DeleteJson),
+    #[serde(rename = "ResponseTxn")]
+    Txn(TxnJson),
 }
 
 impl From<&TxnResponse> for TxnJson {
     fn from(response: &TxnResponse) -> Self {
         let responses = response.responses.iter().map(|op| ResponseOpJson {
             response: op.response.as_ref().map(|response| match response {
-                response_op::Response::ResponseRange(r) => ResponseJson::ResponseRange(r.into()),
-                response_op::Response::ResponsePut(r) => ResponseJson::ResponsePut(r.into()),
+                response_op::Response::ResponseRange(r) => ResponseJson::Range(r.into()),
+                response_op::Response::ResponsePut(r) => ResponseJson::Put(r.into()),
                 response_op::Response::ResponseDeleteRange(r) => {
-                    ResponseJson::ResponseDeleteRange(r.into())
+                    ResponseJson::DeleteRange(r.into())
                 }
-                response_op::Response::ResponseTxn(r) => ResponseJson::ResponseTxn(r.into()),
+                response_op::Response::ResponseTxn(r) => ResponseJson::Txn(r.into()),
             }),
         });
         TxnJson {
@@ -1226,6 +1264,21 @@ struct StatusJson {
     db_size_in_use: i64,
     #[serde(skip_serializing_if = "is_default")]
     is_learner: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    storage_version: String,
+    #[serde(skip_serializing_if = "is_default")]
+    db_size_quota: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    downgrade_info: Option<DowngradeInfoJson>,
+}
+
+#[derive(Serialize, Debug)]
+#[serde(rename_all = "camelCase")]
+struct DowngradeInfoJson {
+    #[serde(skip_serializing_if = "is_default")]
+    enabled: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    target_version: String,
 }
 
 impl From<&(String, StatusResponse)> for StatusEntryJson {
@@ -1243,7 +1296,568 @@ impl From<&(String, StatusResponse)> for StatusEntryJson {
                 errors: status.errors.clone(),
                 db_size_in_use: status.db_size_in_use,
                 is_learner: status.is_learner,
+                storage_version: status.storage_version.clone(),
+                db_size_quota: status.db_size_quota,
+                downgrade_info: status
+                    .downgrade_info
+                    .as_ref()
+                    .map(|info| DowngradeInfoJson {
+                        enabled: info.enabled,
+                        target_version: info.target_version.clone(),
+                    }),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chorus_client::proto::etcdserverpb::ResponseOp;
+    use clap::Parser;
+
+    /// The shape the `chorus` binary gives these options (see main.rs).
+    #[derive(clap::Parser, Debug)]
+    struct TestCli {
+        #[command(flatten)]
+        global: GlobalOpts,
+        #[command(subcommand)]
+        command: ClientCommand,
+    }
+
+    fn parse_cli(args: &[&str]) -> TestCli {
+        TestCli::try_parse_from(std::iter::once("chorus").chain(args.iter().copied()))
+            .unwrap_or_else(|error| panic!("{args:?}: {error}"))
+    }
+
+    #[test]
+    fn global_options_have_etcdctl_defaults_and_go_anywhere() {
+        let cli = parse_cli(&["get", "k"]);
+        // Only when the environment does not override the default.
+        if std::env::var_os("CHORUS_ENDPOINTS").is_none() {
+            let defaults = ["127.0.0.1:2379", "127.0.0.1:22379", "127.0.0.1:32379"];
+            assert_eq!(cli.global.endpoints, defaults);
+        }
+        assert_eq!(cli.global.write_out, WriteOut::Simple);
+        assert_eq!(cli.global.dial_timeout, Duration::from_secs(2));
+        assert_eq!(cli.global.command_timeout, Duration::from_secs(5));
+
+        let cli = parse_cli(&[
+            "put",
+            "k",
+            "v",
+            "-w",
+            "json",
+            "--endpoints",
+            "a:1,http://b:2",
+            "--command-timeout",
+            "1m30s",
+            "--dial-timeout",
+            "500ms",
+        ]);
+        assert_eq!(cli.global.endpoints, ["a:1", "http://b:2"]);
+        assert_eq!(cli.global.write_out, WriteOut::Json);
+        assert_eq!(cli.global.command_timeout, Duration::from_secs(90));
+        assert_eq!(cli.global.dial_timeout, Duration::from_millis(500));
+        assert!(matches!(cli.command, ClientCommand::Put(_)));
+    }
+
+    #[test]
+    fn durations_parse_like_go() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m3s"), Ok(Duration::from_secs(123)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        for bad in ["", "5", "s", "5x", "0s", "-1s", "1..2s", "5 s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn key_ranges_follow_etcd_conventions() {
+        let range = |key, end, prefix, from_key| key_range(key, end, prefix, from_key);
+        assert_eq!(range("a", None, false, false), Ok((b"a".to_vec(), vec![])));
+        assert_eq!(
+            range("a", Some("c"), false, false),
+            Ok((b"a".to_vec(), b"c".to_vec()))
+        );
+        assert_eq!(
+            range("a/", None, true, false),
+            Ok((b"a/".to_vec(), b"a0".to_vec()))
+        );
+        assert_eq!(range("a", None, false, true), Ok((b"a".to_vec(), vec![0])));
+        assert_eq!(range("", None, true, false), Ok((vec![0], vec![0])));
+        assert_eq!(range("", None, false, true), Ok((vec![0], vec![0])));
+        assert!(range("a", None, true, true).is_err());
+        assert!(range("a", Some("b"), true, false).is_err());
+        assert!(range("a", Some("b"), false, true).is_err());
+    }
+
+    #[test]
+    fn get_flags_become_a_range_request() {
+        let ClientCommand::Get(args) = parse_cli(&[
+            "get",
+            "k",
+            "--prefix",
+            "--rev",
+            "7",
+            "--limit",
+            "3",
+            "--sort-by",
+            "modify",
+            "--order",
+            "DESCEND",
+            "--consistency",
+            "s",
+            "--keys-only",
+        ])
+        .command
+        else {
+            panic!("not a get");
+        };
+        let request = range_request(&args).unwrap();
+        assert_eq!(request.key, b"k");
+        assert_eq!(request.range_end, b"l");
+        assert_eq!((request.revision, request.limit), (7, 3));
+        assert_eq!(request.sort_target, range_request::SortTarget::Mod as i32);
+        assert_eq!(request.sort_order, range_request::SortOrder::Descend as i32);
+        assert!(request.serializable && request.keys_only && !request.count_only);
+
+        // Ascending by key is the server's natural order, so no sort is requested (as etcd).
+        let ClientCommand::Get(args) = parse_cli(&["get", "k", "--order", "ascend"]).command else {
+            panic!("not a get");
+        };
+        let request = range_request(&args).unwrap();
+        assert_eq!(request.sort_order, range_request::SortOrder::None as i32);
+    }
+
+    #[test]
+    fn lease_ids_are_hexadecimal() {
+        assert_eq!(parse_lease_id("0"), Ok(0));
+        assert_eq!(parse_lease_id("694d7d3e5b1a2c0b"), Ok(0x694d7d3e5b1a2c0b));
+        assert_eq!(parse_lease_id("0xff"), Ok(255));
+        assert_eq!(parse_lease_id("ffffffffffffffff"), Ok(-1));
+        assert!(parse_lease_id("xyz").is_err());
+    }
+
+    #[test]
+    fn quoted_strings_use_go_escapes() {
+        let parse = |text| parse_quoted(text).unwrap();
+        assert_eq!(parse(r#""plain" rest"#), (b"plain".to_vec(), " rest"));
+        assert_eq!(parse(r#""a\"b\\c\n\t""#).0, b"a\"b\\c\n\t");
+        assert_eq!(parse(r#""\x00\xff\101""#).0, vec![0x00, 0xff, b'A']);
+        assert_eq!(parse(r#""\u00e9""#).0, "é".as_bytes());
+        assert_eq!(parse(r#""é""#).0, "é".as_bytes());
+        assert_eq!(parse("`raw \\n`x"), (b"raw \\n".to_vec(), "x"));
+        for bad in [
+            r#""open"#,
+            r#""\q""#,
+            r#""\x1""#,
+            r#""\400""#,
+            "bare",
+            "`open",
+        ] {
+            assert!(parse_quoted(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn compares_parse_every_target_and_operator() {
+        let cases = [
+            (
+                r#"value("k") = "v""#,
+                compare::CompareTarget::Value,
+                compare::CompareResult::Equal,
+            ),
+            (
+                r#"val("k") != "v""#,
+                compare::CompareTarget::Value,
+                compare::CompareResult::NotEqual,
+            ),
+            (
+                r#"mod("k") > "5""#,
+                compare::CompareTarget::Mod,
+                compare::CompareResult::Greater,
+            ),
+            (
+                r#"m("k") < "5""#,
+                compare::CompareTarget::Mod,
+                compare::CompareResult::Less,
+            ),
+            (
+                r#"version("k") = "0""#,
+                compare::CompareTarget::Version,
+                compare::CompareResult::Equal,
+            ),
+            (
+                r#"ver("k")="1""#,
+                compare::CompareTarget::Version,
+                compare::CompareResult::Equal,
+            ),
+            (
+                r#"create("k") < "3""#,
+                compare::CompareTarget::Create,
+                compare::CompareResult::Less,
+            ),
+            (
+                r#"c( "k" ) > "3""#,
+                compare::CompareTarget::Create,
+                compare::CompareResult::Greater,
+            ),
+            (
+                r#"lease("k") = "7""#,
+                compare::CompareTarget::Lease,
+                compare::CompareResult::Equal,
+            ),
+        ];
+        for (line, target, result) in cases {
+            let compare = parse_compare(line).unwrap_or_else(|error| panic!("{line}: {error}"));
+            assert_eq!(compare.key, b"k", "{line}");
+            assert_eq!(compare.target, target as i32, "{line}");
+            assert_eq!(compare.result, result as i32, "{line}");
+        }
+        let compare = parse_compare(r#"mod("k") > "5""#).unwrap();
+        assert_eq!(
+            compare.target_union,
+            Some(compare::TargetUnion::ModRevision(5))
+        );
+        let compare = parse_compare(r#"value("k\x00") = "a b""#).unwrap();
+        assert_eq!(compare.key, b"k\x00");
+        assert_eq!(
+            compare.target_union,
+            Some(compare::TargetUnion::Value(b"a b".to_vec()))
+        );
+        for bad in [
+            r#"value(k) = "v""#,
+            r#"value("k") "v""#,
+            r#"value("k") >= "1""#,
+            r#"mod("k") > "x""#,
+            r#"size("k") = "1""#,
+            r#"value("k") = "v" extra"#,
+            r#"value("k" = "v""#,
+        ] {
+            assert!(parse_compare(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_lines_split_like_etcdctl() {
+        let words = split_words(r#"put "a key" 'raw \n' plain"#).unwrap();
+        assert_eq!(
+            words,
+            vec![
+                b"put".to_vec(),
+                b"a key".to_vec(),
+                b"raw \\n".to_vec(),
+                b"plain".to_vec()
+            ]
+        );
+        assert!(split_words("put 'open").is_err());
+    }
+
+    #[test]
+    fn request_lines_become_request_ops() {
+        let op = parse_request_op("put k v --prev-kv").unwrap();
+        let Some(request_op::Request::RequestPut(put)) = op.request else {
+            panic!("not a put");
+        };
+        assert_eq!(
+            (put.key, put.value, put.prev_kv),
+            (b"k".to_vec(), b"v".to_vec(), true)
+        );
+
+        let op = parse_request_op("get k --prefix --limit 2").unwrap();
+        let Some(request_op::Request::RequestRange(range)) = op.request else {
+            panic!("not a get");
+        };
+        assert_eq!(
+            (range.key, range.range_end, range.limit),
+            (b"k".to_vec(), b"l".to_vec(), 2)
+        );
+
+        let op = parse_request_op(r#"del "k" z"#).unwrap();
+        let Some(request_op::Request::RequestDeleteRange(delete)) = op.request else {
+            panic!("not a del");
+        };
+        assert_eq!(
+            (delete.key, delete.range_end),
+            (b"k".to_vec(), b"z".to_vec())
+        );
+
+        for bad in [
+            "put k",
+            "frob k",
+            "get",
+            "get k --bogus",
+            "del k z --prefix",
+        ] {
+            let error = parse_request_op(bad).unwrap_err();
+            assert!(error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn txn_input_has_three_sections() {
+        let input = "value(\"k\") = \"v\"\nmod(\"k\") > \"1\"\n\nput k w\nget k\n\n  del k  \n\n";
+        let request = parse_txn(&mut input.as_bytes(), None).unwrap();
+        assert_eq!(request.compare.len(), 2);
+        assert_eq!(request.success.len(), 2);
+        assert_eq!(request.failure.len(), 1);
+
+        // The end of the input ends a section; empty sections are allowed.
+        let request = parse_txn(&mut "\nput k v".as_bytes(), None).unwrap();
+        assert_eq!((request.compare.len(), request.success.len()), (0, 1));
+        assert!(request.failure.is_empty());
+        let request = parse_txn(&mut "".as_bytes(), None).unwrap();
+        assert_eq!(request, TxnRequest::default());
+    }
+
+    #[test]
+    fn txn_prompts_like_etcdctl_in_interactive_mode() {
+        let mut prompts = Vec::new();
+        let input = "value(\"k\") = \"v\"\n\nget k\n\nget j\n";
+        parse_txn(&mut input.as_bytes(), Some(&mut prompts)).unwrap();
+        assert_eq!(
+            String::from_utf8(prompts).unwrap(),
+            "compares:\nsuccess requests (get, put, del):\nfailure requests (get, put, del):\n"
+        );
+    }
+
+    #[test]
+    fn txn_errors_name_the_line_and_are_usage_errors() {
+        let input = "value(\"k\") = \"v\"\n\nput k v\nput onlykey\n";
+        let error = parse_txn(&mut input.as_bytes(), None).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        let message = error.to_string();
+        assert!(message.starts_with("txn: line 4: "), "{message}");
+        assert!(message.contains("put onlykey"), "{message}");
+
+        let error = parse_txn(&mut "bogus\n".as_bytes(), None).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("txn: line 1: malformed comparison"),
+            "{error}"
+        );
+    }
+
+    fn header() -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            cluster_id: 15875391935852295136,
+            member_id: 7383792418829112008,
+            revision: 4,
+            raft_term: 2,
+        })
+    }
+
+    fn kv(
+        key: &str,
+        value: &str,
+        create_revision: i64,
+        mod_revision: i64,
+        version: i64,
+    ) -> KeyValue {
+        KeyValue {
+            key: key.as_bytes().to_vec(),
+            create_revision,
+            mod_revision,
+            version,
+            value: value.as_bytes().to_vec(),
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn range_json_matches_etcdctl() {
+        // Captured from `etcdctl get foo --prefix -w json` (etcd 3.4).
+        let response = RangeResponse {
+            header: header(),
+            kvs: vec![kv("foo", "baz", 2, 3, 2), kv("foo2", "x", 4, 4, 1)],
+            more: false,
+            count: 2,
+        };
+        let expected = r#"{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":4,"raft_term":2},"kvs":[{"key":"Zm9v","create_revision":2,"mod_revision":3,"version":2,"value":"YmF6"},{"key":"Zm9vMg==","create_revision":4,"mod_revision":4,"version":1,"value":"eA=="}],"count":2}"#;
+        assert_eq!(
+            serde_json::to_string(&RangeJson::from(&response)).unwrap(),
+            expected
+        );
+
+        let empty = RangeResponse {
+            header: header(),
+            ..RangeResponse::default()
+        };
+        let expected = r#"{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":4,"raft_term":2}}"#;
+        assert_eq!(
+            serde_json::to_string(&RangeJson::from(&empty)).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn txn_json_matches_etcdctl() {
+        // Captured from `etcdctl txn -w json` (etcd 3.4): put, get, del of a missing key.
+        let inner_header = Some(ResponseHeader {
+            revision: 7,
+            ..ResponseHeader::default()
+        });
+        let response = TxnResponse {
+            header: Some(ResponseHeader {
+                revision: 7,
+                ..header().unwrap()
+            }),
+            succeeded: true,
+            responses: vec![
+                ResponseOp {
+                    response: Some(response_op::Response::ResponsePut(PutResponse {
+                        header: inner_header,
+                        prev_kv: None,
+                    })),
+                },
+                ResponseOp {
+                    response: Some(response_op::Response::ResponseRange(RangeResponse {
+                        header: inner_header,
+                        kvs: vec![kv("foo", "q", 2, 5, 3)],
+                        more: false,
+                        count: 1,
+                    })),
+                },
+                ResponseOp {
+                    response: Some(response_op::Response::ResponseDeleteRange(
+                        DeleteRangeResponse {
+                            header: inner_header,
+                            deleted: 0,
+                            prev_kvs: vec![],
+                        },
+                    )),
+                },
+            ],
+        };
+        let expected = r#"{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":7,"raft_term":2},"succeeded":true,"responses":[{"Response":{"ResponsePut":{"header":{"revision":7}}}},{"Response":{"ResponseRange":{"header":{"revision":7},"kvs":[{"key":"Zm9v","create_revision":2,"mod_revision":5,"version":3,"value":"cQ=="}],"count":1}}},{"Response":{"ResponseDeleteRange":{"header":{"revision":7}}}}]}"#;
+        assert_eq!(
+            serde_json::to_string(&TxnJson::from(&response)).unwrap(),
+            expected
+        );
+    }
+
+    fn status_response() -> StatusResponse {
+        StatusResponse {
+            header: Some(ResponseHeader {
+                revision: 8,
+                ..header().unwrap()
+            }),
+            version: "3.4.23".to_string(),
+            db_size: 20480,
+            leader: 7383792418829112008,
+            raft_index: 12,
+            raft_term: 2,
+            raft_applied_index: 12,
+            errors: vec![],
+            db_size_in_use: 16384,
+            is_learner: false,
+            ..StatusResponse::default()
+        }
+    }
+
+    #[test]
+    fn status_json_matches_etcdctl() {
+        // Captured from `etcdctl endpoint status -w json` (etcd 3.4).
+        let entries = [StatusEntryJson::from(&(
+            "127.0.0.1:42379".to_string(),
+            status_response(),
+        ))];
+        let expected = r#"[{"Endpoint":"127.0.0.1:42379","Status":{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":8,"raft_term":2},"version":"3.4.23","dbSize":20480,"leader":7383792418829112008,"raftIndex":12,"raftTerm":2,"raftAppliedIndex":12,"dbSizeInUse":16384}}]"#;
+        assert_eq!(serde_json::to_string(&entries).unwrap(), expected);
+    }
+
+    #[test]
+    fn status_table_matches_etcdctl() {
+        // Captured from `etcdctl endpoint status -w table` (etcd 3.4).
+        let mut out = Vec::new();
+        print_status_table(
+            &mut out,
+            &[("127.0.0.1:42379".to_string(), status_response())],
+        );
+        let expected = "\
++-----------------+------------------+---------+---------+-----------+------------+-----------+------------+--------------------+--------+
+|    ENDPOINT     |        ID        | VERSION | DB SIZE | IS LEADER | IS LEARNER | RAFT TERM | RAFT INDEX | RAFT APPLIED INDEX | ERRORS |
++-----------------+------------------+---------+---------+-----------+------------+-----------+------------+--------------------+--------+
+| 127.0.0.1:42379 | 667880157b8812c8 |  3.4.23 |   20 kB |      true |      false |         2 |         12 |                 12 |        |
++-----------------+------------------+---------+---------+-----------+------------+-----------+------------+--------------------+--------+
+";
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn sizes_print_like_go_humanize() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(9), "9 B");
+        assert_eq!(human_bytes(999), "999 B");
+        assert_eq!(human_bytes(20480), "20 kB");
+        assert_eq!(human_bytes(32768), "33 kB");
+        assert_eq!(human_bytes(1_500_000), "1.5 MB");
+        assert_eq!(human_bytes(2_000_000_000), "2.0 GB");
+    }
+
+    #[test]
+    fn simple_output_matches_etcdctl() {
+        let mut out = Vec::new();
+        let put = PutResponse {
+            header: header(),
+            prev_kv: Some(kv("foo", "bar", 2, 2, 1)),
+        };
+        print_put(&mut out, &put);
+        assert_eq!(out, b"OK\nfoo\nbar\n");
+
+        let range = RangeResponse {
+            kvs: vec![kv("a", "", 1, 1, 1), kv("b", "2", 1, 1, 1)],
+            ..RangeResponse::default()
+        };
+        let mut out = Vec::new();
+        print_range(&mut out, &range, false, false);
+        assert_eq!(
+            out, b"a\n\nb\n2\n",
+            "keys-only prints an empty line per value"
+        );
+        let mut out = Vec::new();
+        print_range(&mut out, &range, true, false);
+        assert_eq!(out, b"\n2\n");
+
+        // Captured from `etcdctl txn` (etcd 3.4): put, get foo, del of a missing key.
+        let txn = TxnResponse {
+            header: header(),
+            succeeded: true,
+            responses: vec![
+                ResponseOp {
+                    response: Some(response_op::Response::ResponsePut(PutResponse::default())),
+                },
+                ResponseOp {
+                    response: Some(response_op::Response::ResponseRange(RangeResponse {
+                        kvs: vec![kv("foo", "q", 2, 5, 3)],
+                        ..RangeResponse::default()
+                    })),
+                },
+                ResponseOp {
+                    response: Some(response_op::Response::ResponseDeleteRange(
+                        DeleteRangeResponse::default(),
+                    )),
+                },
+            ],
+        };
+        let mut out = Vec::new();
+        print_txn(&mut out, &txn);
+        assert_eq!(out, b"SUCCESS\n\nOK\n\nfoo\nq\n\n0\n");
+    }
+
+    #[test]
+    fn endpoint_errors_are_usage_errors() {
+        let error = CommandError::from(ClientError::InvalidEndpoint {
+            endpoint: "x".to_string(),
+            reason: "missing port".to_string(),
+        });
+        assert_eq!(error.exit_code(), 2);
+        let error = CommandError::from(ClientError::Timeout { timeout_ms: 5 });
+        assert_eq!(error.exit_code(), 1);
     }
 }

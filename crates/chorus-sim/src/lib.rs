@@ -1,0 +1,75 @@
+//! chorus-sim: the deterministic simulator.
+//!
+//! One seed derives every option of a run ([`options`]); the [`world`] runs a
+//! whole cluster of the production node and storage code under those faults on
+//! simulated time, in one thread; the [`checker`]s judge the recorded history.
+//! The same seed always gives the same run, down to the trace hash.
+//!
+//! New capabilities (leases, watches, locks, queues) add their workload to the
+//! world and their checker under [`checker`], leaving the others alone.
+
+pub mod checker;
+pub mod options;
+pub mod world;
+
+use checker::linearizability::{check_history, Operation, Verdict};
+pub use options::{Bug, SimOptions};
+
+/// Search steps the linearizability checker may take per key before it gives up
+/// (and reports the seed as inconclusive, which counts as a failure).
+pub const CHECK_STEPS_MAX_PER_KEY: u64 = 5_000_000;
+
+/// What one seed found.
+#[derive(Debug)]
+pub struct SeedOutcome {
+    pub seed: u64,
+    pub options: SimOptions,
+    pub violations: Vec<String>,
+    pub trace: Vec<String>,
+    pub trace_hash: u64,
+    pub summary: String,
+}
+
+/// Runs one seed and checks everything.
+pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedOutcome {
+    let options = SimOptions::from_seed(seed, bug);
+    let report = world::World::new(options.clone()).run();
+    let mut violations = report.violations;
+    let history: Vec<Operation> = report
+        .history
+        .into_iter()
+        .filter(|o| o.id != u64::MAX)
+        .collect();
+    match check_history(&history, CHECK_STEPS_MAX_PER_KEY) {
+        Verdict::Linearizable => {}
+        Verdict::NotLinearizable { key, detail } => {
+            violations.push(format!(
+                "not linearizable on key {}: {detail}",
+                String::from_utf8_lossy(&key)
+            ));
+        }
+        Verdict::Inconclusive { key, detail } => violations.push(format!(
+            "linearizability check inconclusive on key {}: {detail}",
+            String::from_utf8_lossy(&key)
+        )),
+    }
+    let summary = format!(
+        "seed {seed}: {} nodes, {} ops ({} acknowledged, {} unknown), {} leader terms, {} crashes, {} events, trace {:016x}",
+        options.nodes_count,
+        history.len(),
+        report.ops_acknowledged,
+        report.ops_unknown,
+        report.leader_changes,
+        report.crashes,
+        report.events_count,
+        report.trace_hash
+    );
+    SeedOutcome {
+        seed,
+        options,
+        violations,
+        trace: report.trace,
+        trace_hash: report.trace_hash,
+        summary,
+    }
+}

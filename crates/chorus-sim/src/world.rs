@@ -1,0 +1,1209 @@
+//! The simulated world: nodes running the production `chorus-core` node and
+//! `chorus-storage` (redb on a simulated disk), a seeded network, clocks, faults
+//! and clients, all driven by one event queue on simulated time.
+//!
+//! Each node is driven the way `chorus-server`'s driver drives it: inputs (ticks,
+//! messages, requests), then cycles in the documented order (begin, send-early,
+//! persist, finish, send-late, reply). The simulator keeps its own small request
+//! bookkeeping (proposal and read maps), mirroring the server driver's rules:
+//! a proposal refused for want of a leader fails definitely; proposals in flight
+//! when the leader changes have unknown outcomes; unanswered read-index requests
+//! are asked again every few ticks.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+
+use chorus_core::node::{Node, NodeConfig, OpResponse, Reply};
+use chorus_proto::chorus::v1::command::Op;
+use chorus_proto::etcdserverpb::{
+    compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
+};
+use chorus_storage::sim_disk::SimDisk;
+use chorus_storage::{DiskStorage, Identity};
+use raft::prelude::Message;
+use raft::StateRole;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
+use crate::options::{Bug, SimOptions};
+
+const CLUSTER_ID: u64 = 0xc1u64;
+const ELECTION_TICKS: usize = 10;
+/// Read-index requests unanswered for this many ticks are asked again.
+const READ_RETRY_TICKS: u64 = 3;
+/// The most events one run may process: a bound against a livelock in the world.
+const EVENTS_MAX: u64 = 20_000_000;
+/// Attempts of the final reader per key before it declares no progress.
+const FINAL_READ_ATTEMPTS_MAX: u32 = 40;
+const TRACE_LINES_MAX: usize = 40;
+
+/// What a client asks a node to do.
+#[derive(Debug, Clone)]
+enum ClientOp {
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Get {
+        key: Vec<u8>,
+        serializable: bool,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    Cas {
+        key: Vec<u8>,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    },
+}
+
+/// A node's answer to a client.
+#[derive(Debug, Clone)]
+enum Answer {
+    Done(KvOutcome),
+    /// Definitely not applied (no leader, node down, rejected).
+    Failed,
+    /// May or may not have been applied (leader changed).
+    Unknown,
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick(usize),
+    Deliver {
+        to: usize,
+        message: Message,
+    },
+    Request {
+        node: usize,
+        client: usize,
+        op_id: u64,
+        op: ClientOp,
+    },
+    Answer {
+        client: usize,
+        op_id: u64,
+        answer: Answer,
+    },
+    ClientNext(usize),
+    ClientTimeout {
+        client: usize,
+        op_id: u64,
+    },
+    Fault,
+    HealCut(Vec<(usize, usize)>),
+    Restart(usize),
+    Resume(usize),
+    EndFaultPhase,
+    StopClients,
+    FinalRead {
+        attempt: u32,
+        key_index: usize,
+    },
+}
+
+struct Scheduled {
+    at_us: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_us, self.seq) == (other.at_us, other.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at_us, self.seq).cmp(&(other.at_us, other.seq))
+    }
+}
+
+struct Running {
+    node: Node,
+    storage: DiskStorage,
+    /// Proposal seq to (client, op id).
+    proposals: BTreeMap<u64, (usize, u64)>,
+    /// Read ctx to (client, op id, key, tick asked).
+    reads: BTreeMap<u64, (usize, u64, Vec<u8>, u64)>,
+    next_seq: u64,
+    next_ctx: u64,
+    leader_seen: (u64, u64),
+    ticks: u64,
+    applied_seen: u64,
+    /// Highest revision served by a serializable read in this boot.
+    serializable_revision_max: i64,
+}
+
+struct SimNode {
+    id: u64,
+    disk: SimDisk,
+    running: Option<Running>,
+    paused: bool,
+    queued: Vec<Event>,
+    tick_us: u64,
+}
+
+struct Client {
+    in_flight: Option<u64>,
+    ops_count: u64,
+    stopped: bool,
+}
+
+/// The result of one run.
+pub struct RunReport {
+    pub history: Vec<Operation>,
+    pub violations: Vec<String>,
+    pub trace: Vec<String>,
+    pub trace_hash: u64,
+    pub events_count: u64,
+    pub ops_acknowledged: u64,
+    pub ops_unknown: u64,
+    pub leader_changes: u64,
+    pub crashes: u64,
+}
+
+pub struct World {
+    options: SimOptions,
+    rng: ChaCha8Rng,
+    now_us: u64,
+    queue: BinaryHeap<Reverse<Scheduled>>,
+    next_event_seq: u64,
+    nodes: Vec<SimNode>,
+    cut: BTreeSet<(usize, usize)>,
+    clients: Vec<Client>,
+    keys: Vec<Vec<u8>>,
+    history: Vec<Operation>,
+    /// Op id to its index in `history`.
+    history_index: BTreeMap<u64, usize>,
+    next_op_id: u64,
+    faults_on: bool,
+    violations: Vec<String>,
+    trace: VecDeque<String>,
+    trace_hash: u64,
+    leaders_by_term: BTreeMap<u64, u64>,
+    committed: BTreeMap<u64, (u64, u32)>,
+    events_count: u64,
+    leader_changes: u64,
+    crashes: u64,
+}
+
+impl World {
+    pub fn new(options: SimOptions) -> World {
+        let rng = ChaCha8Rng::seed_from_u64(options.seed);
+        let nodes = (0..options.nodes_count)
+            .map(|i| {
+                let drift = options.tick_drift_ppt[i];
+                let disk = SimDisk::new();
+                disk.set_sync_is_noop(options.bug == Some(Bug::AckBeforeFsync));
+                SimNode {
+                    id: i as u64 + 1,
+                    disk,
+                    running: None,
+                    paused: false,
+                    queued: Vec::new(),
+                    tick_us: (options.tick_us as i64 * (1000 + drift) / 1000) as u64,
+                }
+            })
+            .collect();
+        let keys = (0..options.keys_count)
+            .map(|k| format!("key{k}").into_bytes())
+            .collect();
+        let clients = (0..options.clients_count)
+            .map(|_| Client {
+                in_flight: None,
+                ops_count: 0,
+                stopped: false,
+            })
+            .collect();
+        World {
+            options,
+            rng,
+            now_us: 0,
+            queue: BinaryHeap::new(),
+            next_event_seq: 0,
+            nodes,
+            cut: BTreeSet::new(),
+            clients,
+            keys,
+            history: Vec::new(),
+            history_index: BTreeMap::new(),
+            next_op_id: 1,
+            faults_on: true,
+            violations: Vec::new(),
+            trace: VecDeque::new(),
+            trace_hash: 0xcbf2_9ce4_8422_2325,
+            leaders_by_term: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            events_count: 0,
+            leader_changes: 0,
+            crashes: 0,
+        }
+    }
+
+    /// Runs the whole scenario and checks the raft invariants and convergence on
+    /// the way; the history is checked by the caller.
+    pub fn run(mut self) -> RunReport {
+        for i in 0..self.nodes.len() {
+            self.start_node(i);
+            let first_tick = self.rng.random_range(0..self.nodes[i].tick_us);
+            self.schedule(first_tick, Event::Tick(i));
+        }
+        for c in 0..self.clients.len() {
+            let start = self
+                .rng
+                .random_range(0..self.options.client_think_us.max(1));
+            self.schedule(start, Event::ClientNext(c));
+        }
+        self.schedule_fault();
+        self.schedule(self.options.fault_phase_us, Event::EndFaultPhase);
+        let end_us = self.options.fault_phase_us + self.options.quiet_phase_us;
+        while let Some(Reverse(next)) = self.queue.pop() {
+            if next.at_us > end_us || self.events_count >= EVENTS_MAX {
+                break;
+            }
+            self.now_us = next.at_us;
+            self.events_count += 1;
+            self.handle(next.event);
+        }
+        self.check_convergence();
+        self.report()
+    }
+
+    fn report(self) -> RunReport {
+        let ops_unknown = self
+            .history
+            .iter()
+            .filter(|o| o.return_us.is_none())
+            .count() as u64;
+        RunReport {
+            ops_acknowledged: self.history.len() as u64 - ops_unknown,
+            ops_unknown,
+            history: self.history,
+            violations: self.violations,
+            trace: self.trace.into_iter().collect(),
+            trace_hash: self.trace_hash,
+            events_count: self.events_count,
+            leader_changes: self.leader_changes,
+            crashes: self.crashes,
+        }
+    }
+
+    fn schedule(&mut self, delay_us: u64, event: Event) {
+        let seq = self.next_event_seq;
+        self.next_event_seq += 1;
+        self.queue.push(Reverse(Scheduled {
+            at_us: self.now_us + delay_us,
+            seq,
+            event,
+        }));
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() == TRACE_LINES_MAX {
+            self.trace.pop_front();
+        }
+        self.trace
+            .push_back(format!("{:>9.3}s {line}", self.now_us as f64 / 1e6));
+    }
+
+    fn mix(&mut self, values: &[u64]) {
+        for value in values {
+            self.trace_hash ^= *value;
+            self.trace_hash = self.trace_hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn violation(&mut self, what: String) {
+        self.note(format!("VIOLATION: {what}"));
+        self.violations.push(what);
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick(i) => self.on_tick(i),
+            Event::Deliver { to, message } => {
+                self.on_node_input(to, Event::Deliver { to, message })
+            }
+            Event::Request {
+                node,
+                client,
+                op_id,
+                op,
+            } => self.on_node_input(
+                node,
+                Event::Request {
+                    node,
+                    client,
+                    op_id,
+                    op,
+                },
+            ),
+            Event::Answer {
+                client,
+                op_id,
+                answer,
+            } => self.on_answer(client, op_id, answer),
+            Event::ClientNext(c) => self.client_next(c),
+            Event::ClientTimeout { client, op_id } => self.on_client_timeout(client, op_id),
+            Event::Fault => self.inject_fault(),
+            Event::HealCut(links) => {
+                for link in links {
+                    self.cut.remove(&link);
+                }
+                self.note("links healed".into());
+            }
+            Event::Restart(i) => self.restart_node(i),
+            Event::Resume(i) => self.resume_node(i),
+            Event::EndFaultPhase => self.end_fault_phase(),
+            Event::StopClients => {
+                for client in &mut self.clients {
+                    client.stopped = true;
+                }
+                let delay = self.options.client_timeout_us + 100_000;
+                self.schedule(
+                    delay,
+                    Event::FinalRead {
+                        attempt: 0,
+                        key_index: 0,
+                    },
+                );
+            }
+            Event::FinalRead { attempt, key_index } => self.final_read(attempt, key_index),
+        }
+    }
+
+    // ---- nodes -------------------------------------------------------------
+
+    fn start_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let identity = Identity {
+            cluster_id: CLUSTER_ID,
+            member_id: node.id,
+        };
+        let label = format!("sim://node{}", node.id);
+        let opened = DiskStorage::open_with_backend(node.disk.backend(), &label, identity)
+            .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
+        let config = NodeConfig {
+            id: node.id,
+            initial_voters: (1..=self.options.nodes_count as u64).collect(),
+            election_ticks: ELECTION_TICKS,
+            heartbeat_ticks: 1,
+            seed: self.options.seed ^ opened.boot_count,
+            boot_id: opened.boot_count,
+        };
+        let applied = opened.recovered.applied_index;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raft_node = Node::new(&config, opened.recovered, &logger).expect("node starts");
+        node.running = Some(Running {
+            node: raft_node,
+            storage: opened.storage,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            next_seq: 1,
+            next_ctx: 1,
+            leader_seen: (0, 0),
+            ticks: 0,
+            applied_seen: applied,
+            serializable_revision_max: 0,
+        });
+        self.run_cycles(i);
+    }
+
+    fn crash_node(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if node.running.is_none() {
+            return;
+        }
+        // The disk forgets unsynced writes first, so nothing the dying process
+        // does while it is torn down can reach it.
+        node.disk.crash();
+        node.running = None;
+        node.paused = false;
+        node.queued.clear();
+        self.crashes += 1;
+        let id = self.nodes[i].id;
+        self.note(format!("crash node {id}"));
+    }
+
+    fn restart_node(&mut self, i: usize) {
+        if self.nodes[i].running.is_some() {
+            return;
+        }
+        let id = self.nodes[i].id;
+        self.note(format!("restart node {id}"));
+        self.start_node(i);
+    }
+
+    fn resume_node(&mut self, i: usize) {
+        if !self.nodes[i].paused {
+            return;
+        }
+        self.nodes[i].paused = false;
+        let id = self.nodes[i].id;
+        self.note(format!("resume node {id}"));
+        let queued = std::mem::take(&mut self.nodes[i].queued);
+        for event in queued {
+            self.on_node_input(i, event);
+        }
+        // The process's timer fires once on resume (missed ticks are not replayed).
+        self.on_tick_work(i);
+    }
+
+    fn on_tick(&mut self, i: usize) {
+        let tick_us = self.nodes[i].tick_us;
+        self.schedule(tick_us, Event::Tick(i));
+        if self.nodes[i].paused {
+            return;
+        }
+        self.on_tick_work(i);
+    }
+
+    fn on_tick_work(&mut self, i: usize) {
+        let Some(running) = self.nodes[i].running.as_mut() else {
+            return;
+        };
+        running.node.tick();
+        running.ticks += 1;
+        let ticks = running.ticks;
+        let stale: Vec<u64> = running
+            .reads
+            .iter()
+            .filter(|(_, r)| ticks - r.3 >= READ_RETRY_TICKS)
+            .map(|(ctx, _)| *ctx)
+            .collect();
+        for ctx in stale {
+            running.node.read_index(ctx);
+            if let Some(read) = running.reads.get_mut(&ctx) {
+                read.3 = ticks;
+            }
+        }
+        self.mix(&[1, self.now_us, i as u64]);
+        self.after_input(i);
+    }
+
+    /// Messages and requests for node `i`: dropped if it is down, queued if paused.
+    fn on_node_input(&mut self, i: usize, event: Event) {
+        if self.nodes[i].running.is_none() {
+            if let Event::Request { client, op_id, .. } = event {
+                // Connection refused: definitely not applied.
+                self.schedule(
+                    200,
+                    Event::Answer {
+                        client,
+                        op_id,
+                        answer: Answer::Failed,
+                    },
+                );
+            }
+            return;
+        }
+        if self.nodes[i].paused {
+            self.nodes[i].queued.push(event);
+            return;
+        }
+        match event {
+            Event::Deliver { message, .. } => {
+                self.mix(&[
+                    2,
+                    self.now_us,
+                    message.from,
+                    message.to,
+                    message.msg_type as u64,
+                    message.term,
+                    message.index,
+                ]);
+                self.nodes[i]
+                    .running
+                    .as_mut()
+                    .expect("running")
+                    .node
+                    .step(message);
+            }
+            Event::Request {
+                client, op_id, op, ..
+            } => self.on_request(i, client, op_id, op),
+            _ => unreachable!("not a node input"),
+        }
+        self.after_input(i);
+    }
+
+    fn after_input(&mut self, i: usize) {
+        self.fail_proposals_on_leader_change(i);
+        self.run_cycles(i);
+        self.check_roles(i);
+    }
+
+    fn fail_proposals_on_leader_change(&mut self, i: usize) {
+        let Some(running) = self.nodes[i].running.as_mut() else {
+            return;
+        };
+        let status = running.node.status();
+        let seen = (status.leader_id, status.term);
+        if seen == running.leader_seen {
+            return;
+        }
+        let had_leader = running.leader_seen.0 != 0;
+        running.leader_seen = seen;
+        if !had_leader {
+            return;
+        }
+        let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals)
+            .into_values()
+            .collect();
+        for (client, op_id) in failed {
+            self.schedule(
+                100,
+                Event::Answer {
+                    client,
+                    op_id,
+                    answer: Answer::Unknown,
+                },
+            );
+        }
+    }
+
+    fn check_roles(&mut self, i: usize) {
+        let Some(running) = self.nodes[i].running.as_ref() else {
+            return;
+        };
+        let status = running.node.status();
+        if status.role != StateRole::Leader {
+            return;
+        }
+        match self.leaders_by_term.get(&status.term) {
+            Some(&leader) if leader != status.id => {
+                self.violation(format!(
+                    "two leaders in term {}: node {} and node {}",
+                    status.term, leader, status.id
+                ));
+            }
+            Some(_) => {}
+            None => {
+                self.leaders_by_term.insert(status.term, status.id);
+                self.leader_changes += 1;
+                self.note(format!("node {} leads term {}", status.id, status.term));
+            }
+        }
+    }
+
+    fn on_request(&mut self, i: usize, client: usize, op_id: u64, op: ClientOp) {
+        let stale_reads = self.options.bug == Some(Bug::StaleReads);
+        let running = self.nodes[i].running.as_mut().expect("running");
+        let proposal = match op {
+            ClientOp::Get { key, serializable } => {
+                if serializable || stale_reads {
+                    let answer = serve_get(running, &key, serializable, &mut self.violations, i);
+                    self.schedule(
+                        100,
+                        Event::Answer {
+                            client,
+                            op_id,
+                            answer,
+                        },
+                    );
+                } else {
+                    let ctx = running.next_ctx;
+                    running.next_ctx += 1;
+                    running
+                        .reads
+                        .insert(ctx, (client, op_id, key, running.ticks));
+                    running.node.read_index(ctx);
+                }
+                return;
+            }
+            ClientOp::Put { key, value } => Op::Put(PutRequest {
+                key,
+                value,
+                ..Default::default()
+            }),
+            ClientOp::Delete { key } => Op::DeleteRange(DeleteRangeRequest {
+                key,
+                ..Default::default()
+            }),
+            ClientOp::Cas { key, expected, new } => Op::Txn(cas_txn(key, expected, new)),
+        };
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        match running.node.propose(seq, proposal) {
+            Ok(()) => {
+                running.proposals.insert(seq, (client, op_id));
+            }
+            Err(_) => self.schedule(
+                100,
+                Event::Answer {
+                    client,
+                    op_id,
+                    answer: Answer::Failed,
+                },
+            ),
+        }
+    }
+
+    /// Runs cycles on node `i` until it has no work, in the documented order.
+    fn run_cycles(&mut self, i: usize) {
+        for _ in 0..1000 {
+            let Some(running) = self.nodes[i].running.as_mut() else {
+                return;
+            };
+            if !running.node.has_work() {
+                return;
+            }
+            let cycle = running.node.begin_cycle();
+            let early = cycle.messages;
+            running
+                .storage
+                .persist(&cycle.persist)
+                .expect("simulated disk write");
+            let finished = running.node.finish_cycle();
+            let fsync_us = self
+                .rng
+                .random_range(self.options.fsync_min_us..=self.options.fsync_max_us);
+            self.send_all(i, early, 0);
+            self.send_all(i, finished.messages, fsync_us);
+            let replies: Vec<Reply> = cycle.replies.into_iter().chain(finished.replies).collect();
+            self.answer_replies(i, replies, fsync_us);
+            let reads: Vec<u64> = cycle
+                .reads_ready
+                .into_iter()
+                .chain(finished.reads_ready)
+                .collect();
+            self.serve_reads(i, reads, fsync_us);
+            self.check_applied(i);
+        }
+        panic!("node {} never ran out of work", self.nodes[i].id);
+    }
+
+    fn answer_replies(&mut self, i: usize, replies: Vec<Reply>, delay_us: u64) {
+        for reply in replies {
+            let running = self.nodes[i].running.as_mut().expect("running");
+            let Some((client, op_id)) = running.proposals.remove(&reply.seq) else {
+                continue;
+            };
+            let answer = match reply.result {
+                Ok(OpResponse::Put(_)) => Answer::Done(KvOutcome::Put),
+                Ok(OpResponse::DeleteRange(_)) => Answer::Done(KvOutcome::Delete),
+                Ok(OpResponse::Txn(txn)) => Answer::Done(KvOutcome::Cas(txn.succeeded)),
+                Ok(other) => panic!("unexpected response {other:?}"),
+                Err(_) => Answer::Failed,
+            };
+            self.schedule(
+                delay_us + 100,
+                Event::Answer {
+                    client,
+                    op_id,
+                    answer,
+                },
+            );
+        }
+    }
+
+    fn serve_reads(&mut self, i: usize, contexts: Vec<u64>, delay_us: u64) {
+        for ctx in contexts {
+            let running = self.nodes[i].running.as_mut().expect("running");
+            let Some((client, op_id, key, _)) = running.reads.remove(&ctx) else {
+                continue;
+            };
+            let answer = serve_get(running, &key, false, &mut self.violations, i);
+            self.schedule(
+                delay_us + 100,
+                Event::Answer {
+                    client,
+                    op_id,
+                    answer,
+                },
+            );
+        }
+    }
+
+    /// Committed entries never change: every node applies the same entry at an index.
+    fn check_applied(&mut self, i: usize) {
+        let id = self.nodes[i].id;
+        let Some(running) = self.nodes[i].running.as_mut() else {
+            return;
+        };
+        let applied = running.node.status().applied_index;
+        if applied < running.applied_seen {
+            let seen = running.applied_seen;
+            self.violation(format!(
+                "node {id}: applied index went back from {seen} to {applied}"
+            ));
+            return;
+        }
+        let from = running.applied_seen + 1;
+        running.applied_seen = applied;
+        let mut digests = Vec::new();
+        for index in from..=applied {
+            if let Some((term, data)) = running.node.log_entry(index) {
+                digests.push((index, term, crc32fast::hash(data)));
+            }
+        }
+        for (index, term, crc) in digests {
+            match self.committed.get(&index) {
+                Some(&(t, c)) if (t, c) != (term, crc) => {
+                    self.violation(format!(
+                        "node {id} applied a different entry at index {index} (term {term}) than another node (term {t})"
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.committed.insert(index, (term, crc));
+                }
+            }
+        }
+    }
+
+    fn send_all(&mut self, from: usize, messages: Vec<Message>, extra_us: u64) {
+        for message in messages {
+            let to = (message.to - 1) as usize;
+            if self.cut.contains(&(from, to)) {
+                continue;
+            }
+            if self.rng.random_range(0..1_000_000) < self.options.drop_ppm {
+                continue;
+            }
+            let copies = if self.rng.random_range(0..1_000_000) < self.options.duplicate_ppm {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                let delay = self
+                    .rng
+                    .random_range(self.options.delay_min_us..=self.options.delay_max_us);
+                self.schedule(
+                    delay + extra_us,
+                    Event::Deliver {
+                        to,
+                        message: message.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    // ---- clients -----------------------------------------------------------
+
+    fn client_next(&mut self, c: usize) {
+        if self.clients[c].stopped || self.clients[c].in_flight.is_some() {
+            return;
+        }
+        let key = self.keys[self.rng.random_range(0..self.keys.len())].clone();
+        let n = self.clients[c].ops_count;
+        self.clients[c].ops_count += 1;
+        let value = format!("c{c}-{n}").into_bytes();
+        let (op, kv_op) = match self.rng.random_range(0..100) {
+            0..=34 => (
+                ClientOp::Put {
+                    key: key.clone(),
+                    value: value.clone(),
+                },
+                KvOp::Put { value },
+            ),
+            35..=69 => {
+                let serializable =
+                    self.rng.random_range(0..100) < self.options.serializable_get_percent;
+                (
+                    ClientOp::Get {
+                        key: key.clone(),
+                        serializable,
+                    },
+                    KvOp::Get,
+                )
+            }
+            70..=79 => (ClientOp::Delete { key: key.clone() }, KvOp::Delete),
+            _ => {
+                let expected = self.latest_value_seen(&key);
+                let op = ClientOp::Cas {
+                    key: key.clone(),
+                    expected: expected.clone(),
+                    new: value.clone(),
+                };
+                (
+                    op,
+                    KvOp::Cas {
+                        expected,
+                        new: value,
+                    },
+                )
+            }
+        };
+        let serializable = matches!(
+            op,
+            ClientOp::Get {
+                serializable: true,
+                ..
+            }
+        );
+        let node = self.rng.random_range(0..self.nodes.len());
+        self.issue(c, node, key, op, kv_op, serializable);
+    }
+
+    /// A plausible expected value for a CAS: the value of the most recent op on the key.
+    fn latest_value_seen(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.history
+            .iter()
+            .rev()
+            .filter(|o| o.key == key)
+            .find_map(|o| match (&o.op, &o.outcome) {
+                (KvOp::Put { value }, _) => Some(Some(value.clone())),
+                (_, KvOutcome::Get(value)) => Some(value.clone()),
+                (KvOp::Delete, _) => Some(None),
+                _ => None,
+            })?
+    }
+
+    fn issue(
+        &mut self,
+        c: usize,
+        node: usize,
+        key: Vec<u8>,
+        op: ClientOp,
+        kv_op: KvOp,
+        serializable: bool,
+    ) {
+        let op_id = self.next_op_id;
+        self.next_op_id += 1;
+        self.clients[c].in_flight = Some(op_id);
+        // Serializable gets are checked by their own rule, not for linearizability.
+        if !serializable {
+            self.history_index.insert(op_id, self.history.len());
+            self.history.push(Operation {
+                id: op_id,
+                client: c as u64,
+                key,
+                op: kv_op,
+                call_us: self.now_us,
+                return_us: None,
+                outcome: KvOutcome::Unknown,
+            });
+        }
+        let latency = self.rng.random_range(50..500);
+        self.schedule(
+            latency,
+            Event::Request {
+                node,
+                client: c,
+                op_id,
+                op,
+            },
+        );
+        self.schedule(
+            self.options.client_timeout_us,
+            Event::ClientTimeout { client: c, op_id },
+        );
+    }
+
+    fn on_answer(&mut self, c: usize, op_id: u64, answer: Answer) {
+        if self.clients[c].in_flight != Some(op_id) {
+            return; // answered after its timeout: the outcome stays unknown
+        }
+        self.clients[c].in_flight = None;
+        if let Some(&index) = self.history_index.get(&op_id) {
+            match answer {
+                Answer::Done(outcome) => {
+                    self.history[index].outcome = outcome;
+                    self.history[index].return_us = Some(self.now_us);
+                }
+                Answer::Failed => self.forget(op_id),
+                Answer::Unknown => {
+                    if matches!(self.history[index].op, KvOp::Get) {
+                        self.forget(op_id);
+                    }
+                }
+            }
+        }
+        self.mix(&[3, self.now_us, c as u64, op_id]);
+        let think = self.rng.random_range(0..=2 * self.options.client_think_us);
+        if c < self.clients.len() {
+            self.schedule(think, Event::ClientNext(c));
+        }
+    }
+
+    fn on_client_timeout(&mut self, c: usize, op_id: u64) {
+        if self.clients[c].in_flight != Some(op_id) {
+            return;
+        }
+        self.clients[c].in_flight = None;
+        if let Some(&index) = self.history_index.get(&op_id) {
+            if matches!(self.history[index].op, KvOp::Get) {
+                self.forget(op_id);
+            }
+        }
+        self.schedule(0, Event::ClientNext(c));
+    }
+
+    /// Removes an op that definitely had no effect (or a read with no answer).
+    fn forget(&mut self, op_id: u64) {
+        if let Some(index) = self.history_index.remove(&op_id) {
+            // Keep indices stable: mark the op as a no-op read that never returned,
+            // which the checker may drop. Simpler: tombstone it and filter later.
+            self.history[index].id = u64::MAX;
+        }
+    }
+
+    // ---- faults ------------------------------------------------------------
+
+    fn schedule_fault(&mut self) {
+        let mean = self.options.fault_interval_us;
+        let delay = self.rng.random_range(mean / 2..=mean * 3 / 2);
+        self.schedule(delay, Event::Fault);
+    }
+
+    fn inject_fault(&mut self) {
+        if !self.faults_on {
+            return;
+        }
+        self.schedule_fault();
+        let o = &self.options;
+        let kinds: Vec<u8> = [
+            (o.partitions, 0u8),
+            (o.one_way_partitions, 1),
+            (o.crashes, 2),
+            (o.crash_all, 3),
+            (o.pauses, 4),
+            (o.tick_bursts, 5),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, kind)| *kind)
+        .collect();
+        if kinds.is_empty() {
+            return;
+        }
+        let n = self.nodes.len();
+        let heal_us = self.rng.random_range(300_000..5_000_000);
+        match kinds[self.rng.random_range(0..kinds.len())] {
+            0 => {
+                let mut side: Vec<bool> = (0..n).map(|_| self.rng.random_bool(0.5)).collect();
+                side[self.rng.random_range(0..n)] ^= true; // never everyone on one side only
+                let links: Vec<(usize, usize)> = (0..n)
+                    .flat_map(|a| (0..n).map(move |b| (a, b)))
+                    .filter(|&(a, b)| a != b && side[a] != side[b])
+                    .collect();
+                self.cut.extend(links.iter().copied());
+                self.note(format!("partition {:?}", side));
+                self.schedule(heal_us, Event::HealCut(links));
+            }
+            1 => {
+                let a = self.rng.random_range(0..n);
+                let b = (a + self.rng.random_range(1..n)) % n;
+                let both = self.rng.random_bool(0.5);
+                let mut links = vec![(a, b)];
+                if both {
+                    links.push((b, a));
+                }
+                self.cut.extend(links.iter().copied());
+                self.note(format!(
+                    "cut link {}->{}{}",
+                    a + 1,
+                    b + 1,
+                    if both { " both ways" } else { "" }
+                ));
+                self.schedule(heal_us, Event::HealCut(links));
+            }
+            2 => {
+                let i = self.rng.random_range(0..n);
+                self.crash_node(i);
+                self.schedule(heal_us, Event::Restart(i));
+            }
+            3 => {
+                for i in 0..n {
+                    self.crash_node(i);
+                }
+                let back_us = self.rng.random_range(100_000..2_000_000);
+                for i in 0..n {
+                    self.schedule(back_us + i as u64 * 1000, Event::Restart(i));
+                }
+            }
+            4 => {
+                let i = self.rng.random_range(0..n);
+                if self.nodes[i].running.is_some() && !self.nodes[i].paused {
+                    self.nodes[i].paused = true;
+                    let pause_us = self.rng.random_range(1_000_000..5_000_000);
+                    self.note(format!("pause node {} for {} ms", i + 1, pause_us / 1000));
+                    self.schedule(pause_us, Event::Resume(i));
+                }
+            }
+            _ => {
+                let i = self.rng.random_range(0..n);
+                let burst = self.rng.random_range(3..20);
+                self.note(format!("tick burst of {burst} on node {}", i + 1));
+                for _ in 0..burst {
+                    if !self.nodes[i].paused {
+                        self.on_tick_work(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn end_fault_phase(&mut self) {
+        self.faults_on = false;
+        self.cut.clear();
+        self.note("faults end; healing everything".into());
+        for i in 0..self.nodes.len() {
+            self.resume_node(i);
+            self.restart_node(i);
+        }
+        self.schedule(2_000_000, Event::StopClients);
+    }
+
+    /// After healing, a reader checks every key with a linearizable get through a
+    /// rotating node; its results join the history, so a lost acknowledged write
+    /// shows as a linearizability violation. No answer at all is a liveness failure.
+    fn final_read(&mut self, attempt: u32, key_index: usize) {
+        if key_index >= self.keys.len() {
+            return;
+        }
+        let reader = self.clients.len();
+        if self.clients.len() == reader {
+            self.clients.push(Client {
+                in_flight: None,
+                ops_count: 0,
+                stopped: true,
+            });
+        }
+        if let Some(op_id) = self.clients[reader].in_flight {
+            // The previous attempt's answer decides what comes next.
+            let _ = op_id;
+            self.schedule(100_000, Event::FinalRead { attempt, key_index });
+            return;
+        }
+        let answered = self.history.iter().any(|o| {
+            o.client == reader as u64
+                && o.key == self.keys[key_index]
+                && o.return_us.is_some()
+                && o.id != u64::MAX
+        });
+        if answered {
+            self.schedule(
+                0,
+                Event::FinalRead {
+                    attempt: 0,
+                    key_index: key_index + 1,
+                },
+            );
+            return;
+        }
+        if attempt >= FINAL_READ_ATTEMPTS_MAX {
+            let key = String::from_utf8_lossy(&self.keys[key_index]).to_string();
+            self.violation(format!(
+                "no progress after healing: a linearizable get of {key} never succeeded"
+            ));
+            return;
+        }
+        let key = self.keys[key_index].clone();
+        let node = attempt as usize % self.nodes.len();
+        let op = ClientOp::Get {
+            key: key.clone(),
+            serializable: false,
+        };
+        self.issue(reader, node, key, op, KvOp::Get, false);
+        self.schedule(
+            150_000,
+            Event::FinalRead {
+                attempt: attempt + 1,
+                key_index,
+            },
+        );
+    }
+
+    fn check_convergence(&mut self) {
+        let mut states = Vec::new();
+        for node in &self.nodes {
+            match node.running.as_ref() {
+                Some(r) => states.push((
+                    node.id,
+                    r.node.status().applied_index,
+                    r.node.mvcc().state_hash(),
+                )),
+                None => {
+                    self.violations
+                        .push(format!("node {} is not running at the end", node.id));
+                    return;
+                }
+            }
+        }
+        let first = states[0];
+        if states.iter().any(|s| (s.1, s.2) != (first.1, first.2)) {
+            self.violation(format!(
+                "no convergence after healing: (node, applied, state hash) = {states:?}"
+            ));
+        }
+    }
+}
+
+fn cas_txn(key: Vec<u8>, expected: Option<Vec<u8>>, new: Vec<u8>) -> TxnRequest {
+    let compare = match expected {
+        Some(value) => Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Value as i32,
+            key: key.clone(),
+            target_union: Some(compare::TargetUnion::Value(value)),
+            ..Default::default()
+        },
+        None => Compare {
+            result: compare::CompareResult::Equal as i32,
+            target: compare::CompareTarget::Version as i32,
+            key: key.clone(),
+            target_union: Some(compare::TargetUnion::Version(0)),
+            ..Default::default()
+        },
+    };
+    let put = PutRequest {
+        key,
+        value: new,
+        ..Default::default()
+    };
+    TxnRequest {
+        compare: vec![compare],
+        success: vec![RequestOp {
+            request: Some(request_op::Request::RequestPut(put)),
+        }],
+        failure: vec![],
+    }
+}
+
+/// Serves a get from the node's applied state. Serializable reads are checked here
+/// against their own promise: on one node, within one boot, never older than what
+/// that node served before.
+fn serve_get(
+    running: &mut Running,
+    key: &[u8],
+    serializable: bool,
+    violations: &mut Vec<String>,
+    i: usize,
+) -> Answer {
+    let request = RangeRequest {
+        key: key.to_vec(),
+        ..Default::default()
+    };
+    let response = match running.node.mvcc().range(&request) {
+        Ok(response) => response,
+        Err(_) => return Answer::Failed,
+    };
+    let revision = response.header.as_ref().map_or(0, |h| h.revision);
+    if serializable {
+        if revision < running.serializable_revision_max {
+            violations.push(format!(
+                "node {}: serializable read at revision {revision} after serving revision {}",
+                i + 1,
+                running.serializable_revision_max
+            ));
+        }
+        running.serializable_revision_max = revision;
+    }
+    Answer::Done(KvOutcome::Get(
+        response.kvs.first().map(|kv| kv.value.clone()),
+    ))
+}

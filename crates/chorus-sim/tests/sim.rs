@@ -1,0 +1,83 @@
+//! The simulator in CI: a batch of seeds must pass, every kept regression seed must
+//! pass, the same seed must give the same trace, and each deliberate bug must be
+//! caught within a bounded number of seeds (a checker that never fails is a defect).
+
+use chorus_sim::{run_seed, Bug};
+
+/// Seeds run in CI; `docs/TESTING.md` says how to run many more.
+const CI_SEEDS_COUNT: u64 = 60;
+/// A deliberate bug must be caught within this many seeds.
+const BUG_SEEDS_MAX: u64 = 30;
+
+fn assert_clean(seed: u64, bug: Option<Bug>) {
+    let outcome = run_seed(seed, bug);
+    assert!(
+        outcome.violations.is_empty(),
+        "seed {seed} found: {:#?}\nlast events:\n{}\nreplay: cargo run -p chorus-sim --release -- --seed {seed}",
+        outcome.violations,
+        outcome.trace.join("\n")
+    );
+}
+
+#[test]
+fn a_batch_of_seeds_finds_no_violation() {
+    let start: u64 = std::env::var("CHORUS_SIM_START")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    for seed in start..start + CI_SEEDS_COUNT {
+        assert_clean(seed, None);
+    }
+}
+
+#[test]
+fn every_kept_regression_seed_passes() {
+    let text = include_str!("../regressions.txt");
+    let seeds: Vec<u64> = text
+        .lines()
+        .map(|line| line.split('#').next().unwrap().trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().expect("a seed number"))
+        .collect();
+    for seed in seeds {
+        assert_clean(seed, None);
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_trace() {
+    for seed in [3, 17] {
+        let first = run_seed(seed, None);
+        let second = run_seed(seed, None);
+        assert_eq!(
+            first.trace_hash, second.trace_hash,
+            "seed {seed} is not deterministic"
+        );
+        assert_eq!(first.summary, second.summary);
+    }
+}
+
+fn first_seed_catching(bug: Bug) -> Option<(u64, Vec<String>)> {
+    (0..BUG_SEEDS_MAX).find_map(|seed| {
+        let outcome = run_seed(seed, Some(bug));
+        (!outcome.violations.is_empty()).then_some((seed, outcome.violations))
+    })
+}
+
+#[test]
+fn stale_reads_are_caught() {
+    let (seed, violations) =
+        first_seed_catching(Bug::StaleReads).expect("stale reads went unnoticed");
+    eprintln!("stale-reads caught at seed {seed}: {}", violations[0]);
+    assert!(
+        violations.iter().any(|v| v.contains("not linearizable")),
+        "{violations:?}"
+    );
+}
+
+#[test]
+fn acknowledging_before_fsync_is_caught() {
+    let (seed, violations) =
+        first_seed_catching(Bug::AckBeforeFsync).expect("lost fsyncs went unnoticed");
+    eprintln!("ack-before-fsync caught at seed {seed}: {}", violations[0]);
+}
