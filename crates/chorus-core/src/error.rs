@@ -26,7 +26,7 @@ pub enum KvError {
     Compacted { compact_revision: i64 },
     #[error("etcdserver: mvcc: required revision is a future revision")]
     FutureRevision { current_revision: i64 },
-    #[error("etcdserver: lease not found")]
+    #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
     /// Persisted state that cannot be decoded: a corrupt data directory, never a
     /// client's mistake.

@@ -48,8 +48,8 @@ pub enum ServerError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
     #[error("raft could not start: {0}")]
     Raft(String),
     #[error("gRPC server failed: {0}")]
@@ -172,7 +172,7 @@ async fn bind_all(addrs: &[String]) -> Result<Vec<TcpListener>, ServerError> {
     for addr in addrs {
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+            .map_err(|error| ServerError::Bind { addr: addr.clone(), error })?;
         listeners.push(listener);
     }
     Ok(listeners)

@@ -62,8 +62,8 @@ pub struct Identity {
 /// that names the path and says what is wrong, for an operator to act on.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("data directory {path} is unreadable: {source}")]
-    Unreadable { path: PathBuf, source: std::io::Error },
+    #[error("data directory {path} is unreadable: {error}")]
+    Unreadable { path: PathBuf, error: std::io::Error },
     #[error("data directory {path} is corrupt: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error(
@@ -118,7 +118,7 @@ impl DiskStorage {
     pub fn open(data_dir: &Path, identity: Identity) -> Result<Opened, StorageError> {
         let member_dir = data_dir.join("member");
         std::fs::create_dir_all(&member_dir)
-            .map_err(|source| StorageError::Unreadable { path: data_dir.to_path_buf(), source })?;
+            .map_err(|source| StorageError::Unreadable { path: data_dir.to_path_buf(), error: source })?;
         let path = member_dir.join(DB_FILE_NAME);
         let created = !path.exists();
         let db = open_database(&path, created)?;
@@ -137,7 +137,7 @@ impl DiskStorage {
     ) -> Result<Opened, StorageError> {
         let path = PathBuf::from(label);
         let length_bytes = backend.len();
-        let length_bytes = length_bytes.map_err(|source| StorageError::Unreadable { path: path.clone(), source })?;
+        let length_bytes = length_bytes.map_err(|source| StorageError::Unreadable { path: path.clone(), error: source })?;
         let size = SizeSource::Backend(Box::new(backend.clone()));
         let db = redb::Builder::new().create_with_backend(backend);
         let db = db.map_err(|error| database_error(&path, error))?;
@@ -353,7 +353,7 @@ fn database_error(path: &Path, error: redb::DatabaseError) -> StorageError {
         redb::DatabaseError::Storage(redb::StorageError::Io(source))
             if source.kind() == std::io::ErrorKind::PermissionDenied =>
         {
-            StorageError::Unreadable { path: path.to_path_buf(), source }
+            StorageError::Unreadable { path: path.to_path_buf(), error: source }
         }
         redb::DatabaseError::Storage(redb::StorageError::Io(source))
             if source.kind() == std::io::ErrorKind::InvalidData

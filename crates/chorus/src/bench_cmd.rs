@@ -426,7 +426,7 @@ async fn connect_channels(
             endpoint
                 .connect()
                 .await
-                .map_err(|error| format!("cannot connect to {uri}: {error}"))
+                .map_err(|error| format!("cannot connect to {uri}: {}", error_chain(&error)))
         }
     });
     match tokio::time::timeout(global.dial_timeout, futures::future::try_join_all(dials)).await {
@@ -627,6 +627,22 @@ async fn txn_cas(kv: &mut KvClient<Channel>, key: Vec<u8>, plan: &Plan) -> Resul
         .await
         .map(|_| ())
         .map_err(|status| status_error("txn", &status))
+}
+
+/// An error and its causes, `: `-separated: tonic's transport error alone says only
+/// "transport error", and the cause (connection refused, timed out) is what the user needs.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        // hyper repeats its cause's message in its own; say each message once.
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(&format!(": {cause_text}"));
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn status_error(call: &str, status: &tonic::Status) -> String {

@@ -40,7 +40,7 @@ impl Cluster for ClusterService {
         let status = self.node.status().await?;
         let conf = &status.conf_state;
         let ids = conf.voters.iter().map(|id| (*id, false)).chain(conf.learners.iter().map(|id| (*id, true)));
-        let members = ids
+        let mut members: Vec<Member> = ids
             .map(|(id, is_learner)| {
                 let configured = self.configured.get(&id);
                 let published = status.members.get(&id);
@@ -54,6 +54,8 @@ impl Cluster for ClusterService {
                 }
             })
             .collect();
+        // etcd lists members ordered by id.
+        members.sort_by_key(|m| m.id);
         Ok(Response::new(MemberListResponse { header: Some(header(self.ids, &status)), members }))
     }
 

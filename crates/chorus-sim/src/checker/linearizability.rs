@@ -530,26 +530,31 @@ struct PartialLinearization {
     value: u32,
 }
 
-/// Where the search looks for the next op to linearize. Ops with a known outcome are tried
-/// first, in entry-list order, up to the first return still in the list; then the unknown ops
-/// called before that return, in call order. Trying known ops first means that a state is
-/// usually explored without an unknown op before it is reached with it, which is what lets the
-/// cache prune the second (see [`FinishedStates`]).
-#[derive(Clone, Copy)]
-enum Cursor {
-    /// At this node of the entry list.
-    Known { node: usize },
-    /// At this position of `Search::unknown_ops`; candidates stop at the first unknown op
-    /// whose call ranks at or after `stop_rank`, the rank of the first return in the list.
-    Unknown { position: usize, stop_rank: usize },
+/// One level of the depth-first search: the state reached after `depth` ops, the ops that may
+/// go next there, in the order they are tried, and how many have been tried.
+///
+/// Ops with a known outcome are tried first, earliest return first: the op that must be
+/// linearized soonest is the likeliest to be right, and an op with a long interval (such as a
+/// forced unknown op, see [`reduce`]) is tried late instead of first at every level. Then the
+/// unknown ops called before the first pending return, in call order. Trying known ops first
+/// means that a state is usually explored without an unknown op before it is reached with it,
+/// which is what lets the cache prune the second (rule 5).
+#[derive(Default)]
+struct Level {
+    candidates: Vec<usize>,
+    /// Scratch for [`Search::fill_candidates`]: values the ops that may go next read or swap
+    /// from.
+    demanded: Vec<u32>,
+    tried: usize,
+    /// The op whose linearization led here, None at the root.
+    placed: Option<Placed>,
 }
 
-/// Frame of the depth-first search: the op linearized, the value before it, and where to go
-/// on when the search backtracks over it.
-struct Frame {
+/// An op linearized, and the state before it, to undo it on backtrack.
+struct Placed {
     op: usize,
     value_before: u32,
-    resume: Cursor,
+    guard_before: Option<u32>,
 }
 
 /// States whose exploration is over, without success (rule 5): a cache keyed by (known ops
@@ -600,13 +605,15 @@ fn search(ops: &[KeyOp], steps_max: u64) -> SearchOutcome {
 /// The entry list holds the calls and returns of the ops with a known outcome, sorted by time
 /// (at equal times calls first: such ops overlap). Node 0 is the head, nodes `1..=n` the calls
 /// of ops `0..n`, nodes `n+1..=2n` their returns, node `2n+1` the tail; the nodes of unknown
-/// ops are never linked. A lifted node keeps its own links, so it goes back in place when the
-/// lifts are undone in reverse order, which the depth-first search guarantees.
+/// ops are never linked. The ops that may go next are those called before the first return in
+/// the list. A lifted node keeps its own links, so it goes back in place when the lifts are
+/// undone in reverse order, which the depth-first search guarantees.
 struct Search<'a> {
     ops: &'a [KeyOp],
     next: Vec<usize>,
     previous: Vec<usize>,
-    /// Rank of each node in the sorted list of all calls and returns, unknown ops included.
+    /// Rank of each node in the sorted list of all calls and returns, unknown ops included;
+    /// `usize::MAX` for the head, the tail and the returns of unknown ops.
     rank: Vec<usize>,
     /// The ops with unknown outcome, in call order.
     unknown_ops: Vec<usize>,
@@ -618,6 +625,18 @@ struct Search<'a> {
     known: Vec<u64>,
     /// Bitset of linearized unknown ops, by position in `unknown_ops`.
     unknown: Vec<u64>,
+    /// The register value now.
+    value: u32,
+    /// The value before the last op placed, when that op has an unknown outcome (rule 3).
+    guard: Option<u32>,
+    /// The path from the root: `levels[..depth]` are in use, the rest keep their buffers.
+    levels: Vec<Level>,
+    depth: usize,
+    known_left: usize,
+    finished: FinishedStates,
+    deepest: PartialLinearization,
+    /// The path went deeper than `deepest` since it was recorded.
+    deepest_stale: bool,
 }
 
 const HEAD: usize = 0;
@@ -671,126 +690,186 @@ impl<'a> Search<'a> {
             rank,
             known: vec![0; op_count.div_ceil(64) + 1],
             unknown: vec![0; unknown_ops.len().div_ceil(64)],
+            known_left: op_count - unknown_ops.len(),
             unknown_ops,
             unknown_position,
             twin_earlier,
+            value: ABSENT,
+            guard: None,
+            levels: vec![Level::default()],
+            depth: 1,
+            finished: FinishedStates::default(),
+            deepest: PartialLinearization {
+                sources: Vec::new(),
+                value: ABSENT,
+            },
+            deepest_stale: false,
         }
     }
 
     fn run(mut self, steps_max: u64) -> SearchOutcome {
-        let mut finished = FinishedStates::default();
-        let mut value = ABSENT;
-        // The value before the last op placed, when that op has an unknown outcome (rule 3).
-        let mut guard: Option<u32> = None;
-        let mut stack: Vec<Frame> = Vec::new();
-        let mut deepest = PartialLinearization {
-            sources: Vec::new(),
-            value: ABSENT,
-        };
-        let mut known_left = self.ops.len() - self.unknown_ops.len();
-        let mut cursor = Cursor::Known {
-            node: self.next[HEAD],
-        };
-        let mut steps: u64 = 0;
-        let known_total = known_left;
-        let mut debug_hist: Vec<u64> = Vec::new();
-        self.set_state(value, guard);
+        let mut root = std::mem::take(&mut self.levels[0]);
+        self.fill_candidates(&mut root);
+        self.levels[0] = root;
+        self.set_state();
         // Unknown ops left over when every known op is placed go last, which is the same as
         // never: nothing after them observes them.
-        while known_left > 0 {
-            if steps == steps_max {
-                return SearchOutcome::Inconclusive;
+        for _ in 0..steps_max {
+            if self.known_left == 0 {
+                return SearchOutcome::Linearizable;
             }
-            steps += 1;
-            if debug_hist.len() <= known_total - known_left { debug_hist.resize(known_total - known_left + 1, 0); }
-            debug_hist[known_total - known_left] += 1;
-            let (index, resume) = match cursor {
-                Cursor::Known { node } if node <= self.ops.len() => (
-                    node - 1,
-                    Cursor::Known {
-                        node: self.next[node],
-                    },
-                ),
-                Cursor::Known { node } => {
-                    assert!(
-                        node != 2 * self.ops.len() + 1,
-                        "a known op's return is ahead"
-                    );
-                    cursor = Cursor::Unknown {
-                        position: 0,
-                        stop_rank: self.rank[node],
-                    };
-                    continue;
+            let level = &mut self.levels[self.depth - 1];
+            match level.candidates.get(level.tried) {
+                Some(&index) => {
+                    level.tried += 1;
+                    self.try_place(index);
                 }
-                Cursor::Unknown {
-                    position,
-                    stop_rank,
-                } => {
-                    let candidate = self.unknown_ops.get(position).copied();
-                    if let Some(index) = candidate.filter(|&i| self.rank[1 + i] < stop_rank) {
-                        (
-                            index,
-                            Cursor::Unknown {
-                                position: position + 1,
-                                stop_rank,
-                            },
-                        )
-                    } else {
-                        // No op can go next: undo the last one.
-                        let Some(frame) = stack.pop() else {
-                            return SearchOutcome::NotLinearizable(deepest);
-                        };
-                        finished.insert(&self.known, &self.unknown);
-                        self.set_linearized(frame.op, false);
-                        if self.ops[frame.op].return_us.is_some() {
-                            known_left += 1;
-                            self.unlift(frame.op);
-                        }
-                        value = frame.value_before;
-                        guard = self.guard(&stack);
-                        self.set_state(value, guard);
-                        cursor = frame.resume;
-                        continue;
+                None => {
+                    // Every op that may go next has been tried from here.
+                    if !self.undo_last() {
+                        return SearchOutcome::NotLinearizable(self.deepest);
                     }
                 }
-            };
-            cursor = resume;
-            let Some(after) = self.step(index, value, guard) else {
-                continue;
-            };
-            let guard_after = self.ops[index].return_us.is_none().then_some(value);
-            self.set_linearized(index, true);
-            if self.is_pruned(&finished, after, guard_after) {
-                self.set_linearized(index, false);
-                self.set_state(value, guard);
-                continue;
             }
-            stack.push(Frame {
-                op: index,
-                value_before: value,
-                resume,
-            });
-            (value, guard) = (after, guard_after);
-            if self.ops[index].return_us.is_some() {
-                known_left -= 1;
-                self.lift(index);
-            }
-            if stack.len() > deepest.sources.len() {
-                deepest.sources = stack
-                    .iter()
-                    .map(|frame| self.ops[frame.op].source)
-                    .collect();
-                deepest.value = value;
-            }
-            cursor = Cursor::Known {
-                node: self.next[HEAD],
-            };
         }
-        if std::env::var("LINDEBUG2").is_ok() { eprintln!("DEBUG2 ops {} unknown {} steps {} finished {}", self.ops.len(), self.unknown_ops.len(), steps, finished.unknown_sets_by_known.len());
-            let mut h: Vec<(u64, usize)> = debug_hist.iter().enumerate().map(|(i, c)| (*c, i)).collect(); h.sort(); h.reverse();
-            eprintln!("DEBUG2 hist {:?}", &h[..10.min(h.len())]);
+        if self.known_left == 0 {
+            return SearchOutcome::Linearizable;
         }
-        SearchOutcome::Linearizable
+        SearchOutcome::Inconclusive
+    }
+
+    /// Linearizes op `index` next, and descends, if it fits and no finished state prunes it.
+    fn try_place(&mut self, index: usize) {
+        let Some(after) = self.step(index, self.value, self.guard) else {
+            return;
+        };
+        let is_known = self.ops[index].return_us.is_some();
+        let guard_after = (!is_known).then_some(self.value);
+        self.set_linearized(index, true);
+        if self.is_pruned(after, guard_after) {
+            self.set_linearized(index, false);
+            self.set_state();
+            return;
+        }
+        if is_known {
+            self.known_left -= 1;
+            self.lift(index);
+        }
+        let placed = Placed {
+            op: index,
+            value_before: self.value,
+            guard_before: self.guard,
+        };
+        (self.value, self.guard) = (after, guard_after);
+        self.set_state();
+        if self.levels.len() == self.depth {
+            self.levels.push(Level::default());
+        }
+        let mut level = std::mem::take(&mut self.levels[self.depth]);
+        level.tried = 0;
+        level.placed = Some(placed);
+        self.fill_candidates(&mut level);
+        self.levels[self.depth] = level;
+        self.depth += 1;
+        self.deepest_stale |= self.depth - 1 > self.deepest.sources.len();
+    }
+
+    /// Marks the current state finished and undoes the last op placed; false at the root.
+    fn undo_last(&mut self) -> bool {
+        if self.deepest_stale {
+            // The first undo after a new maximum depth is made at that depth.
+            self.deepest.sources = self.levels[1..self.depth]
+                .iter()
+                .filter_map(|level| level.placed.as_ref())
+                .map(|placed| self.ops[placed.op].source)
+                .collect();
+            self.deepest.value = self.value;
+            self.deepest_stale = false;
+        }
+        let Some(placed) = self.levels[self.depth - 1].placed.take() else {
+            return false;
+        };
+        self.finished.insert(&self.known, &self.unknown);
+        self.depth -= 1;
+        self.set_linearized(placed.op, false);
+        if self.ops[placed.op].return_us.is_some() {
+            self.known_left += 1;
+            self.unlift(placed.op);
+        }
+        (self.value, self.guard) = (placed.value_before, placed.guard_before);
+        self.set_state();
+        true
+    }
+
+    /// Fills `level.candidates` with the ops that may be linearized next from the state with
+    /// this value and guard, in the order to try them (see [`Level`]).
+    ///
+    /// Rule 3 filters them here already. After an unknown op, only ops that depend on it are
+    /// listed. And an unknown op U is listed only if some op could depend on it next: the
+    /// ops that may go after U are the ones that may go now (U is not in the entry list), so
+    /// the value U writes must be read, or swapped from, by one of them, or U must move the
+    /// value away from what a refused CAS expects.
+    fn fill_candidates(&self, level: &mut Level) {
+        let (value, guard) = (self.value, self.guard);
+        let Level {
+            candidates,
+            demanded,
+            ..
+        } = level;
+        candidates.clear();
+        demanded.clear();
+        let op_count = self.ops.len();
+        let mut refused_now = false;
+        let mut node = self.next[HEAD];
+        while (1..=op_count).contains(&node) {
+            let index = node - 1;
+            let action = self.ops[index].action;
+            match action {
+                Action::Read { value: read } => demanded.push(read),
+                Action::Cas {
+                    expected,
+                    swapped: Some(true),
+                    ..
+                } => demanded.push(expected),
+                Action::Cas {
+                    expected,
+                    swapped: Some(false),
+                    ..
+                } => {
+                    refused_now |= expected == value;
+                }
+                Action::Write { .. } | Action::Cas { swapped: None, .. } => {}
+            }
+            if guard.is_none_or(|before| apply(before, action).is_none()) {
+                candidates.push(index);
+            }
+            node = self.next[node];
+        }
+        candidates.sort_unstable_by_key(|&index| self.rank[1 + op_count + index]);
+        let first_return_rank = self.rank[node];
+        let pending_count = self
+            .unknown_ops
+            .iter()
+            .take_while(|&&index| self.rank[1 + index] < first_return_rank)
+            .count();
+        let pending = &self.unknown_ops[..pending_count];
+        for &index in pending {
+            if let Action::Cas { expected, .. } = self.ops[index].action {
+                demanded.push(expected);
+            }
+        }
+        for &index in pending {
+            if self.is_unknown_linearized(index) {
+                continue;
+            }
+            let action = self.ops[index].action;
+            let useful = apply(value, action)
+                .is_some_and(|after| after != value && (refused_now || demanded.contains(&after)));
+            let depends = guard.is_none_or(|before| apply(before, action) == Some(before));
+            if useful && depends {
+                candidates.push(index);
+            }
+        }
     }
 
     /// The value after linearizing op `index` now, or None if it cannot or need not go here.
@@ -833,25 +912,16 @@ impl<'a> Search<'a> {
         Some(after)
     }
 
-    /// Rule 3's guard in the state the stack leads to.
-    fn guard(&self, stack: &[Frame]) -> Option<u32> {
-        let top = stack.last()?;
-        self.ops[top.op]
-            .return_us
-            .is_none()
-            .then_some(top.value_before)
-    }
-
     /// Whether a finished state prunes the current one with this value and guard. A finished
     /// state without a guard also prunes one with a guard: it was explored with fewer
     /// restrictions.
-    fn is_pruned(&mut self, finished: &FinishedStates, value: u32, guard: Option<u32>) -> bool {
-        self.set_state(value, None);
-        if finished.prunes(&self.known, &self.unknown) {
+    fn is_pruned(&mut self, value: u32, guard: Option<u32>) -> bool {
+        self.write_state_word(value, None);
+        if self.finished.prunes(&self.known, &self.unknown) {
             return true;
         }
-        self.set_state(value, guard);
-        guard.is_some() && finished.prunes(&self.known, &self.unknown)
+        self.write_state_word(value, guard);
+        guard.is_some() && self.finished.prunes(&self.known, &self.unknown)
     }
 
     fn is_unknown_linearized(&self, index: usize) -> bool {
@@ -874,7 +944,11 @@ impl<'a> Search<'a> {
     }
 
     /// Writes the value and the guard in the last word of `known`, the cache key.
-    fn set_state(&mut self, value: u32, guard: Option<u32>) {
+    fn set_state(&mut self) {
+        self.write_state_word(self.value, self.guard);
+    }
+
+    fn write_state_word(&mut self, value: u32, guard: Option<u32>) {
         let guard_word = guard.map_or(0, |before| u64::from(before) + 1);
         *self
             .known
@@ -928,12 +1002,20 @@ fn cut_prefix(ops: &[KeyOp], cut_us: u64) -> Vec<KeyOp> {
         .collect()
 }
 
-/// Binary search over cuts at return times for the shortest prefix shown to fail. A cut whose
-/// search hits the step limit counts as passing, so the prefix reported always truly fails.
+/// Search over cuts at return times for the shortest prefix shown to fail. A cut whose search
+/// hits the step limit counts as passing, so the prefix reported always truly fails.
+///
+/// Failing searches cost the most (they exhaust every order up to the failure), so the first
+/// cut tried is a guess: the return of the earliest-returning op that the longest partial
+/// linearization could not place, where the search got stuck. If it fails and the cut just
+/// before passes, that is the answer; otherwise a binary search goes on from there.
 fn shortest_failing_prefix(ops: &[KeyOp], steps_max: u64, whole: PartialLinearization) -> Failure {
     let mut cuts_us: Vec<u64> = ops.iter().filter_map(|op| op.return_us).collect();
     cuts_us.sort_unstable();
     cuts_us.dedup();
+    let guess = stuck_op(ops, &whole)
+        .and_then(|op| op.return_us)
+        .and_then(|return_us| cuts_us.binary_search(&return_us).ok());
     let mut failure = Failure {
         cut_us: None,
         prefix: ops.to_vec(),
@@ -941,8 +1023,13 @@ fn shortest_failing_prefix(ops: &[KeyOp], steps_max: u64, whole: PartialLineariz
     };
     // Cuts at indexes >= `failing_from` fail (the whole history stands for index len).
     let (mut passing_below, mut failing_from) = (0, cuts_us.len());
+    let mut hints = guess
+        .into_iter()
+        .chain(guess.and_then(|g| g.checked_sub(1)));
     while passing_below < failing_from {
-        let middle = passing_below + (failing_from - passing_below) / 2;
+        let middle = hints
+            .find(|hint| (passing_below..failing_from).contains(hint))
+            .unwrap_or(passing_below + (failing_from - passing_below) / 2);
         let prefix = cut_prefix(ops, cuts_us[middle]);
         match search(&reduce(&prefix), steps_max) {
             SearchOutcome::NotLinearizable(partial) => {
@@ -961,6 +1048,15 @@ fn shortest_failing_prefix(ops: &[KeyOp], steps_max: u64, whole: PartialLineariz
     failure
 }
 
+/// The op with a return time that the partial linearization left out and that returns first:
+/// where the search got stuck.
+fn stuck_op<'a>(ops: &'a [KeyOp], partial: &PartialLinearization) -> Option<&'a KeyOp> {
+    let placed: BTreeSet<usize> = partial.sources.iter().copied().collect();
+    ops.iter()
+        .filter(|op| op.return_us.is_some() && !placed.contains(&op.source))
+        .min_by_key(|op| (op.return_us, op.call_us, op.source))
+}
+
 fn describe_failure(
     ops: &[Operation],
     key_op_count: usize,
@@ -968,6 +1064,7 @@ fn describe_failure(
     values: &ValueTable,
 ) -> String {
     let prefix = &failure.prefix;
+    let partial = &failure.partial;
     let key = show_bytes(&ops[prefix[0].source].key);
     let mut detail = format!("key {key}: no valid linearization.\n");
     let _ = match failure.cut_us {
@@ -982,51 +1079,41 @@ fn describe_failure(
             "The whole history of the key ({key_op_count} ops) fails."
         ),
     };
-    let placed: BTreeSet<usize> = failure.partial.sources.iter().copied().collect();
-    let last_placed: Vec<String> = failure.partial.sources
-        [failure.partial.sources.len().saturating_sub(8)..]
+    let last_placed: Vec<String> = partial.sources[partial.sources.len().saturating_sub(8)..]
         .iter()
         .map(|&source| ops[source].id.to_string())
         .collect();
     let _ = write!(
         detail,
         "Longest partial linearization: {} ops, ending with op ids [{}], leaving the value {}.",
-        failure.partial.sources.len(),
+        partial.sources.len(),
         last_placed.join(", "),
-        values.show(failure.partial.value)
+        values.show(partial.value)
     );
-    let stuck = prefix
-        .iter()
-        .filter(|op| op.return_us.is_some() && !placed.contains(&op.source))
-        .min_by_key(|op| (op.return_us, op.call_us, op.source));
-    if let Some(stuck) = stuck {
+    if let Some(stuck) = stuck_op(prefix, partial) {
+        let id = ops[stuck.source].id;
         let _ = write!(
             detail,
-            " The earliest-returning op it could not place: op {}.",
-            ops[stuck.source].id
+            " The earliest-returning op it could not place: op {id}."
         );
     }
-    let omitted = prefix.len().saturating_sub(DETAIL_OPS_MAX);
     let _ = writeln!(
         detail,
         "\nOps of that prefix by call time (id, client, [call, return], op -> outcome):"
     );
+    let omitted = prefix.len().saturating_sub(DETAIL_OPS_MAX);
     if omitted > 0 {
         let _ = writeln!(detail, "  ({omitted} earlier ops omitted)");
     }
     for op in &prefix[omitted..] {
         let operation = &ops[op.source];
         let running_at_cut = operation.outcome != KvOutcome::Unknown && op.return_us.is_none();
-        let _ = writeln!(
-            detail,
-            "  {}{}",
-            show_operation(operation),
-            if running_at_cut {
-                " (running at the cut)"
-            } else {
-                ""
-            }
-        );
+        let note = if running_at_cut {
+            " (running at the cut)"
+        } else {
+            ""
+        };
+        let _ = writeln!(detail, "  {}{note}", show_operation(operation));
     }
     detail
 }
