@@ -35,11 +35,7 @@ pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedOutcome {
     let options = SimOptions::from_seed(seed, bug);
     let report = world::World::new(options.clone()).run();
     let mut violations = report.violations;
-    let history: Vec<Operation> = report
-        .history
-        .into_iter()
-        .filter(|o| o.id != u64::MAX)
-        .collect();
+    let history: Vec<Operation> = report.history;
     match check_history(&history, CHECK_STEPS_MAX_PER_KEY) {
         Verdict::Linearizable => {}
         Verdict::NotLinearizable { key, detail } => {
@@ -53,12 +49,13 @@ pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedOutcome {
             String::from_utf8_lossy(&key)
         )),
     }
+    let ops_unknown = history.iter().filter(|o| o.return_us.is_none()).count();
     let summary = format!(
         "seed {seed}: {} nodes, {} ops ({} acknowledged, {} unknown), {} leader terms, {} crashes, {} events, trace {:016x}",
         options.nodes_count,
         history.len(),
-        report.ops_acknowledged,
-        report.ops_unknown,
+        history.len() - ops_unknown,
+        ops_unknown,
         report.leader_changes,
         report.crashes,
         report.events_count,

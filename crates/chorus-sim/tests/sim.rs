@@ -4,8 +4,9 @@
 
 use chorus_sim::{run_seed, Bug};
 
-/// Seeds run in CI; `docs/TESTING.md` says how to run many more.
-const CI_SEEDS_COUNT: u64 = 60;
+/// Seeds run in CI, in two halves that run in parallel; `docs/TESTING.md` says how
+/// to run many more.
+const CI_SEEDS_HALF_COUNT: u64 = 150;
 /// A deliberate bug must be caught within this many seeds.
 const BUG_SEEDS_MAX: u64 = 30;
 
@@ -19,13 +20,22 @@ fn assert_clean(seed: u64, bug: Option<Bug>) {
     );
 }
 
+fn seed_batch_start() -> u64 {
+    std::env::var("CHORUS_SIM_START").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+}
+
 #[test]
-fn a_batch_of_seeds_finds_no_violation() {
-    let start: u64 = std::env::var("CHORUS_SIM_START")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
-    for seed in start..start + CI_SEEDS_COUNT {
+fn a_first_batch_of_seeds_finds_no_violation() {
+    let start = seed_batch_start();
+    for seed in start..start + CI_SEEDS_HALF_COUNT {
+        assert_clean(seed, None);
+    }
+}
+
+#[test]
+fn a_second_batch_of_seeds_finds_no_violation() {
+    let start = seed_batch_start() + CI_SEEDS_HALF_COUNT;
+    for seed in start..start + CI_SEEDS_HALF_COUNT {
         assert_clean(seed, None);
     }
 }

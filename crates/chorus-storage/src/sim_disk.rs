@@ -469,13 +469,6 @@ mod tests {
         assert!(state.unsynced.is_empty());
     }
 
-    fn entry(index: u64) -> Entry {
-        let mut entry = Entry::default();
-        entry.index = index;
-        entry.term = 1;
-        entry
-    }
-
     /// Batch `index` of a run: log entry `index` and its effect, a put of key
     /// `k<index>`, applied in the same batch.
     fn batch(index: u64, store: &mut MvccStore, must_sync: bool) -> PersistBatch {
@@ -486,10 +479,16 @@ mod tests {
             ..Default::default()
         };
         store.put(&put, &mut writes).unwrap();
-        let mut hard_state = HardState::default();
-        hard_state.term = 1;
-        hard_state.commit = index;
-        let entries = vec![entry(index)];
+        let hard_state = HardState {
+            term: 1,
+            commit: index,
+            ..Default::default()
+        };
+        let entries = vec![Entry {
+            index,
+            term: 1,
+            ..Default::default()
+        }];
         PersistBatch {
             entries,
             hard_state,

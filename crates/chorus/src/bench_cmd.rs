@@ -183,10 +183,24 @@ async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError>
     if args.workload.reads_existing_keys() {
         let populate = populate_plan(&plan, args.duration_max);
         let workers = args.clients.max(POPULATE_WORKERS_MIN);
-        check_populated(&run_phase(populate, &channels, workers, show_progress).await)?;
+        check_populated(
+            &run_phase(
+                populate,
+                &channels,
+                workers,
+                show_progress.then_some("populate"),
+            )
+            .await,
+        )?;
     }
     let measured = plan.with_clock(args.duration_max);
-    let outcome = run_phase(measured, &channels, args.clients, show_progress).await;
+    let outcome = run_phase(
+        measured,
+        &channels,
+        args.clients,
+        show_progress.then_some(args.workload.name()),
+    )
+    .await;
     let report = Report::new(args.workload, args.clients, &outcome);
     print_report(&report, global.write_out)?;
     match (outcome.ops, outcome.first_error) {
@@ -460,16 +474,18 @@ struct PhaseOutcome {
 }
 
 /// Runs one phase: `workers` workers, worker `i` on connection `i` modulo the connection count,
-/// until the plan's total or deadline. Returns when every worker has stopped.
+/// until the plan's total or deadline. Returns when every worker has stopped. With a
+/// `progress_label`, a progress line so labelled is drawn on standard error meanwhile.
 async fn run_phase(
     plan: Plan,
     channels: &[Channel],
     workers: u32,
-    show_progress: bool,
+    progress_label: Option<&'static str>,
 ) -> PhaseOutcome {
     let plan = Arc::new(plan);
     let shared = Arc::new(Shared::default());
-    let progress = show_progress.then(|| tokio::spawn(draw_progress(plan.clone(), shared.clone())));
+    let progress = progress_label
+        .map(|label| tokio::spawn(draw_progress(label, plan.clone(), shared.clone())));
     let tasks: Vec<_> = (0..workers)
         .map(|worker_index| {
             let kv = KvClient::new(channels[worker_index as usize % channels.len()].clone());
@@ -650,14 +666,14 @@ fn status_error(call: &str, status: &tonic::Status) -> String {
 }
 
 /// Redraws one progress line on standard error every second until aborted or the deadline.
-async fn draw_progress(plan: Arc<Plan>, shared: Arc<Shared>) {
+async fn draw_progress(label: &'static str, plan: Arc<Plan>, shared: Arc<Shared>) {
     let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
     ticker.tick().await;
     while Instant::now() < plan.deadline {
         ticker.tick().await;
         eprint!(
             "\r\x1b[K{}: {}/{} ops, {} errors, {:.0}s",
-            plan.workload.name(),
+            label,
             shared.ops_done.load(Ordering::Relaxed),
             plan.total_ops,
             shared.errors.load(Ordering::Relaxed),

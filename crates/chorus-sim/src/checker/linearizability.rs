@@ -202,20 +202,7 @@ fn check_key(ops: &[Operation], indexes: &[usize], steps_max: u64) -> KeyVerdict
         .map(|&index| KeyOp::from_operation(index, &ops[index], &mut values))
         .collect();
     key_ops.sort_by_key(|op| (op.call_us, op.source));
-    let reduced = reduce(&key_ops);
-    if std::env::var("LINDEBUG").is_ok() {
-        for op in reduced.iter().filter(|op| op.return_us.is_none()) {
-            eprintln!("DEBUG left unknown: {:?} {:?}", op, ops[op.source]);
-        }
-        eprintln!(
-            "DEBUG forced: {}",
-            reduced
-                .iter()
-                .filter(|op| op.return_us.is_some() && ops[op.source].outcome == KvOutcome::Unknown)
-                .count()
-        );
-    }
-    match search(&reduced, steps_max) {
+    match search(&reduce(&key_ops), steps_max) {
         SearchOutcome::Linearizable => KeyVerdict::Linearizable,
         SearchOutcome::Inconclusive => {
             let unknown_count = key_ops.iter().filter(|op| op.return_us.is_none()).count();
@@ -1827,5 +1814,137 @@ mod tests {
     #[should_panic(expected = "does not answer")]
     fn outcome_of_the_wrong_kind_panics() {
         check_history(&[done(1, "k", KvOp::Get, 0, 10, KvOutcome::Put)], STEPS_MAX);
+    }
+
+    /// The definition, searched by brute force with none of the checker's rules: some order of
+    /// a subset of the ops, holding every op with a known outcome, respects real time and the
+    /// register. Single key; exponential, for a handful of ops.
+    fn brute_force_linearizable(ops: &[Operation]) -> bool {
+        fn extend(ops: &[Operation], placed: &mut [bool], value: &Value) -> bool {
+            let known_pending =
+                |placed: &[bool], j: usize| !placed[j] && ops[j].outcome != KvOutcome::Unknown;
+            if !(0..ops.len()).any(|j| known_pending(placed, j)) {
+                return true;
+            }
+            for i in 0..ops.len() {
+                // Every known op that returned before this call must already be placed.
+                let blocked = (0..ops.len()).any(|j| {
+                    known_pending(placed, j) && ops[j].return_us.is_some_and(|r| r < ops[i].call_us)
+                });
+                if placed[i] || blocked {
+                    continue;
+                }
+                let next = match (&ops[i].op, &ops[i].outcome) {
+                    (KvOp::Put { value }, _) => Some(Some(value.clone())),
+                    (KvOp::Delete, _) => Some(None),
+                    (KvOp::Get, KvOutcome::Get(read)) => (read == value).then(|| value.clone()),
+                    (KvOp::Get, _) => Some(value.clone()),
+                    (KvOp::Cas { expected, new }, outcome) => {
+                        let swaps = expected == value;
+                        match outcome {
+                            KvOutcome::Cas(swapped) if *swapped != swaps => None,
+                            _ => Some(if swaps {
+                                Some(new.clone())
+                            } else {
+                                value.clone()
+                            }),
+                        }
+                    }
+                };
+                if let Some(next) = next {
+                    placed[i] = true;
+                    if extend(ops, placed, &next) {
+                        return true;
+                    }
+                    placed[i] = false;
+                }
+            }
+            false
+        }
+        extend(ops, &mut vec![false; ops.len()], &None)
+    }
+
+    /// A random single-key history of up to `ops_max` ops over three values, with random
+    /// outcomes: mostly not linearizable, with collisions of values on purpose.
+    fn random_small_history(rng: &mut ChaCha8Rng, ops_max: u64) -> Vec<Operation> {
+        let pick = |rng: &mut ChaCha8Rng| -> Value {
+            [None, Some(bytes("a")), Some(bytes("b")), Some(bytes("c"))][rng.random_range(0..4)]
+                .clone()
+        };
+        let count = rng.random_range(1..=ops_max);
+        (0..count)
+            .map(|id| {
+                let call_us = rng.random_range(0..60);
+                let return_us = call_us + rng.random_range(0..30);
+                let new = pick(rng).unwrap_or_else(|| bytes("a"));
+                let (op, outcome) = match rng.random_range(0..4) {
+                    0 => (KvOp::Put { value: new }, KvOutcome::Put),
+                    1 => (KvOp::Get, KvOutcome::Get(pick(rng))),
+                    2 => (KvOp::Delete, KvOutcome::Delete),
+                    _ => (
+                        KvOp::Cas {
+                            expected: pick(rng),
+                            new,
+                        },
+                        KvOutcome::Cas(rng.random_bool(0.5)),
+                    ),
+                };
+                let mut operation = done(id, "k", op, call_us, return_us, outcome);
+                if operation.op != KvOp::Get && rng.random_bool(0.3) {
+                    operation.outcome = KvOutcome::Unknown;
+                    operation.return_us = None;
+                }
+                operation
+            })
+            .collect()
+    }
+
+    #[test]
+    fn agrees_with_brute_force_on_random_small_histories() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut linearizable_count = 0;
+        for case in 0..20_000 {
+            let ops = random_small_history(&mut rng, 7);
+            let expected = brute_force_linearizable(&ops);
+            let verdict = check_history(&ops, STEPS_MAX);
+            assert_eq!(
+                verdict == Verdict::Linearizable,
+                expected,
+                "case {case}: {verdict:#?}\n{ops:#?}"
+            );
+            assert!(!matches!(verdict, Verdict::Inconclusive { .. }));
+            linearizable_count += u32::from(expected);
+        }
+        // Both verdicts are well represented.
+        assert!(
+            (3000..17_000).contains(&linearizable_count),
+            "{linearizable_count}"
+        );
+    }
+
+    #[test]
+    fn agrees_with_brute_force_on_generated_histories_with_one_outcome_changed() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for seed in 0..3000 {
+            let mut ops = generate_history(seed, 1, 3, 3, 0.3);
+            if seed % 2 == 1 {
+                let victim = rng.random_range(0..ops.len());
+                ops[victim].outcome = match &ops[victim].outcome {
+                    KvOutcome::Get(_) => KvOutcome::Get(
+                        [None, Some(bytes("c0n0")), Some(bytes("c1n1"))][rng.random_range(0..3)]
+                            .clone(),
+                    ),
+                    KvOutcome::Cas(swapped) => KvOutcome::Cas(!swapped),
+                    outcome => outcome.clone(),
+                };
+            }
+            let expected = brute_force_linearizable(&ops);
+            let verdict = check_history(&ops, STEPS_MAX);
+            assert_eq!(
+                verdict == Verdict::Linearizable,
+                expected,
+                "seed {seed}: {verdict:#?}\n{ops:#?}"
+            );
+        }
     }
 }

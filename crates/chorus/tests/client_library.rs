@@ -1,8 +1,7 @@
-//! Runs the client against a real cluster: chorus in CI, or etcd when checking compatibility.
-//!
-//! Set `CHORUS_TEST_ENDPOINTS` to the cluster's client endpoints, comma separated (for example
-//! `127.0.0.1:2379,127.0.0.1:22379`). When it is unset, each test prints that it is skipped and
-//! passes; when it is set, an unreachable cluster is a failure, not a skip.
+//! The `chorus-client` library against a real cluster: by default a three-member chorus
+//! cluster of real processes started by each test; set `CHORUS_TEST_ENDPOINTS` (comma
+//! separated) to run the same tests against another cluster, for example etcd, to check
+//! compatibility. An unreachable cluster is a failure, never a skip.
 //!
 //! Every test works under its own fresh key prefix, so tests can run in parallel, repeatedly,
 //! against a cluster that holds other data. They never compact, which would affect others.
@@ -15,27 +14,37 @@ use chorus_client::proto::etcdserverpb::{
 };
 use chorus_client::{prefix_range_end, Client, ClientOptions};
 
+mod common;
+
 const ENDPOINTS_VARIABLE: &str = "CHORUS_TEST_ENDPOINTS";
 
-/// The client for the cluster under test, or `None` (skip) when no cluster was given.
-async fn cluster_client(test_name: &str) -> Option<Client> {
-    let Ok(endpoints) = std::env::var(ENDPOINTS_VARIABLE) else {
-        eprintln!("{test_name}: skipped, {ENDPOINTS_VARIABLE} is unset");
-        return None;
+/// The client for the cluster under test, and the cluster itself when this test
+/// started one (it stops when dropped).
+async fn cluster_client(test_name: &str) -> (Option<common::Cluster>, Client) {
+    let (cluster, endpoints) = match std::env::var(ENDPOINTS_VARIABLE) {
+        Ok(endpoints) => {
+            let endpoints: Vec<String> = endpoints
+                .split(',')
+                .map(|endpoint| endpoint.trim().to_string())
+                .filter(|endpoint| !endpoint.is_empty())
+                .collect();
+            (None, endpoints)
+        }
+        Err(_) => {
+            let cluster = common::Cluster::start(3, &[]);
+            cluster.wait_leader(Duration::from_secs(20)).await;
+            let endpoints = cluster.endpoints();
+            (Some(cluster), endpoints)
+        }
     };
-    let endpoints: Vec<String> = endpoints
-        .split(',')
-        .map(|endpoint| endpoint.trim().to_string())
-        .filter(|endpoint| !endpoint.is_empty())
-        .collect();
     let options = ClientOptions {
         request_timeout: Duration::from_secs(10),
         ..ClientOptions::default()
     };
     let client = Client::connect(&endpoints, options)
         .await
-        .unwrap_or_else(|error| panic!("{ENDPOINTS_VARIABLE}={endpoints:?}: {error}"));
-    Some(client)
+        .unwrap_or_else(|error| panic!("{test_name}: {endpoints:?}: {error}"));
+    (cluster, client)
 }
 
 /// A key prefix no other run or test uses.
@@ -60,9 +69,7 @@ fn range_of(prefix: &str) -> RangeRequest {
 
 #[tokio::test]
 async fn put_then_get_returns_the_latest_value() {
-    let Some(client) = cluster_client("put_then_get").await else {
-        return;
-    };
+    let (_cluster, client) = cluster_client("put_then_get").await;
     let key = format!("{}key", unique_prefix("put_then_get"));
 
     let missing = client.get(key.clone()).await.unwrap();
@@ -101,9 +108,7 @@ async fn put_then_get_returns_the_latest_value() {
 
 #[tokio::test]
 async fn prefix_range_and_delete_stay_inside_the_prefix() {
-    let Some(client) = cluster_client("prefix").await else {
-        return;
-    };
+    let (_cluster, client) = cluster_client("prefix").await;
     let base = unique_prefix("prefix");
     let prefix = format!("{base}dir/");
     for name in ["c", "a", "b"] {
@@ -189,9 +194,7 @@ fn get_op(key: &str) -> RequestOp {
 
 #[tokio::test]
 async fn txn_runs_the_branch_its_compares_choose() {
-    let Some(client) = cluster_client("txn").await else {
-        return;
-    };
+    let (_cluster, client) = cluster_client("txn").await;
     let prefix = unique_prefix("txn");
     let (lock, owner) = (format!("{prefix}lock"), format!("{prefix}owner"));
     client.put(lock.clone(), "free").await.unwrap();
@@ -256,9 +259,7 @@ async fn txn_runs_the_branch_its_compares_choose() {
 
 #[tokio::test]
 async fn every_endpoint_reports_its_status() {
-    let Some(client) = cluster_client("status").await else {
-        return;
-    };
+    let (_cluster, client) = cluster_client("status").await;
     for endpoint in client.endpoints() {
         let status = client
             .status(&endpoint)
