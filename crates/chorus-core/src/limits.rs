@@ -65,3 +65,9 @@ mod tests {
         assert_eq!(limits.txn_ops_max, 128);
     }
 }
+
+/// How many applied proposals the state machine remembers per proposing member, to
+/// apply each proposal exactly once even if the log holds it twice (a duplicated
+/// forwarded proposal). A duplicate arriving after this many newer proposals from
+/// the same member would be applied again; no transport delays a message that long.
+pub const APPLIED_PROPOSALS_REMEMBERED_PER_MEMBER: usize = 65_536;

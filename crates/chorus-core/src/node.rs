@@ -41,7 +41,7 @@
 //! from a ChaCha RNG seeded by the driver, so the node's behaviour depends only on
 //! its inputs.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_proto::chorus::v1::{command::Op, Command, MemberAttributes};
 use chorus_proto::etcdserverpb::{
@@ -89,6 +89,8 @@ pub struct Recovered {
     pub applied_index: u64,
     pub mvcc: MvccStore,
     pub members: BTreeMap<u64, MemberAttributes>,
+    /// The proposals applied, by proposing member (see [`PersistBatch::proposals_applied`]).
+    pub applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 /// A proposal could not be handed to raft.
@@ -136,6 +138,11 @@ pub struct PersistBatch {
     pub writes: WriteSet,
     /// Members whose published attributes changed since the last persist.
     pub members: Vec<MemberAttributes>,
+    /// (proposer, proposal tag) of every command applied since the last persist,
+    /// and those forgotten to bound the memory: the state machine applies a
+    /// proposal once even if the log holds it twice, across restarts too.
+    pub proposals_applied: Vec<(u64, u64)>,
+    pub proposals_forgotten: Vec<(u64, u64)>,
     /// The index of the last entry whose effects are in `writes` (or earlier).
     pub applied_index: u64,
     /// The batch must be on disk (fsync) before the cycle finishes: it holds log
@@ -273,6 +280,7 @@ pub struct Node {
     raw: RawNode<LogStore>,
     mvcc: MvccStore,
     members: BTreeMap<u64, MemberAttributes>,
+    applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
     applied_index: u64,
     election_ticks: usize,
     rng: ChaCha8Rng,
@@ -284,6 +292,8 @@ pub struct Node {
     /// The state machine's changes not yet handed to storage.
     pending_writes: WriteSet,
     pending_members: Vec<MemberAttributes>,
+    pending_proposals_applied: Vec<(u64, u64)>,
+    pending_proposals_forgotten: Vec<(u64, u64)>,
     pending_conf_state: Option<ConfState>,
     /// The Ready between `begin_cycle` and `finish_cycle`.
     in_cycle: Option<raft::Ready>,
@@ -331,6 +341,7 @@ impl Node {
             raw,
             mvcc: recovered.mvcc,
             members: recovered.members,
+            applied_proposals: recovered.applied_proposals,
             applied_index: recovered.applied_index,
             election_ticks: config.election_ticks,
             rng: ChaCha8Rng::seed_from_u64(config.seed ^ config.id.rotate_left(17)),
@@ -339,6 +350,8 @@ impl Node {
             reads_waiting: Vec::new(),
             pending_writes: WriteSet::default(),
             pending_members: Vec::new(),
+            pending_proposals_applied: Vec::new(),
+            pending_proposals_forgotten: Vec::new(),
             pending_conf_state: None,
             in_cycle: None,
         };
@@ -509,6 +522,8 @@ impl Node {
             conf_state: self.pending_conf_state.take(),
             writes: std::mem::take(&mut self.pending_writes),
             members: std::mem::take(&mut self.pending_members),
+            proposals_applied: std::mem::take(&mut self.pending_proposals_applied),
+            proposals_forgotten: std::mem::take(&mut self.pending_proposals_forgotten),
             applied_index: self.applied_index,
             must_sync,
         }
@@ -572,6 +587,9 @@ impl Node {
         }
         let command = Command::decode(&entry.data[..])
             .unwrap_or_else(|e| panic!("corrupt command at index {}: {e}", entry.index));
+        if !self.remember_proposal(command.proposer_id, command.proposal_seq) {
+            return None; // the same proposal twice in the log: applied the first time
+        }
         let result = match command.op {
             Some(op) => self.apply_op(op),
             None => panic!("command without an operation at index {}", entry.index),
@@ -583,6 +601,20 @@ impl Node {
             result,
             index: entry.index,
         })
+    }
+
+    /// Records that a proposal is applied; false if it already was.
+    fn remember_proposal(&mut self, proposer: u64, tag: u64) -> bool {
+        let window = self.applied_proposals.entry(proposer).or_default();
+        if !window.insert(tag) {
+            return false;
+        }
+        self.pending_proposals_applied.push((proposer, tag));
+        if window.len() > crate::limits::APPLIED_PROPOSALS_REMEMBERED_PER_MEMBER {
+            let oldest = window.pop_first().expect("window is not empty");
+            self.pending_proposals_forgotten.push((proposer, oldest));
+        }
+        true
     }
 
     fn apply_op(&mut self, op: Op) -> Result<OpResponse, KvError> {

@@ -10,6 +10,7 @@
 //! | `raft_log` | raft index (`u64`) | raft-rs `Entry`, protobuf-encoded |
 //! | `kv` | 17-byte revision key (see `chorus_core::mvcc`) | `mvccpb.KeyValue`, protobuf-encoded |
 //! | `members` | member id (`u64`) | `chorus.v1.MemberAttributes`, protobuf-encoded |
+//! | `applied_proposals` | (proposer member id, proposal tag) | nothing: the key is the record |
 //!
 //! `meta` holds `format_version`, `cluster_id`, `member_id`, `boot_count` (each a
 //! big-endian `u64`), `hard_state` and `conf_state` (raft-rs protobuf), and
@@ -45,6 +46,7 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("members");
+const APPLIED_PROPOSALS: TableDefinition<(u64, u64), ()> = TableDefinition::new("applied_proposals");
 
 /// The on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u64 = 1;
@@ -191,6 +193,13 @@ impl DiskStorage {
                 let bytes = member.encode_to_vec();
                 members.insert(member.member_id, bytes.as_slice()).map_err(|e| self.io(e))?;
             }
+            let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
+            for key in &batch.proposals_applied {
+                proposals.insert(*key, ()).map_err(|e| self.io(e))?;
+            }
+            for key in &batch.proposals_forgotten {
+                proposals.remove(*key).map_err(|e| self.io(e))?;
+            }
         }
         txn.commit().map_err(|e| self.io(e))
     }
@@ -258,6 +267,7 @@ impl DiskStorage {
             txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
             txn.open_table(KV).map_err(|e| self.io(e))?;
             txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
+            txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))?;
         Ok(boot_count)
@@ -312,6 +322,12 @@ impl DiskStorage {
             by_id.insert(id.value(), member);
         }
         recovered.members = by_id;
+        let proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
+        for item in proposals.iter().map_err(|e| self.io(e))? {
+            let (key, _) = item.map_err(|e| self.io(e))?;
+            let (proposer, tag) = key.value();
+            recovered.applied_proposals.entry(proposer).or_default().insert(tag);
+        }
         Ok(recovered)
     }
 

@@ -175,3 +175,38 @@ fn an_entry_from_an_earlier_boot_is_not_taken_for_a_new_proposal() {
     cluster.settle();
     assert!(cluster.replies.iter().all(|(_, r)| r.seq != 3));
 }
+
+#[test]
+fn a_proposal_that_is_in_the_log_twice_is_applied_once() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let leader = cluster.leader().unwrap();
+    let tag = (1u64 << 40) | 77;
+    let cas = Op::Txn(chorus_proto::etcdserverpb::TxnRequest {
+        compare: vec![chorus_proto::etcdserverpb::Compare {
+            target: chorus_proto::etcdserverpb::compare::CompareTarget::Version as i32,
+            key: b"k".to_vec(),
+            target_union: Some(chorus_proto::etcdserverpb::compare::TargetUnion::Version(0)),
+            ..Default::default()
+        }],
+        success: vec![chorus_proto::etcdserverpb::RequestOp {
+            request: Some(chorus_proto::etcdserverpb::request_op::Request::RequestPut(PutRequest {
+                key: b"k".to_vec(),
+                value: b"first".to_vec(),
+                ..Default::default()
+            })),
+        }],
+        failure: vec![],
+    });
+    let command = Command { proposer_id: leader, proposal_seq: tag, op: Some(cas) };
+    for _ in 0..2 {
+        cluster.node(leader).raw.propose(Vec::new(), command.encode_to_vec()).unwrap();
+        cluster.settle();
+    }
+    cluster.tick_all(2);
+    let replies: Vec<_> = cluster.replies.iter().filter(|(_, r)| r.seq == 77).collect();
+    assert_eq!(replies.len(), 1, "one answer for one proposal");
+    for node in &cluster.nodes {
+        assert_eq!(node.mvcc().revision(), 2, "applied once: one revision");
+    }
+}
