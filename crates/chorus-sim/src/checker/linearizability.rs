@@ -46,6 +46,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::hash::BuildHasherDefault;
 
+/// A hash map with a fixed hasher. Nothing iterates it, so results cannot depend on its order
+/// either way; the fixed hasher keeps even memory use the same from run to run.
+type FixedHashMap<K, V> = HashMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
 /// A register value; `None` means the key is absent.
 pub type Value = Option<Vec<u8>>;
 
@@ -561,7 +565,7 @@ struct Placed {
 /// never the states on the current path, for this argument to hold.
 #[derive(Default)]
 struct FinishedStates {
-    unknown_sets_by_known: HashMap<Box<[u64]>, Vec<Box<[u64]>>, BuildHasherDefault<DefaultHasher>>,
+    unknown_sets_by_known: FixedHashMap<Box<[u64]>, Vec<Box<[u64]>>>,
 }
 
 impl FinishedStates {
