@@ -12,12 +12,7 @@ pub mod checker;
 pub mod options;
 pub mod world;
 
-use checker::linearizability::{check_history, Operation, Verdict};
 pub use options::{Bug, SimOptions};
-
-/// Search steps the linearizability checker may take per key before it gives up
-/// (and reports the seed as inconclusive, which counts as a failure).
-pub const CHECK_STEPS_MAX_PER_KEY: u64 = 5_000_000;
 
 /// What one seed found.
 #[derive(Debug)]
@@ -34,21 +29,11 @@ pub struct SeedOutcome {
 pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedOutcome {
     let options = SimOptions::from_seed(seed, bug);
     let report = world::World::new(options.clone()).run();
-    let mut violations = report.violations;
-    let history: Vec<Operation> = report.history;
-    match check_history(&history, CHECK_STEPS_MAX_PER_KEY) {
-        Verdict::Linearizable => {}
-        Verdict::NotLinearizable { key, detail } => {
-            violations.push(format!(
-                "not linearizable on key {}: {detail}",
-                String::from_utf8_lossy(&key)
-            ));
-        }
-        Verdict::Inconclusive { key, detail } => violations.push(format!(
-            "linearizability check inconclusive on key {}: {detail}",
-            String::from_utf8_lossy(&key)
-        )),
+    let mut violations = report.violations.clone();
+    for checker in checker::all() {
+        violations.extend(checker.check(&report).into_iter().map(|v| format!("[{}] {v}", checker.name())));
     }
+    let history = &report.history;
     let ops_unknown = history.iter().filter(|o| o.return_us.is_none()).count();
     let summary = format!(
         "seed {seed}: {} nodes, {} ops ({} acknowledged, {} unknown), {} leader terms, {} crashes, {} events, trace {:016x}",
