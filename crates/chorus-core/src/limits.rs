@@ -71,3 +71,18 @@ mod tests {
 /// forwarded proposal). A duplicate arriving after this many newer proposals from
 /// the same member would be applied again; no transport delays a message that long.
 pub const APPLIED_PROPOSALS_REMEMBERED_PER_MEMBER: usize = 65_536;
+
+/// Watchers on one watch stream (etcd has no limit; one is needed so a client
+/// cannot grow a member's memory without bound).
+pub const WATCHERS_PER_STREAM_MAX: usize = 10_000;
+/// Control responses (created, cancelled, progress) waiting for a slow stream
+/// before the stream is dropped.
+pub const WATCH_OUTBOX_RESPONSES_MAX: usize = 1_024;
+/// Responses buffered per watch stream between the member and the network.
+pub const WATCH_STREAM_RESPONSES_MAX: usize = 256;
+/// Events one catching-up watcher gets per sync round (a round runs every tick and
+/// whenever a watcher is created).
+pub const WATCH_SYNC_EVENTS_MAX: usize = 1_000;
+/// A watch response larger than this is split into fragments for watchers that
+/// asked for fragments (etcd's default request limit plus room for framing).
+pub const WATCH_RESPONSE_BYTES_MAX: usize = 1_572_864;

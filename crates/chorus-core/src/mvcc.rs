@@ -798,6 +798,52 @@ impl MvccStore {
         })
     }
 
+    /// The changes to keys in `[key, range_end)` (etcd's range forms) from main
+    /// revision `from_revision` on, in revision order, for watchers that catch up
+    /// from history. At most about `events_max` events, never splitting one
+    /// revision's events; also returns the revision to continue from.
+    /// `Compacted` when `from_revision` is below the compact revision.
+    pub fn events(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        from_revision: i64,
+        events_max: usize,
+    ) -> Result<(Vec<Change>, i64), KvError> {
+        if from_revision < self.compact_revision {
+            return Err(self.compacted());
+        }
+        let mut found: Vec<(Revision, Change)> = Vec::new();
+        for (key, history) in self.keys.range::<[u8], _>(KeyRange::new(key, range_end).bounds()) {
+            let first = history.entries.partition_point(|e| e.revision.main < from_revision);
+            for index in first..history.entries.len() {
+                let entry = &history.entries[index];
+                let previous = index.checked_sub(1).map(|i| &history.entries[i]);
+                let prev_kv = previous.filter(|p| !p.tombstone).map(|p| p.to_key_value(key));
+                let (kind, kv) = if entry.tombstone {
+                    let mut kv = KeyValue { key: key.clone(), ..Default::default() };
+                    kv.mod_revision = entry.revision.main;
+                    (ChangeKind::Delete, kv)
+                } else {
+                    (ChangeKind::Put, entry.to_key_value(key))
+                };
+                found.push((entry.revision, Change { kind, kv, prev_kv }));
+            }
+        }
+        found.sort_by_key(|(revision, _)| *revision);
+        let mut next_revision = self.revision + 1;
+        if found.len() > events_max {
+            let cut_main = found[events_max].0.main;
+            let keep = found.partition_point(|(revision, _)| revision.main < cut_main).max(
+                // One revision larger than the limit is still sent whole.
+                found.partition_point(|(revision, _)| revision.main <= found[0].0.main),
+            );
+            next_revision = found[keep - 1].0.main + 1;
+            found.truncate(keep);
+        }
+        Ok((found.into_iter().map(|(_, change)| change).collect(), next_revision))
+    }
+
     /// Every live key in `range` at main revision `revision`, in key order.
     fn live_in(&self, range: KeyRange<'_>, revision: i64) -> Vec<Found<'_>> {
         self.keys
