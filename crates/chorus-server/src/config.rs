@@ -37,6 +37,9 @@ pub struct ServerConfig {
     /// How long a write or linearizable read may wait for consensus before it is
     /// answered `Unavailable`.
     pub request_timeout_ms: u64,
+    /// How often a watcher that asked for progress notifications and saw no event
+    /// is told the current revision (etcd's default is ten minutes).
+    pub watch_progress_notify_interval_ms: u64,
     pub limits: Limits,
 }
 

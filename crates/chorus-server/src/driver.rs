@@ -13,9 +13,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use chorus_core::limits::WATCH_SYNC_EVENTS_MAX;
 use chorus_core::node::{Node, NodeStatus, OpResponse, Reply};
+use chorus_core::watch::{SinkError, WatchHub, WatchSink};
 use chorus_proto::chorus::v1::{command::Op, MemberAttributes};
-use chorus_proto::etcdserverpb::{RangeRequest, RangeResponse, ResponseHeader};
+use chorus_proto::etcdserverpb::{
+    RangeRequest, RangeResponse, ResponseHeader, WatchCreateRequest, WatchResponse,
+};
 use chorus_storage::DiskStorage;
 use raft::prelude::{ConfState, Message};
 use tokio::sync::{mpsc, oneshot};
@@ -41,6 +45,25 @@ pub enum Input {
     /// A range read; linearizable unless the request says `serializable`.
     Read { request: RangeRequest, deadline: Instant, reply: ReadReply },
     Status { reply: oneshot::Sender<DriverStatus> },
+    /// A watch stream opened; its responses go to `sink`.
+    WatchOpen { stream: u64, sink: ChannelSink },
+    WatchCreate { stream: u64, request: WatchCreateRequest },
+    WatchCancel { stream: u64, watch_id: i64 },
+    WatchProgress { stream: u64 },
+    WatchClose { stream: u64 },
+}
+
+/// A watch stream's bounded response channel, as the watch hub's sink.
+pub struct ChannelSink(pub mpsc::Sender<Result<WatchResponse, tonic::Status>>);
+
+impl WatchSink for ChannelSink {
+    fn try_send(&self, response: WatchResponse) -> Result<(), SinkError> {
+        match self.0.try_send(Ok(response)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(SinkError::Full),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(SinkError::Closed),
+        }
+    }
 }
 
 /// What the status and member-list calls need to know.
@@ -51,6 +74,7 @@ pub struct DriverStatus {
     pub db_size_bytes: u64,
     pub conf_state: ConfState,
     pub members: BTreeMap<u64, MemberAttributes>,
+    pub watchers_count: u64,
 }
 
 /// Fixed facts the driver stamps into every response header.
@@ -103,6 +127,9 @@ pub struct Driver {
     publish_asked_at_tick: u64,
     /// (leader, term) when proposals were last checked against leader changes.
     leader_seen: (u64, u64),
+    watches: WatchHub<ChannelSink>,
+    /// Ticks between progress notifications to idle watchers that asked for them.
+    watch_progress_ticks: u64,
 }
 
 impl Driver {
@@ -113,6 +140,7 @@ impl Driver {
         peers: HashMap<u64, mpsc::Sender<Message>>,
         ids: HeaderIds,
         own_attributes: MemberAttributes,
+        watch_progress_ticks: u64,
     ) -> Driver {
         Driver {
             node,
@@ -131,6 +159,8 @@ impl Driver {
             publish_seq: None,
             publish_asked_at_tick: 0,
             leader_seen: (raft::INVALID_ID, 0),
+            watches: WatchHub::default(),
+            watch_progress_ticks,
         }
     }
 
@@ -179,6 +209,21 @@ impl Driver {
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Input::WatchOpen { stream, sink } => self.watches.open_stream(stream, sink),
+            Input::WatchCreate { stream, request } => {
+                let header = self.header();
+                self.watches.create(stream, &request, header);
+                self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+            }
+            Input::WatchCancel { stream, watch_id } => {
+                let header = self.header();
+                self.watches.cancel(stream, watch_id, header);
+            }
+            Input::WatchProgress { stream } => {
+                let header = self.header();
+                self.watches.progress(stream, header);
+            }
+            Input::WatchClose { stream } => self.watches.close_stream(stream),
         }
     }
 
@@ -225,6 +270,9 @@ impl Driver {
             }
         }
         self.publish_attributes();
+        let header = self.header();
+        self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+        self.watches.tick(header, self.watch_progress_ticks);
     }
 
     /// When the leader changes, a proposal forwarded to the old leader may be lost
@@ -319,6 +367,11 @@ impl Driver {
             eprintln!("chorus: fatal: {error}");
             std::process::exit(70);
         }
+        // Watchers see what is now applied and written.
+        if !cycle.persist.writes.changes.is_empty() {
+            let header = self.header();
+            self.watches.notify(&cycle.persist.writes.changes, header);
+        }
         // 4. finish
         let finished = self.node.finish_cycle();
         // 5. send-late
@@ -400,6 +453,7 @@ impl Driver {
             revision: self.node.mvcc().revision(),
             db_size_bytes: self.storage.size_bytes(),
             conf_state: self.node.conf_state(),
+            watchers_count: self.watches.watchers_count() as u64,
             members: self.node.members().clone(),
         }
     }
@@ -431,6 +485,11 @@ impl NodeHandle {
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Read { request, deadline, reply }, deadline).await?;
         Self::await_answer(answer, deadline).await
+    }
+
+    /// Hands a watch-stream input to the driver (waits while its queue is full).
+    pub async fn watch_input(&self, input: Input) -> Result<(), RequestError> {
+        self.inputs.send(input).await.map_err(|_| RequestError::Stopped)
     }
 
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {

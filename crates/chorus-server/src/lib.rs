@@ -23,6 +23,7 @@ use chorus_proto::chorus::v1::MemberAttributes;
 use chorus_proto::etcdserverpb::cluster_server::ClusterServer;
 use chorus_proto::etcdserverpb::kv_server::KvServer;
 use chorus_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use chorus_proto::etcdserverpb::watch_server::WatchServer;
 use chorus_storage::{DiskStorage, Identity, StorageError};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -33,6 +34,7 @@ pub use config::{ClusterState, ConfigError, ServerConfig};
 use crate::api::cluster::{ClusterService, ConfiguredMember};
 use crate::api::kv::KvService;
 use crate::api::maintenance::MaintenanceService;
+use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
 use crate::transport::{PeerLink, PeerService, PEER_QUEUE_MESSAGES_MAX};
 
@@ -106,7 +108,8 @@ pub async fn serve(
         name: config.name.clone(),
         client_urls: config.advertise_client_urls.clone(),
     };
-    let driver = Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes);
+    let watch_progress_ticks = (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
+    let driver = Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks);
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())
@@ -135,11 +138,13 @@ pub async fn serve(
             .max_decoding_message_size(message_bytes_max);
         let maintenance = MaintenanceServer::new(MaintenanceService::new(handle.clone(), ids));
         let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
+        let watch = WatchServer::new(WatchService::new(handle.clone()));
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(kv)
             .add_service(maintenance)
-            .add_service(cluster);
+            .add_service(cluster)
+            .add_service(watch);
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             wait_stop(stop_rx.clone()),

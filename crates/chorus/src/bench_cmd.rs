@@ -181,28 +181,15 @@ async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError>
         .map_err(BenchError::Failed)?;
     let show_progress = std::io::stderr().is_terminal();
     if args.workload.reads_existing_keys() {
-        let populate = populate_plan(&plan, args.duration_max);
-        let workers = args.clients.max(POPULATE_WORKERS_MIN);
-        check_populated(
-            &run_phase(
-                populate,
-                &channels,
-                workers,
-                show_progress.then_some("populate"),
-            )
-            .await,
-        )?;
+        populate_keys(&plan, &args, &channels, show_progress).await?;
     }
     let measured = plan.with_clock(args.duration_max);
-    let outcome = run_phase(
-        measured,
-        &channels,
-        args.clients,
-        show_progress.then_some(args.workload.name()),
-    )
-    .await;
-    let report = Report::new(args.workload, args.clients, &outcome);
-    print_report(&report, global.write_out)?;
+    let label = show_progress.then_some(args.workload.name());
+    let outcome = run_phase(measured, &channels, args.clients, label).await;
+    print_report(
+        &Report::new(args.workload, args.clients, &outcome),
+        global.write_out,
+    )?;
     match (outcome.ops, outcome.first_error) {
         (0, Some(error)) => Err(BenchError::Failed(format!(
             "every operation failed; first error: {error}"
@@ -212,6 +199,20 @@ async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError>
         )),
         _ => Ok(()),
     }
+}
+
+/// Puts every key that a reading workload will read, with at least `POPULATE_WORKERS_MIN`
+/// workers, and fails unless every put succeeded.
+async fn populate_keys(
+    measured: &Plan,
+    args: &BenchArgs,
+    channels: &[Channel],
+    show_progress: bool,
+) -> Result<(), BenchError> {
+    let populate = populate_plan(measured, args.duration_max);
+    let workers = args.clients.max(POPULATE_WORKERS_MIN);
+    let label = show_progress.then_some("populate");
+    check_populated(&run_phase(populate, channels, workers, label).await)
 }
 
 /// What every worker of one phase follows. Built once, shared read-only.

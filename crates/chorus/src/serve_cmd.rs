@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// answered `Unavailable`, in milliseconds.
     #[arg(long, env = "CHORUS_REQUEST_TIMEOUT", default_value_t = 5000)]
     pub request_timeout: u64,
+    /// How often idle watchers that asked for progress notifications are told the
+    /// current revision, in milliseconds (etcd's default: ten minutes).
+    #[arg(long, env = "CHORUS_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value_t = 600_000)]
+    pub watch_progress_notify_interval: u64,
     /// Largest client request accepted, in bytes.
     #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT)]
     pub max_request_bytes: u64,
@@ -90,6 +94,7 @@ impl ServeArgs {
             heartbeat_interval_ms: self.heartbeat_interval,
             election_timeout_ms: self.election_timeout,
             request_timeout_ms: self.request_timeout,
+            watch_progress_notify_interval_ms: self.watch_progress_notify_interval,
             limits,
         })
     }
@@ -154,6 +159,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             heartbeat_interval: 100,
             election_timeout: 1000,
             request_timeout: 5000,
+            watch_progress_notify_interval: 600_000,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
             max_txn_ops: chorus_core::limits::TXN_OPS_MAX_DEFAULT,
         };

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod kv;
 pub mod maintenance;
+pub mod watch;
 
 /// Answer for an rpc that chorus does not serve yet (listed in the README).
 pub(crate) fn not_yet(rpc: &str) -> tonic::Status {

@@ -200,7 +200,7 @@ enum KeyVerdict {
 }
 
 fn check_key(ops: &[Operation], indexes: &[usize], steps_max: u64) -> KeyVerdict {
-    let mut values = ValueTable::default();
+    let mut values = ValueTable::new(indexes.iter().map(|&index| &ops[index]));
     let mut key_ops: Vec<KeyOp> = indexes
         .iter()
         .map(|&index| KeyOp::from_operation(index, &ops[index], &mut values))
@@ -228,32 +228,66 @@ fn check_key(ops: &[Operation], indexes: &[usize], steps_max: u64) -> KeyVerdict
 }
 
 /// Register values of one key, numbered so that the search state is a small integer.
-/// Number 0 is the absent value.
-#[derive(Default)]
+///
+/// Values that no op observes (no get returns them, no CAS expects them) all share the number
+/// [`UNREAD`]: nothing can tell them apart, so a linearization valid with their true values is
+/// valid with one shared value and the other way round. This merges search states that differ
+/// only in such a value, and makes unknown writes of such values twins for rule 4, which is
+/// what keeps many abandoned puts of never-read values cheap.
 struct ValueTable {
+    observed: BTreeSet<Vec<u8>>,
     numbers: BTreeMap<Vec<u8>, u32>,
+    /// The value of each number from `FIRST_READ` on.
     values: Vec<Vec<u8>>,
 }
 
 const ABSENT: u32 = 0;
+const UNREAD: u32 = 1;
+const FIRST_READ: u32 = 2;
 
 impl ValueTable {
+    fn new<'a>(ops: impl Iterator<Item = &'a Operation>) -> ValueTable {
+        let mut observed = BTreeSet::new();
+        for operation in ops {
+            let seen = match (&operation.op, &operation.outcome) {
+                (_, KvOutcome::Get(value)) => value,
+                (KvOp::Cas { expected, .. }, _) => expected,
+                _ => &None,
+            };
+            if let Some(bytes) = seen {
+                observed.insert(bytes.clone());
+            }
+        }
+        ValueTable {
+            observed,
+            numbers: BTreeMap::new(),
+            values: Vec::new(),
+        }
+    }
+
     fn number(&mut self, value: Option<&[u8]>) -> u32 {
         let Some(bytes) = value else { return ABSENT };
+        if !self.observed.contains(bytes) {
+            return UNREAD;
+        }
         if let Some(&number) = self.numbers.get(bytes) {
             return number;
         }
+        let number = u32::try_from(self.values.len())
+            .ok()
+            .and_then(|count| count.checked_add(FIRST_READ))
+            .expect("fewer than 2^32 values per key");
         self.values.push(bytes.to_vec());
-        let number = u32::try_from(self.values.len()).expect("fewer than 2^32 values per key");
         self.numbers.insert(bytes.to_vec(), number);
         number
     }
 
     fn show(&self, number: u32) -> String {
-        if number == ABSENT {
-            return "absent".to_string();
+        match number {
+            ABSENT => "absent".to_string(),
+            UNREAD => "one that no op reads".to_string(),
+            _ => show_bytes(&self.values[(number - FIRST_READ) as usize]),
         }
-        show_bytes(&self.values[number as usize - 1])
     }
 }
 
@@ -374,6 +408,24 @@ fn apply(value: u32, action: Action) -> Option<u32> {
             new,
             swapped: None,
         } => Some(if value == expected { new } else { value }),
+    }
+}
+
+/// Rule 3: whether `op`, linearized right after an unknown op U that changed the value from
+/// `before`, depends on U: an op with a known outcome must not fit `before`; an unknown op must
+/// be a CAS that would do nothing at `before`.
+///
+/// Any valid linearization can be rewritten so that this holds. Say U wrote x (not `before`,
+/// by rule 2) and `op` follows without depending on it. If `op` is a read or a refused CAS
+/// that fits `before`, it fits there too: swap it before U. If it is a put or a delete, known
+/// or not, it hides U: drop U. A swapping CAS cannot fit both values. An unknown CAS that would
+/// act at `before` expects `before`, so it does nothing at x: drop it. Each rewrite moves U
+/// later or removes an op, so rewriting ends.
+fn depends_on_unknown(op: &KeyOp, before: u32) -> bool {
+    match (op.return_us, op.action) {
+        (Some(_), action) => apply(before, action).is_none(),
+        (None, action @ Action::Cas { .. }) => apply(before, action) == Some(before),
+        (None, Action::Write { .. } | Action::Read { .. }) => false,
     }
 }
 
@@ -718,6 +770,14 @@ impl<'a> Search<'a> {
                 None => {
                     // Every op that may go next has been tried from here.
                     if !self.undo_last() {
+                        if std::env::var("LINDEBUG2").is_ok() {
+                            eprintln!(
+                                "DEBUG2 NOT ops {} unknown {} finished {}",
+                                self.ops.len(),
+                                self.unknown_ops.len(),
+                                self.finished.unknown_sets_by_known.len()
+                            );
+                        }
                         return SearchOutcome::NotLinearizable(self.deepest);
                     }
                 }
@@ -798,8 +858,8 @@ impl<'a> Search<'a> {
     /// Rule 3 filters them here already. After an unknown op, only ops that depend on it are
     /// listed. And an unknown op U is listed only if some op could depend on it next: the
     /// ops that may go after U are the ones that may go now (U is not in the entry list), so
-    /// the value U writes must be read, or swapped from, by one of them, or U must move the
-    /// value away from what a refused CAS expects.
+    /// the value U writes must be read, or swapped from, by one of them (CASes with unknown
+    /// outcome included), or U must move the value away from what a refused CAS expects.
     fn fill_candidates(&self, level: &mut Level) {
         let (value, guard) = (self.value, self.guard);
         let Level {
@@ -831,12 +891,31 @@ impl<'a> Search<'a> {
                 }
                 Action::Write { .. } | Action::Cas { swapped: None, .. } => {}
             }
-            if guard.is_none_or(|before| apply(before, action).is_none()) {
+            if guard.is_none_or(|before| depends_on_unknown(&self.ops[index], before)) {
                 candidates.push(index);
             }
             node = self.next[node];
         }
         candidates.sort_unstable_by_key(|&index| self.rank[1 + op_count + index]);
+        let fitting_read = candidates.iter().copied().find(|&index| {
+            let action = self.ops[index].action;
+            let read_only = matches!(
+                action,
+                Action::Read { .. }
+                    | Action::Cas {
+                        swapped: Some(false),
+                        ..
+                    }
+            );
+            read_only && apply(value, action).is_some()
+        });
+        if let Some(index) = fitting_read {
+            // A read (or refused CAS) that fits now can go first in any valid continuation:
+            // it changes nothing, and every op that must precede it is placed already.
+            candidates.clear();
+            candidates.push(index);
+            return;
+        }
         let first_return_rank = self.rank[node];
         let pending_count = self
             .unknown_ops
@@ -856,7 +935,7 @@ impl<'a> Search<'a> {
             let action = self.ops[index].action;
             let useful = apply(value, action)
                 .is_some_and(|after| after != value && (refused_now || demanded.contains(&after)));
-            let depends = guard.is_none_or(|before| apply(before, action) == Some(before));
+            let depends = guard.is_none_or(|before| depends_on_unknown(&self.ops[index], before));
             if useful && depends {
                 candidates.push(index);
             }
@@ -887,18 +966,8 @@ impl<'a> Search<'a> {
             }
             after
         };
-        if let Some(before) = guard {
-            // Rule 3: the op just placed, U, has an unknown outcome, so this op must depend
-            // on it. If this op also fits the value before U, and leaves it alone, the two
-            // commute and the order with U later is explored; if it overwrites U unseen, the
-            // order without U is. (Rule 2 keeps U from being a no-op, so no other case.)
-            let depends = match op.return_us {
-                Some(_) => apply(before, op.action).is_none(),
-                None => apply(before, op.action) == Some(before),
-            };
-            if !depends {
-                return None;
-            }
+        if guard.is_some_and(|before| !depends_on_unknown(op, before)) {
+            return None;
         }
         Some(after)
     }
