@@ -52,19 +52,6 @@ impl Default for Limits {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_are_etcds() {
-        let limits = Limits::default();
-        assert_eq!(limits.request_bytes_max, 1_572_864);
-        assert_eq!(limits.key_bytes_max, 65_536);
-        assert_eq!(limits.value_bytes_max, 1_572_864);
-        assert_eq!(limits.txn_ops_max, 128);
-    }
-}
 
 /// How many applied proposals the state machine remembers per proposing member, to
 /// apply each proposal exactly once even if the log holds it twice (a duplicated
@@ -86,3 +73,17 @@ pub const WATCH_SYNC_EVENTS_MAX: usize = 1_000;
 /// A watch response larger than this is split into fragments for watchers that
 /// asked for fragments (etcd's default request limit plus room for framing).
 pub const WATCH_RESPONSE_BYTES_MAX: usize = 1_572_864;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_etcds() {
+        let limits = Limits::default();
+        assert_eq!(limits.request_bytes_max, 1_572_864);
+        assert_eq!(limits.key_bytes_max, 65_536);
+        assert_eq!(limits.value_bytes_max, 1_572_864);
+        assert_eq!(limits.txn_ops_max, 128);
+    }
+}

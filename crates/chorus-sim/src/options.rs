@@ -68,7 +68,7 @@ pub struct SimOptions {
 impl SimOptions {
     /// Derives every option from the seed.
     pub fn from_seed(seed: u64, bug: Option<Bug>) -> SimOptions {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_c4_0c5);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5ee_d0fc_40c5);
         let nodes_count = if rng.random_ratio(1, 4) { 5 } else { 3 };
         let delay_min_us = rng.random_range(100..2_000);
         let slow_disk = rng.random_ratio(1, 4);

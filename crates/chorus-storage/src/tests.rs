@@ -8,17 +8,11 @@ use chorus_proto::etcdserverpb::{PutRequest, RangeRequest};
 const IDENTITY: Identity = Identity { cluster_id: 0xc1, member_id: 0x61 };
 
 fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-    let mut entry = Entry::default();
-    entry.index = index;
-    entry.term = term;
-    entry.data = data.to_vec().into();
-    entry
+    Entry { index, term, data: data.to_vec().into(), ..Default::default() }
 }
 
 fn batch_with(entries: Vec<Entry>, commit: u64, writes: WriteSet, applied_index: u64) -> PersistBatch {
-    let mut hard_state = HardState::default();
-    hard_state.term = 1;
-    hard_state.commit = commit;
+    let hard_state = HardState { term: 1, commit, ..Default::default() };
     PersistBatch { entries, hard_state, writes, applied_index, must_sync: true, ..Default::default() }
 }
 
