@@ -4,6 +4,7 @@
 //! - `chorus dev`: a local three-member cluster for development;
 //! - `chorus put|get|del|txn|status|compact ...`: a client, like etcdctl.
 
+mod bench_cmd;
 mod client_cmd;
 mod serve_cmd;
 
@@ -27,6 +28,8 @@ enum Command {
     Serve(serve_cmd::ServeArgs),
     /// Start a local three-member cluster (ports 2379/22379/32379) for development.
     Dev(serve_cmd::DevArgs),
+    /// Load-test a cluster through the public etcd v3 API (works against etcd too).
+    Bench(bench_cmd::BenchArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -57,6 +60,7 @@ fn main() {
                 Err(error) => Err(error),
             },
             Command::Client(command) => return client_cmd::run(&cli.global, command).await,
+            Command::Bench(args) => return bench_cmd::run(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,
