@@ -215,7 +215,9 @@ impl<S: WatchSink> WatchHub<S> {
                 continue;
             }
             match send_events(stream, *watch_id, watcher.fragment, events, header) {
-                Ok(()) => watcher.next_revision = header.revision + 1,
+                // Never lower it: a watcher may start ahead of this member's state
+                // (a client resuming on a member that lags behind).
+                Ok(()) => watcher.next_revision = watcher.next_revision.max(header.revision + 1),
                 Err(SinkError::Full) => watcher.synced = false,
                 Err(SinkError::Closed) => stream.broken = true,
             }
@@ -249,8 +251,8 @@ impl<S: WatchSink> WatchHub<S> {
             let events: Vec<Event> = changes.iter().filter_map(|c| watcher.event(c)).collect();
             match send_events(stream, *watch_id, watcher.fragment, events, header) {
                 Ok(()) => {
-                    watcher.next_revision = next_revision;
-                    watcher.synced = next_revision > current;
+                    watcher.next_revision = watcher.next_revision.max(next_revision);
+                    watcher.synced = watcher.next_revision > current;
                     watcher.idle_ticks = 0;
                 }
                 Err(SinkError::Full) => {}

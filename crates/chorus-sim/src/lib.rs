@@ -10,6 +10,7 @@
 
 pub mod checker;
 pub mod options;
+pub mod watch_workload;
 pub mod world;
 
 pub use options::{Bug, SimOptions};

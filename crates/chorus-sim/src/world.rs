@@ -13,9 +13,12 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
+use chorus_core::limits::WATCH_SYNC_EVENTS_MAX;
 use chorus_core::node::{Node, NodeConfig, OpResponse, Reply};
+use chorus_core::watch::WatchHub;
 use chorus_proto::chorus::v1::command::Op;
 use chorus_proto::etcdserverpb::{
+    ResponseHeader,
     compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
     TxnRequest,
 };
@@ -28,6 +31,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
 use crate::options::{Bug, SimOptions};
+use crate::watch_workload::{SimSink, WatchClient};
 
 const CLUSTER_ID: u64 = 0xc1u64;
 const ELECTION_TICKS: usize = 10;
@@ -106,6 +110,7 @@ enum Event {
         attempt: u32,
         key_index: usize,
     },
+    WatchDrain(usize),
 }
 
 struct Scheduled {
@@ -145,6 +150,9 @@ struct Running {
     applied_seen: u64,
     /// Highest revision served by a serializable read in this boot.
     serializable_revision_max: i64,
+    /// This boot's watch hub; its streams die with the process.
+    watches: WatchHub<SimSink>,
+    boot: u64,
 }
 
 struct SimNode {
@@ -196,6 +204,8 @@ pub struct World {
     events_count: u64,
     leader_changes: u64,
     crashes: u64,
+    watch_clients: Vec<WatchClient>,
+    next_stream: u64,
 }
 
 impl World {
@@ -248,6 +258,8 @@ impl World {
             events_count: 0,
             leader_changes: 0,
             crashes: 0,
+            watch_clients: Vec::new(),
+            next_stream: 1,
         }
     }
 
@@ -258,6 +270,11 @@ impl World {
             self.start_node(i);
             let first_tick = self.rng.random_range(0..self.nodes[i].tick_us);
             self.schedule(first_tick, Event::Tick(i));
+        }
+        let watchers_count = 1 + (self.options.seed % 2) as usize;
+        for w in 0..watchers_count {
+            self.watch_clients.push(WatchClient::new());
+            self.schedule(1_000 + w as u64, Event::WatchDrain(w));
         }
         for c in 0..self.clients.len() {
             let start = self
@@ -277,6 +294,7 @@ impl World {
             self.handle(next.event);
         }
         self.check_convergence();
+        self.check_watchers();
         self.report()
     }
 
@@ -374,6 +392,7 @@ impl World {
                 );
             }
             Event::FinalRead { attempt, key_index } => self.final_read(attempt, key_index),
+            Event::WatchDrain(w) => self.watch_drain(w),
         }
     }
 
@@ -397,6 +416,7 @@ impl World {
             boot_id: opened.boot_count,
         };
         let applied = opened.recovered.applied_index;
+        let opened_boot = opened.boot_count;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raft_node = Node::new(&config, opened.recovered, &logger).expect("node starts");
         node.running = Some(Running {
@@ -410,6 +430,8 @@ impl World {
             ticks: 0,
             applied_seen: applied,
             serializable_revision_max: 0,
+            watches: WatchHub::default(),
+            boot: opened_boot,
         });
         self.run_cycles(i);
     }
@@ -482,6 +504,8 @@ impl World {
                 read.3 = ticks;
             }
         }
+        let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
+        running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
         self.mix(&[1, self.now_us, i as u64]);
         self.after_input(i);
     }
@@ -659,6 +683,8 @@ impl World {
                 .storage
                 .persist(&cycle.persist)
                 .expect("simulated disk write");
+            let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
+            running.watches.notify(&cycle.persist.writes.changes, header);
             let finished = running.node.finish_cycle();
             let fsync_us = self
                 .rng
@@ -1114,6 +1140,93 @@ impl World {
                 key_index,
             },
         );
+    }
+
+    /// A watcher client's turn: (re)open its stream if it has none or its node
+    /// restarted, then take a few responses (sometimes none: a slow consumer).
+    fn watch_drain(&mut self, w: usize) {
+        let stream_alive = match self.watch_clients[w].stream {
+            Some((node, boot, _)) => self.nodes[node].running.as_ref().is_some_and(|r| r.boot == boot),
+            None => false,
+        };
+        if !stream_alive {
+            self.open_watch(w);
+        }
+        let take = if self.rng.random_bool(0.2) { 0 } else { self.rng.random_range(1..8) };
+        let responses = self.watch_clients[w].sink.drain(take);
+        let count = responses.len() as u64;
+        if !self.watch_clients[w].receive(responses) {
+            self.close_watch(w);
+        }
+        self.mix(&[4, self.now_us, w as u64, count]);
+        let delay = self.rng.random_range(1_000..50_000);
+        self.schedule(delay, Event::WatchDrain(w));
+    }
+
+    fn open_watch(&mut self, w: usize) {
+        self.close_watch(w);
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].running.is_some() && !self.nodes[*i].paused)
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let node = live[self.rng.random_range(0..live.len())];
+        let stream = self.next_stream;
+        self.next_stream += 1;
+        let capacity = self.rng.random_range(1..20);
+        let client = &mut self.watch_clients[w];
+        if client.stream.is_some() || !client.seen.is_empty() {
+            client.resumes += 1;
+        }
+        client.sink = SimSink::new(capacity);
+        let request = client.create_request();
+        let running = self.nodes[node].running.as_mut().expect("live node");
+        client.stream = Some((node, running.boot, stream));
+        running.watches.open_stream(stream, client.sink.clone());
+        let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
+        running.watches.create(stream, &request, header);
+        running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+    }
+
+    fn close_watch(&mut self, w: usize) {
+        if let Some((node, boot, stream)) = self.watch_clients[w].stream.take() {
+            if let Some(running) = self.nodes[node].running.as_mut().filter(|r| r.boot == boot) {
+                running.watches.close_stream(stream);
+            }
+            // Responses still buffered belong to the closed stream: a resuming client
+            // starts over from its next revision, so they are dropped.
+            let _ = self.watch_clients[w].sink.drain(usize::MAX);
+        }
+    }
+
+    /// Lets every watcher catch up fully, then checks what each received.
+    fn check_watchers(&mut self) {
+        let Some(store) = self.nodes[0].running.as_ref().map(|r| r.node.mvcc().clone()) else { return };
+        let target = store.revision();
+        for w in 0..self.watch_clients.len() {
+            for _ in 0..10_000 {
+                if self.watch_clients[w].next_revision > target {
+                    break;
+                }
+                let Some((node, boot, _)) = self.watch_clients[w].stream else {
+                    self.open_watch(w);
+                    continue;
+                };
+                if let Some(running) = self.nodes[node].running.as_mut().filter(|r| r.boot == boot) {
+                    let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
+                    running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+                }
+                let responses = self.watch_clients[w].sink.drain(usize::MAX);
+                if !self.watch_clients[w].receive(responses) {
+                    self.close_watch(w);
+                }
+            }
+        }
+        let violations = crate::watch_workload::check(&self.watch_clients, &store);
+        for violation in violations {
+            self.violation(violation);
+        }
     }
 
     fn check_convergence(&mut self) {

@@ -220,3 +220,17 @@ fn large_responses_are_fragmented_when_asked() {
     assert!(!sent.last().unwrap().fragment);
     assert_eq!(events(&sent).len(), 3);
 }
+
+#[test]
+fn a_watcher_starting_ahead_of_a_lagging_member_gets_nothing_older() {
+    let mut f = Fixture::new(100);
+    // The client has seen up to revision 4 elsewhere; this member is still at 1.
+    f.watch(watch_prefix("k/", 5));
+    f.sync();
+    for i in 0..5 {
+        f.put(&format!("k/{i}"), "v"); // revisions 2..=6 as the member catches up
+        f.sync();
+    }
+    let revisions: Vec<i64> = events(&f.sink.take()).into_iter().map(|e| e.1).collect();
+    assert_eq!(revisions, vec![5, 6], "nothing below the start revision, nothing twice");
+}
