@@ -119,6 +119,9 @@ enum Workload {
     TxnCas,
     /// Gets and puts, in the proportion --read-ratio
     Mixed,
+    /// One writer puts one key --total times; --clients watchers watch it; latency is from
+    /// put sent and from put acknowledged to event received, at every watcher
+    Watch,
 }
 
 impl Workload {
@@ -128,6 +131,7 @@ impl Workload {
             Workload::Get => "get",
             Workload::TxnCas => "txn-cas",
             Workload::Mixed => "mixed",
+            Workload::Watch => "watch",
         }
     }
 
@@ -174,6 +178,9 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> i32 {
 }
 
 async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError> {
+    if args.workload == Workload::Watch {
+        return execute_watch(global, &args).await;
+    }
     let plan = plan_from_args(&args).map_err(BenchError::Usage)?;
     let uris = parse_endpoints(&global.endpoints).map_err(BenchError::Usage)?;
     let channels = connect_channels(&uris, args.conns, global)
@@ -253,6 +260,8 @@ impl Plan {
             Workload::TxnCas => Operation::TxnCas(key),
             Workload::Mixed if rng.random::<f64>() < self.read_ratio => Operation::Get(key),
             Workload::Mixed => Operation::Put(key),
+            // The watch workload has its own loop (`execute_watch`) and no plan.
+            Workload::Watch => unreachable!("the watch workload does not run operations"),
         }
     }
 }
@@ -1060,4 +1069,146 @@ mod tests {
         assert!((report.p99_ms - 9.9).abs() < 0.01, "{report:?}");
         assert!((report.max_ms - 10.0).abs() < 0.01, "{report:?}");
     }
+}
+
+// ---- the watch workload ------------------------------------------------------------------
+
+/// Watchers a watch run may open.
+const WATCHERS_MAX: u32 = 10_000;
+/// How long watchers wait for the last events after the last put.
+const WATCH_DRAIN: Duration = Duration::from_secs(5);
+
+/// When each put was sent and acknowledged, by the revision it created.
+type PutTimes = std::collections::BTreeMap<i64, (Instant, Instant)>;
+
+async fn execute_watch(global: &GlobalOpts, args: &BenchArgs) -> Result<(), BenchError> {
+    check_range("--clients", u64::from(args.clients), 1, u64::from(WATCHERS_MAX)).map_err(BenchError::Usage)?;
+    check_range("--total", args.total, 1, 10_000_000).map_err(BenchError::Usage)?;
+    let uris = parse_endpoints(&global.endpoints).map_err(BenchError::Usage)?;
+    // Streams live for the whole run: these channels have no per-request timeout.
+    let mut channels = Vec::new();
+    for index in 0..args.conns.max(1) as usize {
+        let uri = &uris[index % uris.len()];
+        let endpoint = Endpoint::from(uri.clone()).connect_timeout(global.dial_timeout).tcp_nodelay(true);
+        let channel = tokio::time::timeout(global.dial_timeout, endpoint.connect())
+            .await
+            .map_err(|_| BenchError::Failed(format!("cannot connect to {uri} within --dial-timeout")))?
+            .map_err(|error| BenchError::Failed(format!("cannot connect to {uri}: {}", error_chain(&error))))?;
+        channels.push(channel);
+    }
+    let key = format!("bench/watch/{}", std::process::id()).into_bytes();
+    let deadline = Instant::now() + args.duration_max;
+    let (created_tx, mut created_rx) = tokio::sync::mpsc::channel::<()>(args.clients as usize);
+    let mut watchers = Vec::new();
+    for index in 0..args.clients as usize {
+        let channel = channels[index % channels.len()].clone();
+        watchers.push(tokio::spawn(watch_events(channel, key.clone(), args.total, deadline + WATCH_DRAIN, created_tx.clone())));
+    }
+    drop(created_tx);
+    for _ in 0..args.clients {
+        let created = tokio::time::timeout(global.dial_timeout + Duration::from_secs(5), created_rx.recv()).await;
+        if !matches!(created, Ok(Some(()))) {
+            return Err(BenchError::Failed("not every watcher was created in time".to_string()));
+        }
+    }
+    let (put_times, errors) = put_sequence(&channels[0], &key, args, global.command_timeout, deadline).await;
+    let mut from_sent = new_histogram();
+    let mut from_acked = new_histogram();
+    let mut received = 0u64;
+    for watcher in watchers {
+        let events = watcher.await.map_err(|e| BenchError::Failed(format!("watcher failed: {e}")))?;
+        for (revision, at) in events {
+            let Some((sent, acked)) = put_times.get(&revision) else { continue };
+            received += 1;
+            let _ = from_sent.record(at.saturating_duration_since(*sent).as_micros().min(LATENCY_US_MAX as u128) as u64);
+            let _ = from_acked.record(at.saturating_duration_since(*acked).as_micros().min(LATENCY_US_MAX as u128) as u64);
+        }
+    }
+    let expected = put_times.len() as u64 * u64::from(args.clients);
+    let elapsed = put_times.values().next().zip(put_times.values().last()).map(|(a, b)| b.1 - a.0);
+    let row = |name: &'static str, latencies: &Histogram<u64>| {
+        let outcome = PhaseOutcome {
+            total_ops: expected,
+            ops: received,
+            errors: errors + expected.saturating_sub(received),
+            first_error: None,
+            elapsed: elapsed.unwrap_or_default(),
+            latencies_us: latencies.clone(),
+        };
+        let mut report = Report::new(Workload::Watch, args.clients, &outcome);
+        report.workload = name;
+        report
+    };
+    print_report(&row("watch-from-put-sent", &from_sent), global.write_out)?;
+    print_report(&row("watch-from-put-acked", &from_acked), global.write_out)?;
+    if received == 0 {
+        return Err(BenchError::Failed("no watcher received any event".to_string()));
+    }
+    Ok(())
+}
+
+/// One writer puts `key` up to `--total` times (bounded by the deadline), one at a time.
+async fn put_sequence(
+    channel: &Channel,
+    key: &[u8],
+    args: &BenchArgs,
+    timeout: Duration,
+    deadline: Instant,
+) -> (PutTimes, u64) {
+    let mut kv = KvClient::new(channel.clone());
+    let value = vec![b'v'; args.val_size as usize];
+    let mut times = PutTimes::new();
+    let mut errors = 0u64;
+    for _ in 0..args.total {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let sent = Instant::now();
+        let request = PutRequest { key: key.to_vec(), value: value.clone(), ..Default::default() };
+        match tokio::time::timeout(timeout, kv.put(request)).await {
+            Ok(Ok(response)) => {
+                let revision = response.into_inner().header.map_or(0, |h| h.revision);
+                times.insert(revision, (sent, Instant::now()));
+            }
+            _ => errors += 1,
+        }
+    }
+    (times, errors)
+}
+
+/// Watches `key` until `total` events arrived or the deadline; returns (revision, received at).
+async fn watch_events(
+    channel: Channel,
+    key: Vec<u8>,
+    total: u64,
+    deadline: Instant,
+    created: tokio::sync::mpsc::Sender<()>,
+) -> Vec<(i64, Instant)> {
+    use chorus_proto::etcdserverpb::watch_client::WatchClient;
+    use chorus_proto::etcdserverpb::{watch_request::RequestUnion, WatchCreateRequest, WatchRequest};
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest { key, ..Default::default() })),
+    };
+    // The request side stays open (held here) until the watcher is done.
+    let (requests, request_stream) = tokio::sync::mpsc::channel(1);
+    let _ = requests.send(create).await;
+    let mut client = WatchClient::new(channel);
+    let mut events = Vec::new();
+    let Ok(response) = client.watch(tokio_stream::wrappers::ReceiverStream::new(request_stream)).await else {
+        return events;
+    };
+    let mut stream = response.into_inner();
+    while (events.len() as u64) < total {
+        let next = tokio::time::timeout_at(deadline, stream.message()).await;
+        let Ok(Ok(Some(message))) = next else { break };
+        let at = Instant::now();
+        if message.created {
+            let _ = created.send(()).await;
+        }
+        for event in &message.events {
+            events.push((event.kv.as_ref().map_or(0, |kv| kv.mod_revision), at));
+        }
+    }
+    drop(requests);
+    events
 }
