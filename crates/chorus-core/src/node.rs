@@ -628,6 +628,10 @@ impl Node {
             Op::Compaction(request) => {
                 self.mvcc.compact(&request, writes).map(OpResponse::Compaction)
             }
+            // Proposed only once the lease service is wired in (next step).
+            Op::LeaseGrant(_) | Op::LeaseRevoke(_) | Op::LeaseCheckpoint(_) => {
+                Err(KvError::InvalidArgument("leases are not served yet".into()))
+            }
             Op::PublishMember(attributes) => {
                 self.members.insert(attributes.member_id, attributes.clone());
                 self.pending_members.push(attributes);
