@@ -15,6 +15,9 @@ use std::time::Duration;
 use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::chorus::v1::peer_server::{Peer, PeerServer};
 use chorus_proto::chorus::v1::{RaftAck, RaftBatch};
+use chorus_proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
 use futures::StreamExt;
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -92,6 +95,20 @@ impl Peer for PeerService {
             }
         }
         Ok(Response::new(RaftAck {}))
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        _request: Request<LeaseKeepAliveRequest>,
+    ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
+        Err(Status::unimplemented("leases are not served yet"))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        _request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        Err(Status::unimplemented("leases are not served yet"))
     }
 }
 
