@@ -28,6 +28,16 @@ pub enum KvError {
     FutureRevision { current_revision: i64 },
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge { ttl_s: i64, max_s: i64 },
+    /// chorus's own limit (etcd has none): see `limits::LEASES_MAX`.
+    #[error("etcdserver: too many leases (at most {max_count})")]
+    TooManyLeases { max_count: u64 },
+    /// chorus's own limit (etcd has none): see `limits::LEASE_KEYS_MAX`.
+    #[error("etcdserver: too many keys attached to lease {lease_id} (at most {max_count})")]
+    TooManyLeaseKeys { lease_id: i64, max_count: u64 },
     /// Persisted state that cannot be decoded: a corrupt data directory, never a
     /// client's mistake.
     #[error("corrupt state: {0}")]

@@ -74,6 +74,33 @@ pub const WATCH_SYNC_EVENTS_MAX: usize = 1_000;
 /// asked for fragments (etcd's default request limit plus room for framing).
 pub const WATCH_RESPONSE_BYTES_MAX: usize = 1_572_864;
 
+/// The shortest lease TTL: a grant asking for less (zero and negative TTLs too)
+/// gets this, as etcd raises TTLs to its `minLeaseTTL` (3 heartbeats plus an
+/// election timeout, rounded up to a second). It must be at least the longest
+/// election timeout (the configured one plus its jitter: 2 s with the default
+/// 1 s) plus a margin, so that a leader change, during which nobody can receive a
+/// keep-alive, cannot by itself expire a healthy lease.
+pub const LEASE_TTL_MIN_S: i64 = 5;
+/// The longest lease TTL: etcd's `MaxLeaseTTL` (about 285 years). A grant asking
+/// for more is refused.
+pub const LEASE_TTL_MAX_S: i64 = 9_000_000_000;
+/// Leases that may exist at once (etcd has no limit). Every member holds each
+/// lease in memory and the leader runs a timer for each.
+pub const LEASES_MAX: usize = 100_000;
+/// Keys attached to one lease (etcd has no limit). A revoke deletes all of them in
+/// one apply step and one revision, which every member applies and every watcher
+/// receives at once, so this bounds how long one revoke can stall apply.
+pub const LEASE_KEYS_MAX: usize = 100_000;
+
+/// How often the leader checkpoints every lease's remaining TTL through the log, so
+/// that a new leader neither resets it to full nor expires it early.
+pub const LEASE_CHECKPOINT_INTERVAL_MS: u64 = 5_000;
+/// Leases in one checkpoint proposal (a round checkpoints at most this many).
+pub const LEASE_CHECKPOINTS_PER_PROPOSAL_MAX: usize = 10_000;
+/// Expired leases the leader proposes to revoke per tick, so that a mass expiry
+/// cannot stall writes.
+pub const LEASE_REVOKES_PER_TICK_MAX: usize = 100;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_proto::chorus::v1::{command::Op, Command, MemberAttributes};
 use chorus_proto::etcdserverpb::{
-    CompactionResponse, DeleteRangeResponse, PutResponse, TxnResponse,
+    CompactionResponse, DeleteRangeResponse, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, PutResponse, TxnResponse,
 };
 use prost::Message as _;
 use protobuf::Message as _;
@@ -57,6 +58,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::KvError;
+use crate::lease::{LeaseStore, LeaseWrites};
+use crate::lease_clock::LeaseClock;
+use crate::limits::{LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX};
 use crate::mvcc::{MvccStore, WriteSet};
 
 /// How a node is set up. Every field is an input; nothing is read from the environment.
@@ -77,6 +81,8 @@ pub struct NodeConfig {
     /// Distinguishes this boot from earlier ones, so an entry proposed before a crash
     /// and applied after the restart is never taken for a new proposal's answer.
     pub boot_id: u64,
+    /// The length of a tick on the driver's monotonic clock, for lease timers.
+    pub tick_ms: u64,
 }
 
 /// What storage hands back at start-up: everything the node persisted.
@@ -91,6 +97,17 @@ pub struct Recovered {
     pub members: BTreeMap<u64, MemberAttributes>,
     /// The proposals applied, by proposing member (see [`PersistBatch::proposals_applied`]).
     pub applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
+    pub leases: LeaseStore,
+}
+
+/// The first sequence number of a node's own proposals; the driver's stay below.
+const INTERNAL_SEQ_FIRST: u64 = 1 << 39;
+
+/// Why a lease call only the leader can answer was not answered here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseCallError {
+    #[error("not the leader")]
+    NotLeader,
 }
 
 /// A proposal could not be handed to raft.
@@ -111,7 +128,10 @@ pub enum OpResponse {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compaction(CompactionResponse),
-    PublishMember,
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
+    /// Checkpoints and member attributes: internal, nobody waits for them.
+    Internal,
 }
 
 /// A proposal of this node that has been applied.
@@ -143,6 +163,8 @@ pub struct PersistBatch {
     /// proposal once even if the log holds it twice, across restarts too.
     pub proposals_applied: Vec<(u64, u64)>,
     pub proposals_forgotten: Vec<(u64, u64)>,
+    /// Lease records changed since the last persist.
+    pub leases: LeaseWrites,
     /// The index of the last entry whose effects are in `writes` (or earlier).
     pub applied_index: u64,
     /// The batch must be on disk (fsync) before the cycle finishes: it holds log
@@ -281,6 +303,10 @@ pub struct Node {
     mvcc: MvccStore,
     members: BTreeMap<u64, MemberAttributes>,
     applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
+    leases: LeaseStore,
+    lease_clock: LeaseClock,
+    /// Sequence numbers of the node's own proposals (lease revokes and checkpoints).
+    next_internal_seq: u64,
     applied_index: u64,
     election_ticks: usize,
     rng: ChaCha8Rng,
@@ -294,6 +320,7 @@ pub struct Node {
     pending_members: Vec<MemberAttributes>,
     pending_proposals_applied: Vec<(u64, u64)>,
     pending_proposals_forgotten: Vec<(u64, u64)>,
+    pending_leases: LeaseWrites,
     pending_conf_state: Option<ConfState>,
     /// The Ready between `begin_cycle` and `finish_cycle`.
     in_cycle: Option<raft::Ready>,
@@ -342,6 +369,9 @@ impl Node {
             mvcc: recovered.mvcc,
             members: recovered.members,
             applied_proposals: recovered.applied_proposals,
+            leases: recovered.leases,
+            lease_clock: LeaseClock::new(config.tick_ms, config.election_ticks as u64),
+            next_internal_seq: INTERNAL_SEQ_FIRST,
             applied_index: recovered.applied_index,
             election_ticks: config.election_ticks,
             rng: ChaCha8Rng::seed_from_u64(config.seed ^ config.id.rotate_left(17)),
@@ -352,6 +382,7 @@ impl Node {
             pending_members: Vec::new(),
             pending_proposals_applied: Vec::new(),
             pending_proposals_forgotten: Vec::new(),
+            pending_leases: LeaseWrites::default(),
             pending_conf_state: None,
             in_cycle: None,
         };
@@ -363,7 +394,72 @@ impl Node {
     pub fn tick(&mut self) {
         assert!(self.in_cycle.is_none(), "tick during a cycle");
         self.raw.tick();
+        self.lease_clock.tick();
         self.reseed_election_timeout();
+        self.propose_lease_work();
+    }
+
+    /// The leader's lease duties on each tick: revoke expired leases (rate-limited)
+    /// and checkpoint remaining TTLs through the log now and then.
+    fn propose_lease_work(&mut self) {
+        for id in self.lease_clock.take_expired(LEASE_REVOKES_PER_TICK_MAX) {
+            self.propose_internal(Op::LeaseRevoke(LeaseRevokeRequest { id }));
+        }
+        let due = self
+            .lease_clock
+            .take_checkpoint(LEASE_CHECKPOINT_INTERVAL_MS, LEASE_CHECKPOINTS_PER_PROPOSAL_MAX);
+        let checkpoints: Vec<LeaseCheckpoint> = due
+            .into_iter()
+            .filter(|(id, remaining_s)| self.leases.get(*id).is_some_and(|l| *remaining_s < l.granted_ttl_s))
+            .map(|(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
+            .collect();
+        if !checkpoints.is_empty() {
+            self.propose_internal(Op::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }));
+        }
+    }
+
+    /// Proposes a command of the node's own; nobody waits for its answer.
+    fn propose_internal(&mut self, op: Op) {
+        let seq = self.next_internal_seq;
+        self.next_internal_seq += 1;
+        let _ = self.propose(seq, op);
+    }
+
+    /// A keep-alive. On the leader: restarts the lease's timer and returns its
+    /// granted TTL (0 when the lease does not exist or has expired, as etcd
+    /// answers). Elsewhere: `Err(NotLeader)`, and the caller forwards it.
+    pub fn lease_keep_alive(&mut self, id: i64) -> Result<i64, LeaseCallError> {
+        if !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
+            return Err(LeaseCallError::NotLeader);
+        }
+        let Some(lease) = self.leases.get(id) else { return Ok(0) };
+        let (ttl_s, checkpointed) = (lease.granted_ttl_s, lease.remaining_ttl_s.is_some());
+        if !self.lease_clock.renew(id, ttl_s) {
+            return Ok(0); // expired: its revoke is under way
+        }
+        if checkpointed {
+            // A stale checkpoint would let a new leader expire the renewed lease
+            // early: clear it (a new leader then restarts it from its full TTL).
+            let checkpoints = vec![LeaseCheckpoint { id, remaining_ttl: 0 }];
+            self.propose_internal(Op::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }));
+        }
+        Ok(ttl_s)
+    }
+
+    /// (remaining TTL, granted TTL, keys) of a lease, answered by the leader;
+    /// remaining -1 and granted 0 for a lease that does not exist (etcd's answer).
+    pub fn lease_time_to_live(&self, id: i64) -> Result<(i64, i64, Vec<Vec<u8>>), LeaseCallError> {
+        if !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
+            return Err(LeaseCallError::NotLeader);
+        }
+        let Some(lease) = self.leases.get(id) else { return Ok((-1, 0, Vec::new())) };
+        let remaining = self.lease_clock.remaining_s(id).unwrap_or(lease.granted_ttl_s);
+        Ok((remaining, lease.granted_ttl_s, lease.keys.iter().cloned().collect()))
+    }
+
+    /// Every lease id, from this member's applied state.
+    pub fn lease_ids(&self) -> Vec<i64> {
+        self.leases.ids().collect()
     }
 
     /// Hands a message from a peer to raft. Messages from members no longer in the
@@ -415,6 +511,7 @@ impl Node {
         self.raw.has_ready()
             || !self.pending_writes.is_empty()
             || !self.pending_members.is_empty()
+            || !self.pending_leases.is_empty()
             || self.pending_conf_state.is_some()
     }
 
@@ -524,6 +621,7 @@ impl Node {
             members: std::mem::take(&mut self.pending_members),
             proposals_applied: std::mem::take(&mut self.pending_proposals_applied),
             proposals_forgotten: std::mem::take(&mut self.pending_proposals_forgotten),
+            leases: std::mem::take(&mut self.pending_leases),
             applied_index: self.applied_index,
             must_sync,
         }
@@ -619,23 +717,53 @@ impl Node {
 
     fn apply_op(&mut self, op: Op) -> Result<OpResponse, KvError> {
         let writes = &mut self.pending_writes;
-        match op {
-            Op::Put(request) => self.mvcc.put(&request, writes).map(OpResponse::Put),
+        let changes_before = writes.changes.len();
+        let result = match op {
+            Op::Put(request) => self
+                .leases
+                .check_put(&request)
+                .and_then(|()| self.mvcc.put(&request, writes))
+                .map(OpResponse::Put),
             Op::DeleteRange(request) => {
                 self.mvcc.delete_range(&request, writes).map(OpResponse::DeleteRange)
             }
-            Op::Txn(request) => self.mvcc.txn(&request, writes).map(OpResponse::Txn),
+            Op::Txn(request) => self
+                .leases
+                .check_txn(&request)
+                .and_then(|()| self.mvcc.txn(&request, writes))
+                .map(OpResponse::Txn),
+            other => return self.apply_other(other),
+        };
+        self.leases.observe(&self.pending_writes.changes[changes_before..]);
+        result
+    }
+
+    /// Commands other than key-space writes.
+    fn apply_other(&mut self, op: Op) -> Result<OpResponse, KvError> {
+        let writes = &mut self.pending_writes;
+        match op {
+            Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) => unreachable!("applied by apply_op"),
             Op::Compaction(request) => {
                 self.mvcc.compact(&request, writes).map(OpResponse::Compaction)
             }
-            // Proposed only once the lease service is wired in (next step).
-            Op::LeaseGrant(_) | Op::LeaseRevoke(_) | Op::LeaseCheckpoint(_) => {
-                Err(KvError::InvalidArgument("leases are not served yet".into()))
+            Op::LeaseGrant(request) => {
+                let response = self.leases.grant(&request, &mut self.pending_leases)?;
+                self.lease_clock.granted(response.id, response.ttl);
+                Ok(OpResponse::LeaseGrant(response))
+            }
+            Op::LeaseRevoke(request) => {
+                let response = self.leases.revoke(&request, &mut self.mvcc, writes, &mut self.pending_leases)?;
+                self.lease_clock.removed(request.id);
+                Ok(OpResponse::LeaseRevoke(response))
+            }
+            Op::LeaseCheckpoint(request) => {
+                self.leases.checkpoint(&request, &mut self.pending_leases)?;
+                Ok(OpResponse::Internal)
             }
             Op::PublishMember(attributes) => {
                 self.members.insert(attributes.member_id, attributes.clone());
                 self.pending_members.push(attributes);
-                Ok(OpResponse::PublishMember)
+                Ok(OpResponse::Internal)
             }
         }
     }
@@ -649,6 +777,17 @@ impl Node {
             return;
         }
         self.timeout_epoch = epoch;
+        let leading = raft.state == StateRole::Leader;
+        if leading && !self.lease_clock.is_leading() {
+            let leases: Vec<(i64, i64)> = self
+                .leases
+                .iter()
+                .map(|l| (l.id, l.remaining_ttl_s.unwrap_or(l.granted_ttl_s)))
+                .collect();
+            self.lease_clock.become_leader(leases);
+        } else if !leading && self.lease_clock.is_leading() {
+            self.lease_clock.step_down();
+        }
         let jitter = self.rng.random_range(0..self.election_ticks);
         self.raw.raft.set_randomized_election_timeout(self.election_ticks + jitter);
     }

@@ -14,11 +14,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use chorus_core::limits::WATCH_SYNC_EVENTS_MAX;
-use chorus_core::node::{Node, NodeStatus, OpResponse, Reply};
+use chorus_core::node::{LeaseCallError, Node, NodeStatus, OpResponse, Reply};
 use chorus_core::watch::{SinkError, WatchHub, WatchSink};
 use chorus_proto::chorus::v1::{command::Op, MemberAttributes};
 use chorus_proto::etcdserverpb::{
-    RangeRequest, RangeResponse, ResponseHeader, WatchCreateRequest, WatchResponse,
+    LeaseKeepAliveResponse, LeaseLeasesResponse, LeaseStatus, LeaseTimeToLiveResponse, RangeRequest,
+    RangeResponse, ResponseHeader, WatchCreateRequest, WatchResponse,
 };
 use chorus_storage::DiskStorage;
 use raft::prelude::{ConfState, Message};
@@ -51,6 +52,10 @@ pub enum Input {
     WatchCancel { stream: u64, watch_id: i64 },
     WatchProgress { stream: u64 },
     WatchClose { stream: u64 },
+    /// Leader-only lease calls; `Err(NotLeader)` means forward them to the leader.
+    LeaseKeepAlive { id: i64, reply: oneshot::Sender<Result<LeaseKeepAliveResponse, LeaseCallError>> },
+    LeaseTimeToLive { id: i64, keys: bool, reply: oneshot::Sender<Result<LeaseTimeToLiveResponse, LeaseCallError>> },
+    LeaseLeases { reply: oneshot::Sender<LeaseLeasesResponse> },
 }
 
 /// A watch stream's bounded response channel, as the watch hub's sink.
@@ -224,6 +229,28 @@ impl Driver {
                 self.watches.progress(stream, header);
             }
             Input::WatchClose { stream } => self.watches.close_stream(stream),
+            Input::LeaseKeepAlive { id, reply } => {
+                let result = self.node.lease_keep_alive(id);
+                let header = Some(self.header());
+                let _ = reply.send(result.map(|ttl| LeaseKeepAliveResponse { header, id, ttl }));
+            }
+            Input::LeaseTimeToLive { id, keys, reply } => {
+                let header = Some(self.header());
+                let result = self.node.lease_time_to_live(id).map(|(ttl, granted_ttl, lease_keys)| {
+                    LeaseTimeToLiveResponse {
+                        header,
+                        id,
+                        ttl,
+                        granted_ttl,
+                        keys: if keys { lease_keys } else { Vec::new() },
+                    }
+                });
+                let _ = reply.send(result);
+            }
+            Input::LeaseLeases { reply } => {
+                let leases = self.node.lease_ids().into_iter().map(|id| LeaseStatus { id }).collect();
+                let _ = reply.send(LeaseLeasesResponse { header: Some(self.header()), leases });
+            }
         }
     }
 
@@ -438,7 +465,9 @@ impl Driver {
             OpResponse::DeleteRange(r) => &mut r.header,
             OpResponse::Txn(r) => &mut r.header,
             OpResponse::Compaction(r) => &mut r.header,
-            OpResponse::PublishMember => return response,
+            OpResponse::LeaseGrant(r) => &mut r.header,
+            OpResponse::LeaseRevoke(r) => &mut r.header,
+            OpResponse::Internal => return response,
         };
         if let Some(revision) = slot.as_ref().map(|h| h.revision) {
             header.revision = revision;
@@ -485,6 +514,32 @@ impl NodeHandle {
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Read { request, deadline, reply }, deadline).await?;
         Self::await_answer(answer, deadline).await
+    }
+
+    /// A leader-only lease call: `Ok(Err(NotLeader))` when this member does not lead.
+    pub async fn lease_call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LeaseCallError>>) -> Input,
+    ) -> Result<Result<T, LeaseCallError>, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.submit(make(reply), deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+
+    pub async fn lease_leases(&self) -> Result<LeaseLeasesResponse, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::LeaseLeases { reply }, deadline).await?;
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) => Err(RequestError::Stopped),
+            Err(_) => Err(RequestError::Timeout),
+        }
     }
 
     /// Hands a watch-stream input to the driver (waits while its queue is full).

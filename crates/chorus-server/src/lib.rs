@@ -22,6 +22,7 @@ use chorus_core::node::{Node, NodeConfig};
 use chorus_proto::chorus::v1::MemberAttributes;
 use chorus_proto::etcdserverpb::cluster_server::ClusterServer;
 use chorus_proto::etcdserverpb::kv_server::KvServer;
+use chorus_proto::etcdserverpb::lease_server::LeaseServer;
 use chorus_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use chorus_proto::etcdserverpb::watch_server::WatchServer;
 use chorus_storage::{DiskStorage, Identity, StorageError};
@@ -33,6 +34,7 @@ pub use config::{ClusterState, ConfigError, ServerConfig};
 
 use crate::api::cluster::{ClusterService, ConfiguredMember};
 use crate::api::kv::KvService;
+use crate::api::lease::LeaseService;
 use crate::api::maintenance::MaintenanceService;
 use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
@@ -96,6 +98,7 @@ pub async fn serve(
         heartbeat_ticks: 1,
         seed: member_id ^ opened.boot_count,
         boot_id: opened.boot_count,
+        tick_ms: config.heartbeat_interval_ms,
     };
     let node = Node::new(&node_config, opened.recovered, &raft_log::logger(&config.name))
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -121,9 +124,14 @@ pub async fn serve(
     ));
 
     let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms));
+    let peer_addrs: BTreeMap<u64, String> = config
+        .initial_cluster
+        .iter()
+        .map(|(name, urls)| (member_ids[name], config::url_to_addr(&urls[0]).expect("validated URL")))
+        .collect();
     let mut servers = Vec::new();
     for listener in peer_listeners {
-        let service = PeerService::new(cluster_id, member_id, input_tx.clone(), stop_rx.clone());
+        let service = PeerService::new(cluster_id, member_id, input_tx.clone(), handle.clone(), stop_rx.clone());
         let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(service);
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
             nodelay_incoming(listener),
@@ -139,12 +147,14 @@ pub async fn serve(
         let maintenance = MaintenanceServer::new(MaintenanceService::new(handle.clone(), ids));
         let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
         let watch = WatchServer::new(WatchService::new(handle.clone()));
+        let lease = LeaseServer::new(LeaseService::new(handle.clone(), peer_addrs.clone()));
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(kv)
             .add_service(maintenance)
             .add_service(cluster)
-            .add_service(watch);
+            .add_service(watch)
+            .add_service(lease);
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
             nodelay_incoming(listener),
             wait_stop(stop_rx.clone()),

@@ -46,6 +46,12 @@ pub fn kv_code(error: &KvError) -> Code {
         | KvError::InvalidArgument(_) => Code::InvalidArgument,
         KvError::Compacted { .. } | KvError::FutureRevision { .. } => Code::OutOfRange,
         KvError::LeaseNotFound => Code::NotFound,
+        // etcd's codes: ErrGRPCLeaseExist and ErrGRPCLeaseTTLTooLarge.
+        KvError::LeaseExists => Code::FailedPrecondition,
+        KvError::LeaseTtlTooLarge { .. } => Code::OutOfRange,
+        KvError::TooManyLeases { .. } | KvError::TooManyLeaseKeys { .. } => {
+            Code::ResourceExhausted
+        }
         KvError::Corrupt(_) => Code::DataLoss,
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::driver::Input;
+use crate::driver::{Input, NodeHandle};
 
 /// Messages waiting to be sent to one peer before new ones are dropped.
 pub const PEER_QUEUE_MESSAGES_MAX: usize = 4096;
@@ -41,6 +41,7 @@ pub struct PeerService {
     cluster_id: u64,
     member_id: u64,
     inputs: mpsc::Sender<Input>,
+    node: NodeHandle,
     /// Becomes true when the member stops: open streams end then, so a graceful
     /// shutdown does not wait for peers to hang up.
     stop: watch::Receiver<bool>,
@@ -51,9 +52,10 @@ impl PeerService {
         cluster_id: u64,
         member_id: u64,
         inputs: mpsc::Sender<Input>,
+        node: NodeHandle,
         stop: watch::Receiver<bool>,
     ) -> PeerServer<PeerService> {
-        PeerServer::new(PeerService { cluster_id, member_id, inputs, stop })
+        PeerServer::new(PeerService { cluster_id, member_id, inputs, node, stop })
             .max_decoding_message_size(PEER_BATCH_BYTES_MAX)
     }
 }
@@ -97,18 +99,28 @@ impl Peer for PeerService {
         Ok(Response::new(RaftAck {}))
     }
 
+    /// A keep-alive forwarded by a member that does not lead. Answered only if this
+    /// member leads (never forwarded twice).
     async fn lease_keep_alive(
         &self,
-        _request: Request<LeaseKeepAliveRequest>,
+        request: Request<LeaseKeepAliveRequest>,
     ) -> Result<Response<LeaseKeepAliveResponse>, Status> {
-        Err(Status::unimplemented("leases are not served yet"))
+        let id = request.into_inner().id;
+        match self.node.lease_call(|reply| Input::LeaseKeepAlive { id, reply }).await? {
+            Ok(response) => Ok(Response::new(response)),
+            Err(_) => Err(Status::unavailable("etcdserver: not the leader")),
+        }
     }
 
     async fn lease_time_to_live(
         &self,
-        _request: Request<LeaseTimeToLiveRequest>,
+        request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Err(Status::unimplemented("leases are not served yet"))
+        let LeaseTimeToLiveRequest { id, keys } = request.into_inner();
+        match self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await? {
+            Ok(response) => Ok(Response::new(response)),
+            Err(_) => Err(Status::unavailable("etcdserver: not the leader")),
+        }
     }
 }
 

@@ -414,6 +414,7 @@ impl World {
             heartbeat_ticks: 1,
             seed: self.options.seed ^ opened.boot_count,
             boot_id: opened.boot_count,
+            tick_ms: self.options.tick_us / 1000,
         };
         let applied = opened.recovered.applied_index;
         let opened_boot = opened.boot_count;

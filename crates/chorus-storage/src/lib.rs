@@ -11,6 +11,7 @@
 //! | `kv` | 17-byte revision key (see `chorus_core::mvcc`) | `mvccpb.KeyValue`, protobuf-encoded |
 //! | `members` | member id (`u64`) | `chorus.v1.MemberAttributes`, protobuf-encoded |
 //! | `applied_proposals` | (proposer member id, proposal tag) | nothing: the key is the record |
+//! | `leases` | lease id (`i64`) | the lease record of `chorus_core::lease` |
 //!
 //! `meta` holds `format_version`, `cluster_id`, `member_id`, `boot_count` (each a
 //! big-endian `u64`), `hard_state` and `conf_state` (raft-rs protobuf), and
@@ -47,6 +48,7 @@ const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("members");
 const APPLIED_PROPOSALS: TableDefinition<(u64, u64), ()> = TableDefinition::new("applied_proposals");
+const LEASES: TableDefinition<i64, &[u8]> = TableDefinition::new("leases");
 
 /// The on-disk format this build writes and reads.
 pub const FORMAT_VERSION: u64 = 1;
@@ -200,6 +202,13 @@ impl DiskStorage {
             for key in &batch.proposals_forgotten {
                 proposals.remove(*key).map_err(|e| self.io(e))?;
             }
+            let mut leases = txn.open_table(LEASES).map_err(|e| self.io(e))?;
+            for (id, record) in &batch.leases.puts {
+                leases.insert(*id, record.as_slice()).map_err(|e| self.io(e))?;
+            }
+            for id in &batch.leases.removes {
+                leases.remove(*id).map_err(|e| self.io(e))?;
+            }
         }
         txn.commit().map_err(|e| self.io(e))
     }
@@ -268,6 +277,7 @@ impl DiskStorage {
             txn.open_table(KV).map_err(|e| self.io(e))?;
             txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
             txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
+            txn.open_table(LEASES).map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))?;
         Ok(boot_count)
@@ -328,6 +338,14 @@ impl DiskStorage {
             let (proposer, tag) = key.value();
             recovered.applied_proposals.entry(proposer).or_default().insert(tag);
         }
+        let leases = txn.open_table(LEASES).map_err(|e| self.io(e))?;
+        let mut records = Vec::new();
+        for item in leases.iter().map_err(|e| self.io(e))? {
+            let (id, record) = item.map_err(|e| self.io(e))?;
+            records.push((id.value(), record.value().to_vec()));
+        }
+        recovered.leases = chorus_core::lease::LeaseStore::restore(records, &recovered.mvcc)
+            .map_err(|e| self.corrupt(format!("leases: {e}")))?;
         Ok(recovered)
     }
 

@@ -21,6 +21,7 @@ fn config(id: u64) -> NodeConfig {
         heartbeat_ticks: 1,
         seed: 7,
         boot_id: 1,
+        tick_ms: 100,
     }
 }
 

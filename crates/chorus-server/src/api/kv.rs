@@ -29,28 +29,6 @@ impl KvService {
     }
 }
 
-/// Leases do not exist in chorus yet, so no lease id is valid: a put that names
-/// one is refused as etcd refuses an unknown lease, instead of storing a dangling id.
-fn reject_leases(lease: i64) -> Result<(), Status> {
-    if lease == 0 {
-        return Ok(());
-    }
-    Err(invalid(chorus_core::KvError::LeaseNotFound))
-}
-
-/// Every lease id named by a put anywhere in a txn, nested txns included.
-fn txn_leases(txn: &TxnRequest) -> Box<dyn Iterator<Item = i64> + '_> {
-    use chorus_proto::etcdserverpb::request_op::Request;
-    let ops = txn.success.iter().chain(&txn.failure);
-    Box::new(ops.flat_map(|op| -> Box<dyn Iterator<Item = i64> + '_> {
-        match &op.request {
-            Some(Request::RequestPut(put)) => Box::new(std::iter::once(put.lease)),
-            Some(Request::RequestTxn(inner)) => txn_leases(inner),
-            _ => Box::new(std::iter::empty()),
-        }
-    }))
-}
-
 fn unexpected(what: &str) -> Status {
     Status::internal(format!("applied command returned an unexpected response for {what}"))
 }
@@ -66,7 +44,6 @@ impl Kv for KvService {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let request = request.into_inner();
         validate::validate_put(&request, &self.limits).map_err(invalid)?;
-        reject_leases(request.lease)?;
         match self.write(Op::Put(request)).await? {
             OpResponse::Put(response) => Ok(Response::new(response)),
             _ => Err(unexpected("put")),
@@ -88,7 +65,6 @@ impl Kv for KvService {
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let request = request.into_inner();
         validate::validate_txn(&request, &self.limits).map_err(invalid)?;
-        txn_leases(&request).try_for_each(reject_leases)?;
         match self.write(Op::Txn(request)).await? {
             OpResponse::Txn(response) => Ok(Response::new(response)),
             _ => Err(unexpected("txn")),

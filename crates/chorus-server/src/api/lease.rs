@@ -1,0 +1,154 @@
+//! etcd's `Lease` service. Grants and revokes go through the log. Keep-alives and
+//! time-to-live questions need the leader's timers (only the leader decides
+//! expiry): a member that does not lead forwards them to the leader over the peer
+//! port (`chorus.v1.Peer`), as etcd forwards them.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use chorus_core::node::{LeaseCallError, OpResponse};
+use chorus_proto::chorus::v1::command::Op;
+use chorus_proto::chorus::v1::peer_client::PeerClient;
+use chorus_proto::etcdserverpb::lease_server::Lease;
+use chorus_proto::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::{Input, NodeHandle};
+use crate::status::RequestError;
+
+/// Keep-alive responses buffered per stream.
+const KEEP_ALIVE_RESPONSES_MAX: usize = 64;
+/// How long a forwarded lease call may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub struct LeaseService {
+    node: NodeHandle,
+    /// Every member's peer address, by id, for forwarding to the leader.
+    peer_addrs: BTreeMap<u64, String>,
+}
+
+impl LeaseService {
+    pub fn new(node: NodeHandle, peer_addrs: BTreeMap<u64, String>) -> LeaseService {
+        LeaseService { node, peer_addrs }
+    }
+}
+
+/// Answers leader-only lease calls here, or through the leader.
+#[derive(Clone)]
+struct LeaderCalls {
+    node: NodeHandle,
+    peer_addrs: BTreeMap<u64, String>,
+}
+
+impl LeaderCalls {
+    async fn keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
+        let local = self.node.lease_call(|reply| Input::LeaseKeepAlive { id, reply }).await?;
+        match local {
+            Ok(response) => Ok(response),
+            Err(LeaseCallError::NotLeader) => {
+                let mut peer = self.leader_client().await?;
+                let call = peer.lease_keep_alive(LeaseKeepAliveRequest { id });
+                Ok(timed(call).await?.into_inner())
+            }
+        }
+    }
+
+    async fn time_to_live(&self, request: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
+        let (id, keys) = (request.id, request.keys);
+        let local = self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await?;
+        match local {
+            Ok(response) => Ok(response),
+            Err(LeaseCallError::NotLeader) => {
+                let mut peer = self.leader_client().await?;
+                Ok(timed(peer.lease_time_to_live(request)).await?.into_inner())
+            }
+        }
+    }
+
+    async fn leader_client(&self) -> Result<PeerClient<tonic::transport::Channel>, Status> {
+        let leader = self.node.status().await?.node.leader_id;
+        let Some(addr) = self.peer_addrs.get(&leader) else {
+            return Err(RequestError::NoLeader.into());
+        };
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(FORWARD_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect().await.map_err(|_| Status::from(RequestError::NoLeader))?;
+        Ok(PeerClient::new(channel))
+    }
+}
+
+async fn timed<T>(call: impl std::future::Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(RequestError::Timeout.into()),
+    }
+}
+
+type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Lease for LeaseService {
+    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut request = request.into_inner();
+        if request.id < 0 {
+            return Err(Status::invalid_argument("etcdserver: lease ID must be positive"));
+        }
+        if request.id == 0 {
+            // Chosen here, by the proposer, so that every member applies the same id.
+            request.id = (rand::random::<u64>() >> 1).max(1) as i64;
+        }
+        match self.node.propose(Op::LeaseGrant(request)).await? {
+            OpResponse::LeaseGrant(response) => Ok(Response::new(response)),
+            _ => Err(Status::internal("unexpected response to a lease grant")),
+        }
+    }
+
+    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.node.propose(Op::LeaseRevoke(request.into_inner())).await? {
+            OpResponse::LeaseRevoke(response) => Ok(Response::new(response)),
+            _ => Err(Status::internal("unexpected response to a lease revoke")),
+        }
+    }
+
+    type LeaseKeepAliveStream = KeepAliveStream;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<KeepAliveStream>, Status> {
+        let calls = LeaderCalls { node: self.node.clone(), peer_addrs: self.peer_addrs.clone() };
+        let mut requests = request.into_inner();
+        let (responses, receiver) = mpsc::channel(KEEP_ALIVE_RESPONSES_MAX);
+        tokio::spawn(async move {
+            while let Some(Ok(request)) = requests.next().await {
+                let answer = calls.keep_alive(request.id).await;
+                let failed = answer.is_err();
+                if responses.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let calls = LeaderCalls { node: self.node.clone(), peer_addrs: self.peer_addrs.clone() };
+        Ok(Response::new(calls.time_to_live(request.into_inner()).await?))
+    }
+
+    async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        Ok(Response::new(self.node.lease_leases().await?))
+    }
+}
