@@ -500,6 +500,11 @@ impl NodeHandle {
         NodeHandle { inputs, request_timeout }
     }
 
+    /// How long a request may wait for the cluster.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Proposes a write and waits for it to be applied here, at most the request timeout.
     pub async fn propose(&self, op: Op) -> Result<OpResponse, RequestError> {
         let deadline = Instant::now() + self.request_timeout;

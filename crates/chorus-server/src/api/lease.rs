@@ -25,6 +25,8 @@ use crate::status::RequestError;
 
 /// Keep-alive responses buffered per stream.
 const KEEP_ALIVE_RESPONSES_MAX: usize = 64;
+/// Pause between attempts while no leader answers.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
 /// How long a forwarded lease call may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -48,26 +50,51 @@ struct LeaderCalls {
 }
 
 impl LeaderCalls {
+    /// Retries while there is no leader (an election is under way), within the
+    /// request timeout, as etcd waits for a leader rather than fail a keep-alive.
     async fn keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
-        let local = self.node.lease_call(|reply| Input::LeaseKeepAlive { id, reply }).await?;
-        match local {
-            Ok(response) => Ok(response),
-            Err(LeaseCallError::NotLeader) => {
-                let mut peer = self.leader_client().await?;
-                let call = peer.lease_keep_alive(LeaseKeepAliveRequest { id });
-                Ok(timed(call).await?.into_inner())
+        self.with_retries(|| async move {
+            match self.node.lease_call(|reply| Input::LeaseKeepAlive { id, reply }).await? {
+                Ok(response) => Ok(response),
+                Err(LeaseCallError::NotLeader) => {
+                    let mut peer = self.leader_client().await?;
+                    let call = peer.lease_keep_alive(LeaseKeepAliveRequest { id });
+                    Ok(timed(call).await?.into_inner())
+                }
             }
-        }
+        })
+        .await
     }
 
     async fn time_to_live(&self, request: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
-        let (id, keys) = (request.id, request.keys);
-        let local = self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await?;
-        match local {
-            Ok(response) => Ok(response),
-            Err(LeaseCallError::NotLeader) => {
-                let mut peer = self.leader_client().await?;
-                Ok(timed(peer.lease_time_to_live(request)).await?.into_inner())
+        self.with_retries(|| {
+            let request = request.clone();
+            async move {
+                let (id, keys) = (request.id, request.keys);
+                match self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await? {
+                    Ok(response) => Ok(response),
+                    Err(LeaseCallError::NotLeader) => {
+                        let mut peer = self.leader_client().await?;
+                        Ok(timed(peer.lease_time_to_live(request)).await?.into_inner())
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn with_retries<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.node.request_timeout();
+        loop {
+            match call().await {
+                Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(RETRY_DELAY).await;
+                }
+                other => return other,
             }
         }
     }

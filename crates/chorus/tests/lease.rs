@@ -1,0 +1,85 @@
+//! Leases against real processes: a lease kept alive survives SIGKILL of the
+//! leader; a lease left alone is not reset to its full TTL by a leader change and
+//! expires within its TTL plus an election timeout, taking its keys with it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use etcd_client::{GetOptions, LeaseTimeToLiveOptions, PutOptions};
+
+/// The longest election timeout with the default flags (1 s plus up to 1 s of jitter).
+const ELECTION_TIMEOUT_MAX: Duration = Duration::from_secs(2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_kept_alive_survives_sigkill_of_the_leader() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let mut client = cluster.client_of(follower).await;
+    let lease = client.lease_grant(6, None).await.unwrap().id();
+    client.put("held", "yes", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.unwrap();
+    let start = Instant::now();
+    let mut killed = false;
+    // Keep alive every second for 14 s (more than twice the TTL), killing the leader at 3 s.
+    while start.elapsed() < Duration::from_secs(14) {
+        if !killed && start.elapsed() > Duration::from_secs(3) {
+            cluster.kill(leader);
+            killed = true;
+        }
+        if keeper.keep_alive().await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), responses.message()).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let got = client.get("held", None).await.unwrap();
+    assert_eq!(got.kvs().len(), 1, "the key of a lease kept alive is still there");
+    let ttl = client.lease_time_to_live(lease, None).await.unwrap();
+    assert!(ttl.ttl() > 0 && ttl.ttl() <= 6, "remaining TTL {} within the granted 6 s", ttl.ttl());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_alone_is_not_reset_by_a_leader_change_and_expires_with_its_keys() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let mut client = cluster.client_of(follower).await;
+    let ttl_s = 12;
+    let granted_at = Instant::now();
+    let lease = client.lease_grant(ttl_s, None).await.unwrap().id();
+    for key in ["gone/a", "gone/b", "gone/c"] {
+        client.put(key, "x", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    }
+    // After a checkpoint (every 5 s) the leader dies; the new leader starts from the
+    // checkpoint plus one election timeout, not from the full 12 s.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    cluster.kill(leader);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let options = LeaseTimeToLiveOptions::new().with_keys();
+    let remaining = client.lease_time_to_live(lease, Some(options)).await.unwrap();
+    assert_eq!(remaining.keys().len(), 3);
+    assert!(
+        remaining.ttl() < ttl_s - 2,
+        "remaining {} s after a leader change at 7 s: not reset to the full {ttl_s} s",
+        remaining.ttl()
+    );
+    // After a leader change it expires within TTL + the checkpoint interval (1 s) +
+    // the election + one election timeout of grace (plus a second of slack for ticks
+    // and the revoke's round trip), and all its keys go in one revision.
+    let limit = Duration::from_secs(ttl_s as u64) + 2 * ELECTION_TIMEOUT_MAX + Duration::from_secs(2);
+    loop {
+        let left = client.get("gone/", Some(GetOptions::new().with_prefix())).await.unwrap();
+        if left.kvs().is_empty() {
+            break;
+        }
+        assert!(granted_at.elapsed() < limit, "still there after {:?}", granted_at.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expired_after = granted_at.elapsed();
+    eprintln!("lease of {ttl_s} s expired {} ms after the grant", expired_after.as_millis());
+    assert!(expired_after >= Duration::from_secs(ttl_s as u64), "not before its TTL: {expired_after:?}");
+    let gone = client.lease_time_to_live(lease, None).await.unwrap();
+    assert_eq!(gone.ttl(), -1, "an expired lease answers TTL -1");
+}
