@@ -57,6 +57,9 @@ async fn a_watch_on_a_follower_sees_every_write_through_the_leader_once_in_order
 
     // A start revision below the compaction is cancelled with the compact revision.
     writer.compact(resume_at, None).await.unwrap();
+    // Each member compacts when it applies the compaction: a linearizable read
+    // through `other` makes sure it has, before the watch starts there.
+    resuming.get("w/", None).await.unwrap();
     let options = WatchOptions::new().with_prefix().with_start_revision(2);
     let mut old = resuming.watch("w/", Some(options)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
