@@ -27,7 +27,8 @@ struct Args {
     /// First seed of a --seeds run.
     #[arg(long, default_value_t = 0)]
     start: u64,
-    /// Switch on a deliberate bug (stale-reads, ack-before-fsync) to test the checkers.
+    /// Switch on a deliberate bug (stale-reads, ack-before-fsync,
+    /// lease-ack-without-renew) to test the checkers.
     #[arg(long)]
     bug: Option<Bug>,
 }
@@ -87,6 +88,7 @@ fn bug_name(bug: Bug) -> &'static str {
     match bug {
         Bug::StaleReads => "stale-reads",
         Bug::AckBeforeFsync => "ack-before-fsync",
+        Bug::LeaseAckWithoutRenew => "lease-ack-without-renew",
     }
 }
 

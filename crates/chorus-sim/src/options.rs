@@ -12,6 +12,8 @@ pub enum Bug {
     StaleReads,
     /// fsync does nothing, so acknowledged writes can be lost in a crash.
     AckBeforeFsync,
+    /// Lease keep-alives are acknowledged without renewing the lease.
+    LeaseAckWithoutRenew,
 }
 
 impl std::str::FromStr for Bug {
@@ -20,8 +22,9 @@ impl std::str::FromStr for Bug {
         match text {
             "stale-reads" => Ok(Bug::StaleReads),
             "ack-before-fsync" => Ok(Bug::AckBeforeFsync),
+            "lease-ack-without-renew" => Ok(Bug::LeaseAckWithoutRenew),
             other => Err(format!(
-                "unknown bug {other:?}; known: stale-reads, ack-before-fsync"
+                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew"
             )),
         }
     }
@@ -121,6 +124,8 @@ impl SimOptions {
             }
             // Stale reads show fastest with every get linearizable and lagging followers.
             Some(Bug::StaleReads) => options.serializable_get_percent = 0,
+            // Early expiry is only promised against a clock that does not leap.
+            Some(Bug::LeaseAckWithoutRenew) => options.tick_bursts = false,
             None => {}
         }
         options

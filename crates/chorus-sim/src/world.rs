@@ -31,6 +31,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
 use crate::options::{Bug, SimOptions};
+use crate::lease_workload::{LeaseClient, Phase, KEYS_PER_LEASE, LEASE_TTL_S};
 use crate::watch_workload::{SimSink, WatchClient};
 
 const CLUSTER_ID: u64 = 0xc1u64;
@@ -111,6 +112,18 @@ enum Event {
         key_index: usize,
     },
     WatchDrain(usize),
+    LeaseStep(usize),
+    LeaseAnswer { client: usize, request: u64, sent_us: u64, result: LeaseResult },
+    LeaseTimeout { client: usize, request: u64 },
+}
+
+/// A lease client's answer: the TTL of a keep-alive (0: gone), or Done for other calls.
+#[derive(Debug, Clone, Copy)]
+enum LeaseResult {
+    Ttl(i64),
+    Done,
+    NotFound,
+    Failed,
 }
 
 struct Scheduled {
@@ -150,6 +163,8 @@ struct Running {
     applied_seen: u64,
     /// Highest revision served by a serializable read in this boot.
     serializable_revision_max: i64,
+    /// Lease client proposals: seq to (lease client, request id).
+    lease_proposals: BTreeMap<u64, (usize, u64)>,
     /// This boot's watch hub; its streams die with the process.
     watches: WatchHub<SimSink>,
     boot: u64,
@@ -206,6 +221,8 @@ pub struct World {
     crashes: u64,
     watch_clients: Vec<WatchClient>,
     next_stream: u64,
+    lease_clients: Vec<LeaseClient>,
+    next_lease_request: u64,
 }
 
 impl World {
@@ -260,6 +277,8 @@ impl World {
             crashes: 0,
             watch_clients: Vec::new(),
             next_stream: 1,
+            lease_clients: Vec::new(),
+            next_lease_request: 1,
         }
     }
 
@@ -270,6 +289,15 @@ impl World {
             self.start_node(i);
             let first_tick = self.rng.random_range(0..self.nodes[i].tick_us);
             self.schedule(first_tick, Event::Tick(i));
+        }
+        let lease_clients_count = 1 + (self.options.seed % 3) as usize;
+        for l in 0..lease_clients_count {
+            let id = self.rng.random_range(1..i64::MAX);
+            let keep_alives = self.rng.random_range(3..40);
+            let revoke = self.rng.random_bool(0.3);
+            self.lease_clients.push(LeaseClient::new(id, keep_alives, revoke));
+            let start = self.rng.random_range(0..5_000_000);
+            self.schedule(start, Event::LeaseStep(l));
         }
         let watchers_count = 1 + (self.options.seed % 2) as usize;
         for w in 0..watchers_count {
@@ -295,6 +323,7 @@ impl World {
         }
         self.check_convergence();
         self.check_watchers();
+        self.check_leases();
         self.report()
     }
 
@@ -393,6 +422,16 @@ impl World {
             }
             Event::FinalRead { attempt, key_index } => self.final_read(attempt, key_index),
             Event::WatchDrain(w) => self.watch_drain(w),
+            Event::LeaseStep(l) => self.lease_step(l),
+            Event::LeaseAnswer { client, request, sent_us, result } => {
+                self.lease_answer(client, request, sent_us, result)
+            }
+            Event::LeaseTimeout { client, request } => {
+                if self.lease_clients[client].request_in_flight == Some(request) {
+                    self.lease_clients[client].request_in_flight = None;
+                    self.schedule(100_000, Event::LeaseStep(client));
+                }
+            }
         }
     }
 
@@ -432,6 +471,7 @@ impl World {
             applied_seen: applied,
             serializable_revision_max: 0,
             watches: WatchHub::default(),
+            lease_proposals: BTreeMap::new(),
             boot: opened_boot,
         });
         self.run_cycles(i);
@@ -577,9 +617,13 @@ impl World {
         if !had_leader {
             return;
         }
-        let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals)
-            .into_values()
-            .collect();
+        let lease_failed: Vec<(usize, u64)> = std::mem::take(&mut running.lease_proposals).into_values().collect();
+        for (client, request) in lease_failed {
+            let result = LeaseResult::Failed;
+            self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
+        }
+        let running = self.nodes[i].running.as_mut().expect("running");
+        let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals).into_values().collect();
         for (client, op_id) in failed {
             self.schedule(
                 100,
@@ -708,6 +752,17 @@ impl World {
     fn answer_replies(&mut self, i: usize, replies: Vec<Reply>, delay_us: u64) {
         for reply in replies {
             let running = self.nodes[i].running.as_mut().expect("running");
+            if let Some((client, request)) = running.lease_proposals.remove(&reply.seq) {
+                let result = match reply.result {
+                    Ok(_) => LeaseResult::Done,
+                    Err(chorus_core::KvError::LeaseNotFound) => LeaseResult::NotFound,
+                    Err(chorus_core::KvError::LeaseExists) => LeaseResult::Done,
+                    Err(_) => LeaseResult::Failed,
+                };
+                let sent_us = 0;
+                self.schedule(delay_us + 100, Event::LeaseAnswer { client, request, sent_us, result });
+                continue;
+            }
             let Some((client, op_id)) = running.proposals.remove(&reply.seq) else {
                 continue;
             };
@@ -1226,6 +1281,154 @@ impl World {
         }
         let violations = crate::watch_workload::check(&self.watch_clients, &store);
         for violation in violations {
+            self.violation(violation);
+        }
+    }
+
+    // ---- lease clients ------------------------------------------------------
+
+    fn lease_step(&mut self, l: usize) {
+        if self.lease_clients[l].request_in_flight.is_some() {
+            return;
+        }
+        let client = &self.lease_clients[l];
+        let (id, phase) = (client.id, client.phase);
+        let op = match phase {
+            Phase::Grant => Op::LeaseGrant(chorus_proto::etcdserverpb::LeaseGrantRequest { ttl: LEASE_TTL_S, id }),
+            Phase::Attach(index) => Op::Put(PutRequest {
+                key: client.key(index),
+                value: b"leased".to_vec(),
+                lease: id,
+                ..Default::default()
+            }),
+            Phase::Revoke => Op::LeaseRevoke(chorus_proto::etcdserverpb::LeaseRevokeRequest { id }),
+            Phase::KeepAlive => return self.lease_keep_alive(l),
+            Phase::Abandoned | Phase::Done => return,
+        };
+        let request = self.next_lease_request;
+        self.next_lease_request += 1;
+        self.lease_clients[l].request_in_flight = Some(request);
+        self.schedule(self.options.client_timeout_us, Event::LeaseTimeout { client: l, request });
+        let node = self.rng.random_range(0..self.nodes.len());
+        let paused = self.nodes[node].paused;
+        let Some(running) = self.nodes[node].running.as_mut().filter(|_| !paused) else {
+            self.schedule(200, Event::LeaseAnswer { client: l, request, sent_us: 0, result: LeaseResult::Failed });
+            return;
+        };
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        match running.node.propose(seq, op) {
+            Ok(()) => {
+                running.lease_proposals.insert(seq, (l, request));
+            }
+            Err(_) => {
+                let result = LeaseResult::Failed;
+                self.schedule(100, Event::LeaseAnswer { client: l, request, sent_us: 0, result });
+            }
+        }
+        self.after_input(node);
+    }
+
+    /// A keep-alive through a random member, forwarded to the leader it knows when
+    /// it does not lead (if that leader is up and reachable from it).
+    fn lease_keep_alive(&mut self, l: usize) {
+        let id = self.lease_clients[l].id;
+        let request = self.next_lease_request;
+        self.next_lease_request += 1;
+        self.lease_clients[l].request_in_flight = Some(request);
+        self.schedule(self.options.client_timeout_us, Event::LeaseTimeout { client: l, request });
+        let sent_us = self.now_us;
+        let node = self.rng.random_range(0..self.nodes.len());
+        let mut target = node;
+        let mut result = LeaseResult::Failed;
+        let skip_renewal = self.options.bug == Some(Bug::LeaseAckWithoutRenew);
+        for _ in 0..2 {
+            let up = self.nodes[target].running.is_some() && !self.nodes[target].paused;
+            if !up {
+                break;
+            }
+            let running = self.nodes[target].running.as_mut().expect("up");
+            // With the bug on: answer from the leader's state without renewing.
+            let answer = if skip_renewal {
+                running.node.lease_time_to_live(id).map(|(_, granted, _)| granted)
+            } else {
+                running.node.lease_keep_alive(id)
+            };
+            match answer {
+                Ok(ttl) => {
+                    result = LeaseResult::Ttl(ttl);
+                    self.after_input(target);
+                    break;
+                }
+                Err(_) => {
+                    let leader = running.node.status().leader_id;
+                    if leader == 0 || self.cut.contains(&(target, (leader - 1) as usize)) {
+                        break;
+                    }
+                    target = (leader - 1) as usize;
+                }
+            }
+        }
+        let delay = self.rng.random_range(200..3_000);
+        self.schedule(delay, Event::LeaseAnswer { client: l, request, sent_us, result });
+    }
+
+    fn lease_answer(&mut self, l: usize, request: u64, sent_us: u64, result: LeaseResult) {
+        if self.lease_clients[l].request_in_flight != Some(request) {
+            return;
+        }
+        self.lease_clients[l].request_in_flight = None;
+        let slack_us = self.lease_slack_us();
+        let now = self.now_us;
+        let client = &mut self.lease_clients[l];
+        let mut next_us = 100_000;
+        match (client.phase, result) {
+            (_, LeaseResult::Failed) => {}
+            (Phase::Grant, _) => client.phase = Phase::Attach(0),
+            (Phase::Attach(_), LeaseResult::NotFound) => client.phase = Phase::Done,
+            (Phase::Attach(index), _) if index + 1 < KEYS_PER_LEASE => client.phase = Phase::Attach(index + 1),
+            (Phase::Attach(_), _) => client.phase = Phase::KeepAlive,
+            (Phase::KeepAlive, LeaseResult::Ttl(ttl)) => {
+                client.keep_alive_answered(sent_us, now, ttl, slack_us);
+                if ttl <= 0 {
+                    client.phase = Phase::Done;
+                } else {
+                    client.keep_alives_left = client.keep_alives_left.saturating_sub(1);
+                    next_us = 1_000_000;
+                    if client.keep_alives_left == 0 {
+                        client.phase = if client.revoke_at_end { Phase::Revoke } else { Phase::Abandoned };
+                    }
+                }
+            }
+            (Phase::Revoke, _) => client.phase = Phase::Done,
+            _ => {}
+        }
+        let phase = client.phase;
+        self.mix(&[5, self.now_us, l as u64, request]);
+        if phase == Phase::Abandoned && self.lease_clients[l].abandoned_at_us.is_none() {
+            self.lease_clients[l].abandoned_at_us = Some(now);
+            let id = self.lease_clients[l].id;
+            self.note(format!("lease {id:x} abandoned"));
+        }
+        self.schedule(next_us, Event::LeaseStep(l));
+    }
+
+    /// How much sooner than its TTL (in true time) a lease may vanish: the leader's
+    /// tick drift and tick granularity. Seeds with tick bursts (a leader's clock
+    /// leaping ahead) make no such promise, so they get no early-expiry check.
+    fn lease_slack_us(&self) -> u64 {
+        if self.options.tick_bursts {
+            return u64::MAX / 2;
+        }
+        let drift_ppt = self.options.tick_drift_ppt.iter().map(|d| d.unsigned_abs()).max().unwrap_or(0);
+        LEASE_TTL_S as u64 * 1_000_000 * drift_ppt / 1000 + 3 * self.options.tick_us
+    }
+
+    fn check_leases(&mut self) {
+        let Some(running) = self.nodes[0].running.as_ref() else { return };
+        let store = running.node.mvcc().clone();
+        let left = running.node.lease_ids();
+        for violation in crate::lease_workload::check(&self.lease_clients, &store, &left, self.now_us) {
             self.violation(violation);
         }
     }

@@ -91,3 +91,11 @@ fn acknowledging_before_fsync_is_caught() {
         first_seed_catching(Bug::AckBeforeFsync).expect("lost fsyncs went unnoticed");
     eprintln!("ack-before-fsync caught at seed {seed}: {}", violations[0]);
 }
+
+#[test]
+fn acknowledging_lease_keep_alives_without_renewing_is_caught() {
+    let (seed, violations) =
+        first_seed_catching(Bug::LeaseAckWithoutRenew).expect("early lease expiry went unnoticed");
+    eprintln!("lease-ack-without-renew caught at seed {seed}: {}", violations[0]);
+    assert!(violations.iter().any(|v| v.contains("gone")), "{violations:?}");
+}
