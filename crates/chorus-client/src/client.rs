@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_proto::etcdserverpb::{
-    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
-    request_op, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
-    MemberListRequest, MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    StatusRequest, StatusResponse, TxnRequest, TxnResponse,
+    cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient, request_op,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, MemberListRequest,
+    MemberListResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, StatusRequest, StatusResponse,
+    TxnRequest, TxnResponse,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -103,15 +103,10 @@ impl Client {
     /// within `dial_timeout` becomes current. If none answers, the client is still returned
     /// (after `dial_timeout` at most): requests will fail with a clear error, and succeed once
     /// an endpoint comes up.
-    pub async fn connect(
-        endpoints: &[String],
-        options: ClientOptions,
-    ) -> Result<Client, ClientError> {
+    pub async fn connect(endpoints: &[String], options: ClientOptions) -> Result<Client, ClientError> {
         let addresses = parse_endpoints(endpoints)?;
-        let configs: Vec<Endpoint> = addresses
-            .iter()
-            .map(|address| endpoint_config(&address.uri, &options))
-            .collect();
+        let configs: Vec<Endpoint> =
+            addresses.iter().map(|address| endpoint_config(&address.uri, &options)).collect();
         let mut channels: Vec<Channel> = configs.iter().map(Endpoint::connect_lazy).collect();
         let current_index = match dial_first_healthy(&configs, options.dial_timeout).await {
             Some((index, channel)) => {
@@ -129,11 +124,7 @@ impl Client {
             .map(|(address, channel)| EndpointChannel { address, channel })
             .collect();
         Ok(Client {
-            shared: Arc::new(Shared {
-                endpoints,
-                current_index: AtomicUsize::new(current_index),
-                options,
-            }),
+            shared: Arc::new(Shared { endpoints, current_index: AtomicUsize::new(current_index), options }),
         })
     }
 
@@ -154,11 +145,7 @@ impl Client {
         key: impl Into<Vec<u8>>,
         value: impl Into<Vec<u8>>,
     ) -> Result<PutResponse, ClientError> {
-        let request = PutRequest {
-            key: key.into(),
-            value: value.into(),
-            ..PutRequest::default()
-        };
+        let request = PutRequest { key: key.into(), value: value.into(), ..PutRequest::default() };
         self.put_with(request).await
     }
 
@@ -172,10 +159,7 @@ impl Client {
 
     /// Reads one key (linearizable). The response has no kv when the key does not exist.
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<RangeResponse, ClientError> {
-        let request = RangeRequest {
-            key: key.into(),
-            ..RangeRequest::default()
-        };
+        let request = RangeRequest { key: key.into(), ..RangeRequest::default() };
         self.range(request).await
     }
 
@@ -188,10 +172,7 @@ impl Client {
     }
 
     /// Deletes a key or a range of keys.
-    pub async fn delete(
-        &self,
-        request: DeleteRangeRequest,
-    ) -> Result<DeleteRangeResponse, ClientError> {
+    pub async fn delete(&self, request: DeleteRangeRequest) -> Result<DeleteRangeResponse, ClientError> {
         self.call(RetryPolicy::Write, request, |channel, request| async move {
             kv_client(channel).delete_range(request).await
         })
@@ -201,24 +182,14 @@ impl Client {
     /// Runs a transaction. One that only reads is retried like a read; one that writes, like
     /// a write.
     pub async fn txn(&self, request: TxnRequest) -> Result<TxnResponse, ClientError> {
-        let policy = if is_read_only_txn(&request) {
-            RetryPolicy::Read
-        } else {
-            RetryPolicy::Write
-        };
-        self.call(policy, request, |channel, request| async move {
-            kv_client(channel).txn(request).await
-        })
-        .await
+        let policy = if is_read_only_txn(&request) { RetryPolicy::Read } else { RetryPolicy::Write };
+        self.call(policy, request, |channel, request| async move { kv_client(channel).txn(request).await })
+            .await
     }
 
     /// Compacts the key-value history up to `revision`. With `physical`, the call returns only
     /// once the compaction has been applied to the backend.
-    pub async fn compact(
-        &self,
-        revision: i64,
-        physical: bool,
-    ) -> Result<CompactionResponse, ClientError> {
+    pub async fn compact(&self, revision: i64, physical: bool) -> Result<CompactionResponse, ClientError> {
         let request = CompactionRequest { revision, physical };
         self.call(RetryPolicy::Write, request, |channel, request| async move {
             kv_client(channel).compact(request).await
@@ -243,9 +214,7 @@ impl Client {
     /// Lists the cluster's members. Served from the answering node's own view (not
     /// linearizable, as etcdctl's default), which is enough to find endpoints.
     pub async fn member_list(&self) -> Result<MemberListResponse, ClientError> {
-        let request = MemberListRequest {
-            linearizable: false,
-        };
+        let request = MemberListRequest { linearizable: false };
         self.call(RetryPolicy::Read, request, |channel, request| async move {
             ClusterClient::new(channel).member_list(request).await
         })
@@ -254,12 +223,7 @@ impl Client {
 
     /// Sends `message` through `rpc` to the current endpoint, moving to the next endpoint and
     /// retrying as `policy` allows, until an answer, a final error or the deadline.
-    async fn call<M, R, F, Fut>(
-        &self,
-        policy: RetryPolicy,
-        message: M,
-        rpc: F,
-    ) -> Result<R, ClientError>
+    async fn call<M, R, F, Fut>(&self, policy: RetryPolicy, message: M, rpc: F) -> Result<R, ClientError>
     where
         M: Clone,
         F: Fn(Channel, tonic::Request<M>) -> Fut,
@@ -354,10 +318,11 @@ impl Client {
     /// written or by address), otherwise a new lazily connected one.
     fn channel_for(&self, endpoint: &str) -> Result<(String, Channel), ClientError> {
         let address = parse_endpoint(endpoint)?;
-        let known =
-            self.shared.endpoints.iter().find(|known| {
-                known.address.name == address.name || known.address.uri == address.uri
-            });
+        let known = self
+            .shared
+            .endpoints
+            .iter()
+            .find(|known| known.address.name == address.name || known.address.uri == address.uri);
         let channel = match known {
             Some(known) => known.channel.clone(),
             None => endpoint_config(&address.uri, &self.shared.options).connect_lazy(),
@@ -367,9 +332,7 @@ impl Client {
 
     fn timeout_error(&self) -> ClientError {
         let timeout = self.shared.options.request_timeout;
-        ClientError::Timeout {
-            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-        }
+        ClientError::Timeout { timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX) }
     }
 }
 
@@ -388,20 +351,14 @@ fn endpoint_config(uri: &tonic::transport::Uri, options: &ClientOptions) -> Endp
 /// connection, because a paused process (SIGSTOP) or a port that accepts but never speaks
 /// gRPC still completes the TCP handshake. Any answer counts, even an error status: the
 /// endpoint is reachable, and errors are the caller's to see on its own requests.
-async fn dial_first_healthy(
-    configs: &[Endpoint],
-    dial_timeout: Duration,
-) -> Option<(usize, Channel)> {
+async fn dial_first_healthy(configs: &[Endpoint], dial_timeout: Duration) -> Option<(usize, Channel)> {
     let dials = configs.iter().enumerate().map(|(index, config)| {
         Box::pin(async move {
             let probe = async {
                 let channel = config.connect().await.map_err(|error| error.to_string())?;
                 let mut request = tonic::Request::new(StatusRequest {});
                 request.set_timeout(dial_timeout);
-                match MaintenanceClient::new(channel.clone())
-                    .status(request)
-                    .await
-                {
+                match MaintenanceClient::new(channel.clone()).status(request).await {
                     Err(status) if is_endpoint_failure(&status) => Err(status.to_string()),
                     Ok(_) | Err(_) => Ok((index, channel)),
                 }
@@ -432,23 +389,16 @@ fn classify(endpoint: &str, status: Status) -> ClientError {
 }
 
 fn retry_backoff(retries: u32) -> Duration {
-    RETRY_BACKOFF_STEP
-        .saturating_mul(retries)
-        .min(RETRY_BACKOFF_MAX)
+    RETRY_BACKOFF_STEP.saturating_mul(retries).min(RETRY_BACKOFF_MAX)
 }
 
 /// True when no branch of the transaction (nested ones included) writes.
 fn is_read_only_txn(request: &TxnRequest) -> bool {
-    request
-        .success
-        .iter()
-        .chain(&request.failure)
-        .all(|op| match &op.request {
-            Some(request_op::Request::RequestRange(_)) | None => true,
-            Some(request_op::Request::RequestTxn(nested)) => is_read_only_txn(nested),
-            Some(request_op::Request::RequestPut(_))
-            | Some(request_op::Request::RequestDeleteRange(_)) => false,
-        })
+    request.success.iter().chain(&request.failure).all(|op| match &op.request {
+        Some(request_op::Request::RequestRange(_)) | None => true,
+        Some(request_op::Request::RequestTxn(nested)) => is_read_only_txn(nested),
+        Some(request_op::Request::RequestPut(_)) | Some(request_op::Request::RequestDeleteRange(_)) => false,
+    })
 }
 
 #[cfg(test)]
@@ -457,20 +407,14 @@ mod tests {
     use chorus_proto::etcdserverpb::RequestOp;
 
     fn op(request: request_op::Request) -> RequestOp {
-        RequestOp {
-            request: Some(request),
-        }
+        RequestOp { request: Some(request) }
     }
 
     #[test]
     fn txn_that_only_reads_is_read_only() {
         let read = op(request_op::Request::RequestRange(RangeRequest::default()));
         let write = op(request_op::Request::RequestPut(PutRequest::default()));
-        let reads = TxnRequest {
-            compare: vec![],
-            success: vec![read.clone()],
-            failure: vec![read.clone()],
-        };
+        let reads = TxnRequest { compare: vec![], success: vec![read.clone()], failure: vec![read.clone()] };
         assert!(is_read_only_txn(&reads));
         assert!(is_read_only_txn(&TxnRequest::default()));
         let nested_write = TxnRequest {
@@ -481,13 +425,8 @@ mod tests {
             ..reads.clone()
         };
         assert!(!is_read_only_txn(&nested_write));
-        let delete = op(request_op::Request::RequestDeleteRange(
-            DeleteRangeRequest::default(),
-        ));
-        assert!(!is_read_only_txn(&TxnRequest {
-            success: vec![read, delete],
-            ..TxnRequest::default()
-        }));
+        let delete = op(request_op::Request::RequestDeleteRange(DeleteRangeRequest::default()));
+        assert!(!is_read_only_txn(&TxnRequest { success: vec![read, delete], ..TxnRequest::default() }));
     }
 
     #[test]
@@ -502,20 +441,11 @@ mod tests {
         // Port 1 on loopback refuses connections, so every attempt fails before sending: even
         // a write is retried, and the final error names the endpoint.
         let endpoints = vec!["127.0.0.1:1".to_string(), "http://127.0.0.1:1".to_string()];
-        let client = Client::connect(&endpoints, ClientOptions::default())
-            .await
-            .unwrap();
+        let client = Client::connect(&endpoints, ClientOptions::default()).await.unwrap();
         let started = std::time::Instant::now();
         let error = client.put("k", "v").await.unwrap_err();
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{:?}",
-            started.elapsed()
-        );
-        assert!(
-            matches!(error, ClientError::Unavailable { .. }),
-            "{error:?}"
-        );
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(matches!(error, ClientError::Unavailable { .. }), "{error:?}");
         assert_eq!(error.code(), tonic::Code::Unavailable);
         assert!(is_never_sent(error.status().unwrap()), "{error:?}");
         let message = error.to_string();
@@ -529,9 +459,7 @@ mod tests {
         let options = ClientOptions::default();
         let error = Client::connect(&[], options.clone()).await.unwrap_err();
         assert!(matches!(error, ClientError::NoEndpoints));
-        let error = Client::connect(&["nohost".to_string()], options)
-            .await
-            .unwrap_err();
+        let error = Client::connect(&["nohost".to_string()], options).await.unwrap_err();
         assert!(matches!(error, ClientError::InvalidEndpoint { .. }));
     }
 }

@@ -34,9 +34,7 @@ pub(crate) fn parse_endpoint(text: &str) -> Result<EndpointAddress, ClientError>
     if host_port.contains(['/', '?', '#', '@']) {
         return Err(invalid("expected host:port with no path"));
     }
-    let uri: Uri = format!("http://{host_port}")
-        .parse()
-        .map_err(|error| invalid(&format!("{error}")))?;
+    let uri: Uri = format!("http://{host_port}").parse().map_err(|error| invalid(&format!("{error}")))?;
     let authority = uri.authority().ok_or_else(|| invalid("missing host"))?;
     if authority.host().is_empty() {
         return Err(invalid("missing host"));
@@ -44,10 +42,7 @@ pub(crate) fn parse_endpoint(text: &str) -> Result<EndpointAddress, ClientError>
     if authority.port_u16().is_none() {
         return Err(invalid("missing port"));
     }
-    Ok(EndpointAddress {
-        name: name.to_string(),
-        uri,
-    })
+    Ok(EndpointAddress { name: name.to_string(), uri })
 }
 
 /// Parses every endpoint, refusing an empty list: a client with nowhere to send requests can
@@ -72,23 +67,14 @@ mod tests {
         assert_eq!(uri_of("127.0.0.1:2379"), "http://127.0.0.1:2379/");
         assert_eq!(uri_of("http://127.0.0.1:2379"), "http://127.0.0.1:2379/");
         assert_eq!(uri_of("http://localhost:2379/"), "http://localhost:2379/");
-        assert_eq!(
-            uri_of(" node-1.example:22379 "),
-            "http://node-1.example:22379/"
-        );
+        assert_eq!(uri_of(" node-1.example:22379 "), "http://node-1.example:22379/");
         assert_eq!(uri_of("[::1]:2379"), "http://[::1]:2379/");
     }
 
     #[test]
     fn keeps_the_name_as_written() {
-        assert_eq!(
-            parse_endpoint("http://127.0.0.1:2379").unwrap().name,
-            "http://127.0.0.1:2379"
-        );
-        assert_eq!(
-            parse_endpoint(" 127.0.0.1:2379").unwrap().name,
-            "127.0.0.1:2379"
-        );
+        assert_eq!(parse_endpoint("http://127.0.0.1:2379").unwrap().name, "http://127.0.0.1:2379");
+        assert_eq!(parse_endpoint(" 127.0.0.1:2379").unwrap().name, "127.0.0.1:2379");
     }
 
     #[test]
@@ -106,19 +92,13 @@ mod tests {
             "user@host:2379",
         ] {
             let error = parse_endpoint(text).expect_err(text);
-            assert!(
-                matches!(error, ClientError::InvalidEndpoint { .. }),
-                "{text}: {error:?}"
-            );
+            assert!(matches!(error, ClientError::InvalidEndpoint { .. }), "{text}: {error:?}");
         }
     }
 
     #[test]
     fn refuses_an_empty_list() {
-        assert!(matches!(
-            parse_endpoints(&[]),
-            Err(ClientError::NoEndpoints)
-        ));
+        assert!(matches!(parse_endpoints(&[]), Err(ClientError::NoEndpoints)));
         let parsed = parse_endpoints(&["a:1".to_string(), "http://b:2".to_string()]).unwrap();
         assert_eq!(parsed.len(), 2);
         assert!(parse_endpoints(&["a:1".to_string(), "b".to_string()]).is_err());

@@ -38,12 +38,10 @@ impl ClientError {
     /// The gRPC status behind this error, when there is one.
     pub fn status(&self) -> Option<&Status> {
         match self {
-            ClientError::Server { status, .. } | ClientError::Unavailable { status, .. } => {
-                Some(status)
+            ClientError::Server { status, .. } | ClientError::Unavailable { status, .. } => Some(status),
+            ClientError::NoEndpoints | ClientError::InvalidEndpoint { .. } | ClientError::Timeout { .. } => {
+                None
             }
-            ClientError::NoEndpoints
-            | ClientError::InvalidEndpoint { .. }
-            | ClientError::Timeout { .. } => None,
         }
     }
 
@@ -51,9 +49,7 @@ impl ClientError {
     /// alike (an invalid endpoint is `InvalidArgument`, a local timeout `DeadlineExceeded`).
     pub fn code(&self) -> Code {
         match self {
-            ClientError::Server { status, .. } | ClientError::Unavailable { status, .. } => {
-                status.code()
-            }
+            ClientError::Server { status, .. } | ClientError::Unavailable { status, .. } => status.code(),
             ClientError::NoEndpoints | ClientError::InvalidEndpoint { .. } => Code::InvalidArgument,
             ClientError::Timeout { .. } => Code::DeadlineExceeded,
         }
@@ -106,8 +102,7 @@ pub(crate) fn is_local_timeout(status: &Status) -> bool {
 /// from a gRPC answer of the server. tonic wraps every channel failure in a
 /// `tonic::transport::Error`; a status the server sent has no such source.
 pub(crate) fn is_transport_failure(status: &Status) -> bool {
-    source_chain_has::<tonic::transport::Error>(status)
-        || source_chain_has::<tonic::ConnectError>(status)
+    source_chain_has::<tonic::transport::Error>(status) || source_chain_has::<tonic::ConnectError>(status)
 }
 
 /// True when this endpoint looks unable to serve anyone right now, so the next request should
@@ -137,10 +132,7 @@ mod tests {
             endpoint: "127.0.0.1:2379".to_string(),
             status: Status::out_of_range("etcdserver: mvcc: required revision has been compacted"),
         };
-        assert_eq!(
-            error.to_string(),
-            "etcdserver: mvcc: required revision has been compacted"
-        );
+        assert_eq!(error.to_string(), "etcdserver: mvcc: required revision has been compacted");
         assert_eq!(error.code(), Code::OutOfRange);
     }
 

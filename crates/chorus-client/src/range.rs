@@ -32,10 +32,7 @@ mod tests {
     #[test]
     fn drops_trailing_0xff_bytes() {
         assert_eq!(prefix_range_end(&[b'a', 0xff]), b"b");
-        assert_eq!(
-            prefix_range_end(&[b'a', 0xfe, 0xff, 0xff]),
-            vec![b'a', 0xff]
-        );
+        assert_eq!(prefix_range_end(&[b'a', 0xfe, 0xff, 0xff]), vec![b'a', 0xff]);
     }
 
     #[test]

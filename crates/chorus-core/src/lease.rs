@@ -56,8 +56,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use chorus_proto::etcdserverpb::request_op::Request;
 use chorus_proto::etcdserverpb::{
     DeleteRangeRequest, LeaseCheckpointRequest, LeaseCheckpointResponse, LeaseGrantRequest,
-    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, RangeRequest,
-    RequestOp, ResponseHeader, TxnRequest,
+    LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, RangeRequest, RequestOp,
+    ResponseHeader, TxnRequest,
 };
 
 use crate::error::KvError;
@@ -109,9 +109,8 @@ impl Lease {
 
     /// The lease a persisted record describes, with no keys yet.
     pub fn decode_record(id: i64, record: &[u8]) -> Result<Lease, KvError> {
-        let bytes: &[u8; RECORD_BYTES] = record
-            .try_into()
-            .map_err(|_| corrupt(id, format!("is {} bytes long", record.len())))?;
+        let bytes: &[u8; RECORD_BYTES] =
+            record.try_into().map_err(|_| corrupt(id, format!("is {} bytes long", record.len())))?;
         let int_at = |start: usize| {
             let mut int = [0u8; 8];
             int.copy_from_slice(&bytes[start..start + 8]);
@@ -129,12 +128,7 @@ impl Lease {
         if id == NO_LEASE || granted_ttl_s <= 0 {
             return Err(corrupt(id, format!("has granted TTL {granted_ttl_s} s")));
         }
-        Ok(Lease {
-            id,
-            granted_ttl_s,
-            remaining_ttl_s,
-            keys: BTreeSet::new(),
-        })
+        Ok(Lease { id, granted_ttl_s, remaining_ttl_s, keys: BTreeSet::new() })
     }
 }
 
@@ -200,12 +194,8 @@ impl LeaseStore {
                 return Err(corrupt(id, "is stored twice".to_string()));
             }
         }
-        let every_key = RangeRequest {
-            key: vec![0],
-            range_end: vec![0],
-            keys_only: true,
-            ..RangeRequest::default()
-        };
+        let every_key =
+            RangeRequest { key: vec![0], range_end: vec![0], keys_only: true, ..RangeRequest::default() };
         for kv in mvcc.range(&every_key)?.kvs {
             if kv.lease == NO_LEASE {
                 continue;
@@ -238,18 +228,13 @@ impl LeaseStore {
             ));
         }
         if request.ttl > LEASE_TTL_MAX_S {
-            return Err(KvError::LeaseTtlTooLarge {
-                ttl_s: request.ttl,
-                max_s: LEASE_TTL_MAX_S,
-            });
+            return Err(KvError::LeaseTtlTooLarge { ttl_s: request.ttl, max_s: LEASE_TTL_MAX_S });
         }
         if self.leases.contains_key(&id) {
             return Err(KvError::LeaseExists);
         }
         if self.leases.len() >= LEASES_MAX {
-            return Err(KvError::TooManyLeases {
-                max_count: LEASES_MAX as u64,
-            });
+            return Err(KvError::TooManyLeases { max_count: LEASES_MAX as u64 });
         }
         let lease = Lease {
             id,
@@ -260,12 +245,7 @@ impl LeaseStore {
         writes.put(&lease);
         let ttl = lease.granted_ttl_s;
         self.leases.insert(id, lease);
-        Ok(LeaseGrantResponse {
-            header: None,
-            id,
-            ttl,
-            error: String::new(),
-        })
+        Ok(LeaseGrantResponse { header: None, id, ttl, error: String::new() })
     }
 
     /// Revokes a lease, as etcd's `Lessor.Revoke`: deletes every key attached to it
@@ -314,10 +294,7 @@ impl LeaseStore {
         self.leases.remove(&id);
         writes.remove(id);
         Ok(LeaseRevokeResponse {
-            header: Some(ResponseHeader {
-                revision: mvcc.revision(),
-                ..ResponseHeader::default()
-            }),
+            header: Some(ResponseHeader { revision: mvcc.revision(), ..ResponseHeader::default() }),
         })
     }
 
@@ -374,10 +351,7 @@ impl LeaseStore {
             return Err(KvError::LeaseNotFound);
         };
         if lease.keys.len() as u64 + keys_added_count > LEASE_KEYS_MAX as u64 {
-            return Err(KvError::TooManyLeaseKeys {
-                lease_id,
-                max_count: LEASE_KEYS_MAX as u64,
-            });
+            return Err(KvError::TooManyLeaseKeys { lease_id, max_count: LEASE_KEYS_MAX as u64 });
         }
         Ok(())
     }
@@ -448,10 +422,7 @@ impl LeaseStore {
     fn detach(&mut self, lease_id: i64, key: &[u8]) {
         if let Some(lease) = self.leases.get_mut(&lease_id) {
             let was_attached = lease.keys.remove(key);
-            assert!(
-                was_attached,
-                "lease {lease_id}: a key was detached from it, but it was not attached"
-            );
+            assert!(was_attached, "lease {lease_id}: a key was detached from it, but it was not attached");
         }
     }
 }

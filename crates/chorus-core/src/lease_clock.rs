@@ -140,11 +140,7 @@ impl LeaseClock {
             return Vec::new();
         }
         self.last_checkpoint_tick = self.now_tick;
-        self.deadlines
-            .keys()
-            .take(max)
-            .filter_map(|id| Some((*id, self.remaining_s(*id)?)))
-            .collect()
+        self.deadlines.keys().take(max).filter_map(|id| Some((*id, self.remaining_s(*id)?))).collect()
     }
 
     fn ticks(&self, seconds: i64) -> u64 {

@@ -52,7 +52,6 @@ impl Default for Limits {
     }
 }
 
-
 /// How many applied proposals the state machine remembers per proposing member, to
 /// apply each proposal exactly once even if the log holds it twice (a duplicated
 /// forwarded proposal). A duplicate arriving after this many newer proposals from

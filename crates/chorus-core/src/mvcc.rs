@@ -39,9 +39,8 @@ use chorus_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use chorus_proto::etcdserverpb::request_op::Request;
 use chorus_proto::etcdserverpb::response_op::Response;
 use chorus_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
-    PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
-    TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use chorus_proto::mvccpb::KeyValue;
 use prost::Message;
@@ -74,11 +73,7 @@ impl Revision {
         let mut rev_key = [0u8; 17];
         rev_key[..8].copy_from_slice(&self.main.to_be_bytes());
         rev_key[8..16].copy_from_slice(&self.sub.to_be_bytes());
-        rev_key[16] = if tombstone {
-            REV_KEY_FLAG_TOMBSTONE
-        } else {
-            REV_KEY_FLAG_PUT
-        };
+        rev_key[16] = if tombstone { REV_KEY_FLAG_TOMBSTONE } else { REV_KEY_FLAG_PUT };
         rev_key
     }
 
@@ -93,10 +88,7 @@ impl Revision {
             REV_KEY_FLAG_TOMBSTONE => true,
             flag => return Err(corrupt(format!("record key has flag byte {flag}"))),
         };
-        let revision = Revision {
-            main: i64::from_be_bytes(main),
-            sub: i64::from_be_bytes(sub),
-        };
+        let revision = Revision { main: i64::from_be_bytes(main), sub: i64::from_be_bytes(sub) };
         Ok((revision, tombstone))
     }
 }
@@ -170,14 +162,7 @@ struct Entry {
 
 impl Entry {
     fn tombstone(revision: Revision) -> Entry {
-        Entry {
-            revision,
-            tombstone: true,
-            create_revision: 0,
-            version: 0,
-            value: Vec::new(),
-            lease: 0,
-        }
+        Entry { revision, tombstone: true, create_revision: 0, version: 0, value: Vec::new(), lease: 0 }
     }
 
     /// The entry a persisted record describes. Inverse of `to_key_value`.
@@ -219,9 +204,7 @@ impl KeyHistory {
     /// The key's live entry at main revision `revision`: its last change at or
     /// before it, unless that change deleted it.
     fn live_at(&self, revision: i64) -> Option<&Entry> {
-        let count = self
-            .entries
-            .partition_point(|e| e.revision.main <= revision);
+        let count = self.entries.partition_point(|e| e.revision.main <= revision);
         let entry = self.entries[..count].last()?;
         (!entry.tombstone).then_some(entry)
     }
@@ -233,9 +216,7 @@ impl KeyHistory {
 
     fn push(&mut self, entry: Entry) {
         assert!(
-            self.entries
-                .last()
-                .is_none_or(|last| last.revision < entry.revision),
+            self.entries.last().is_none_or(|last| last.revision < entry.revision),
             "mvcc: revision {:?} does not follow {:?}",
             entry.revision,
             self.entries.last().map(|last| last.revision),
@@ -246,9 +227,7 @@ impl KeyHistory {
     /// Drops every entry older than the key's last change at or before `revision`,
     /// and that change too if it is a deletion: nothing can read them any more.
     fn compact(&mut self, revision: i64, removes: &mut Vec<RevKey>) {
-        let count = self
-            .entries
-            .partition_point(|e| e.revision.main <= revision);
+        let count = self.entries.partition_point(|e| e.revision.main <= revision);
         let Some(last) = self.entries[..count].last() else {
             return;
         };
@@ -282,9 +261,7 @@ impl<'a> KeyRange<'a> {
             KeyRange::Single(key) => (Bound::Included(key), Bound::Included(key)),
             KeyRange::From(key) => (Bound::Included(key), Bound::Unbounded),
             // BTreeMap::range panics when start > end: an inverted range is empty.
-            KeyRange::Between(key, end) if end <= key => {
-                (Bound::Included(key), Bound::Excluded(key))
-            }
+            KeyRange::Between(key, end) if end <= key => (Bound::Included(key), Bound::Excluded(key)),
             KeyRange::Between(key, end) => (Bound::Included(key), Bound::Excluded(end)),
         }
     }
@@ -321,10 +298,7 @@ struct Batch {
 
 impl Batch {
     fn next_revision(&mut self) -> Revision {
-        let revision = Revision {
-            main: self.main,
-            sub: self.sub,
-        };
+        let revision = Revision { main: self.main, sub: self.sub };
         self.sub += 1;
         revision
     }
@@ -362,11 +336,7 @@ impl Default for MvccStore {
 impl MvccStore {
     /// An empty store at revision 1.
     pub fn new() -> MvccStore {
-        MvccStore {
-            keys: BTreeMap::new(),
-            revision: 1,
-            compact_revision: 0,
-        }
+        MvccStore { keys: BTreeMap::new(), revision: 1, compact_revision: 0 }
     }
 
     /// Rebuilds the store from its persisted records, which must come in [`RevKey`]
@@ -451,14 +421,8 @@ impl MvccStore {
     }
 
     /// Puts one key.
-    pub fn put(
-        &mut self,
-        request: &PutRequest,
-        write_set: &mut WriteSet,
-    ) -> Result<PutResponse, KvError> {
-        self.write(write_set, |store, batch, write_set| {
-            store.put_in(request, batch, write_set)
-        })
+    pub fn put(&mut self, request: &PutRequest, write_set: &mut WriteSet) -> Result<PutResponse, KvError> {
+        self.write(write_set, |store, batch, write_set| store.put_in(request, batch, write_set))
     }
 
     /// Deletes one key, a range, or every key from a key on.
@@ -467,9 +431,7 @@ impl MvccStore {
         request: &DeleteRangeRequest,
         write_set: &mut WriteSet,
     ) -> Result<DeleteRangeResponse, KvError> {
-        self.write(write_set, |store, batch, write_set| {
-            Ok(store.delete_in(request, batch, write_set))
-        })
+        self.write(write_set, |store, batch, write_set| Ok(store.delete_in(request, batch, write_set)))
     }
 
     /// Applies a txn, all or nothing: on an error, the store and `write_set` are as
@@ -478,11 +440,7 @@ impl MvccStore {
     /// As in etcd, every compare, the nested txns' included, is evaluated against
     /// the state before the txn, before any operation runs; the operations then run
     /// in order, each reading the writes of those before it.
-    pub fn txn(
-        &mut self,
-        request: &TxnRequest,
-        write_set: &mut WriteSet,
-    ) -> Result<TxnResponse, KvError> {
+    pub fn txn(&mut self, request: &TxnRequest, write_set: &mut WriteSet) -> Result<TxnResponse, KvError> {
         let mut path = Vec::new();
         self.compare_path(request, &mut path)?;
         self.write(write_set, |store, batch, write_set| {
@@ -499,17 +457,13 @@ impl MvccStore {
     ) -> Result<CompactionResponse, KvError> {
         let revision = request.revision;
         if revision < 0 {
-            return Err(KvError::InvalidArgument(format!(
-                "revision must not be negative (got {revision})"
-            )));
+            return Err(KvError::InvalidArgument(format!("revision must not be negative (got {revision})")));
         }
         if revision <= self.compact_revision {
             return Err(self.compacted());
         }
         if revision > self.revision {
-            return Err(KvError::FutureRevision {
-                current_revision: self.revision,
-            });
+            return Err(KvError::FutureRevision { current_revision: self.revision });
         }
         let removes = &mut write_set.removes;
         self.keys.retain(|_, history| {
@@ -518,15 +472,11 @@ impl MvccStore {
         });
         self.compact_revision = revision;
         write_set.compact_revision = Some(revision);
-        Ok(CompactionResponse {
-            header: header(self.revision),
-        })
+        Ok(CompactionResponse { header: header(self.revision) })
     }
 
     fn compacted(&self) -> KvError {
-        KvError::Compacted {
-            compact_revision: self.compact_revision,
-        }
+        KvError::Compacted { compact_revision: self.compact_revision }
     }
 
     /// Runs one write request as a batch: commits its revision if it changed
@@ -626,19 +576,9 @@ impl MvccStore {
             Some(prev) => (prev.create_revision, prev.version + 1),
             None => (revision.main, 1),
         };
-        let entry = Entry {
-            revision,
-            tombstone: false,
-            create_revision,
-            version,
-            value,
-            lease,
-        };
-        let change = Change {
-            kind: ChangeKind::Put,
-            kv: entry.to_key_value(&request.key),
-            prev_kv: prev_kv.clone(),
-        };
+        let entry = Entry { revision, tombstone: false, create_revision, version, value, lease };
+        let change =
+            Change { kind: ChangeKind::Put, kv: entry.to_key_value(&request.key), prev_kv: prev_kv.clone() };
         self.record(&request.key, entry, change, batch, write_set);
         Ok(PutResponse {
             header: header(batch.current_revision()),
@@ -662,29 +602,15 @@ impl MvccStore {
             let revision = batch.next_revision();
             let change = Change {
                 kind: ChangeKind::Delete,
-                kv: KeyValue {
-                    key: prev.key.clone(),
-                    mod_revision: revision.main,
-                    ..KeyValue::default()
-                },
+                kv: KeyValue { key: prev.key.clone(), mod_revision: revision.main, ..KeyValue::default() },
                 prev_kv: Some(prev.clone()),
             };
-            self.record(
-                &prev.key,
-                Entry::tombstone(revision),
-                change,
-                batch,
-                write_set,
-            );
+            self.record(&prev.key, Entry::tombstone(revision), change, batch, write_set);
         }
         DeleteRangeResponse {
             header: header(batch.current_revision()),
             deleted: deleted_kvs.len() as i64,
-            prev_kvs: if request.prev_kv {
-                deleted_kvs
-            } else {
-                Vec::new()
-            },
+            prev_kvs: if request.prev_kv { deleted_kvs } else { Vec::new() },
         }
     }
 
@@ -699,11 +625,7 @@ impl MvccStore {
             }
         }
         path.push(succeeded);
-        let ops = if succeeded {
-            &request.success
-        } else {
-            &request.failure
-        };
+        let ops = if succeeded { &request.success } else { &request.failure };
         for op in ops {
             if let Some(Request::RequestTxn(nested)) = &op.request {
                 self.compare_path(nested, path)?;
@@ -717,25 +639,16 @@ impl MvccStore {
     /// except that a value compare is then false: a missing value cannot be told
     /// from an empty one (etcd's rule).
     fn compare_holds(&self, compare: &Compare) -> Result<bool, KvError> {
-        let result = CompareResult::try_from(compare.result).map_err(|_| {
-            KvError::InvalidArgument(format!("unknown compare result {}", compare.result))
-        })?;
-        let target = CompareTarget::try_from(compare.target).map_err(|_| {
-            KvError::InvalidArgument(format!("unknown compare target {}", compare.target))
-        })?;
-        let found = self.live_in(
-            KeyRange::new(&compare.key, &compare.range_end),
-            self.revision,
-        );
+        let result = CompareResult::try_from(compare.result)
+            .map_err(|_| KvError::InvalidArgument(format!("unknown compare result {}", compare.result)))?;
+        let target = CompareTarget::try_from(compare.target)
+            .map_err(|_| KvError::InvalidArgument(format!("unknown compare target {}", compare.target)))?;
+        let found = self.live_in(KeyRange::new(&compare.key, &compare.range_end), self.revision);
         if found.is_empty() {
             let absent = Entry::tombstone(Revision { main: 0, sub: 0 });
-            return Ok(
-                target != CompareTarget::Value && compare_entry(compare, result, target, &absent)
-            );
+            return Ok(target != CompareTarget::Value && compare_entry(compare, result, target, &absent));
         }
-        Ok(found
-            .iter()
-            .all(|f| compare_entry(compare, result, target, f.entry)))
+        Ok(found.iter().all(|f| compare_entry(compare, result, target, f.entry)))
     }
 
     /// Runs the branch that `path` (from `compare_path`) chose, and the nested txns
@@ -750,23 +663,13 @@ impl MvccStore {
     ) -> Result<TxnResponse, KvError> {
         let succeeded = path[*cursor];
         *cursor += 1;
-        let ops = if succeeded {
-            &request.success
-        } else {
-            &request.failure
-        };
+        let ops = if succeeded { &request.success } else { &request.failure };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             let response = self.op_in(op, path, cursor, batch, write_set)?;
-            responses.push(ResponseOp {
-                response: Some(response),
-            });
+            responses.push(ResponseOp { response: Some(response) });
         }
-        Ok(TxnResponse {
-            header: header(batch.current_revision()),
-            succeeded,
-            responses,
-        })
+        Ok(TxnResponse { header: header(batch.current_revision()), succeeded, responses })
     }
 
     fn op_in(
@@ -786,9 +689,7 @@ impl MvccStore {
                 batch.current_revision(),
                 batch.begin_revision(),
             )?),
-            Some(Request::RequestPut(put)) => {
-                Response::ResponsePut(self.put_in(put, batch, write_set)?)
-            }
+            Some(Request::RequestPut(put)) => Response::ResponsePut(self.put_in(put, batch, write_set)?),
             Some(Request::RequestDeleteRange(delete)) => {
                 Response::ResponseDeleteRange(self.delete_in(delete, batch, write_set))
             }
@@ -870,12 +771,7 @@ impl MvccStore {
         let count = found.len() as i64;
         let header = header(current_revision);
         if request.count_only {
-            return Ok(RangeResponse {
-                header,
-                kvs: Vec::new(),
-                more: false,
-                count,
-            });
+            return Ok(RangeResponse { header, kvs: Vec::new(), more: false, count });
         }
         found.retain(|f| passes_filters(request, f.entry));
         sort_found(&mut found, order, target);
@@ -886,10 +782,7 @@ impl MvccStore {
         }
         Ok(RangeResponse {
             header,
-            kvs: found
-                .into_iter()
-                .map(|f| f.to_key_value(request.keys_only))
-                .collect(),
+            kvs: found.into_iter().map(|f| f.to_key_value(request.keys_only)).collect(),
             more,
             count,
         })
@@ -903,20 +796,12 @@ impl MvccStore {
         newest_revision: i64,
     ) -> Result<i64, KvError> {
         if requested < 0 {
-            return Err(KvError::InvalidArgument(format!(
-                "revision must not be negative (got {requested})"
-            )));
+            return Err(KvError::InvalidArgument(format!("revision must not be negative (got {requested})")));
         }
         if requested > newest_revision {
-            return Err(KvError::FutureRevision {
-                current_revision: newest_revision,
-            });
+            return Err(KvError::FutureRevision { current_revision: newest_revision });
         }
-        let revision = if requested == 0 {
-            current_revision
-        } else {
-            requested
-        };
+        let revision = if requested == 0 { current_revision } else { requested };
         if revision < self.compact_revision {
             return Err(self.compacted());
         }
@@ -925,10 +810,7 @@ impl MvccStore {
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader {
-        revision,
-        ..ResponseHeader::default()
-    })
+    Some(ResponseHeader { revision, ..ResponseHeader::default() })
 }
 
 fn corrupt(detail: String) -> KvError {
@@ -942,9 +824,7 @@ fn sort_options(request: &RangeRequest) -> Result<(SortOrder, SortTarget), KvErr
     let order = SortOrder::try_from(request.sort_order).map_err(invalid)?;
     let target = SortTarget::try_from(request.sort_target).map_err(invalid)?;
     let order = match (order, target) {
-        (SortOrder::None, SortTarget::Key) | (SortOrder::Ascend, SortTarget::Key) => {
-            SortOrder::None
-        }
+        (SortOrder::None, SortTarget::Key) | (SortOrder::Ascend, SortTarget::Key) => SortOrder::None,
         (SortOrder::None, _) => SortOrder::Ascend,
         (order, _) => order,
     };
@@ -981,12 +861,7 @@ fn passes_filters(request: &RangeRequest, entry: &Entry) -> bool {
 
 /// One key against one compare. The operand is the union's value when it matches
 /// the target, else zero (or empty), as in etcd.
-fn compare_entry(
-    compare: &Compare,
-    result: CompareResult,
-    target: CompareTarget,
-    entry: &Entry,
-) -> bool {
+fn compare_entry(compare: &Compare, result: CompareResult, target: CompareTarget, entry: &Entry) -> bool {
     let ordering = match (target, &compare.target_union) {
         (CompareTarget::Value, Some(TargetUnion::Value(value))) => entry.value.cmp(value),
         (CompareTarget::Value, _) => entry.value.as_slice().cmp(&[][..]),
@@ -1048,11 +923,7 @@ mod tests {
     fn undo_restores_a_key_created_by_the_failed_batch() {
         let mut store = MvccStore::new();
         let mut write_set = WriteSet::default();
-        let put = PutRequest {
-            key: b"k".to_vec(),
-            value: b"v".to_vec(),
-            ..PutRequest::default()
-        };
+        let put = PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), ..PutRequest::default() };
         let result: Result<(), KvError> = store.write(&mut write_set, |store, batch, ws| {
             store.put_in(&put, batch, ws)?;
             Err(KvError::EmptyKey)

@@ -50,9 +50,7 @@ use chorus_proto::etcdserverpb::{
 };
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::prelude::{
-    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
-};
+use raft::prelude::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
 use raft::{GetEntriesContext, RaftState, RawNode, StateRole};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -60,7 +58,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::KvError;
 use crate::lease::{LeaseStore, LeaseWrites};
 use crate::lease_clock::LeaseClock;
-use crate::limits::{LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX};
+use crate::limits::{
+    LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX,
+};
 use crate::mvcc::{MvccStore, WriteSet};
 
 /// How a node is set up. Every field is an input; nothing is read from the environment.
@@ -483,11 +483,8 @@ impl Node {
         if self.raw.raft.leader_id == raft::INVALID_ID {
             return Err(ProposeError::NoLeader);
         }
-        let command = Command {
-            proposer_id: self.raw.raft.id,
-            proposal_seq: self.proposal_tag(seq),
-            op: Some(op),
-        };
+        let command =
+            Command { proposer_id: self.raw.raft.id, proposal_seq: self.proposal_tag(seq), op: Some(op) };
         let result = self.raw.propose(Vec::new(), command.encode_to_vec());
         self.reseed_election_timeout();
         match result {
@@ -692,13 +689,8 @@ impl Node {
             Some(op) => self.apply_op(op),
             None => panic!("command without an operation at index {}", entry.index),
         };
-        let ours = command.proposer_id == self.raw.raft.id
-            && command.proposal_seq >> 40 == self.boot_id;
-        ours.then_some(Reply {
-            seq: command.proposal_seq & ((1 << 40) - 1),
-            result,
-            index: entry.index,
-        })
+        let ours = command.proposer_id == self.raw.raft.id && command.proposal_seq >> 40 == self.boot_id;
+        ours.then_some(Reply { seq: command.proposal_seq & ((1 << 40) - 1), result, index: entry.index })
     }
 
     /// Records that a proposal is applied; false if it already was.
@@ -724,9 +716,7 @@ impl Node {
                 .check_put(&request)
                 .and_then(|()| self.mvcc.put(&request, writes))
                 .map(OpResponse::Put),
-            Op::DeleteRange(request) => {
-                self.mvcc.delete_range(&request, writes).map(OpResponse::DeleteRange)
-            }
+            Op::DeleteRange(request) => self.mvcc.delete_range(&request, writes).map(OpResponse::DeleteRange),
             Op::Txn(request) => self
                 .leases
                 .check_txn(&request)
@@ -743,16 +733,15 @@ impl Node {
         let writes = &mut self.pending_writes;
         match op {
             Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) => unreachable!("applied by apply_op"),
-            Op::Compaction(request) => {
-                self.mvcc.compact(&request, writes).map(OpResponse::Compaction)
-            }
+            Op::Compaction(request) => self.mvcc.compact(&request, writes).map(OpResponse::Compaction),
             Op::LeaseGrant(request) => {
                 let response = self.leases.grant(&request, &mut self.pending_leases)?;
                 self.lease_clock.granted(response.id, response.ttl);
                 Ok(OpResponse::LeaseGrant(response))
             }
             Op::LeaseRevoke(request) => {
-                let response = self.leases.revoke(&request, &mut self.mvcc, writes, &mut self.pending_leases)?;
+                let response =
+                    self.leases.revoke(&request, &mut self.mvcc, writes, &mut self.pending_leases)?;
                 self.lease_clock.removed(request.id);
                 Ok(OpResponse::LeaseRevoke(response))
             }
@@ -779,11 +768,8 @@ impl Node {
         self.timeout_epoch = epoch;
         let leading = raft.state == StateRole::Leader;
         if leading && !self.lease_clock.is_leading() {
-            let leases: Vec<(i64, i64)> = self
-                .leases
-                .iter()
-                .map(|l| (l.id, l.remaining_ttl_s.unwrap_or(l.granted_ttl_s)))
-                .collect();
+            let leases: Vec<(i64, i64)> =
+                self.leases.iter().map(|l| (l.id, l.remaining_ttl_s.unwrap_or(l.granted_ttl_s))).collect();
             self.lease_clock.become_leader(leases);
         } else if !leading && self.lease_clock.is_leading() {
             self.lease_clock.step_down();

@@ -84,10 +84,7 @@ pub(crate) fn check_put_flags(request: &PutRequest) -> Result<(), KvError> {
 fn check_request_bytes(size_bytes: usize, limits: &Limits) -> Result<(), KvError> {
     let size_bytes = size_bytes as u64;
     if size_bytes > limits.request_bytes_max {
-        return Err(KvError::RequestTooLarge {
-            size_bytes,
-            max_bytes: limits.request_bytes_max,
-        });
+        return Err(KvError::RequestTooLarge { size_bytes, max_bytes: limits.request_bytes_max });
     }
     Ok(())
 }
@@ -102,10 +99,7 @@ fn check_key(key: &[u8], limits: &Limits) -> Result<(), KvError> {
 fn check_key_bytes(key: &[u8], limits: &Limits) -> Result<(), KvError> {
     let size_bytes = key.len() as u64;
     if size_bytes > limits.key_bytes_max {
-        return Err(KvError::KeyTooLarge {
-            size_bytes,
-            max_bytes: limits.key_bytes_max,
-        });
+        return Err(KvError::KeyTooLarge { size_bytes, max_bytes: limits.key_bytes_max });
     }
     Ok(())
 }
@@ -125,9 +119,7 @@ fn check_range_end(key: &[u8], range_end: &[u8], limits: &Limits) -> Result<(), 
 
 fn check_not_negative(field: &str, value: i64) -> Result<(), KvError> {
     if value < 0 {
-        return Err(KvError::InvalidArgument(format!(
-            "{field} must not be negative (got {value})"
-        )));
+        return Err(KvError::InvalidArgument(format!("{field} must not be negative (got {value})")));
     }
     Ok(())
 }
@@ -137,8 +129,7 @@ fn check_range_fields(request: &RangeRequest, limits: &Limits) -> Result<(), KvE
     check_range_end(&request.key, &request.range_end, limits)?;
     check_not_negative("revision", request.revision)?;
     check_not_negative("limit", request.limit)?;
-    if SortOrder::try_from(request.sort_order).is_err()
-        || SortTarget::try_from(request.sort_target).is_err()
+    if SortOrder::try_from(request.sort_order).is_err() || SortTarget::try_from(request.sort_target).is_err()
     {
         return Err(KvError::InvalidArgument(INVALID_SORT_MESSAGE.to_string()));
     }
@@ -149,10 +140,7 @@ fn check_put_fields(request: &PutRequest, limits: &Limits) -> Result<(), KvError
     check_key(&request.key, limits)?;
     let size_bytes = request.value.len() as u64;
     if size_bytes > limits.value_bytes_max {
-        return Err(KvError::ValueTooLarge {
-            size_bytes,
-            max_bytes: limits.value_bytes_max,
-        });
+        return Err(KvError::ValueTooLarge { size_bytes, max_bytes: limits.value_bytes_max });
     }
     check_put_flags(request)
 }
@@ -166,16 +154,10 @@ fn check_compare(compare: &Compare, limits: &Limits) -> Result<(), KvError> {
     check_key(&compare.key, limits)?;
     check_range_end(&compare.key, &compare.range_end, limits)?;
     if CompareResult::try_from(compare.result).is_err() {
-        return Err(KvError::InvalidArgument(format!(
-            "unknown compare result {}",
-            compare.result
-        )));
+        return Err(KvError::InvalidArgument(format!("unknown compare result {}", compare.result)));
     }
     if CompareTarget::try_from(compare.target).is_err() {
-        return Err(KvError::InvalidArgument(format!(
-            "unknown compare target {}",
-            compare.target
-        )));
+        return Err(KvError::InvalidArgument(format!("unknown compare target {}", compare.target)));
     }
     Ok(())
 }
@@ -184,16 +166,9 @@ fn check_compare(compare: &Compare, limits: &Limits) -> Result<(), KvError> {
 /// parent left: `ops_max` minus the parent's largest of compares, success and
 /// failure, so nesting cannot multiply the work of one request without bound.
 fn check_txn_fields(request: &TxnRequest, limits: &Limits, ops_max: u64) -> Result<(), KvError> {
-    let ops_count = request
-        .compare
-        .len()
-        .max(request.success.len())
-        .max(request.failure.len()) as u64;
+    let ops_count = request.compare.len().max(request.success.len()).max(request.failure.len()) as u64;
     if ops_count > ops_max {
-        return Err(KvError::TooManyOps {
-            ops_count,
-            max_count: ops_max,
-        });
+        return Err(KvError::TooManyOps { ops_count, max_count: ops_max });
     }
     for compare in &request.compare {
         check_compare(compare, limits)?;
@@ -293,18 +268,13 @@ impl DeletedRanges {
             return;
         }
         let before = (Bound::Unbounded, Bound::Included(begin.as_slice()));
-        if let Some((previous_begin, previous_end)) =
-            self.end_by_begin.range::<[u8], _>(before).next_back()
-        {
+        if let Some((previous_begin, previous_end)) = self.end_by_begin.range::<[u8], _>(before).next_back() {
             if *previous_end >= begin {
                 begin = previous_begin.clone();
                 end = end.max(previous_end.clone());
             }
         }
-        let overlapping = (
-            Bound::Included(begin.as_slice()),
-            Bound::Included(end.as_slice()),
-        );
+        let overlapping = (Bound::Included(begin.as_slice()), Bound::Included(end.as_slice()));
         let absorbed: Vec<Vec<u8>> = self
             .end_by_begin
             .range::<[u8], _>(overlapping)
@@ -348,11 +318,8 @@ mod tests {
     #[test]
     fn deleted_ranges_merge_overlapping_and_adjacent_intervals() {
         let deleted = ranges(&[("c", "e"), ("a", "b"), ("d", "g"), ("b", "c"), ("x", "z")]);
-        let merged: Vec<(&[u8], &[u8])> = deleted
-            .end_by_begin
-            .iter()
-            .map(|(b, e)| (b.as_slice(), e.as_slice()))
-            .collect();
+        let merged: Vec<(&[u8], &[u8])> =
+            deleted.end_by_begin.iter().map(|(b, e)| (b.as_slice(), e.as_slice())).collect();
         assert_eq!(merged, vec![(&b"a"[..], &b"g"[..]), (&b"x"[..], &b"z"[..])]);
     }
 

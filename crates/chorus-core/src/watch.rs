@@ -109,7 +109,8 @@ impl<S> Default for WatchHub<S> {
 
 impl<S: WatchSink> WatchHub<S> {
     pub fn open_stream(&mut self, stream: u64, sink: S) {
-        self.streams.insert(stream, Stream { sink, outbox: VecDeque::new(), next_watch_id: 0, broken: false });
+        self.streams
+            .insert(stream, Stream { sink, outbox: VecDeque::new(), next_watch_id: 0, broken: false });
     }
 
     pub fn close_stream(&mut self, stream: u64) {
@@ -366,7 +367,9 @@ fn send_events<S: WatchSink>(
     let mut fragments = Vec::new();
     let mut current = WatchResponse { header: Some(header), watch_id, fragment: true, ..Default::default() };
     for event in response.events {
-        if !current.events.is_empty() && current.encoded_len() + event.encoded_len() > WATCH_RESPONSE_BYTES_MAX {
+        if !current.events.is_empty()
+            && current.encoded_len() + event.encoded_len() > WATCH_RESPONSE_BYTES_MAX
+        {
             fragments.push(std::mem::replace(
                 &mut current,
                 WatchResponse { header: Some(header), watch_id, fragment: true, ..Default::default() },

@@ -18,8 +18,8 @@ use chorus_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use chorus_proto::etcdserverpb::request_op::Request;
 use chorus_proto::etcdserverpb::response_op::Response;
 use chorus_proto::etcdserverpb::{
-    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse,
-    RequestOp, TxnRequest, TxnResponse,
+    CompactionRequest, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RangeResponse, RequestOp,
+    TxnRequest, TxnResponse,
 };
 use chorus_proto::mvccpb::KeyValue;
 use prost::Message;
@@ -29,44 +29,26 @@ use prost::Message;
 // ---------------------------------------------------------------------------------
 
 fn put_request(key: &str, value: &str) -> PutRequest {
-    PutRequest {
-        key: key.as_bytes().to_vec(),
-        value: value.as_bytes().to_vec(),
-        ..PutRequest::default()
-    }
+    PutRequest { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), ..PutRequest::default() }
 }
 
 fn range_request(key: &[u8], range_end: &[u8]) -> RangeRequest {
-    RangeRequest {
-        key: key.to_vec(),
-        range_end: range_end.to_vec(),
-        ..RangeRequest::default()
-    }
+    RangeRequest { key: key.to_vec(), range_end: range_end.to_vec(), ..RangeRequest::default() }
 }
 
 fn delete_request(key: &[u8], range_end: &[u8]) -> DeleteRangeRequest {
-    DeleteRangeRequest {
-        key: key.to_vec(),
-        range_end: range_end.to_vec(),
-        prev_kv: true,
-    }
+    DeleteRangeRequest { key: key.to_vec(), range_end: range_end.to_vec(), prev_kv: true }
 }
 
 /// Puts `key` = `value` and returns the new store revision.
 fn put(store: &mut MvccStore, key: &str, value: &str) -> i64 {
-    let response = store
-        .put(&put_request(key, value), &mut WriteSet::default())
-        .expect("put");
+    let response = store.put(&put_request(key, value), &mut WriteSet::default()).expect("put");
     response.header.expect("header").revision
 }
 
 fn delete(store: &mut MvccStore, key: &str) -> i64 {
-    let response = store
-        .delete_range(
-            &delete_request(key.as_bytes(), b""),
-            &mut WriteSet::default(),
-        )
-        .expect("delete");
+    let response =
+        store.delete_range(&delete_request(key.as_bytes(), b""), &mut WriteSet::default()).expect("delete");
     response.header.expect("header").revision
 }
 
@@ -79,11 +61,7 @@ fn get(store: &MvccStore, key: &str, revision: i64) -> Option<KeyValue> {
 }
 
 fn keys_of(response: &RangeResponse) -> Vec<String> {
-    response
-        .kvs
-        .iter()
-        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
-        .collect()
+    response.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect()
 }
 
 fn kv(key: &str, value: &str, create: i64, modified: i64, version: i64) -> KeyValue {
@@ -98,9 +76,7 @@ fn kv(key: &str, value: &str, create: i64, modified: i64, version: i64) -> KeyVa
 }
 
 fn op(request: Request) -> RequestOp {
-    RequestOp {
-        request: Some(request),
-    }
+    RequestOp { request: Some(request) }
 }
 
 fn op_put(key: &str, value: &str) -> RequestOp {
@@ -130,11 +106,7 @@ fn compare(key: &str, target: CompareTarget, result: CompareResult, union: Targe
 }
 
 fn txn(compares: Vec<Compare>, success: Vec<RequestOp>, failure: Vec<RequestOp>) -> TxnRequest {
-    TxnRequest {
-        compare: compares,
-        success,
-        failure,
-    }
+    TxnRequest { compare: compares, success, failure }
 }
 
 fn range_response(response: &TxnResponse, index: usize) -> &RangeResponse {
@@ -178,11 +150,7 @@ fn range_forms() {
         assert_eq!(keys_of(&response), *expected, "{name}: keys");
         assert_eq!(response.count, expected.len() as i64, "{name}: count");
         assert!(!response.more, "{name}: more");
-        assert_eq!(
-            response.header.expect("header").revision,
-            7,
-            "{name}: header"
-        );
+        assert_eq!(response.header.expect("header").revision, 7, "{name}: header");
     }
 }
 
@@ -204,49 +172,14 @@ fn revision_bookkeeping_across_put_overwrite_delete_recreate() {
         Delete(&'static str),
     }
     let steps: &[(&str, Step, i64, Option<KeyValue>)] = &[
-        (
-            "create",
-            Step::Put("k", "v1"),
-            2,
-            Some(kv("k", "v1", 2, 2, 1)),
-        ),
-        (
-            "overwrite",
-            Step::Put("k", "v2"),
-            3,
-            Some(kv("k", "v2", 2, 3, 2)),
-        ),
-        (
-            "overwrite again",
-            Step::Put("k", "v3"),
-            4,
-            Some(kv("k", "v3", 2, 4, 3)),
-        ),
-        (
-            "other key",
-            Step::Put("other", "o"),
-            5,
-            Some(kv("k", "v3", 2, 4, 3)),
-        ),
+        ("create", Step::Put("k", "v1"), 2, Some(kv("k", "v1", 2, 2, 1))),
+        ("overwrite", Step::Put("k", "v2"), 3, Some(kv("k", "v2", 2, 3, 2))),
+        ("overwrite again", Step::Put("k", "v3"), 4, Some(kv("k", "v3", 2, 4, 3))),
+        ("other key", Step::Put("other", "o"), 5, Some(kv("k", "v3", 2, 4, 3))),
         ("delete", Step::Delete("k"), 6, None),
-        (
-            "delete missing key changes nothing",
-            Step::Delete("k"),
-            6,
-            None,
-        ),
-        (
-            "re-create starts a new generation",
-            Step::Put("k", "v4"),
-            7,
-            Some(kv("k", "v4", 7, 7, 1)),
-        ),
-        (
-            "overwrite in new generation",
-            Step::Put("k", "v5"),
-            8,
-            Some(kv("k", "v5", 7, 8, 2)),
-        ),
+        ("delete missing key changes nothing", Step::Delete("k"), 6, None),
+        ("re-create starts a new generation", Step::Put("k", "v4"), 7, Some(kv("k", "v4", 7, 7, 1))),
+        ("overwrite in new generation", Step::Put("k", "v5"), 8, Some(kv("k", "v5", 7, 8, 2))),
     ];
     let mut store = MvccStore::new();
     assert_eq!(store.revision(), 1, "empty store");
@@ -272,21 +205,11 @@ fn range_at_old_revisions() {
     let cases: &[(&str, i64, Option<KeyValue>, &[&str])] = &[
         ("before any write", 1, None, &[]),
         ("first put", 2, Some(kv("k", "v1", 2, 2, 1)), &["k"]),
-        (
-            "other key written",
-            3,
-            Some(kv("k", "v1", 2, 2, 1)),
-            &["j", "k"],
-        ),
+        ("other key written", 3, Some(kv("k", "v1", 2, 2, 1)), &["j", "k"]),
         ("overwritten", 4, Some(kv("k", "v2", 2, 4, 2)), &["j", "k"]),
         ("deleted", 5, None, &["j"]),
         ("re-created", 6, Some(kv("k", "v3", 6, 6, 1)), &["j", "k"]),
-        (
-            "zero means current",
-            0,
-            Some(kv("k", "v3", 6, 6, 1)),
-            &["j", "k"],
-        ),
+        ("zero means current", 0, Some(kv("k", "v3", 6, 6, 1)), &["j", "k"]),
     ];
     for (name, revision, expected, all_keys) in cases {
         assert_eq!(get(&store, "k", *revision), *expected, "{name}: k");
@@ -296,20 +219,11 @@ fn range_at_old_revisions() {
         assert_eq!(keys_of(&response), *all_keys, "{name}: all keys");
         assert_eq!(response.count, all_keys.len() as i64, "{name}: count");
         // The header carries the store's revision, not the one read (as in etcd).
-        assert_eq!(
-            response.header.expect("header").revision,
-            6,
-            "{name}: header"
-        );
+        assert_eq!(response.header.expect("header").revision, 6, "{name}: header");
     }
     let mut future = range_request(b"k", b"");
     future.revision = 7;
-    assert_eq!(
-        store.range(&future),
-        Err(KvError::FutureRevision {
-            current_revision: 6
-        })
-    );
+    assert_eq!(store.range(&future), Err(KvError::FutureRevision { current_revision: 6 }));
 }
 
 // ---------------------------------------------------------------------------------
@@ -321,48 +235,13 @@ fn range_limit_more_and_count() {
     let store = store_with_keys();
     let cases: &[(&str, i64, i64, &[&str], bool, i64)] = &[
         // name, limit, min_mod_revision, keys, more, count
-        (
-            "no limit",
-            0,
-            0,
-            &["a", "ab", "abc", "abd", "b", "c"],
-            false,
-            6,
-        ),
+        ("no limit", 0, 0, &["a", "ab", "abc", "abd", "b", "c"], false, 6),
         ("limit below count", 2, 0, &["a", "ab"], true, 6),
-        (
-            "limit one below count",
-            5,
-            0,
-            &["a", "ab", "abc", "abd", "b"],
-            true,
-            6,
-        ),
-        (
-            "limit equal to count",
-            6,
-            0,
-            &["a", "ab", "abc", "abd", "b", "c"],
-            false,
-            6,
-        ),
-        (
-            "limit above count",
-            10,
-            0,
-            &["a", "ab", "abc", "abd", "b", "c"],
-            false,
-            6,
-        ),
+        ("limit one below count", 5, 0, &["a", "ab", "abc", "abd", "b"], true, 6),
+        ("limit equal to count", 6, 0, &["a", "ab", "abc", "abd", "b", "c"], false, 6),
+        ("limit above count", 10, 0, &["a", "ab", "abc", "abd", "b", "c"], false, 6),
         ("filter then limit", 2, 5, &["abd", "b"], true, 6),
-        (
-            "filter leaves exactly limit",
-            3,
-            5,
-            &["abd", "b", "c"],
-            false,
-            6,
-        ),
+        ("filter leaves exactly limit", 3, 5, &["abd", "b", "c"], false, 6),
     ];
     for (name, limit, min_mod, keys, more, count) in cases {
         let mut request = range_request(&[0], &[0]);
@@ -395,30 +274,10 @@ fn range_every_sort_order_and_target() {
     use SortTarget::{Create, Key, Mod, Value, Version};
     let cases: &[(&str, SortOrder, SortTarget, [&str; 3])] = &[
         ("none by key", Unsorted, Key, ["a", "b", "c"]),
-        (
-            "none by version sorts ascending",
-            Unsorted,
-            Version,
-            ["a", "c", "b"],
-        ),
-        (
-            "none by create sorts ascending",
-            Unsorted,
-            Create,
-            ["c", "a", "b"],
-        ),
-        (
-            "none by mod sorts ascending",
-            Unsorted,
-            Mod,
-            ["a", "c", "b"],
-        ),
-        (
-            "none by value sorts ascending",
-            Unsorted,
-            Value,
-            ["b", "c", "a"],
-        ),
+        ("none by version sorts ascending", Unsorted, Version, ["a", "c", "b"]),
+        ("none by create sorts ascending", Unsorted, Create, ["c", "a", "b"]),
+        ("none by mod sorts ascending", Unsorted, Mod, ["a", "c", "b"]),
+        ("none by value sorts ascending", Unsorted, Value, ["b", "c", "a"]),
         ("ascend by key", Ascend, Key, ["a", "b", "c"]),
         ("ascend by version", Ascend, Version, ["a", "c", "b"]),
         ("ascend by create", Ascend, Create, ["c", "a", "b"]),
@@ -447,14 +306,7 @@ fn range_sort_then_limit_and_stable_ties() {
     }
     put(&mut store, "c", "same"); // c: version 2
     let cases: &[(&str, SortOrder, SortTarget, i64, &[&str], bool)] = &[
-        (
-            "descend by mod, limited",
-            SortOrder::Descend,
-            SortTarget::Mod,
-            2,
-            &["c", "a"],
-            true,
-        ),
+        ("descend by mod, limited", SortOrder::Descend, SortTarget::Mod, 2, &["c", "a"], true),
         (
             "ascend by value ties in key order",
             SortOrder::Ascend,
@@ -492,11 +344,7 @@ fn range_keys_only_and_count_only() {
     let response = store.range(&keys_only).expect("keys_only");
     let mut expected = kv("abc", "", 4, 4, 1);
     assert_eq!(response.kvs.len(), 3, "keys_only: kvs");
-    assert_eq!(
-        response.kvs[1],
-        expected.clone(),
-        "keys_only: value stripped, rest kept"
-    );
+    assert_eq!(response.kvs[1], expected.clone(), "keys_only: value stripped, rest kept");
     assert!(response.kvs.iter().all(|kv| kv.value.is_empty()));
 
     let mut count_only = range_request(b"ab", &prefix_range_end(b"ab"));
@@ -507,11 +355,7 @@ fn range_keys_only_and_count_only() {
     assert_eq!(response.count, 3, "count_only: count");
     assert!(!response.more, "count_only: more");
     expected.value = b"value of abc".to_vec();
-    assert_eq!(
-        get(&store, "abc", 0),
-        Some(expected),
-        "reads change nothing"
-    );
+    assert_eq!(get(&store, "abc", 0), Some(expected), "reads change nothing");
 }
 
 #[test]
@@ -545,16 +389,10 @@ fn range_rejects_unknown_sort_options() {
     let store = store_with_keys();
     let mut request = range_request(b"a", b"");
     request.sort_order = 7;
-    assert_eq!(
-        store.range(&request),
-        Err(KvError::InvalidArgument("invalid sort option".to_string()))
-    );
+    assert_eq!(store.range(&request), Err(KvError::InvalidArgument("invalid sort option".to_string())));
     request.sort_order = 0;
     request.sort_target = 9;
-    assert!(matches!(
-        store.range(&request),
-        Err(KvError::InvalidArgument(_))
-    ));
+    assert!(matches!(store.range(&request), Err(KvError::InvalidArgument(_))));
 }
 
 // ---------------------------------------------------------------------------------
@@ -574,92 +412,43 @@ fn put_prev_kv_ignore_value_and_ignore_lease() {
     keep_value.ignore_value = true;
     keep_value.lease = 43;
     keep_value.prev_kv = true;
-    let response = store
-        .put(&keep_value, &mut WriteSet::default())
-        .expect("ignore_value");
+    let response = store.put(&keep_value, &mut WriteSet::default()).expect("ignore_value");
     let mut before = kv("k", "v1", 2, 2, 1);
     before.lease = 42;
     assert_eq!(response.prev_kv, Some(before), "prev_kv");
     let mut after = kv("k", "v1", 2, 3, 2);
     after.lease = 43;
-    assert_eq!(
-        get(&store, "k", 0),
-        Some(after.clone()),
-        "value kept, lease replaced"
-    );
+    assert_eq!(get(&store, "k", 0), Some(after.clone()), "value kept, lease replaced");
 
     let mut keep_lease = put_request("k", "v2");
     keep_lease.ignore_lease = true;
-    let response = store
-        .put(&keep_lease, &mut WriteSet::default())
-        .expect("ignore_lease");
+    let response = store.put(&keep_lease, &mut WriteSet::default()).expect("ignore_lease");
     assert_eq!(response.prev_kv, None, "prev_kv only when asked");
     let mut after = kv("k", "v2", 2, 4, 3);
     after.lease = 43;
-    assert_eq!(
-        get(&store, "k", 0),
-        Some(after),
-        "lease kept, value replaced"
-    );
+    assert_eq!(get(&store, "k", 0), Some(after), "lease kept, value replaced");
 }
 
 #[test]
 fn put_errors_change_nothing() {
     let mut store = MvccStore::new();
     put(&mut store, "k", "v");
-    let value_on_missing = PutRequest {
-        ignore_value: true,
-        ..put_request("missing", "")
-    };
-    let lease_on_missing = PutRequest {
-        ignore_lease: true,
-        ..put_request("missing", "v")
-    };
-    let value_provided = PutRequest {
-        ignore_value: true,
-        ..put_request("k", "v")
-    };
-    let lease_provided = PutRequest {
-        ignore_lease: true,
-        lease: 5,
-        ..put_request("k", "v")
-    };
+    let value_on_missing = PutRequest { ignore_value: true, ..put_request("missing", "") };
+    let lease_on_missing = PutRequest { ignore_lease: true, ..put_request("missing", "v") };
+    let value_provided = PutRequest { ignore_value: true, ..put_request("k", "v") };
+    let lease_provided = PutRequest { ignore_lease: true, lease: 5, ..put_request("k", "v") };
     let cases = [
-        (
-            "ignore_value on missing key",
-            value_on_missing,
-            "key not found",
-        ),
-        (
-            "ignore_lease on missing key",
-            lease_on_missing,
-            "key not found",
-        ),
-        (
-            "ignore_value with a value",
-            value_provided,
-            "value is provided",
-        ),
-        (
-            "ignore_lease with a lease",
-            lease_provided,
-            "lease is provided",
-        ),
+        ("ignore_value on missing key", value_on_missing, "key not found"),
+        ("ignore_lease on missing key", lease_on_missing, "key not found"),
+        ("ignore_value with a value", value_provided, "value is provided"),
+        ("ignore_lease with a lease", lease_provided, "lease is provided"),
     ];
     for (name, request, message) in cases {
         let before = store.clone();
         let mut write_set = WriteSet::default();
         let error = store.put(&request, &mut write_set).expect_err(name);
-        assert_eq!(
-            error,
-            KvError::InvalidArgument(message.to_string()),
-            "{name}"
-        );
-        assert_eq!(
-            error.to_string(),
-            format!("etcdserver: {message}"),
-            "{name}"
-        );
+        assert_eq!(error, KvError::InvalidArgument(message.to_string()), "{name}");
+        assert_eq!(error.to_string(), format!("etcdserver: {message}"), "{name}");
         assert_eq!(store, before, "{name}: state");
         assert!(write_set.is_empty(), "{name}: write set");
     }
@@ -670,69 +459,24 @@ fn delete_range_forms() {
     let prefix_end = prefix_range_end(b"ab");
     let cases: &[(&str, &[u8], &[u8], &[&str], &[&str])] = &[
         // name, key, range_end, deleted, left
-        (
-            "single key",
-            b"ab",
-            b"",
-            &["ab"],
-            &["a", "abc", "abd", "b", "c"],
-        ),
-        (
-            "missing key",
-            b"zz",
-            b"",
-            &[],
-            &["a", "ab", "abc", "abd", "b", "c"],
-        ),
-        (
-            "range",
-            b"ab",
-            b"b",
-            &["ab", "abc", "abd"],
-            &["a", "b", "c"],
-        ),
-        (
-            "prefix",
-            b"ab",
-            &prefix_end,
-            &["ab", "abc", "abd"],
-            &["a", "b", "c"],
-        ),
-        (
-            "from key",
-            b"abd",
-            &[0],
-            &["abd", "b", "c"],
-            &["a", "ab", "abc"],
-        ),
-        (
-            "all keys",
-            &[0],
-            &[0],
-            &["a", "ab", "abc", "abd", "b", "c"],
-            &[],
-        ),
+        ("single key", b"ab", b"", &["ab"], &["a", "abc", "abd", "b", "c"]),
+        ("missing key", b"zz", b"", &[], &["a", "ab", "abc", "abd", "b", "c"]),
+        ("range", b"ab", b"b", &["ab", "abc", "abd"], &["a", "b", "c"]),
+        ("prefix", b"ab", &prefix_end, &["ab", "abc", "abd"], &["a", "b", "c"]),
+        ("from key", b"abd", &[0], &["abd", "b", "c"], &["a", "ab", "abc"]),
+        ("all keys", &[0], &[0], &["a", "ab", "abc", "abd", "b", "c"], &[]),
     ];
     for (name, key, range_end, deleted, left) in cases {
         let mut store = store_with_keys();
         let mut write_set = WriteSet::default();
-        let response = store
-            .delete_range(&delete_request(key, range_end), &mut write_set)
-            .expect(name);
+        let response = store.delete_range(&delete_request(key, range_end), &mut write_set).expect(name);
         let expected_revision = if deleted.is_empty() { 7 } else { 8 };
         assert_eq!(response.deleted, deleted.len() as i64, "{name}: deleted");
-        let prev_keys: Vec<String> = response
-            .prev_kvs
-            .iter()
-            .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
-            .collect();
+        let prev_keys: Vec<String> =
+            response.prev_kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
         assert_eq!(prev_keys, *deleted, "{name}: prev_kvs");
         assert_eq!(store.revision(), expected_revision, "{name}: revision");
-        assert_eq!(
-            response.header.expect("header").revision,
-            expected_revision,
-            "{name}"
-        );
+        assert_eq!(response.header.expect("header").revision, expected_revision, "{name}");
         assert_eq!(write_set.changes.len(), deleted.len(), "{name}: changes");
         assert_eq!(store.key_count(), left.len() as u64, "{name}: key count");
         let all = store.range(&range_request(&[0], &[0])).expect(name);
@@ -745,9 +489,7 @@ fn delete_without_prev_kv_returns_no_prev_kvs() {
     let mut store = store_with_keys();
     let mut request = delete_request(b"a", b"b");
     request.prev_kv = false;
-    let response = store
-        .delete_range(&request, &mut WriteSet::default())
-        .expect("delete");
+    let response = store.delete_range(&request, &mut WriteSet::default()).expect("delete");
     assert_eq!(response.deleted, 4);
     assert!(response.prev_kvs.is_empty());
 }
@@ -756,29 +498,18 @@ fn delete_without_prev_kv_returns_no_prev_kvs() {
 fn write_set_records_and_changes() {
     let mut store = MvccStore::new();
     let mut write_set = WriteSet::default();
-    store
-        .put(&put_request("k", "v"), &mut write_set)
-        .expect("put");
-    store
-        .delete_range(&delete_request(b"k", b""), &mut write_set)
-        .expect("delete");
+    store.put(&put_request("k", "v"), &mut write_set).expect("put");
+    store.delete_range(&delete_request(b"k", b""), &mut write_set).expect("delete");
     let put_key = Revision { main: 2, sub: 0 }.to_rev_key(false);
     let tombstone_key = Revision { main: 3, sub: 0 }.to_rev_key(true);
     let mut expected_put_key = [0u8; 17];
     expected_put_key[7] = 2;
     assert_eq!(put_key, expected_put_key, "rev key layout");
     assert_eq!(tombstone_key[16], 1, "tombstone flag");
-    let tombstone = KeyValue {
-        key: b"k".to_vec(),
-        mod_revision: 3,
-        ..KeyValue::default()
-    };
+    let tombstone = KeyValue { key: b"k".to_vec(), mod_revision: 3, ..KeyValue::default() };
     assert_eq!(
         write_set.puts,
-        vec![
-            (put_key, kv("k", "v", 2, 2, 1).encode_to_vec()),
-            (tombstone_key, tombstone.encode_to_vec()),
-        ]
+        vec![(put_key, kv("k", "v", 2, 2, 1).encode_to_vec()), (tombstone_key, tombstone.encode_to_vec()),]
     );
     assert_eq!(write_set.changes.len(), 2);
     assert_eq!(write_set.changes[0].kind, ChangeKind::Put);
@@ -819,14 +550,8 @@ fn compare_every_target_and_operator() {
     let create = |result, operand| on("k", Create, result, TargetUnion::CreateRevision(operand));
     let modified = |result, operand| on("k", Mod, result, TargetUnion::ModRevision(operand));
     let lease = |key, result, operand| on(key, Lease, result, TargetUnion::Lease(operand));
-    let value = |key, result, operand: &str| {
-        on(
-            key,
-            Value,
-            result,
-            TargetUnion::Value(operand.as_bytes().to_vec()),
-        )
-    };
+    let value =
+        |key, result, operand: &str| on(key, Value, result, TargetUnion::Value(operand.as_bytes().to_vec()));
     // One row per line reads as a table. k: version 2, create 2, mod 3, value "m",
     // lease 7; x does not exist. Columns: name, compare, holds.
     #[rustfmt::skip]
@@ -876,12 +601,7 @@ fn compare_every_target_and_operator() {
     let mut store = store_for_compares();
     for (name, compare, expected) in cases {
         let before = store.clone();
-        let response = store
-            .txn(
-                &txn(vec![compare], vec![], vec![]),
-                &mut WriteSet::default(),
-            )
-            .expect(name);
+        let response = store.txn(&txn(vec![compare], vec![], vec![]), &mut WriteSet::default()).expect(name);
         assert_eq!(response.succeeded, expected, "{name}");
         assert_eq!(store, before, "{name}: a compare changes nothing");
     }
@@ -911,12 +631,7 @@ fn compare_over_ranges() {
     ];
     let mut store = store_for_compares();
     for (name, compare, expected) in cases {
-        let response = store
-            .txn(
-                &txn(vec![compare], vec![], vec![]),
-                &mut WriteSet::default(),
-            )
-            .expect(name);
+        let response = store.txn(&txn(vec![compare], vec![], vec![]), &mut WriteSet::default()).expect(name);
         assert_eq!(response.succeeded, expected, "{name}");
     }
 }
@@ -937,9 +652,7 @@ fn compares_must_all_hold() {
             .iter()
             .map(|(key, version)| compare(key, Version, Equal, TargetUnion::Version(*version)))
             .collect();
-        let response = store
-            .txn(&txn(compares, vec![], vec![]), &mut WriteSet::default())
-            .expect(name);
+        let response = store.txn(&txn(compares, vec![], vec![]), &mut WriteSet::default()).expect(name);
         assert_eq!(response.succeeded, *expected, "{name}");
     }
 }
@@ -949,12 +662,7 @@ fn compares_must_all_hold() {
 // ---------------------------------------------------------------------------------
 
 fn version_is(key: &str, version: i64) -> Compare {
-    compare(
-        key,
-        CompareTarget::Version,
-        CompareResult::Equal,
-        TargetUnion::Version(version),
-    )
+    compare(key, CompareTarget::Version, CompareResult::Equal, TargetUnion::Version(version))
 }
 
 #[test]
@@ -970,33 +678,17 @@ fn txn_branches_run_range_put_delete_and_nested_txn() {
             op_range(&[0], &[0]),
         ];
         let request = if succeeded {
-            txn(
-                vec![version_is("k", version)],
-                ops,
-                vec![op_put("wrong", "branch")],
-            )
+            txn(vec![version_is("k", version)], ops, vec![op_put("wrong", "branch")])
         } else {
-            txn(
-                vec![version_is("k", version)],
-                vec![op_put("wrong", "branch")],
-                ops,
-            )
+            txn(vec![version_is("k", version)], vec![op_put("wrong", "branch")], ops)
         };
         let mut write_set = WriteSet::default();
         let response = store.txn(&request, &mut write_set).expect(name);
         assert_eq!(response.succeeded, succeeded, "{name}");
         assert_eq!(response.responses.len(), 5, "{name}: responses");
-        assert_eq!(
-            response.header.expect("header").revision,
-            7,
-            "{name}: header"
-        );
+        assert_eq!(response.header.expect("header").revision, 7, "{name}: header");
         assert_eq!(store.revision(), 7, "{name}: one revision for the txn");
-        assert_eq!(
-            keys_of(range_response(&response, 0)),
-            ["r1"],
-            "{name}: range"
-        );
+        assert_eq!(keys_of(range_response(&response, 0)), ["r1"], "{name}: range");
         assert!(matches!(
             &response.responses[2].response,
             Some(Response::ResponseDeleteRange(d)) if d.deleted == 1
@@ -1011,21 +703,9 @@ fn txn_branches_run_range_put_delete_and_nested_txn() {
             ["k", "nested", "new", "r1"],
             "{name}: reads see earlier writes"
         );
-        assert_eq!(
-            get(&store, "new", 0),
-            Some(kv("new", name, 7, 7, 1)),
-            "{name}"
-        );
-        assert_eq!(
-            get(&store, "nested", 0),
-            Some(kv("nested", name, 7, 7, 1)),
-            "{name}"
-        );
-        assert_eq!(
-            get(&store, "wrong", 0),
-            None,
-            "{name}: other branch not run"
-        );
+        assert_eq!(get(&store, "new", 0), Some(kv("new", name, 7, 7, 1)), "{name}");
+        assert_eq!(get(&store, "nested", 0), Some(kv("nested", name, 7, 7, 1)), "{name}");
+        assert_eq!(get(&store, "wrong", 0), None, "{name}: other branch not run");
         let revisions: Vec<RevKey> = write_set.puts.iter().map(|(key, _)| *key).collect();
         let expected = vec![
             Revision { main: 7, sub: 0 }.to_rev_key(false),
@@ -1034,11 +714,7 @@ fn txn_branches_run_range_put_delete_and_nested_txn() {
         ];
         assert_eq!(revisions, expected, "{name}: sub revisions in op order");
         let kinds: Vec<ChangeKind> = write_set.changes.iter().map(|c| c.kind).collect();
-        assert_eq!(
-            kinds,
-            [ChangeKind::Put, ChangeKind::Delete, ChangeKind::Put],
-            "{name}"
-        );
+        assert_eq!(kinds, [ChangeKind::Put, ChangeKind::Delete, ChangeKind::Put], "{name}");
     }
 }
 
@@ -1047,17 +723,10 @@ fn txn_that_changes_nothing_keeps_the_revision() {
     let cases: Vec<(&str, TxnRequest)> = vec![
         ("empty", txn(vec![], vec![], vec![])),
         ("reads only", txn(vec![], vec![op_range(b"k", b"")], vec![])),
-        (
-            "deletes nothing",
-            txn(vec![], vec![op_delete(b"zz", b"")], vec![]),
-        ),
+        ("deletes nothing", txn(vec![], vec![op_delete(b"zz", b"")], vec![])),
         (
             "nested reads only",
-            txn(
-                vec![],
-                vec![op_txn(txn(vec![], vec![op_range(b"k", b"")], vec![]))],
-                vec![],
-            ),
+            txn(vec![], vec![op_txn(txn(vec![], vec![op_range(b"k", b"")], vec![]))], vec![]),
         ),
     ];
     for (name, request) in cases {
@@ -1074,11 +743,8 @@ fn txn_that_changes_nothing_keeps_the_revision() {
 fn txn_nested_compares_see_the_state_before_the_txn() {
     // etcd evaluates every compare, nested ones included, before any op runs.
     let mut store = MvccStore::new();
-    let nested = txn(
-        vec![version_is("x", 1)],
-        vec![op_put("y", "saw x")],
-        vec![op_put("y", "did not see x")],
-    );
+    let nested =
+        txn(vec![version_is("x", 1)], vec![op_put("y", "saw x")], vec![op_put("y", "did not see x")]);
     let request = txn(vec![], vec![op_put("x", "1"), op_txn(nested)], vec![]);
     let response = store.txn(&request, &mut WriteSet::default()).expect("txn");
     assert!(response.succeeded);
@@ -1096,26 +762,11 @@ fn txn_range_honours_revision() {
         request.revision = revision;
         op(Request::RequestRange(request))
     };
-    let request = txn(
-        vec![],
-        vec![op_put("k", "newest"), at(2), at(3), at(0)],
-        vec![],
-    );
+    let request = txn(vec![], vec![op_put("k", "newest"), at(2), at(3), at(0)], vec![]);
     let response = store.txn(&request, &mut WriteSet::default()).expect("txn");
-    let values: Vec<Vec<u8>> = (1..4)
-        .map(|i| range_response(&response, i).kvs[0].value.clone())
-        .collect();
-    assert_eq!(
-        values,
-        [b"old".to_vec(), b"new".to_vec(), b"newest".to_vec()]
-    );
-    assert_eq!(
-        range_response(&response, 3)
-            .header
-            .expect("header")
-            .revision,
-        4
-    );
+    let values: Vec<Vec<u8>> = (1..4).map(|i| range_response(&response, i).kvs[0].value.clone()).collect();
+    assert_eq!(values, [b"old".to_vec(), b"new".to_vec(), b"newest".to_vec()]);
+    assert_eq!(range_response(&response, 3).header.expect("header").revision, 4);
 }
 
 #[test]
@@ -1130,22 +781,12 @@ fn txn_errors_leave_no_change() {
         request.revision = 2;
         op(Request::RequestRange(request))
     };
-    let ignore_value_missing = op(Request::RequestPut(PutRequest {
-        ignore_value: true,
-        ..put_request("missing", "")
-    }));
+    let ignore_value_missing =
+        op(Request::RequestPut(PutRequest { ignore_value: true, ..put_request("missing", "") }));
     let cases: Vec<(&str, TxnRequest, KvError)> = vec![
         (
             "put ignore_value on missing key after writes",
-            txn(
-                vec![],
-                vec![
-                    op_put("a", "1"),
-                    op_delete(b"r1", b""),
-                    ignore_value_missing.clone(),
-                ],
-                vec![],
-            ),
+            txn(vec![], vec![op_put("a", "1"), op_delete(b"r1", b""), ignore_value_missing.clone()], vec![]),
             KvError::InvalidArgument("key not found".to_string()),
         ),
         (
@@ -1154,11 +795,7 @@ fn txn_errors_leave_no_change() {
                 vec![],
                 vec![
                     op_put("a", "1"),
-                    op_txn(txn(
-                        vec![],
-                        vec![op_put("b", "2"), ignore_value_missing],
-                        vec![],
-                    )),
+                    op_txn(txn(vec![], vec![op_put("b", "2"), ignore_value_missing], vec![])),
                 ],
                 vec![],
             ),
@@ -1167,37 +804,23 @@ fn txn_errors_leave_no_change() {
         (
             "range at a future revision after a put",
             txn(vec![], vec![op_put("a", "1"), future], vec![]),
-            KvError::FutureRevision {
-                current_revision: 7,
-            },
+            KvError::FutureRevision { current_revision: 7 },
         ),
         (
             "range at a compacted revision after a delete",
             txn(vec![], vec![op_delete(b"k", b""), compacted], vec![]),
-            KvError::Compacted {
-                compact_revision: 3,
-            },
+            KvError::Compacted { compact_revision: 3 },
         ),
         (
             "empty op after a put in the failure branch",
-            txn(
-                vec![version_is("k", 9)],
-                vec![],
-                vec![op_put("a", "1"), RequestOp { request: None }],
-            ),
+            txn(vec![version_is("k", 9)], vec![], vec![op_put("a", "1"), RequestOp { request: None }]),
             KvError::InvalidArgument("key not found".to_string()),
         ),
     ];
     for (name, request, error) in cases {
         let mut store = store_for_compares();
         store
-            .compact(
-                &CompactionRequest {
-                    revision: 3,
-                    physical: false,
-                },
-                &mut WriteSet::default(),
-            )
+            .compact(&CompactionRequest { revision: 3, physical: false }, &mut WriteSet::default())
             .expect("compact");
         // The write set already holds an earlier command's writes; they must stay.
         let mut write_set = WriteSet::default();
@@ -1231,15 +854,8 @@ fn compaction() {
     put(&mut store, "late", "l"); // 6
     put(&mut store, "k", "v3"); // 7
     let mut write_set = WriteSet::default();
-    let response = store
-        .compact(
-            &CompactionRequest {
-                revision: 5,
-                physical: true,
-            },
-            &mut write_set,
-        )
-        .expect("compact");
+    let response =
+        store.compact(&CompactionRequest { revision: 5, physical: true }, &mut write_set).expect("compact");
     assert_eq!(response.header.expect("header").revision, 7);
     assert_eq!(store.compact_revision(), 5);
     assert_eq!(write_set.compact_revision, Some(5));
@@ -1263,65 +879,25 @@ fn compaction() {
         store.range(&request)
     };
     let cases: &[(&str, i64, Result<Vec<&str>, KvError>)] = &[
-        (
-            "below compaction",
-            4,
-            Err(KvError::Compacted {
-                compact_revision: 5,
-            }),
-        ),
-        (
-            "far below compaction",
-            1,
-            Err(KvError::Compacted {
-                compact_revision: 5,
-            }),
-        ),
+        ("below compaction", 4, Err(KvError::Compacted { compact_revision: 5 })),
+        ("far below compaction", 1, Err(KvError::Compacted { compact_revision: 5 })),
         ("at compaction", 5, Ok(vec!["k"])),
         ("after compaction", 6, Ok(vec!["k", "late"])),
         ("current", 0, Ok(vec!["k", "late"])),
     ];
     for (name, revision, expected) in cases {
         let got = range_at(&store, *revision).map(|r| keys_of(&r));
-        let expected = expected
-            .clone()
-            .map(|keys| keys.iter().map(|k| k.to_string()).collect());
+        let expected = expected.clone().map(|keys| keys.iter().map(|k| k.to_string()).collect());
         assert_eq!(got, expected, "{name}");
     }
-    assert_eq!(
-        get(&store, "k", 5),
-        Some(kv("k", "v2", 2, 4, 2)),
-        "value at compaction"
-    );
-    assert_eq!(
-        get(&store, "k", 7),
-        Some(kv("k", "v3", 2, 7, 3)),
-        "current value"
-    );
+    assert_eq!(get(&store, "k", 5), Some(kv("k", "v2", 2, 4, 2)), "value at compaction");
+    assert_eq!(get(&store, "k", 7), Some(kv("k", "v3", 2, 7, 3)), "current value");
     assert_eq!(store.key_count(), 2);
 
     let errors: &[(&str, i64, KvError)] = &[
-        (
-            "same revision again",
-            5,
-            KvError::Compacted {
-                compact_revision: 5,
-            },
-        ),
-        (
-            "older revision",
-            3,
-            KvError::Compacted {
-                compact_revision: 5,
-            },
-        ),
-        (
-            "future revision",
-            8,
-            KvError::FutureRevision {
-                current_revision: 7,
-            },
-        ),
+        ("same revision again", 5, KvError::Compacted { compact_revision: 5 }),
+        ("older revision", 3, KvError::Compacted { compact_revision: 5 }),
+        ("future revision", 8, KvError::FutureRevision { current_revision: 7 }),
         (
             "negative revision",
             -1,
@@ -1331,32 +907,16 @@ fn compaction() {
     for (name, revision, error) in errors {
         let before = store.clone();
         let mut write_set = WriteSet::default();
-        let request = CompactionRequest {
-            revision: *revision,
-            physical: false,
-        };
-        assert_eq!(
-            store.compact(&request, &mut write_set),
-            Err(error.clone()),
-            "{name}"
-        );
+        let request = CompactionRequest { revision: *revision, physical: false };
+        assert_eq!(store.compact(&request, &mut write_set), Err(error.clone()), "{name}");
         assert_eq!(store, before, "{name}: state");
         assert!(write_set.is_empty(), "{name}: write set");
     }
     let mut write_set = WriteSet::default();
     store
-        .compact(
-            &CompactionRequest {
-                revision: 7,
-                physical: false,
-            },
-            &mut write_set,
-        )
+        .compact(&CompactionRequest { revision: 7, physical: false }, &mut write_set)
         .expect("compact at current revision");
-    assert_eq!(
-        write_set.removes,
-        vec![Revision { main: 4, sub: 0 }.to_rev_key(false)]
-    );
+    assert_eq!(write_set.removes, vec![Revision { main: 4, sub: 0 }.to_rev_key(false)]);
 }
 
 // ---------------------------------------------------------------------------------
@@ -1364,19 +924,11 @@ fn compaction() {
 // ---------------------------------------------------------------------------------
 
 fn small_limits() -> Limits {
-    Limits {
-        request_bytes_max: 200,
-        key_bytes_max: 8,
-        value_bytes_max: 16,
-        txn_ops_max: 3,
-    }
+    Limits { request_bytes_max: 200, key_bytes_max: 8, value_bytes_max: 16, txn_ops_max: 3 }
 }
 
 fn key_too_large() -> KvError {
-    KvError::KeyTooLarge {
-        size_bytes: 9,
-        max_bytes: 8,
-    }
+    KvError::KeyTooLarge { size_bytes: 9, max_bytes: 8 }
 }
 
 fn negative(field: &str) -> Result<(), KvError> {
@@ -1397,10 +949,7 @@ fn validate_range_requests() {
         edit(&mut request);
         validate_range(&request, &limits)
     };
-    let too_large = Err(KvError::RequestTooLarge {
-        size_bytes: 306,
-        max_bytes: 200,
-    });
+    let too_large = Err(KvError::RequestTooLarge { size_bytes: 306, max_bytes: 200 });
     // Columns: name, result, expected.
     #[rustfmt::skip]
     let cases: Vec<(&str, Result<(), KvError>, Result<(), KvError>)> = vec![
@@ -1431,18 +980,8 @@ fn validate_put_requests() {
         edit(&mut request);
         validate_put(&request, &limits)
     };
-    let value_too_large = |size_bytes| {
-        Err(KvError::ValueTooLarge {
-            size_bytes,
-            max_bytes: 16,
-        })
-    };
-    let too_large = |size_bytes| {
-        Err(KvError::RequestTooLarge {
-            size_bytes,
-            max_bytes: 200,
-        })
-    };
+    let value_too_large = |size_bytes| Err(KvError::ValueTooLarge { size_bytes, max_bytes: 16 });
+    let too_large = |size_bytes| Err(KvError::RequestTooLarge { size_bytes, max_bytes: 200 });
     // Columns: name, result, expected. A 194-byte value makes a 200-byte request:
     // within the request limit, so the value check speaks.
     #[rustfmt::skip]
@@ -1467,12 +1006,7 @@ fn validate_put_requests() {
 fn validate_delete_and_compaction_requests() {
     let limits = small_limits();
     let delete = |key: &[u8], end: &[u8]| validate_delete_range(&delete_request(key, end), &limits);
-    let compaction = |revision| {
-        validate_compaction(&CompactionRequest {
-            revision,
-            physical: false,
-        })
-    };
+    let compaction = |revision| validate_compaction(&CompactionRequest { revision, physical: false });
     // Columns: name, result, expected.
     #[rustfmt::skip]
     let cases: Vec<(&str, Result<(), KvError>, Result<(), KvError>)> = vec![
@@ -1503,12 +1037,7 @@ fn validate_txn_requests() {
     let nested = |success, failure| op_txn(txn(vec![], success, failure));
     let compares_only = |compares| txn(compares, vec![], vec![]);
     let success_only = |ops| txn(vec![], ops, vec![]);
-    let too_many = |ops_count, max_count| {
-        Err(KvError::TooManyOps {
-            ops_count,
-            max_count,
-        })
-    };
+    let too_many = |ops_count, max_count| Err(KvError::TooManyOps { ops_count, max_count });
     let empty_op = RequestOp { request: None };
     let ok = txn(
         vec![version_is("k", 1)],
@@ -1548,10 +1077,7 @@ fn validate_txn_requests() {
     let large = success_only(vec![op_put("k", &"x".repeat(300))]);
     let size_bytes = large.encoded_len() as u64;
     assert!(size_bytes > 300, "the request is over the limit");
-    let expected = Err(KvError::RequestTooLarge {
-        size_bytes,
-        max_bytes: 200,
-    });
+    let expected = Err(KvError::RequestTooLarge { size_bytes, max_bytes: 200 });
     assert_eq!(validate_txn(&large, &limits), expected, "request too large");
 }
 
@@ -1582,20 +1108,12 @@ fn validate_txn_duplicate_keys() {
     for (name, ops, accepted) in cases {
         let in_success = validate_txn(&txn(vec![], ops.clone(), vec![]), &limits);
         let in_failure = validate_txn(&txn(vec![], vec![], ops), &limits);
-        let expected = if accepted {
-            Ok(())
-        } else {
-            Err(KvError::DuplicateKey)
-        };
+        let expected = if accepted { Ok(()) } else { Err(KvError::DuplicateKey) };
         assert_eq!(in_success, expected, "{name} (success branch)");
         assert_eq!(in_failure, expected, "{name} (failure branch)");
     }
     let across_branches = txn(vec![], vec![op_put("a", "1")], vec![op_put("a", "2")]);
-    assert_eq!(
-        validate_txn(&across_branches, &limits),
-        Ok(()),
-        "the two top-level branches"
-    );
+    assert_eq!(validate_txn(&across_branches, &limits), Ok(()), "the two top-level branches");
 }
 
 // ---------------------------------------------------------------------------------
@@ -1612,10 +1130,7 @@ struct Disk {
 impl Disk {
     fn apply(&mut self, write_set: WriteSet) {
         for (key, value) in write_set.puts {
-            assert!(
-                self.records.insert(key, value).is_none(),
-                "a record is never rewritten"
-            );
+            assert!(self.records.insert(key, value).is_none(), "a record is never rewritten");
         }
         for key in write_set.removes {
             assert!(self.records.remove(&key).is_some(), "removed record exists");
@@ -1626,22 +1141,14 @@ impl Disk {
     }
 
     fn restore(&self) -> MvccStore {
-        let records = self
-            .records
-            .iter()
-            .map(|(key, value)| (*key, value.clone()));
+        let records = self.records.iter().map(|(key, value)| (*key, value.clone()));
         MvccStore::restore(records, self.compact_revision).expect("restore")
     }
 }
 
 /// Applies one command, persists its writes, and checks that a store restored from
 /// the disk equals the live one.
-fn step(
-    name: &str,
-    store: &mut MvccStore,
-    disk: &mut Disk,
-    apply: &dyn Fn(&mut MvccStore, &mut WriteSet),
-) {
+fn step(name: &str, store: &mut MvccStore, disk: &mut Disk, apply: &dyn Fn(&mut MvccStore, &mut WriteSet)) {
     let mut write_set = WriteSet::default();
     apply(store, &mut write_set);
     disk.apply(write_set);
@@ -1662,15 +1169,11 @@ fn restore_rebuilds_the_same_state() {
         }
     });
     step("overwrite with lease", &mut store, &mut disk, &|s, ws| {
-        let request = PutRequest {
-            lease: 9,
-            ..put_request("a", "2")
-        };
+        let request = PutRequest { lease: 9, ..put_request("a", "2") };
         s.put(&request, ws).expect("put");
     });
     step("delete range", &mut store, &mut disk, &|s, ws| {
-        s.delete_range(&delete_request(b"b", b"d"), ws)
-            .expect("delete");
+        s.delete_range(&delete_request(b"b", b"d"), ws).expect("delete");
     });
     step("txn", &mut store, &mut disk, &|s, ws| {
         let request = txn(
@@ -1685,50 +1188,22 @@ fn restore_rebuilds_the_same_state() {
         assert!(s.txn(&request, ws).expect("txn").succeeded);
     });
     step("failed txn", &mut store, &mut disk, &|s, ws| {
-        let bad = txn(
-            vec![],
-            vec![op_put("f", "1"), RequestOp { request: None }],
-            vec![],
-        );
+        let bad = txn(vec![], vec![op_put("f", "1"), RequestOp { request: None }], vec![]);
         assert!(s.txn(&bad, ws).is_err());
     });
     step("compact", &mut store, &mut disk, &|s, ws| {
-        s.compact(
-            &CompactionRequest {
-                revision: 5,
-                physical: false,
-            },
-            ws,
-        )
-        .expect("compact");
+        s.compact(&CompactionRequest { revision: 5, physical: false }, ws).expect("compact");
     });
     step("delete everything", &mut store, &mut disk, &|s, ws| {
-        s.delete_range(&delete_request(&[0], &[0]), ws)
-            .expect("delete");
+        s.delete_range(&delete_request(&[0], &[0]), ws).expect("delete");
     });
-    step(
-        "compact at current revision",
-        &mut store,
-        &mut disk,
-        &|s, ws| {
-            let revision = s.revision();
-            s.compact(
-                &CompactionRequest {
-                    revision,
-                    physical: false,
-                },
-                ws,
-            )
-            .expect("compact");
-        },
-    );
+    step("compact at current revision", &mut store, &mut disk, &|s, ws| {
+        let revision = s.revision();
+        s.compact(&CompactionRequest { revision, physical: false }, ws).expect("compact");
+    });
     assert!(disk.records.is_empty(), "everything compacted away");
     let restored = disk.restore();
-    assert_eq!(
-        restored.revision(),
-        9,
-        "revision survives through the compact revision"
-    );
+    assert_eq!(restored.revision(), 9, "revision survives through the compact revision");
     assert_eq!(restored.key_count(), 0);
     step("write after restore", &mut store, &mut disk, &|s, ws| {
         let response = s.put(&put_request("z", "1"), ws).expect("put");
@@ -1750,14 +1225,10 @@ fn restore_keeps_history_readable() {
         s.put(&put_request("j", "j1"), ws).expect("put"); // 4
     });
     step("delete", &mut store, &mut disk, &|s, ws| {
-        s.delete_range(&delete_request(b"k", b""), ws)
-            .expect("delete"); // 5
+        s.delete_range(&delete_request(b"k", b""), ws).expect("delete"); // 5
     });
     step("compact", &mut store, &mut disk, &|s, ws| {
-        let request = CompactionRequest {
-            revision: 3,
-            physical: false,
-        };
+        let request = CompactionRequest { revision: 3, physical: false };
         s.compact(&request, ws).expect("compact");
     });
     let restored = disk.restore();
@@ -1767,22 +1238,13 @@ fn restore_keeps_history_readable() {
         for (key, end) in [(&b"k"[..], &b""[..]), (&[0][..], &[0][..])] {
             let mut request = range_request(key, end);
             request.revision = revision;
-            assert_eq!(
-                restored.range(&request),
-                store.range(&request),
-                "at {revision}"
-            );
+            assert_eq!(restored.range(&request), store.range(&request), "at {revision}");
         }
     }
     assert_eq!(get(&restored, "k", 3), Some(kv("k", "v2", 2, 3, 2)));
     let mut compacted = range_request(b"k", b"");
     compacted.revision = 2;
-    assert_eq!(
-        restored.range(&compacted),
-        Err(KvError::Compacted {
-            compact_revision: 3
-        })
-    );
+    assert_eq!(restored.range(&compacted), Err(KvError::Compacted { compact_revision: 3 }));
 }
 
 #[test]
@@ -1792,43 +1254,25 @@ fn restore_rejects_corrupt_records() {
     let mut bad_flag = good_key;
     bad_flag[16] = 2;
     let cases: Vec<(&str, Vec<(RevKey, Vec<u8>)>)> = vec![
-        (
-            "value does not decode",
-            vec![(good_key, vec![0xff, 0xff, 0xff])],
-        ),
+        ("value does not decode", vec![(good_key, vec![0xff, 0xff, 0xff])]),
         ("unknown flag byte", vec![(bad_flag, good_value.clone())]),
-        (
-            "mod revision differs from key",
-            vec![(good_key, kv("k", "v", 3, 3, 1).encode_to_vec())],
-        ),
-        (
-            "empty key",
-            vec![(good_key, kv("", "v", 2, 2, 1).encode_to_vec())],
-        ),
+        ("mod revision differs from key", vec![(good_key, kv("k", "v", 3, 3, 1).encode_to_vec())]),
+        ("empty key", vec![(good_key, kv("", "v", 2, 2, 1).encode_to_vec())]),
         (
             "revision 1 holds no change",
-            vec![(
-                Revision { main: 1, sub: 0 }.to_rev_key(false),
-                kv("k", "v", 1, 1, 1).encode_to_vec(),
-            )],
+            vec![(Revision { main: 1, sub: 0 }.to_rev_key(false), kv("k", "v", 1, 1, 1).encode_to_vec())],
         ),
         (
             "out of order",
             vec![
-                (
-                    Revision { main: 3, sub: 0 }.to_rev_key(false),
-                    kv("k", "v", 3, 3, 1).encode_to_vec(),
-                ),
+                (Revision { main: 3, sub: 0 }.to_rev_key(false), kv("k", "v", 3, 3, 1).encode_to_vec()),
                 (good_key, good_value.clone()),
             ],
         ),
     ];
     for (name, records) in cases {
         let result = MvccStore::restore(records, 0);
-        assert!(
-            matches!(result, Err(KvError::Corrupt(_))),
-            "{name}: {result:?}"
-        );
+        assert!(matches!(result, Err(KvError::Corrupt(_))), "{name}: {result:?}");
     }
     let store = MvccStore::restore(vec![(good_key, good_value)], 0).expect("good record");
     assert_eq!(get(&store, "k", 0), Some(kv("k", "v", 2, 2, 1)));
@@ -1849,11 +1293,7 @@ fn state_hash_tells_states_apart() {
     put(&mut c, "x", "1");
     delete(&mut c, "x");
     put(&mut a, "k", "v");
-    assert_ne!(
-        a.state_hash(),
-        c.state_hash(),
-        "same live keys, different history"
-    );
+    assert_ne!(a.state_hash(), c.state_hash(), "same live keys, different history");
     assert_ne!(MvccStore::new().state_hash(), 0);
 
     // Compacting at 2 removes nothing here (k@2 is the only record at or below it),
@@ -1863,17 +1303,8 @@ fn state_hash_tells_states_apart() {
     put(&mut compacted, "j", "1");
     let uncompacted = compacted.clone();
     let mut write_set = WriteSet::default();
-    let request = CompactionRequest {
-        revision: 2,
-        physical: false,
-    };
-    compacted
-        .compact(&request, &mut write_set)
-        .expect("compact");
+    let request = CompactionRequest { revision: 2, physical: false };
+    compacted.compact(&request, &mut write_set).expect("compact");
     assert!(write_set.removes.is_empty());
-    assert_ne!(
-        compacted.state_hash(),
-        uncompacted.state_hash(),
-        "compact revision"
-    );
+    assert_ne!(compacted.state_hash(), uncompacted.state_hash(), "compact revision");
 }

@@ -184,7 +184,8 @@ mod tests {
 
     #[test]
     fn initial_cluster_groups_urls_by_name() {
-        let cluster = parse_initial_cluster("a=http://127.0.0.1:1,b=http://127.0.0.1:2,a=http://10.0.0.1:1").unwrap();
+        let cluster =
+            parse_initial_cluster("a=http://127.0.0.1:1,b=http://127.0.0.1:2,a=http://10.0.0.1:1").unwrap();
         assert_eq!(cluster["a"], vec!["http://127.0.0.1:1", "http://10.0.0.1:1"]);
         assert_eq!(cluster["b"], vec!["http://127.0.0.1:2"]);
         assert!(parse_initial_cluster("a").is_err());

@@ -42,20 +42,52 @@ pub type ReadReply = oneshot::Sender<Result<RangeResponse, RequestError>>;
 pub enum Input {
     Tick,
     Peer(Vec<Message>),
-    Propose { op: Op, deadline: Instant, reply: ProposeReply },
+    Propose {
+        op: Op,
+        deadline: Instant,
+        reply: ProposeReply,
+    },
     /// A range read; linearizable unless the request says `serializable`.
-    Read { request: RangeRequest, deadline: Instant, reply: ReadReply },
-    Status { reply: oneshot::Sender<DriverStatus> },
+    Read {
+        request: RangeRequest,
+        deadline: Instant,
+        reply: ReadReply,
+    },
+    Status {
+        reply: oneshot::Sender<DriverStatus>,
+    },
     /// A watch stream opened; its responses go to `sink`.
-    WatchOpen { stream: u64, sink: ChannelSink },
-    WatchCreate { stream: u64, request: WatchCreateRequest },
-    WatchCancel { stream: u64, watch_id: i64 },
-    WatchProgress { stream: u64 },
-    WatchClose { stream: u64 },
+    WatchOpen {
+        stream: u64,
+        sink: ChannelSink,
+    },
+    WatchCreate {
+        stream: u64,
+        request: WatchCreateRequest,
+    },
+    WatchCancel {
+        stream: u64,
+        watch_id: i64,
+    },
+    WatchProgress {
+        stream: u64,
+    },
+    WatchClose {
+        stream: u64,
+    },
     /// Leader-only lease calls; `Err(NotLeader)` means forward them to the leader.
-    LeaseKeepAlive { id: i64, reply: oneshot::Sender<Result<LeaseKeepAliveResponse, LeaseCallError>> },
-    LeaseTimeToLive { id: i64, keys: bool, reply: oneshot::Sender<Result<LeaseTimeToLiveResponse, LeaseCallError>> },
-    LeaseLeases { reply: oneshot::Sender<LeaseLeasesResponse> },
+    LeaseKeepAlive {
+        id: i64,
+        reply: oneshot::Sender<Result<LeaseKeepAliveResponse, LeaseCallError>>,
+    },
+    LeaseTimeToLive {
+        id: i64,
+        keys: bool,
+        reply: oneshot::Sender<Result<LeaseTimeToLiveResponse, LeaseCallError>>,
+    },
+    LeaseLeases {
+        reply: oneshot::Sender<LeaseLeasesResponse>,
+    },
 }
 
 /// A watch stream's bounded response channel, as the watch hub's sink.

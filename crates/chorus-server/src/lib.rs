@@ -87,8 +87,7 @@ pub async fn serve(
 
     let client_listeners = bind_all(&config.listen_client_addrs).await?;
     let peer_listeners = bind_all(&config.listen_peer_addrs).await?;
-    let client_addrs: Vec<SocketAddr> =
-        client_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let client_addrs: Vec<SocketAddr> = client_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
 
     let member_ids = config.member_ids();
     let node_config = NodeConfig {
@@ -111,8 +110,10 @@ pub async fn serve(
         name: config.name.clone(),
         client_urls: config.advertise_client_urls.clone(),
     };
-    let watch_progress_ticks = (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
-    let driver = Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks);
+    let watch_progress_ticks =
+        (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
+    let driver =
+        Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks);
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())
@@ -131,12 +132,12 @@ pub async fn serve(
         .collect();
     let mut servers = Vec::new();
     for listener in peer_listeners {
-        let service = PeerService::new(cluster_id, member_id, input_tx.clone(), handle.clone(), stop_rx.clone());
+        let service =
+            PeerService::new(cluster_id, member_id, input_tx.clone(), handle.clone(), stop_rx.clone());
         let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(service);
-        servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
-            nodelay_incoming(listener),
-            wait_stop(stop_rx.clone()),
-        )));
+        servers.push(tokio::spawn(
+            router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
+        ));
     }
     drop(input_tx);
     let configured = configured_members(&config, &member_ids);
@@ -155,10 +156,9 @@ pub async fn serve(
             .add_service(cluster)
             .add_service(watch)
             .add_service(lease);
-        servers.push(tokio::spawn(router.serve_with_incoming_shutdown(
-            nodelay_incoming(listener),
-            wait_stop(stop_rx.clone()),
-        )));
+        servers.push(tokio::spawn(
+            router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
+        ));
     }
     drop(handle);
     on_ready(client_addrs);
@@ -192,9 +192,8 @@ fn nodelay_incoming(listener: TcpListener) -> TcpIncoming {
 async fn bind_all(addrs: &[String]) -> Result<Vec<TcpListener>, ServerError> {
     let mut listeners = Vec::new();
     for addr in addrs {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|error| ServerError::Bind { addr: addr.clone(), error })?;
+        let listener =
+            TcpListener::bind(addr).await.map_err(|error| ServerError::Bind { addr: addr.clone(), error })?;
         listeners.push(listener);
     }
     Ok(listeners)
@@ -228,7 +227,9 @@ fn configured_members(
     config
         .initial_cluster
         .iter()
-        .map(|(name, urls)| (member_ids[name], ConfiguredMember { name: name.clone(), peer_urls: urls.clone() }))
+        .map(|(name, urls)| {
+            (member_ids[name], ConfiguredMember { name: name.clone(), peer_urls: urls.clone() })
+        })
         .collect()
 }
 

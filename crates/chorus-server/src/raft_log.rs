@@ -24,7 +24,9 @@ impl slog::Drain for TracingDrain {
         let _ = slog::KV::serialize(values, record, &mut text);
         let message = record.msg();
         match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::error!(target: "raft", "{message}{}", text.0),
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{message}{}", text.0)
+            }
             slog::Level::Warning => tracing::warn!(target: "raft", "{message}{}", text.0),
             slog::Level::Info => tracing::info!(target: "raft", "{message}{}", text.0),
             slog::Level::Debug => tracing::debug!(target: "raft", "{message}{}", text.0),

@@ -49,9 +49,7 @@ pub fn kv_code(error: &KvError) -> Code {
         // etcd's codes: ErrGRPCLeaseExist and ErrGRPCLeaseTTLTooLarge.
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge { .. } => Code::OutOfRange,
-        KvError::TooManyLeases { .. } | KvError::TooManyLeaseKeys { .. } => {
-            Code::ResourceExhausted
-        }
+        KvError::TooManyLeases { .. } | KvError::TooManyLeaseKeys { .. } => Code::ResourceExhausted,
         KvError::Corrupt(_) => Code::DataLoss,
     }
 }

@@ -107,12 +107,11 @@ pub fn check(clients: &[LeaseClient], store: &MvccStore, leases_left: &[i64], en
     let mut violations: Vec<String> = Vec::new();
     for client in clients {
         violations.extend(client.problems.iter().map(|p| format!("lease client: {p}")));
-        let attached = matches!(client.phase, Phase::KeepAlive | Phase::Abandoned | Phase::Revoke | Phase::Done);
+        let attached =
+            matches!(client.phase, Phase::KeepAlive | Phase::Abandoned | Phase::Revoke | Phase::Done);
         let abandoned_long_ago = client.abandoned_at_us.is_some_and(|at| at + EXPIRY_BOUND_US <= end_us);
-        if abandoned_long_ago {
-            if leases_left.contains(&client.id) {
-                violations.push(format!("lease {:x} was abandoned but never expired", client.id));
-            }
+        if abandoned_long_ago && leases_left.contains(&client.id) {
+            violations.push(format!("lease {:x} was abandoned but never expired", client.id));
         }
         if attached && !leases_left.contains(&client.id) {
             violations.extend(check_one_revision(client, store));
@@ -123,9 +122,8 @@ pub fn check(clients: &[LeaseClient], store: &MvccStore, leases_left: &[i64], en
 
 /// All keys of a gone lease were deleted at one revision.
 fn check_one_revision(client: &LeaseClient, store: &MvccStore) -> Vec<String> {
-    let (events, _) = store
-        .events(b"key/lease/", b"key/lease0", 1, usize::MAX)
-        .expect("the simulator never compacts");
+    let (events, _) =
+        store.events(b"key/lease/", b"key/lease0", 1, usize::MAX).expect("the simulator never compacts");
     let mut revisions: BTreeMap<i64, usize> = BTreeMap::new();
     for event in events {
         let by_this_lease = event.prev_kv.as_ref().is_some_and(|p| p.lease == client.id);

@@ -48,12 +48,5 @@ pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedOutcome {
         report.events_count,
         report.trace_hash
     );
-    SeedOutcome {
-        seed,
-        options,
-        violations,
-        trace: report.trace,
-        trace_hash: report.trace_hash,
-        summary,
-    }
+    SeedOutcome { seed, options, violations, trace: report.trace, trace_hash: report.trace_hash, summary }
 }

@@ -13,10 +13,7 @@ use chorus_sim::{run_seed, Bug, SimOptions};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "chorus-sim",
-    about = "Deterministic simulation of a chorus cluster under faults"
-)]
+#[command(name = "chorus-sim", about = "Deterministic simulation of a chorus cluster under faults")]
 struct Args {
     /// Replay exactly this seed, verbosely.
     #[arg(long, conflicts_with = "seeds")]
@@ -65,10 +62,7 @@ fn main() -> ExitCode {
                     println!("    {line}");
                 }
             }
-            let bug = args
-                .bug
-                .map(|b| format!(" --bug {}", bug_name(b)))
-                .unwrap_or_default();
+            let bug = args.bug.map(|b| format!(" --bug {}", bug_name(b))).unwrap_or_default();
             println!("  replay: cargo run -p chorus-sim --release -- --seed {seed}{bug}");
         }
     }
@@ -104,23 +98,13 @@ fn print_options(options: &SimOptions) {
         options.fault_phase_us / 1_000_000,
         options.quiet_phase_us / 1_000_000
     );
-    println!(
-        "  tick: {} us, drift per node (ppt): {:?}",
-        options.tick_us, options.tick_drift_ppt
-    );
+    println!("  tick: {} us, drift per node (ppt): {:?}", options.tick_us, options.tick_drift_ppt);
     println!(
         "  network: delay {}..{} us, loss {} ppm, duplication {} ppm",
         options.delay_min_us, options.delay_max_us, options.drop_ppm, options.duplicate_ppm
     );
-    println!(
-        "  fsync: {}..{} us",
-        options.fsync_min_us, options.fsync_max_us
-    );
-    println!(
-        "  faults every ~{} ms: {}",
-        options.fault_interval_us / 1000,
-        options.fault_kinds().join(", ")
-    );
+    println!("  fsync: {}..{} us", options.fsync_min_us, options.fsync_max_us);
+    println!("  faults every ~{} ms: {}", options.fault_interval_us / 1000, options.fault_kinds().join(", "));
     println!(
         "  client timeout {} ms, think ~{} ms, serializable gets {}%",
         options.client_timeout_us / 1000,

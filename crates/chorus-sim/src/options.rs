@@ -84,27 +84,13 @@ impl SimOptions {
             fault_phase_us: 20_000_000,
             quiet_phase_us: 10_000_000,
             tick_us: 100_000,
-            tick_drift_ppt: (0..nodes_count)
-                .map(|_| rng.random_range(-100..=100))
-                .collect(),
+            tick_drift_ppt: (0..nodes_count).map(|_| rng.random_range(-100..=100)).collect(),
             delay_min_us,
             delay_max_us: delay_min_us + rng.random_range(0..20_000),
-            drop_ppm: if rng.random_bool(0.5) {
-                rng.random_range(0..100_000)
-            } else {
-                0
-            },
-            duplicate_ppm: if rng.random_bool(0.3) {
-                rng.random_range(0..50_000)
-            } else {
-                0
-            },
+            drop_ppm: if rng.random_bool(0.5) { rng.random_range(0..100_000) } else { 0 },
+            duplicate_ppm: if rng.random_bool(0.3) { rng.random_range(0..50_000) } else { 0 },
             fsync_min_us: 100,
-            fsync_max_us: if slow_disk {
-                rng.random_range(5_000..200_000)
-            } else {
-                2_000
-            },
+            fsync_max_us: if slow_disk { rng.random_range(5_000..200_000) } else { 2_000 },
             fault_interval_us: rng.random_range(300_000..3_000_000),
             partitions: rng.random_bool(0.5),
             one_way_partitions: rng.random_bool(0.3),

@@ -70,6 +70,12 @@ pub struct WatchClient {
     pub resumes: u64,
 }
 
+impl Default for WatchClient {
+    fn default() -> Self {
+        WatchClient::new()
+    }
+}
+
 impl WatchClient {
     pub fn new() -> WatchClient {
         WatchClient {
@@ -115,7 +121,9 @@ impl WatchClient {
                 self.seen.push((kv.mod_revision, kv.key, is_delete, kv.value, prev));
                 self.next_revision = kv.mod_revision + 1;
             }
-            if let (Some(first), Some(before)) = (revisions_here.first(), self.seen.iter().rev().nth(response.events.len())) {
+            if let (Some(first), Some(before)) =
+                (revisions_here.first(), self.seen.iter().rev().nth(response.events.len()))
+            {
                 if before.0 == *first {
                     self.split_revisions.push(*first);
                 }
@@ -159,7 +167,8 @@ pub fn check(clients: &[WatchClient], store: &MvccStore) -> Vec<String> {
             ));
         }
         for revision in &client.split_revisions {
-            violations.push(format!("watcher {index}: the events of revision {revision} came in two responses"));
+            violations
+                .push(format!("watcher {index}: the events of revision {revision} came in two responses"));
         }
     }
     violations

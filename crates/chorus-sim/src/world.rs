@@ -18,8 +18,7 @@ use chorus_core::node::{Node, NodeConfig, OpResponse, Reply};
 use chorus_core::watch::WatchHub;
 use chorus_proto::chorus::v1::command::Op;
 use chorus_proto::etcdserverpb::{
-    ResponseHeader,
-    compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    compare, request_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader,
     TxnRequest,
 };
 use chorus_storage::sim_disk::SimDisk;
@@ -30,8 +29,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
-use crate::options::{Bug, SimOptions};
 use crate::lease_workload::{LeaseClient, Phase, KEYS_PER_LEASE, LEASE_TTL_S};
+use crate::options::{Bug, SimOptions};
 use crate::watch_workload::{SimSink, WatchClient};
 
 const CLUSTER_ID: u64 = 0xc1u64;
@@ -50,22 +49,10 @@ const FORGOTTEN: u64 = u64::MAX;
 /// What a client asks a node to do.
 #[derive(Debug, Clone)]
 enum ClientOp {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Get {
-        key: Vec<u8>,
-        serializable: bool,
-    },
-    Delete {
-        key: Vec<u8>,
-    },
-    Cas {
-        key: Vec<u8>,
-        expected: Option<Vec<u8>>,
-        new: Vec<u8>,
-    },
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Get { key: Vec<u8>, serializable: bool },
+    Delete { key: Vec<u8> },
+    Cas { key: Vec<u8>, expected: Option<Vec<u8>>, new: Vec<u8> },
 }
 
 /// A node's answer to a client.
@@ -81,36 +68,18 @@ enum Answer {
 #[derive(Debug)]
 enum Event {
     Tick(usize),
-    Deliver {
-        to: usize,
-        message: Message,
-    },
-    Request {
-        node: usize,
-        client: usize,
-        op_id: u64,
-        op: ClientOp,
-    },
-    Answer {
-        client: usize,
-        op_id: u64,
-        answer: Answer,
-    },
+    Deliver { to: usize, message: Message },
+    Request { node: usize, client: usize, op_id: u64, op: ClientOp },
+    Answer { client: usize, op_id: u64, answer: Answer },
     ClientNext(usize),
-    ClientTimeout {
-        client: usize,
-        op_id: u64,
-    },
+    ClientTimeout { client: usize, op_id: u64 },
     Fault,
     HealCut(Vec<(usize, usize)>),
     Restart(usize),
     Resume(usize),
     EndFaultPhase,
     StopClients,
-    FinalRead {
-        attempt: u32,
-        key_index: usize,
-    },
+    FinalRead { attempt: u32, key_index: usize },
     WatchDrain(usize),
     LeaseStep(usize),
     LeaseAnswer { client: usize, request: u64, sent_us: u64, result: LeaseResult },
@@ -243,15 +212,9 @@ impl World {
                 }
             })
             .collect();
-        let keys = (0..options.keys_count)
-            .map(|k| format!("key{k}").into_bytes())
-            .collect();
+        let keys = (0..options.keys_count).map(|k| format!("key{k}").into_bytes()).collect();
         let clients = (0..options.clients_count)
-            .map(|_| Client {
-                in_flight: None,
-                ops_count: 0,
-                stopped: false,
-            })
+            .map(|_| Client { in_flight: None, ops_count: 0, stopped: false })
             .collect();
         World {
             options,
@@ -305,9 +268,7 @@ impl World {
             self.schedule(1_000 + w as u64, Event::WatchDrain(w));
         }
         for c in 0..self.clients.len() {
-            let start = self
-                .rng
-                .random_range(0..self.options.client_think_us.max(1));
+            let start = self.rng.random_range(0..self.options.client_think_us.max(1));
             self.schedule(start, Event::ClientNext(c));
         }
         self.schedule_fault();
@@ -343,19 +304,14 @@ impl World {
     fn schedule(&mut self, delay_us: u64, event: Event) {
         let seq = self.next_event_seq;
         self.next_event_seq += 1;
-        self.queue.push(Reverse(Scheduled {
-            at_us: self.now_us + delay_us,
-            seq,
-            event,
-        }));
+        self.queue.push(Reverse(Scheduled { at_us: self.now_us + delay_us, seq, event }));
     }
 
     fn note(&mut self, line: String) {
         if self.trace.len() == TRACE_LINES_MAX {
             self.trace.pop_front();
         }
-        self.trace
-            .push_back(format!("{:>9.3}s {line}", self.now_us as f64 / 1e6));
+        self.trace.push_back(format!("{:>9.3}s {line}", self.now_us as f64 / 1e6));
     }
 
     fn mix(&mut self, values: &[u64]) {
@@ -373,28 +329,11 @@ impl World {
     fn handle(&mut self, event: Event) {
         match event {
             Event::Tick(i) => self.on_tick(i),
-            Event::Deliver { to, message } => {
-                self.on_node_input(to, Event::Deliver { to, message })
+            Event::Deliver { to, message } => self.on_node_input(to, Event::Deliver { to, message }),
+            Event::Request { node, client, op_id, op } => {
+                self.on_node_input(node, Event::Request { node, client, op_id, op })
             }
-            Event::Request {
-                node,
-                client,
-                op_id,
-                op,
-            } => self.on_node_input(
-                node,
-                Event::Request {
-                    node,
-                    client,
-                    op_id,
-                    op,
-                },
-            ),
-            Event::Answer {
-                client,
-                op_id,
-                answer,
-            } => self.on_answer(client, op_id, answer),
+            Event::Answer { client, op_id, answer } => self.on_answer(client, op_id, answer),
             Event::ClientNext(c) => self.client_next(c),
             Event::ClientTimeout { client, op_id } => self.on_client_timeout(client, op_id),
             Event::Fault => self.inject_fault(),
@@ -412,13 +351,7 @@ impl World {
                     client.stopped = true;
                 }
                 let delay = self.options.client_timeout_us + 100_000;
-                self.schedule(
-                    delay,
-                    Event::FinalRead {
-                        attempt: 0,
-                        key_index: 0,
-                    },
-                );
+                self.schedule(delay, Event::FinalRead { attempt: 0, key_index: 0 });
             }
             Event::FinalRead { attempt, key_index } => self.final_read(attempt, key_index),
             Event::WatchDrain(w) => self.watch_drain(w),
@@ -439,10 +372,7 @@ impl World {
 
     fn start_node(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let identity = Identity {
-            cluster_id: CLUSTER_ID,
-            member_id: node.id,
-        };
+        let identity = Identity { cluster_id: CLUSTER_ID, member_id: node.id };
         let label = format!("sim://node{}", node.id);
         let opened = DiskStorage::open_with_backend(node.disk.backend(), &label, identity)
             .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
@@ -556,14 +486,7 @@ impl World {
         if self.nodes[i].running.is_none() {
             if let Event::Request { client, op_id, .. } = event {
                 // Connection refused: definitely not applied.
-                self.schedule(
-                    200,
-                    Event::Answer {
-                        client,
-                        op_id,
-                        answer: Answer::Failed,
-                    },
-                );
+                self.schedule(200, Event::Answer { client, op_id, answer: Answer::Failed });
             }
             return;
         }
@@ -582,16 +505,9 @@ impl World {
                     message.term,
                     message.index,
                 ]);
-                self.nodes[i]
-                    .running
-                    .as_mut()
-                    .expect("running")
-                    .node
-                    .step(message);
+                self.nodes[i].running.as_mut().expect("running").node.step(message);
             }
-            Event::Request {
-                client, op_id, op, ..
-            } => self.on_request(i, client, op_id, op),
+            Event::Request { client, op_id, op, .. } => self.on_request(i, client, op_id, op),
             _ => unreachable!("not a node input"),
         }
         self.after_input(i);
@@ -617,7 +533,8 @@ impl World {
         if !had_leader {
             return;
         }
-        let lease_failed: Vec<(usize, u64)> = std::mem::take(&mut running.lease_proposals).into_values().collect();
+        let lease_failed: Vec<(usize, u64)> =
+            std::mem::take(&mut running.lease_proposals).into_values().collect();
         for (client, request) in lease_failed {
             let result = LeaseResult::Failed;
             self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
@@ -625,14 +542,7 @@ impl World {
         let running = self.nodes[i].running.as_mut().expect("running");
         let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals).into_values().collect();
         for (client, op_id) in failed {
-            self.schedule(
-                100,
-                Event::Answer {
-                    client,
-                    op_id,
-                    answer: Answer::Unknown,
-                },
-            );
+            self.schedule(100, Event::Answer { client, op_id, answer: Answer::Unknown });
         }
     }
 
@@ -667,33 +577,17 @@ impl World {
             ClientOp::Get { key, serializable } => {
                 if serializable || stale_reads {
                     let answer = serve_get(running, &key, serializable, &mut self.violations, i);
-                    self.schedule(
-                        100,
-                        Event::Answer {
-                            client,
-                            op_id,
-                            answer,
-                        },
-                    );
+                    self.schedule(100, Event::Answer { client, op_id, answer });
                 } else {
                     let ctx = running.next_ctx;
                     running.next_ctx += 1;
-                    running
-                        .reads
-                        .insert(ctx, (client, op_id, key, running.ticks));
+                    running.reads.insert(ctx, (client, op_id, key, running.ticks));
                     running.node.read_index(ctx);
                 }
                 return;
             }
-            ClientOp::Put { key, value } => Op::Put(PutRequest {
-                key,
-                value,
-                ..Default::default()
-            }),
-            ClientOp::Delete { key } => Op::DeleteRange(DeleteRangeRequest {
-                key,
-                ..Default::default()
-            }),
+            ClientOp::Put { key, value } => Op::Put(PutRequest { key, value, ..Default::default() }),
+            ClientOp::Delete { key } => Op::DeleteRange(DeleteRangeRequest { key, ..Default::default() }),
             ClientOp::Cas { key, expected, new } => Op::Txn(cas_txn(key, expected, new)),
         };
         let seq = running.next_seq;
@@ -702,14 +596,7 @@ impl World {
             Ok(()) => {
                 running.proposals.insert(seq, (client, op_id));
             }
-            Err(_) => self.schedule(
-                100,
-                Event::Answer {
-                    client,
-                    op_id,
-                    answer: Answer::Failed,
-                },
-            ),
+            Err(_) => self.schedule(100, Event::Answer { client, op_id, answer: Answer::Failed }),
         }
     }
 
@@ -724,25 +611,16 @@ impl World {
             }
             let cycle = running.node.begin_cycle();
             let early = cycle.messages;
-            running
-                .storage
-                .persist(&cycle.persist)
-                .expect("simulated disk write");
+            running.storage.persist(&cycle.persist).expect("simulated disk write");
             let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
             running.watches.notify(&cycle.persist.writes.changes, header);
             let finished = running.node.finish_cycle();
-            let fsync_us = self
-                .rng
-                .random_range(self.options.fsync_min_us..=self.options.fsync_max_us);
+            let fsync_us = self.rng.random_range(self.options.fsync_min_us..=self.options.fsync_max_us);
             self.send_all(i, early, 0);
             self.send_all(i, finished.messages, fsync_us);
             let replies: Vec<Reply> = cycle.replies.into_iter().chain(finished.replies).collect();
             self.answer_replies(i, replies, fsync_us);
-            let reads: Vec<u64> = cycle
-                .reads_ready
-                .into_iter()
-                .chain(finished.reads_ready)
-                .collect();
+            let reads: Vec<u64> = cycle.reads_ready.into_iter().chain(finished.reads_ready).collect();
             self.serve_reads(i, reads, fsync_us);
             self.check_applied(i);
         }
@@ -773,14 +651,7 @@ impl World {
                 Ok(other) => panic!("unexpected response {other:?}"),
                 Err(_) => Answer::Failed,
             };
-            self.schedule(
-                delay_us + 100,
-                Event::Answer {
-                    client,
-                    op_id,
-                    answer,
-                },
-            );
+            self.schedule(delay_us + 100, Event::Answer { client, op_id, answer });
         }
     }
 
@@ -791,14 +662,7 @@ impl World {
                 continue;
             };
             let answer = serve_get(running, &key, false, &mut self.violations, i);
-            self.schedule(
-                delay_us + 100,
-                Event::Answer {
-                    client,
-                    op_id,
-                    answer,
-                },
-            );
+            self.schedule(delay_us + 100, Event::Answer { client, op_id, answer });
         }
     }
 
@@ -811,9 +675,7 @@ impl World {
         let applied = running.node.status().applied_index;
         if applied < running.applied_seen {
             let seen = running.applied_seen;
-            self.violation(format!(
-                "node {id}: applied index went back from {seen} to {applied}"
-            ));
+            self.violation(format!("node {id}: applied index went back from {seen} to {applied}"));
             return;
         }
         let from = running.applied_seen + 1;
@@ -848,22 +710,10 @@ impl World {
             if self.rng.random_range(0..1_000_000) < self.options.drop_ppm {
                 continue;
             }
-            let copies = if self.rng.random_range(0..1_000_000) < self.options.duplicate_ppm {
-                2
-            } else {
-                1
-            };
+            let copies = if self.rng.random_range(0..1_000_000) < self.options.duplicate_ppm { 2 } else { 1 };
             for _ in 0..copies {
-                let delay = self
-                    .rng
-                    .random_range(self.options.delay_min_us..=self.options.delay_max_us);
-                self.schedule(
-                    delay + extra_us,
-                    Event::Deliver {
-                        to,
-                        message: message.clone(),
-                    },
-                );
+                let delay = self.rng.random_range(self.options.delay_min_us..=self.options.delay_max_us);
+                self.schedule(delay + extra_us, Event::Deliver { to, message: message.clone() });
             }
         }
     }
@@ -879,75 +729,34 @@ impl World {
         self.clients[c].ops_count += 1;
         let value = format!("c{c}-{n}").into_bytes();
         let (op, kv_op) = match self.rng.random_range(0..100) {
-            0..=34 => (
-                ClientOp::Put {
-                    key: key.clone(),
-                    value: value.clone(),
-                },
-                KvOp::Put { value },
-            ),
+            0..=34 => (ClientOp::Put { key: key.clone(), value: value.clone() }, KvOp::Put { value }),
             35..=69 => {
-                let serializable =
-                    self.rng.random_range(0..100) < self.options.serializable_get_percent;
-                (
-                    ClientOp::Get {
-                        key: key.clone(),
-                        serializable,
-                    },
-                    KvOp::Get,
-                )
+                let serializable = self.rng.random_range(0..100) < self.options.serializable_get_percent;
+                (ClientOp::Get { key: key.clone(), serializable }, KvOp::Get)
             }
             70..=79 => (ClientOp::Delete { key: key.clone() }, KvOp::Delete),
             _ => {
                 let expected = self.latest_value_seen(&key);
-                let op = ClientOp::Cas {
-                    key: key.clone(),
-                    expected: expected.clone(),
-                    new: value.clone(),
-                };
-                (
-                    op,
-                    KvOp::Cas {
-                        expected,
-                        new: value,
-                    },
-                )
+                let op = ClientOp::Cas { key: key.clone(), expected: expected.clone(), new: value.clone() };
+                (op, KvOp::Cas { expected, new: value })
             }
         };
-        let serializable = matches!(
-            op,
-            ClientOp::Get {
-                serializable: true,
-                ..
-            }
-        );
+        let serializable = matches!(op, ClientOp::Get { serializable: true, .. });
         let node = self.rng.random_range(0..self.nodes.len());
         self.issue(c, node, key, op, kv_op, serializable);
     }
 
     /// A plausible expected value for a CAS: the value of the most recent op on the key.
     fn latest_value_seen(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.history
-            .iter()
-            .rev()
-            .filter(|o| o.key == key)
-            .find_map(|o| match (&o.op, &o.outcome) {
-                (KvOp::Put { value }, _) => Some(Some(value.clone())),
-                (_, KvOutcome::Get(value)) => Some(value.clone()),
-                (KvOp::Delete, _) => Some(None),
-                _ => None,
-            })?
+        self.history.iter().rev().filter(|o| o.key == key).find_map(|o| match (&o.op, &o.outcome) {
+            (KvOp::Put { value }, _) => Some(Some(value.clone())),
+            (_, KvOutcome::Get(value)) => Some(value.clone()),
+            (KvOp::Delete, _) => Some(None),
+            _ => None,
+        })?
     }
 
-    fn issue(
-        &mut self,
-        c: usize,
-        node: usize,
-        key: Vec<u8>,
-        op: ClientOp,
-        kv_op: KvOp,
-        serializable: bool,
-    ) {
+    fn issue(&mut self, c: usize, node: usize, key: Vec<u8>, op: ClientOp, kv_op: KvOp, serializable: bool) {
         let op_id = self.next_op_id;
         self.next_op_id += 1;
         self.clients[c].in_flight = Some(op_id);
@@ -965,19 +774,8 @@ impl World {
             });
         }
         let latency = self.rng.random_range(50..500);
-        self.schedule(
-            latency,
-            Event::Request {
-                node,
-                client: c,
-                op_id,
-                op,
-            },
-        );
-        self.schedule(
-            self.options.client_timeout_us,
-            Event::ClientTimeout { client: c, op_id },
-        );
+        self.schedule(latency, Event::Request { node, client: c, op_id, op });
+        self.schedule(self.options.client_timeout_us, Event::ClientTimeout { client: c, op_id });
     }
 
     fn on_answer(&mut self, c: usize, op_id: u64, answer: Answer) {
@@ -1083,12 +881,7 @@ impl World {
                     links.push((b, a));
                 }
                 self.cut.extend(links.iter().copied());
-                self.note(format!(
-                    "cut link {}->{}{}",
-                    a + 1,
-                    b + 1,
-                    if both { " both ways" } else { "" }
-                ));
+                self.note(format!("cut link {}->{}{}", a + 1, b + 1, if both { " both ways" } else { "" }));
                 self.schedule(heal_us, Event::HealCut(links));
             }
             2 => {
@@ -1147,11 +940,7 @@ impl World {
         }
         let reader = self.clients.len();
         if self.clients.len() == reader {
-            self.clients.push(Client {
-                in_flight: None,
-                ops_count: 0,
-                stopped: true,
-            });
+            self.clients.push(Client { in_flight: None, ops_count: 0, stopped: true });
         }
         if let Some(op_id) = self.clients[reader].in_flight {
             // The previous attempt's answer decides what comes next.
@@ -1166,36 +955,19 @@ impl World {
                 && o.id != FORGOTTEN
         });
         if answered {
-            self.schedule(
-                0,
-                Event::FinalRead {
-                    attempt: 0,
-                    key_index: key_index + 1,
-                },
-            );
+            self.schedule(0, Event::FinalRead { attempt: 0, key_index: key_index + 1 });
             return;
         }
         if attempt >= FINAL_READ_ATTEMPTS_MAX {
             let key = String::from_utf8_lossy(&self.keys[key_index]).to_string();
-            self.violation(format!(
-                "no progress after healing: a linearizable get of {key} never succeeded"
-            ));
+            self.violation(format!("no progress after healing: a linearizable get of {key} never succeeded"));
             return;
         }
         let key = self.keys[key_index].clone();
         let node = attempt as usize % self.nodes.len();
-        let op = ClientOp::Get {
-            key: key.clone(),
-            serializable: false,
-        };
+        let op = ClientOp::Get { key: key.clone(), serializable: false };
         self.issue(reader, node, key, op, KvOp::Get, false);
-        self.schedule(
-            150_000,
-            Event::FinalRead {
-                attempt: attempt + 1,
-                key_index,
-            },
-        );
+        self.schedule(150_000, Event::FinalRead { attempt: attempt + 1, key_index });
     }
 
     /// A watcher client's turn: (re)open its stream if it has none or its node
@@ -1270,7 +1042,8 @@ impl World {
                     continue;
                 };
                 if let Some(running) = self.nodes[node].running.as_mut().filter(|r| r.boot == boot) {
-                    let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
+                    let header =
+                        ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
                     running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
                 }
                 let responses = self.watch_clients[w].sink.drain(usize::MAX);
@@ -1294,7 +1067,9 @@ impl World {
         let client = &self.lease_clients[l];
         let (id, phase) = (client.id, client.phase);
         let op = match phase {
-            Phase::Grant => Op::LeaseGrant(chorus_proto::etcdserverpb::LeaseGrantRequest { ttl: LEASE_TTL_S, id }),
+            Phase::Grant => {
+                Op::LeaseGrant(chorus_proto::etcdserverpb::LeaseGrantRequest { ttl: LEASE_TTL_S, id })
+            }
             Phase::Attach(index) => Op::Put(PutRequest {
                 key: client.key(index),
                 value: b"leased".to_vec(),
@@ -1312,7 +1087,10 @@ impl World {
         let node = self.rng.random_range(0..self.nodes.len());
         let paused = self.nodes[node].paused;
         let Some(running) = self.nodes[node].running.as_mut().filter(|_| !paused) else {
-            self.schedule(200, Event::LeaseAnswer { client: l, request, sent_us: 0, result: LeaseResult::Failed });
+            self.schedule(
+                200,
+                Event::LeaseAnswer { client: l, request, sent_us: 0, result: LeaseResult::Failed },
+            );
             return;
         };
         let seq = running.next_seq;
@@ -1386,7 +1164,9 @@ impl World {
             (_, LeaseResult::Failed) => {}
             (Phase::Grant, _) => client.phase = Phase::Attach(0),
             (Phase::Attach(_), LeaseResult::NotFound) => client.phase = Phase::Done,
-            (Phase::Attach(index), _) if index + 1 < KEYS_PER_LEASE => client.phase = Phase::Attach(index + 1),
+            (Phase::Attach(index), _) if index + 1 < KEYS_PER_LEASE => {
+                client.phase = Phase::Attach(index + 1)
+            }
             (Phase::Attach(_), _) => client.phase = Phase::KeepAlive,
             (Phase::KeepAlive, LeaseResult::Ttl(ttl)) => {
                 client.keep_alive_answered(sent_us, now, ttl, slack_us);
@@ -1437,23 +1217,16 @@ impl World {
         let mut states = Vec::new();
         for node in &self.nodes {
             match node.running.as_ref() {
-                Some(r) => states.push((
-                    node.id,
-                    r.node.status().applied_index,
-                    r.node.mvcc().state_hash(),
-                )),
+                Some(r) => states.push((node.id, r.node.status().applied_index, r.node.mvcc().state_hash())),
                 None => {
-                    self.violations
-                        .push(format!("node {} is not running at the end", node.id));
+                    self.violations.push(format!("node {} is not running at the end", node.id));
                     return;
                 }
             }
         }
         let first = states[0];
         if states.iter().any(|s| (s.1, s.2) != (first.1, first.2)) {
-            self.violation(format!(
-                "no convergence after healing: (node, applied, state hash) = {states:?}"
-            ));
+            self.violation(format!("no convergence after healing: (node, applied, state hash) = {states:?}"));
         }
     }
 }
@@ -1475,16 +1248,10 @@ fn cas_txn(key: Vec<u8>, expected: Option<Vec<u8>>, new: Vec<u8>) -> TxnRequest 
             ..Default::default()
         },
     };
-    let put = PutRequest {
-        key,
-        value: new,
-        ..Default::default()
-    };
+    let put = PutRequest { key, value: new, ..Default::default() };
     TxnRequest {
         compare: vec![compare],
-        success: vec![RequestOp {
-            request: Some(request_op::Request::RequestPut(put)),
-        }],
+        success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put)) }],
         failure: vec![],
     }
 }
@@ -1499,10 +1266,7 @@ fn serve_get(
     violations: &mut Vec<String>,
     i: usize,
 ) -> Answer {
-    let request = RangeRequest {
-        key: key.to_vec(),
-        ..Default::default()
-    };
+    let request = RangeRequest { key: key.to_vec(), ..Default::default() };
     let response = match running.node.mvcc().range(&request) {
         Ok(response) => response,
         Err(_) => return Answer::Failed,
@@ -1518,7 +1282,5 @@ fn serve_get(
         }
         running.serializable_revision_max = revision;
     }
-    Answer::Done(KvOutcome::Get(
-        response.kvs.first().map(|kv| kv.value.clone()),
-    ))
+    Answer::Done(KvOutcome::Get(response.kvs.first().map(|kv| kv.value.clone())))
 }

@@ -59,10 +59,7 @@ fn the_same_seed_gives_the_same_trace() {
     for seed in [3, 17] {
         let first = run_seed(seed, None);
         let second = run_seed(seed, None);
-        assert_eq!(
-            first.trace_hash, second.trace_hash,
-            "seed {seed} is not deterministic"
-        );
+        assert_eq!(first.trace_hash, second.trace_hash, "seed {seed} is not deterministic");
         assert_eq!(first.summary, second.summary);
     }
 }
@@ -76,19 +73,14 @@ fn first_seed_catching(bug: Bug) -> Option<(u64, Vec<String>)> {
 
 #[test]
 fn stale_reads_are_caught() {
-    let (seed, violations) =
-        first_seed_catching(Bug::StaleReads).expect("stale reads went unnoticed");
+    let (seed, violations) = first_seed_catching(Bug::StaleReads).expect("stale reads went unnoticed");
     eprintln!("stale-reads caught at seed {seed}: {}", violations[0]);
-    assert!(
-        violations.iter().any(|v| v.contains("not linearizable")),
-        "{violations:?}"
-    );
+    assert!(violations.iter().any(|v| v.contains("not linearizable")), "{violations:?}");
 }
 
 #[test]
 fn acknowledging_before_fsync_is_caught() {
-    let (seed, violations) =
-        first_seed_catching(Bug::AckBeforeFsync).expect("lost fsyncs went unnoticed");
+    let (seed, violations) = first_seed_catching(Bug::AckBeforeFsync).expect("lost fsyncs went unnoticed");
     eprintln!("ack-before-fsync caught at seed {seed}: {}", violations[0]);
 }
 

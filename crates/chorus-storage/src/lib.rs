@@ -81,7 +81,9 @@ pub enum StorageError {
          {expected:016x} (check --name and --initial-advertise-peer-urls)"
     )]
     WrongMember { path: PathBuf, found: u64, expected: u64 },
-    #[error("data directory {path} was written by format version {found}; this build reads {FORMAT_VERSION}")]
+    #[error(
+        "data directory {path} was written by format version {found}; this build reads {FORMAT_VERSION}"
+    )]
     WrongFormat { path: PathBuf, found: u64 },
     #[error("data directory {path} is in use by another chorus process")]
     InUse { path: PathBuf },
@@ -141,7 +143,8 @@ impl DiskStorage {
     ) -> Result<Opened, StorageError> {
         let path = PathBuf::from(label);
         let length_bytes = backend.len();
-        let length_bytes = length_bytes.map_err(|source| StorageError::Unreadable { path: path.clone(), error: source })?;
+        let length_bytes =
+            length_bytes.map_err(|source| StorageError::Unreadable { path: path.clone(), error: source })?;
         let size = SizeSource::Backend(Box::new(backend.clone()));
         let db = redb::Builder::new().create_with_backend(backend);
         let db = db.map_err(|error| database_error(&path, error))?;
@@ -243,7 +246,11 @@ impl DiskStorage {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
             let read = |meta: &redb::Table<&str, &[u8]>, name: &str| -> Result<Option<u64>, StorageError> {
                 let value = meta.get(name).map_err(|e| self.io(e))?;
-                value.map(|v| decode_u64(v.value()).ok_or_else(|| self.corrupt(format!("meta {name} is malformed")))).transpose()
+                value
+                    .map(|v| {
+                        decode_u64(v.value()).ok_or_else(|| self.corrupt(format!("meta {name} is malformed")))
+                    })
+                    .transpose()
             };
             match read(&meta, "format_version")? {
                 Some(FORMAT_VERSION) => {}
@@ -291,19 +298,21 @@ impl DiskStorage {
         };
         let mut recovered = Recovered::default();
         if let Some(bytes) = meta_bytes("hard_state")? {
-            recovered.hard_state = HardState::parse_from_bytes(&bytes)
-                .map_err(|e| self.corrupt(format!("hard state: {e}")))?;
+            recovered.hard_state =
+                HardState::parse_from_bytes(&bytes).map_err(|e| self.corrupt(format!("hard state: {e}")))?;
         }
         if let Some(bytes) = meta_bytes("conf_state")? {
-            recovered.conf_state = ConfState::parse_from_bytes(&bytes)
-                .map_err(|e| self.corrupt(format!("conf state: {e}")))?;
+            recovered.conf_state =
+                ConfState::parse_from_bytes(&bytes).map_err(|e| self.corrupt(format!("conf state: {e}")))?;
         }
         if let Some(bytes) = meta_bytes("applied_index")? {
             recovered.applied_index =
                 decode_u64(&bytes).ok_or_else(|| self.corrupt("applied index is malformed"))?;
         }
         let compact_revision = match meta_bytes("compact_revision")? {
-            Some(bytes) => decode_u64(&bytes).ok_or_else(|| self.corrupt("compact revision is malformed"))? as i64,
+            Some(bytes) => {
+                decode_u64(&bytes).ok_or_else(|| self.corrupt("compact revision is malformed"))? as i64
+            }
             None => 0,
         };
         recovered.entries = self.read_log(&txn)?;
@@ -318,7 +327,8 @@ impl DiskStorage {
         let mut records = Vec::new();
         for item in kv.iter().map_err(|e| self.io(e))? {
             let (key, value) = item.map_err(|e| self.io(e))?;
-            let key: [u8; 17] = key.value().try_into().map_err(|_| self.corrupt("a kv record key is not 17 bytes"))?;
+            let key: [u8; 17] =
+                key.value().try_into().map_err(|_| self.corrupt("a kv record key is not 17 bytes"))?;
             records.push((key, value.value().to_vec()));
         }
         recovered.mvcc = MvccStore::restore(records, compact_revision)
@@ -357,7 +367,11 @@ impl DiskStorage {
             let entry = Entry::parse_from_bytes(value.value())
                 .map_err(|e| self.corrupt(format!("log entry {}: {e}", index.value())))?;
             if entry.index != index.value() {
-                return Err(self.corrupt(format!("log entry stored at {} says index {}", index.value(), entry.index)));
+                return Err(self.corrupt(format!(
+                    "log entry stored at {} says index {}",
+                    index.value(),
+                    entry.index
+                )));
             }
             if let Some(previous) = entries.last() {
                 if entry.index != previous.index + 1 {

@@ -116,11 +116,7 @@ impl SimDisk {
         let mut state = self.lock();
         let backend_id = state.backend_id_next;
         state.backend_id_next += 1;
-        SimBackend {
-            state: self.state.clone(),
-            backend_id,
-            generation: state.generation,
-        }
+        SimBackend { state: self.state.clone(), backend_id, generation: state.generation }
     }
 
     /// The power fails: unsynced writes are lost (or, with partial loss, some of
@@ -293,12 +289,8 @@ impl StorageBackend for SimBackend {
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         let state = self.live()?;
-        let range = byte_range(offset, out.len(), state.current.len()).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "read past the end of the disk",
-            )
-        })?;
+        let range = byte_range(offset, out.len(), state.current.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the disk"))?;
         out.copy_from_slice(&state.current[range]);
         Ok(())
     }
@@ -307,9 +299,7 @@ impl StorageBackend for SimBackend {
         let mut state = self.live()?;
         let length = usize::try_from(length_bytes).map_err(|_| too_large())?;
         state.current.resize(length, 0);
-        state
-            .unsynced
-            .push(UnsyncedOperation::SetLen { length_bytes });
+        state.unsynced.push(UnsyncedOperation::SetLen { length_bytes });
         Ok(())
     }
 
@@ -321,17 +311,10 @@ impl StorageBackend for SimBackend {
     /// past the end is an error (redb always calls `set_len` first).
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut state = self.live()?;
-        let range = byte_range(offset, data.len(), state.current.len()).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "write past the end of the disk",
-            )
-        })?;
+        let range = byte_range(offset, data.len(), state.current.len())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "write past the end of the disk"))?;
         state.current[range].copy_from_slice(data);
-        state.unsynced.push(UnsyncedOperation::Write {
-            offset,
-            bytes: data.to_vec(),
-        });
+        state.unsynced.push(UnsyncedOperation::Write { offset, bytes: data.to_vec() });
         Ok(())
     }
 
@@ -347,11 +330,7 @@ impl StorageBackend for SimBackend {
         self.try_lock()
     }
 
-    fn try_lock_shared_range(
-        &self,
-        _start: Bound<u64>,
-        _end: Bound<u64>,
-    ) -> Result<bool, BackendError> {
+    fn try_lock_shared_range(&self, _start: Bound<u64>, _end: Bound<u64>) -> Result<bool, BackendError> {
         self.try_lock()
     }
 
@@ -416,10 +395,7 @@ mod tests {
     use chorus_proto::etcdserverpb::PutRequest;
     use raft::prelude::{Entry, HardState};
 
-    const IDENTITY: Identity = Identity {
-        cluster_id: 0xc1,
-        member_id: 0x61,
-    };
+    const IDENTITY: Identity = Identity { cluster_id: 0xc1, member_id: 0x61 };
     const LABEL: &str = "sim://node1";
 
     #[test]
@@ -444,14 +420,8 @@ mod tests {
         backend.read(0, &mut out).unwrap();
         assert_eq!(&out, b"durable!");
         assert_eq!(disk.sync_count(), 1);
-        assert!(
-            backend.read(4, &mut out).is_err(),
-            "a read past the end fails"
-        );
-        assert!(
-            backend.write(4, &out).is_err(),
-            "a write past the end fails"
-        );
+        assert!(backend.read(4, &mut out).is_err(), "a read past the end fails");
+        assert!(backend.write(4, &out).is_err(), "a write past the end fails");
     }
 
     #[test]
@@ -479,24 +449,9 @@ mod tests {
             ..Default::default()
         };
         store.put(&put, &mut writes).unwrap();
-        let hard_state = HardState {
-            term: 1,
-            commit: index,
-            ..Default::default()
-        };
-        let entries = vec![Entry {
-            index,
-            term: 1,
-            ..Default::default()
-        }];
-        PersistBatch {
-            entries,
-            hard_state,
-            writes,
-            applied_index: index,
-            must_sync,
-            ..Default::default()
-        }
+        let hard_state = HardState { term: 1, commit: index, ..Default::default() };
+        let entries = vec![Entry { index, term: 1, ..Default::default() }];
+        PersistBatch { entries, hard_state, writes, applied_index: index, must_sync, ..Default::default() }
     }
 
     fn open(disk: &SimDisk) -> Opened {
@@ -523,10 +478,7 @@ mod tests {
         let mut store = MvccStore::default();
         opened.storage.persist(&batch(1, &mut store, true)).unwrap();
         let hash_after_durable = store.state_hash();
-        opened
-            .storage
-            .persist(&batch(2, &mut store, false))
-            .unwrap();
+        opened.storage.persist(&batch(2, &mut store, false)).unwrap();
         disk.crash();
         drop(opened);
         let opened = open(&disk);
@@ -552,15 +504,8 @@ mod tests {
         drop(opened);
         disk.set_sync_is_noop(false);
         let opened = open(&disk);
-        assert_eq!(
-            assert_consistent(&opened),
-            0,
-            "the acknowledged batch is gone"
-        );
-        assert_eq!(
-            opened.boot_count, 2,
-            "the open before the switch was synced"
-        );
+        assert_eq!(assert_consistent(&opened), 0, "the acknowledged batch is gone");
+        assert_eq!(opened.boot_count, 2, "the open before the switch was synced");
     }
 
     #[test]
@@ -570,28 +515,17 @@ mod tests {
         let mut store = MvccStore::default();
         opened.storage.persist(&batch(1, &mut store, true)).unwrap();
         // redb's drop would make this non-durable commit durable in a clean close.
-        opened
-            .storage
-            .persist(&batch(2, &mut store, false))
-            .unwrap();
+        opened.storage.persist(&batch(2, &mut store, false)).unwrap();
         disk.crash();
         let image_after_crash = lock(&disk.state).durable.clone();
         let syncs_after_crash = disk.sync_count();
-        assert_eq!(
-            opened.storage.size_bytes(),
-            0,
-            "a stale backend reads nothing"
-        );
+        assert_eq!(opened.storage.size_bytes(), 0, "a stale backend reads nothing");
         drop(opened);
         assert_eq!(lock(&disk.state).durable, image_after_crash);
         assert_eq!(lock(&disk.state).current, image_after_crash);
         assert_eq!(disk.sync_count(), syncs_after_crash);
         let opened = open(&disk);
-        assert_eq!(
-            assert_consistent(&opened),
-            1,
-            "the unsynced batch was not promoted"
-        );
+        assert_eq!(assert_consistent(&opened), 1, "the unsynced batch was not promoted");
     }
 
     #[test]
@@ -599,10 +533,7 @@ mod tests {
         let disk = SimDisk::new();
         let mut opened = open(&disk);
         let mut store = MvccStore::default();
-        opened
-            .storage
-            .persist(&batch(1, &mut store, false))
-            .unwrap();
+        opened.storage.persist(&batch(1, &mut store, false)).unwrap();
         drop(opened);
         disk.crash();
         assert_eq!(assert_consistent(&open(&disk)), 1);
@@ -618,10 +549,7 @@ mod tests {
         opened.storage.persist(&batch(1, &mut store, true)).unwrap();
         let after_durable = disk.sync_count();
         assert!(after_durable > before);
-        opened
-            .storage
-            .persist(&batch(2, &mut store, false))
-            .unwrap();
+        opened.storage.persist(&batch(2, &mut store, false)).unwrap();
         assert_eq!(disk.sync_count(), after_durable);
     }
 
@@ -629,9 +557,7 @@ mod tests {
     fn a_second_open_of_a_disk_in_use_is_refused() {
         let disk = SimDisk::new();
         let opened = open(&disk);
-        let error = DiskStorage::open_with_backend(disk.backend(), LABEL, IDENTITY)
-            .err()
-            .unwrap();
+        let error = DiskStorage::open_with_backend(disk.backend(), LABEL, IDENTITY).err().unwrap();
         assert!(matches!(error, StorageError::InUse { .. }), "{error}");
         assert!(error.to_string().contains(LABEL), "{error}");
         drop(opened);
@@ -644,9 +570,7 @@ mod tests {
         let backend = disk.backend();
         backend.set_len(8192).unwrap();
         backend.write(0, &[0x5a; 8192]).unwrap();
-        let error = DiskStorage::open_with_backend(backend, LABEL, IDENTITY)
-            .err()
-            .unwrap();
+        let error = DiskStorage::open_with_backend(backend, LABEL, IDENTITY).err().unwrap();
         assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
         assert!(error.to_string().contains(LABEL), "{error}");
     }
@@ -684,15 +608,8 @@ mod tests {
                     drop(opened);
                     opened = open(&disk);
                     let applied = assert_consistent(&opened);
-                    assert!(
-                        applied >= durable_index,
-                        "seed {seed}: lost durable batch {durable_index}"
-                    );
-                    assert_eq!(
-                        opened.recovered.mvcc.state_hash(),
-                        hashes[applied as usize],
-                        "seed {seed}"
-                    );
+                    assert!(applied >= durable_index, "seed {seed}: lost durable batch {durable_index}");
+                    assert_eq!(opened.recovered.mvcc.state_hash(), hashes[applied as usize], "seed {seed}");
                     if crash_in_sync {
                         outcomes[usize::from(applied == index)] += 1;
                     }

@@ -183,9 +183,7 @@ async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError>
     }
     let plan = plan_from_args(&args).map_err(BenchError::Usage)?;
     let uris = parse_endpoints(&global.endpoints).map_err(BenchError::Usage)?;
-    let channels = connect_channels(&uris, args.conns, global)
-        .await
-        .map_err(BenchError::Failed)?;
+    let channels = connect_channels(&uris, args.conns, global).await.map_err(BenchError::Failed)?;
     let show_progress = std::io::stderr().is_terminal();
     if args.workload.reads_existing_keys() {
         populate_keys(&plan, &args, &channels, show_progress).await?;
@@ -193,17 +191,10 @@ async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError>
     let measured = plan.with_clock(args.duration_max);
     let label = show_progress.then_some(args.workload.name());
     let outcome = run_phase(measured, &channels, args.clients, label).await;
-    print_report(
-        &Report::new(args.workload, args.clients, &outcome),
-        global.write_out,
-    )?;
+    print_report(&Report::new(args.workload, args.clients, &outcome), global.write_out)?;
     match (outcome.ops, outcome.first_error) {
-        (0, Some(error)) => Err(BenchError::Failed(format!(
-            "every operation failed; first error: {error}"
-        ))),
-        (0, None) => Err(BenchError::Failed(
-            "no operation completed within --duration-max".to_string(),
-        )),
+        (0, Some(error)) => Err(BenchError::Failed(format!("every operation failed; first error: {error}"))),
+        (0, None) => Err(BenchError::Failed("no operation completed within --duration-max".to_string())),
         _ => Ok(()),
     }
 }
@@ -244,11 +235,7 @@ impl Plan {
     /// dialing and pre-populating do not eat into the measurement's time cap.
     fn with_clock(&self, duration_max: Duration) -> Plan {
         let start = Instant::now();
-        Plan {
-            start,
-            deadline: start + duration_max,
-            ..self.clone()
-        }
+        Plan { start, deadline: start + duration_max, ..self.clone() }
     }
 
     /// The operation numbered `op_index`. Random choices come from the worker's own `rng`.
@@ -268,27 +255,14 @@ impl Plan {
 
 /// Checks the options and turns them into the measurement's plan (its clock not yet started).
 fn plan_from_args(args: &BenchArgs) -> Result<Plan, String> {
-    check_range(
-        "--clients",
-        u64::from(args.clients),
-        1,
-        u64::from(CLIENTS_MAX),
-    )?;
+    check_range("--clients", u64::from(args.clients), 1, u64::from(CLIENTS_MAX))?;
     check_range("--conns", u64::from(args.conns), 1, u64::from(CONNS_MAX))?;
     check_range("--total", args.total, 1, TOTAL_OPS_MAX)?;
     check_range("--key-space", args.key_space, 1, TOTAL_OPS_MAX)?;
-    check_range(
-        "--val-size",
-        u64::from(args.val_size),
-        0,
-        u64::from(VALUE_SIZE_BYTES_MAX),
-    )?;
+    check_range("--val-size", u64::from(args.val_size), 0, u64::from(VALUE_SIZE_BYTES_MAX))?;
     check_range("--rate", args.rate, 0, TOTAL_OPS_MAX)?;
     if !(0.0..=1.0).contains(&args.read_ratio) {
-        return Err(format!(
-            "--read-ratio must be between 0 and 1, not {}",
-            args.read_ratio
-        ));
+        return Err(format!("--read-ratio must be between 0 and 1, not {}", args.read_ratio));
     }
     let keys = KeyGenerator::new(args.key_size, args.key_space, args.sequential_keys)?;
     let now = Instant::now();
@@ -309,19 +283,14 @@ fn check_range(flag: &str, value: u64, min: u64, max: u64) -> Result<(), String>
     if (min..=max).contains(&value) {
         Ok(())
     } else {
-        Err(format!(
-            "{flag} must be between {min} and {max}, not {value}"
-        ))
+        Err(format!("{flag} must be between {min} and {max}, not {value}"))
     }
 }
 
 /// The plan that puts every key of the key space once, in order, before a workload reads them:
 /// a get of a missing key is cheaper than a real one and would flatter the numbers.
 fn populate_plan(measured: &Plan, duration_max: Duration) -> Plan {
-    let keys = KeyGenerator {
-        sequential: true,
-        ..measured.keys.clone()
-    };
+    let keys = KeyGenerator { sequential: true, ..measured.keys.clone() };
     let populate = Plan {
         workload: Workload::Put,
         total_ops: keys.key_space,
@@ -371,11 +340,7 @@ impl KeyGenerator {
                  --key-space {key_space}) and {KEY_SIZE_BYTES_MAX}, not {key_size_bytes}"
             ));
         }
-        Ok(KeyGenerator {
-            key_size_bytes: key_size_bytes as usize,
-            key_space,
-            sequential,
-        })
+        Ok(KeyGenerator { key_size_bytes: key_size_bytes as usize, key_space, sequential })
     }
 
     fn key_number(&self, op_index: u64, rng: &mut StdRng) -> u64 {
@@ -408,18 +373,13 @@ fn parse_endpoint(text: &str) -> Result<Uri, String> {
     let host_port = match trimmed.split_once("://") {
         None => trimmed,
         Some(("http", rest)) => rest,
-        Some((scheme, _)) => {
-            return Err(format!("endpoint {text:?}: unsupported scheme {scheme:?}"))
-        }
+        Some((scheme, _)) => return Err(format!("endpoint {text:?}: unsupported scheme {scheme:?}")),
     };
     let host_port = host_port.strip_suffix('/').unwrap_or(host_port);
-    let uri: Uri = format!("http://{host_port}")
-        .parse()
-        .map_err(|error| format!("endpoint {text:?}: {error}"))?;
+    let uri: Uri =
+        format!("http://{host_port}").parse().map_err(|error| format!("endpoint {text:?}: {error}"))?;
     match uri.authority() {
-        Some(authority) if !authority.host().is_empty() && authority.port_u16().is_some() => {
-            Ok(uri)
-        }
+        Some(authority) if !authority.host().is_empty() && authority.port_u16().is_some() => Ok(uri),
         _ => Err(format!("endpoint {text:?}: expected host:port")),
     }
 }
@@ -435,11 +395,7 @@ fn parse_endpoints(texts: &[String]) -> Result<Vec<Uri>, String> {
 /// endpoint `i` modulo the endpoint count. Dialed up front, all within `--dial-timeout`, so an
 /// unreachable endpoint is a clear error instead of a run where every operation failed. Each
 /// request is bounded by `--command-timeout`.
-async fn connect_channels(
-    uris: &[Uri],
-    conns: u32,
-    global: &GlobalOpts,
-) -> Result<Vec<Channel>, String> {
+async fn connect_channels(uris: &[Uri], conns: u32, global: &GlobalOpts) -> Result<Vec<Channel>, String> {
     let dials = (0..conns as usize).map(|index| {
         let uri = &uris[index % uris.len()];
         let endpoint = Endpoint::from(uri.clone())
@@ -455,10 +411,7 @@ async fn connect_channels(
     });
     match tokio::time::timeout(global.dial_timeout, futures::future::try_join_all(dials)).await {
         Ok(result) => result,
-        Err(_) => Err(format!(
-            "cannot connect within --dial-timeout {:?}",
-            global.dial_timeout
-        )),
+        Err(_) => Err(format!("cannot connect within --dial-timeout {:?}", global.dial_timeout)),
     }
 }
 
@@ -494,8 +447,8 @@ async fn run_phase(
 ) -> PhaseOutcome {
     let plan = Arc::new(plan);
     let shared = Arc::new(Shared::default());
-    let progress = progress_label
-        .map(|label| tokio::spawn(draw_progress(label, plan.clone(), shared.clone())));
+    let progress =
+        progress_label.map(|label| tokio::spawn(draw_progress(label, plan.clone(), shared.clone())));
     let tasks: Vec<_> = (0..workers)
         .map(|worker_index| {
             let kv = KvClient::new(channels[worker_index as usize % channels.len()].clone());
@@ -505,9 +458,7 @@ async fn run_phase(
     let mut latencies_us = new_histogram();
     for task in tasks {
         let worker_latencies = task.await.expect("a bench worker panicked");
-        latencies_us
-            .add(worker_latencies)
-            .expect("histograms with the same bounds add");
+        latencies_us.add(worker_latencies).expect("histograms with the same bounds add");
     }
     let elapsed = plan.start.elapsed();
     if let Some(progress) = progress {
@@ -549,8 +500,7 @@ async fn run_worker(
         let operation = plan.operation(op_index, &mut rng);
         let sent = Instant::now();
         let result =
-            tokio::time::timeout_at(plan.deadline, execute_operation(&mut kv, operation, &plan))
-                .await;
+            tokio::time::timeout_at(plan.deadline, execute_operation(&mut kv, operation, &plan)).await;
         match result {
             Err(_deadline_passed) => break,
             Ok(Ok(())) => {
@@ -595,34 +545,16 @@ async fn execute_operation(
 }
 
 async fn put(kv: &mut KvClient<Channel>, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
-    let request = PutRequest {
-        key,
-        value,
-        ..Default::default()
-    };
-    kv.put(request)
-        .await
-        .map(|_| ())
-        .map_err(|status| status_error("put", &status))
+    let request = PutRequest { key, value, ..Default::default() };
+    kv.put(request).await.map(|_| ()).map_err(|status| status_error("put", &status))
 }
 
 /// Gets one key and returns its mod revision, 0 when it does not exist (which is what a txn
 /// compares a missing key's mod revision against).
 async fn get(kv: &mut KvClient<Channel>, key: Vec<u8>, serializable: bool) -> Result<i64, String> {
-    let request = RangeRequest {
-        key,
-        serializable,
-        ..Default::default()
-    };
-    let response = kv
-        .range(request)
-        .await
-        .map_err(|status| status_error("range", &status))?;
-    Ok(response
-        .into_inner()
-        .kvs
-        .first()
-        .map_or(0, |kv| kv.mod_revision))
+    let request = RangeRequest { key, serializable, ..Default::default() };
+    let response = kv.range(request).await.map_err(|status| status_error("range", &status))?;
+    Ok(response.into_inner().kvs.first().map_or(0, |kv| kv.mod_revision))
 }
 
 /// Compare-and-swap: reads the key's mod revision, then puts it in a txn that succeeds only if
@@ -637,22 +569,13 @@ async fn txn_cas(kv: &mut KvClient<Channel>, key: Vec<u8>, plan: &Plan) -> Resul
         target_union: Some(compare::TargetUnion::ModRevision(mod_revision)),
         ..Default::default()
     };
-    let put = PutRequest {
-        key,
-        value: plan.value.clone(),
-        ..Default::default()
-    };
+    let put = PutRequest { key, value: plan.value.clone(), ..Default::default() };
     let request = TxnRequest {
         compare: vec![compare],
-        success: vec![RequestOp {
-            request: Some(request_op::Request::RequestPut(put)),
-        }],
+        success: vec![RequestOp { request: Some(request_op::Request::RequestPut(put)) }],
         failure: Vec::new(),
     };
-    kv.txn(request)
-        .await
-        .map(|_| ())
-        .map_err(|status| status_error("txn", &status))
+    kv.txn(request).await.map(|_| ()).map_err(|status| status_error("txn", &status))
 }
 
 /// An error and its causes, `: `-separated: tonic's transport error alone says only
@@ -710,11 +633,7 @@ impl Report {
     fn new(workload: Workload, clients: u32, outcome: &PhaseOutcome) -> Report {
         let latency_ms = |latency_us: u64| round_to(latency_us as f64 / 1000.0, 3);
         let elapsed_s = outcome.elapsed.as_secs_f64();
-        let ops_per_s = if elapsed_s > 0.0 {
-            outcome.ops as f64 / elapsed_s
-        } else {
-            0.0
-        };
+        let ops_per_s = if elapsed_s > 0.0 { outcome.ops as f64 / elapsed_s } else { 0.0 };
         let latencies = &outcome.latencies_us;
         Report {
             workload: workload.name(),
@@ -737,9 +656,7 @@ fn round_to(value: f64, decimals: i32) -> f64 {
 
 /// The report as a header line and one row, columns as wide as their widest cell.
 fn format_table(report: &Report) -> String {
-    let header = [
-        "WORKLOAD", "CLIENTS", "OPS", "ERRORS", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "MAX MS",
-    ];
+    let header = ["WORKLOAD", "CLIENTS", "OPS", "ERRORS", "OPS/S", "P50 MS", "P90 MS", "P99 MS", "MAX MS"];
     let row = [
         report.workload.to_string(),
         report.clients.to_string(),
@@ -751,17 +668,10 @@ fn format_table(report: &Report) -> String {
         format!("{:.3}", report.p99_ms),
         format!("{:.3}", report.max_ms),
     ];
-    let widths: Vec<usize> = header
-        .iter()
-        .zip(&row)
-        .map(|(h, cell)| h.len().max(cell.len()))
-        .collect();
+    let widths: Vec<usize> = header.iter().zip(&row).map(|(h, cell)| h.len().max(cell.len())).collect();
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(cell, width)| format!("{cell:<width$}"))
-            .collect();
+        let padded: Vec<String> =
+            cells.iter().zip(&widths).map(|(cell, width)| format!("{cell:<width$}")).collect();
         padded.join("  ").trim_end().to_string()
     };
     let header_line = line(header.to_vec());
@@ -788,287 +698,23 @@ fn print_report(report: &Report, write_out: WriteOut) -> Result<(), BenchError> 
 /// commands' fuller Go-style parser is private to `client_cmd`; a time cap needs only this.)
 fn parse_duration_max(text: &str) -> Result<Duration, String> {
     let trimmed = text.trim();
-    let unit_start = trimmed
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(trimmed.len());
+    let unit_start = trimmed.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(trimmed.len());
     let (number, unit) = trimmed.split_at(unit_start);
-    let number: f64 = number.parse().map_err(|_| {
-        format!("invalid duration {text:?}: expected a number and a unit, as in 60s")
-    })?;
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: expected a number and a unit, as in 60s"))?;
     let unit_s = match unit {
         "ms" => 1e-3,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration {text:?}: the unit must be ms, s, m or h"
-            ))
-        }
+        _ => return Err(format!("invalid duration {text:?}: the unit must be ms, s, m or h")),
     };
     let seconds = number * unit_s;
     if seconds <= 0.0 || seconds > DURATION_MAX_LIMIT.as_secs_f64() {
-        return Err(format!(
-            "invalid duration {text:?}: must be more than 0 and at most 24h"
-        ));
+        return Err(format!("invalid duration {text:?}: must be more than 0 and at most 24h"));
     }
     Ok(Duration::from_secs_f64(seconds))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser as _;
-
-    #[derive(clap::Parser, Debug)]
-    struct TestCli {
-        #[command(flatten)]
-        bench: BenchArgs,
-    }
-
-    /// Parses a command line written as one string, words split on whitespace.
-    fn parse(line: &str) -> Result<BenchArgs, String> {
-        let argv = std::iter::once("bench").chain(line.split_whitespace());
-        TestCli::try_parse_from(argv)
-            .map(|cli| cli.bench)
-            .map_err(|error| error.to_string())
-    }
-
-    fn plan(line: &str) -> Result<Plan, String> {
-        plan_from_args(&parse(line)?)
-    }
-
-    #[test]
-    fn defaults_match_the_documented_ones() {
-        let args = parse("put").unwrap();
-        assert_eq!(args.workload, Workload::Put);
-        assert_eq!((args.clients, args.conns, args.total), (1, 1, 10_000));
-        assert_eq!(args.duration_max, Duration::from_secs(60));
-        assert_eq!(
-            (args.key_size, args.val_size, args.key_space),
-            (32, 256, 1_000)
-        );
-        assert!(!args.sequential_keys);
-        assert_eq!(args.rate, 0);
-        assert_eq!(args.consistency, Consistency::Linearizable);
-        assert_eq!(args.read_ratio, 0.9);
-    }
-
-    #[test]
-    fn parses_every_workload_and_option() {
-        let args = parse(
-            "txn-cas --clients 64 --conns 8 --total 20000 --duration-max 500ms --key-size 16 \
-             --val-size 0 --key-space 50 --sequential-keys --rate 100 --consistency s \
-             --read-ratio 0.5",
-        )
-        .unwrap();
-        assert_eq!(args.workload, Workload::TxnCas);
-        assert_eq!((args.clients, args.conns, args.total), (64, 8, 20_000));
-        assert_eq!(args.duration_max, Duration::from_millis(500));
-        assert_eq!((args.key_size, args.val_size, args.key_space), (16, 0, 50));
-        assert!(args.sequential_keys);
-        assert_eq!(args.consistency, Consistency::Serializable);
-        assert_eq!(args.read_ratio, 0.5);
-        for (name, workload) in [
-            ("get", Workload::Get),
-            ("mixed", Workload::Mixed),
-            ("put", Workload::Put),
-        ] {
-            assert_eq!(parse(name).unwrap().workload, workload);
-        }
-    }
-
-    #[test]
-    fn refuses_unknown_workloads_and_consistencies() {
-        assert!(parse("scan").is_err());
-        assert!(parse("").is_err());
-        assert!(parse("get --consistency x").is_err());
-        assert!(parse("get --duration-max 60").is_err());
-    }
-
-    #[test]
-    fn refuses_out_of_range_options_before_dialing() {
-        for bad in [
-            "put --clients 0",
-            "put --conns 0",
-            "put --total 0",
-            "put --key-space 0",
-            "put --val-size 2000000",
-            "mixed --read-ratio 1.5",
-            "put --key-size 7 --key-space 100",
-        ] {
-            assert!(plan(bad).is_err(), "{bad:?} should be refused");
-        }
-        assert!(plan("put --key-size 8 --key-space 100").is_ok());
-    }
-
-    #[test]
-    fn parses_durations_with_units() {
-        assert_eq!(parse_duration_max("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration_max("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration_max("1.5m"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration_max("2h"), Ok(Duration::from_secs(7200)));
-        for bad in ["", "s", "60", "60x", "0s", "25h", "-1s"] {
-            assert!(
-                parse_duration_max(bad).is_err(),
-                "{bad:?} should be refused"
-            );
-        }
-    }
-
-    #[test]
-    fn keys_have_the_prefix_and_exactly_the_key_size() {
-        let keys = KeyGenerator::new(32, 1_000, false).unwrap();
-        assert_eq!(keys.key(7), b"bench/00000000000000000000000007".to_vec());
-        assert_eq!(keys.key(999).len(), 32);
-        let smallest = KeyGenerator::new(9, 1_000, false).unwrap();
-        assert_eq!(smallest.key(999), b"bench/999".to_vec());
-        assert!(KeyGenerator::new(8, 1_000, false).is_err());
-        assert!(
-            KeyGenerator::new(7, 1, true).is_ok(),
-            "key space 1 needs one digit"
-        );
-    }
-
-    #[test]
-    fn sequential_keys_wrap_around_the_key_space() {
-        let keys = KeyGenerator::new(32, 3, true).unwrap();
-        let mut rng = StdRng::seed_from_u64(0);
-        let numbers: Vec<u64> = (0..7)
-            .map(|op_index| keys.key_number(op_index, &mut rng))
-            .collect();
-        assert_eq!(numbers, [0, 1, 2, 0, 1, 2, 0]);
-    }
-
-    #[test]
-    fn random_keys_stay_in_the_key_space_cover_it_and_repeat_per_seed() {
-        let keys = KeyGenerator::new(32, 10, false).unwrap();
-        let draw = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..1_000)
-                .map(|op_index| keys.key_number(op_index, &mut rng))
-                .collect::<Vec<u64>>()
-        };
-        let numbers = draw(3);
-        assert!(numbers.iter().all(|number| *number < 10));
-        assert_eq!(
-            numbers
-                .iter()
-                .collect::<std::collections::BTreeSet<_>>()
-                .len(),
-            10
-        );
-        assert_eq!(numbers, draw(3));
-        assert_ne!(numbers, draw(4));
-    }
-
-    #[test]
-    fn mixed_reads_in_the_read_ratio() {
-        let mut rng = StdRng::seed_from_u64(1);
-        let mixed = plan("mixed --read-ratio 0.9").unwrap();
-        let reads = (0..10_000)
-            .filter(|index| matches!(mixed.operation(*index, &mut rng), Operation::Get(_)))
-            .count();
-        assert!((8_800..=9_200).contains(&reads), "{reads} reads of 10000");
-        let writes_only = plan("mixed --read-ratio 0").unwrap();
-        assert!(matches!(
-            writes_only.operation(0, &mut rng),
-            Operation::Put(_)
-        ));
-    }
-
-    #[test]
-    fn populate_puts_every_key_once_in_order() {
-        let measured = plan("get --key-space 5 --rate 10").unwrap();
-        let populate = populate_plan(&measured, Duration::from_secs(1));
-        assert_eq!(
-            (
-                populate.workload,
-                populate.total_ops,
-                populate.rate_ops_per_s
-            ),
-            (Workload::Put, 5, 0)
-        );
-        let mut rng = StdRng::seed_from_u64(0);
-        let keys: Vec<Operation> = (0..5)
-            .map(|index| populate.operation(index, &mut rng))
-            .collect();
-        let expected: Vec<Operation> = (0..5)
-            .map(|number| Operation::Put(measured.keys.key(number)))
-            .collect();
-        assert_eq!(keys, expected);
-    }
-
-    #[test]
-    fn endpoints_accept_host_port_and_http_only() {
-        assert_eq!(
-            parse_endpoint("127.0.0.1:2379").unwrap().to_string(),
-            "http://127.0.0.1:2379/"
-        );
-        assert_eq!(
-            parse_endpoint("http://localhost:2379/")
-                .unwrap()
-                .to_string(),
-            "http://localhost:2379/"
-        );
-        for bad in ["https://127.0.0.1:2379", "127.0.0.1", "", "unix://x:1"] {
-            assert!(parse_endpoint(bad).is_err(), "{bad:?} should be refused");
-        }
-        assert!(parse_endpoints(&[]).is_err());
-    }
-
-    #[test]
-    fn table_aligns_columns_and_json_has_numbers() {
-        let report = Report {
-            workload: "put",
-            clients: 64,
-            ops: 20_000,
-            errors: 0,
-            ops_per_s: 1234.5,
-            p50_ms: 1.25,
-            p90_ms: 2.0,
-            p99_ms: 4.5,
-            max_ms: 10.0,
-        };
-        let table = format_table(&report);
-        let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(
-            lines[0],
-            "WORKLOAD  CLIENTS  OPS    ERRORS  OPS/S   P50 MS  P90 MS  P99 MS  MAX MS"
-        );
-        assert_eq!(
-            lines[1],
-            "put       64       20000  0       1234.5  1.250   2.000   4.500   10.000"
-        );
-        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["ops_per_s"], serde_json::json!(1234.5));
-        assert_eq!(json["clients"], serde_json::json!(64));
-        assert_eq!(json["workload"], serde_json::json!("put"));
-    }
-
-    #[test]
-    fn report_takes_percentiles_from_the_histogram() {
-        let mut latencies_us = new_histogram();
-        for latency_us in 1..=1_000 {
-            latencies_us.saturating_record(latency_us * 10);
-        }
-        let outcome = PhaseOutcome {
-            total_ops: 1_000,
-            ops: 1_000,
-            errors: 2,
-            first_error: None,
-            elapsed: Duration::from_secs(2),
-            latencies_us,
-        };
-        let report = Report::new(Workload::Get, 4, &outcome);
-        assert_eq!(
-            (report.ops, report.errors, report.ops_per_s),
-            (1_000, 2, 500.0)
-        );
-        assert!((report.p50_ms - 5.0).abs() < 0.01, "{report:?}");
-        assert!((report.p99_ms - 9.9).abs() < 0.01, "{report:?}");
-        assert!((report.max_ms - 10.0).abs() < 0.01, "{report:?}");
-    }
 }
 
 // ---- the watch workload ------------------------------------------------------------------
@@ -1082,7 +728,8 @@ const WATCH_DRAIN: Duration = Duration::from_secs(5);
 type PutTimes = std::collections::BTreeMap<i64, (Instant, Instant)>;
 
 async fn execute_watch(global: &GlobalOpts, args: &BenchArgs) -> Result<(), BenchError> {
-    check_range("--clients", u64::from(args.clients), 1, u64::from(WATCHERS_MAX)).map_err(BenchError::Usage)?;
+    check_range("--clients", u64::from(args.clients), 1, u64::from(WATCHERS_MAX))
+        .map_err(BenchError::Usage)?;
     check_range("--total", args.total, 1, 10_000_000).map_err(BenchError::Usage)?;
     let uris = parse_endpoints(&global.endpoints).map_err(BenchError::Usage)?;
     // Streams live for the whole run: these channels have no per-request timeout.
@@ -1093,7 +740,9 @@ async fn execute_watch(global: &GlobalOpts, args: &BenchArgs) -> Result<(), Benc
         let channel = tokio::time::timeout(global.dial_timeout, endpoint.connect())
             .await
             .map_err(|_| BenchError::Failed(format!("cannot connect to {uri} within --dial-timeout")))?
-            .map_err(|error| BenchError::Failed(format!("cannot connect to {uri}: {}", error_chain(&error))))?;
+            .map_err(|error| {
+                BenchError::Failed(format!("cannot connect to {uri}: {}", error_chain(&error)))
+            })?;
         channels.push(channel);
     }
     let key = format!("bench/watch/{}", std::process::id()).into_bytes();
@@ -1102,11 +751,18 @@ async fn execute_watch(global: &GlobalOpts, args: &BenchArgs) -> Result<(), Benc
     let mut watchers = Vec::new();
     for index in 0..args.clients as usize {
         let channel = channels[index % channels.len()].clone();
-        watchers.push(tokio::spawn(watch_events(channel, key.clone(), args.total, deadline + WATCH_DRAIN, created_tx.clone())));
+        watchers.push(tokio::spawn(watch_events(
+            channel,
+            key.clone(),
+            args.total,
+            deadline + WATCH_DRAIN,
+            created_tx.clone(),
+        )));
     }
     drop(created_tx);
     for _ in 0..args.clients {
-        let created = tokio::time::timeout(global.dial_timeout + Duration::from_secs(5), created_rx.recv()).await;
+        let created =
+            tokio::time::timeout(global.dial_timeout + Duration::from_secs(5), created_rx.recv()).await;
         if !matches!(created, Ok(Some(()))) {
             return Err(BenchError::Failed("not every watcher was created in time".to_string()));
         }
@@ -1120,8 +776,10 @@ async fn execute_watch(global: &GlobalOpts, args: &BenchArgs) -> Result<(), Benc
         for (revision, at) in events {
             let Some((sent, acked)) = put_times.get(&revision) else { continue };
             received += 1;
-            let _ = from_sent.record(at.saturating_duration_since(*sent).as_micros().min(LATENCY_US_MAX as u128) as u64);
-            let _ = from_acked.record(at.saturating_duration_since(*acked).as_micros().min(LATENCY_US_MAX as u128) as u64);
+            let _ = from_sent
+                .record(at.saturating_duration_since(*sent).as_micros().min(LATENCY_US_MAX as u128) as u64);
+            let _ = from_acked
+                .record(at.saturating_duration_since(*acked).as_micros().min(LATENCY_US_MAX as u128) as u64);
         }
     }
     let expected = put_times.len() as u64 * u64::from(args.clients);
@@ -1211,4 +869,205 @@ async fn watch_events(
     }
     drop(requests);
     events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser, Debug)]
+    struct TestCli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    /// Parses a command line written as one string, words split on whitespace.
+    fn parse(line: &str) -> Result<BenchArgs, String> {
+        let argv = std::iter::once("bench").chain(line.split_whitespace());
+        TestCli::try_parse_from(argv).map(|cli| cli.bench).map_err(|error| error.to_string())
+    }
+
+    fn plan(line: &str) -> Result<Plan, String> {
+        plan_from_args(&parse(line)?)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let args = parse("put").unwrap();
+        assert_eq!(args.workload, Workload::Put);
+        assert_eq!((args.clients, args.conns, args.total), (1, 1, 10_000));
+        assert_eq!(args.duration_max, Duration::from_secs(60));
+        assert_eq!((args.key_size, args.val_size, args.key_space), (32, 256, 1_000));
+        assert!(!args.sequential_keys);
+        assert_eq!(args.rate, 0);
+        assert_eq!(args.consistency, Consistency::Linearizable);
+        assert_eq!(args.read_ratio, 0.9);
+    }
+
+    #[test]
+    fn parses_every_workload_and_option() {
+        let args = parse(
+            "txn-cas --clients 64 --conns 8 --total 20000 --duration-max 500ms --key-size 16 \
+             --val-size 0 --key-space 50 --sequential-keys --rate 100 --consistency s \
+             --read-ratio 0.5",
+        )
+        .unwrap();
+        assert_eq!(args.workload, Workload::TxnCas);
+        assert_eq!((args.clients, args.conns, args.total), (64, 8, 20_000));
+        assert_eq!(args.duration_max, Duration::from_millis(500));
+        assert_eq!((args.key_size, args.val_size, args.key_space), (16, 0, 50));
+        assert!(args.sequential_keys);
+        assert_eq!(args.consistency, Consistency::Serializable);
+        assert_eq!(args.read_ratio, 0.5);
+        for (name, workload) in [("get", Workload::Get), ("mixed", Workload::Mixed), ("put", Workload::Put)] {
+            assert_eq!(parse(name).unwrap().workload, workload);
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_workloads_and_consistencies() {
+        assert!(parse("scan").is_err());
+        assert!(parse("").is_err());
+        assert!(parse("get --consistency x").is_err());
+        assert!(parse("get --duration-max 60").is_err());
+    }
+
+    #[test]
+    fn refuses_out_of_range_options_before_dialing() {
+        for bad in [
+            "put --clients 0",
+            "put --conns 0",
+            "put --total 0",
+            "put --key-space 0",
+            "put --val-size 2000000",
+            "mixed --read-ratio 1.5",
+            "put --key-size 7 --key-space 100",
+        ] {
+            assert!(plan(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(plan("put --key-size 8 --key-space 100").is_ok());
+    }
+
+    #[test]
+    fn parses_durations_with_units() {
+        assert_eq!(parse_duration_max("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration_max("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration_max("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration_max("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "s", "60", "60x", "0s", "25h", "-1s"] {
+            assert!(parse_duration_max(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn keys_have_the_prefix_and_exactly_the_key_size() {
+        let keys = KeyGenerator::new(32, 1_000, false).unwrap();
+        assert_eq!(keys.key(7), b"bench/00000000000000000000000007".to_vec());
+        assert_eq!(keys.key(999).len(), 32);
+        let smallest = KeyGenerator::new(9, 1_000, false).unwrap();
+        assert_eq!(smallest.key(999), b"bench/999".to_vec());
+        assert!(KeyGenerator::new(8, 1_000, false).is_err());
+        assert!(KeyGenerator::new(7, 1, true).is_ok(), "key space 1 needs one digit");
+    }
+
+    #[test]
+    fn sequential_keys_wrap_around_the_key_space() {
+        let keys = KeyGenerator::new(32, 3, true).unwrap();
+        let mut rng = StdRng::seed_from_u64(0);
+        let numbers: Vec<u64> = (0..7).map(|op_index| keys.key_number(op_index, &mut rng)).collect();
+        assert_eq!(numbers, [0, 1, 2, 0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn random_keys_stay_in_the_key_space_cover_it_and_repeat_per_seed() {
+        let keys = KeyGenerator::new(32, 10, false).unwrap();
+        let draw = |seed| {
+            let mut rng = StdRng::seed_from_u64(seed);
+            (0..1_000).map(|op_index| keys.key_number(op_index, &mut rng)).collect::<Vec<u64>>()
+        };
+        let numbers = draw(3);
+        assert!(numbers.iter().all(|number| *number < 10));
+        assert_eq!(numbers.iter().collect::<std::collections::BTreeSet<_>>().len(), 10);
+        assert_eq!(numbers, draw(3));
+        assert_ne!(numbers, draw(4));
+    }
+
+    #[test]
+    fn mixed_reads_in_the_read_ratio() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let mixed = plan("mixed --read-ratio 0.9").unwrap();
+        let reads = (0..10_000)
+            .filter(|index| matches!(mixed.operation(*index, &mut rng), Operation::Get(_)))
+            .count();
+        assert!((8_800..=9_200).contains(&reads), "{reads} reads of 10000");
+        let writes_only = plan("mixed --read-ratio 0").unwrap();
+        assert!(matches!(writes_only.operation(0, &mut rng), Operation::Put(_)));
+    }
+
+    #[test]
+    fn populate_puts_every_key_once_in_order() {
+        let measured = plan("get --key-space 5 --rate 10").unwrap();
+        let populate = populate_plan(&measured, Duration::from_secs(1));
+        assert_eq!((populate.workload, populate.total_ops, populate.rate_ops_per_s), (Workload::Put, 5, 0));
+        let mut rng = StdRng::seed_from_u64(0);
+        let keys: Vec<Operation> = (0..5).map(|index| populate.operation(index, &mut rng)).collect();
+        let expected: Vec<Operation> =
+            (0..5).map(|number| Operation::Put(measured.keys.key(number))).collect();
+        assert_eq!(keys, expected);
+    }
+
+    #[test]
+    fn endpoints_accept_host_port_and_http_only() {
+        assert_eq!(parse_endpoint("127.0.0.1:2379").unwrap().to_string(), "http://127.0.0.1:2379/");
+        assert_eq!(parse_endpoint("http://localhost:2379/").unwrap().to_string(), "http://localhost:2379/");
+        for bad in ["https://127.0.0.1:2379", "127.0.0.1", "", "unix://x:1"] {
+            assert!(parse_endpoint(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(parse_endpoints(&[]).is_err());
+    }
+
+    #[test]
+    fn table_aligns_columns_and_json_has_numbers() {
+        let report = Report {
+            workload: "put",
+            clients: 64,
+            ops: 20_000,
+            errors: 0,
+            ops_per_s: 1234.5,
+            p50_ms: 1.25,
+            p90_ms: 2.0,
+            p99_ms: 4.5,
+            max_ms: 10.0,
+        };
+        let table = format_table(&report);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "WORKLOAD  CLIENTS  OPS    ERRORS  OPS/S   P50 MS  P90 MS  P99 MS  MAX MS");
+        assert_eq!(lines[1], "put       64       20000  0       1234.5  1.250   2.000   4.500   10.000");
+        let json: serde_json::Value = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["ops_per_s"], serde_json::json!(1234.5));
+        assert_eq!(json["clients"], serde_json::json!(64));
+        assert_eq!(json["workload"], serde_json::json!("put"));
+    }
+
+    #[test]
+    fn report_takes_percentiles_from_the_histogram() {
+        let mut latencies_us = new_histogram();
+        for latency_us in 1..=1_000 {
+            latencies_us.saturating_record(latency_us * 10);
+        }
+        let outcome = PhaseOutcome {
+            total_ops: 1_000,
+            ops: 1_000,
+            errors: 2,
+            first_error: None,
+            elapsed: Duration::from_secs(2),
+            latencies_us,
+        };
+        let report = Report::new(Workload::Get, 4, &outcome);
+        assert_eq!((report.ops, report.errors, report.ops_per_s), (1_000, 2, 500.0));
+        assert!((report.p50_ms - 5.0).abs() < 0.01, "{report:?}");
+        assert!((report.p99_ms - 9.9).abs() < 0.01, "{report:?}");
+        assert!((report.max_ms - 10.0).abs() < 0.01, "{report:?}");
+    }
 }

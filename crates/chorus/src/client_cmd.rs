@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chorus_client::proto::etcdserverpb::{
-    compare, range_request, request_op, response_op, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse,
-    RequestOp, ResponseHeader, StatusResponse, TxnRequest, TxnResponse,
+    compare, range_request, request_op, response_op, CompactionResponse, Compare, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader,
+    StatusResponse, TxnRequest, TxnResponse,
 };
 use chorus_client::proto::mvccpb::KeyValue;
 use chorus_client::{prefix_range_end, Client, ClientError, ClientOptions};
@@ -342,9 +342,7 @@ async fn put(global: &GlobalOpts, args: PutArgs) -> Result<(), CommandError> {
     };
     let request = put_request(&args, value);
     let response = connect(global).await?.put_with(request).await?;
-    emit(global.write_out, &PutJson::from(&response), |out| {
-        print_put(out, &response)
-    })
+    emit(global.write_out, &PutJson::from(&response), |out| print_put(out, &response))
 }
 
 async fn get(global: &GlobalOpts, args: GetArgs) -> Result<(), CommandError> {
@@ -358,9 +356,7 @@ async fn get(global: &GlobalOpts, args: GetArgs) -> Result<(), CommandError> {
 async fn del(global: &GlobalOpts, args: DelArgs) -> Result<(), CommandError> {
     let request = delete_request(&args).map_err(CommandError::Usage)?;
     let response = connect(global).await?.delete(request).await?;
-    emit(global.write_out, &DeleteJson::from(&response), |out| {
-        print_delete(out, &response)
-    })
+    emit(global.write_out, &DeleteJson::from(&response), |out| print_delete(out, &response))
 }
 
 async fn txn(global: &GlobalOpts, args: TxnArgs) -> Result<(), CommandError> {
@@ -377,9 +373,7 @@ async fn txn(global: &GlobalOpts, args: TxnArgs) -> Result<(), CommandError> {
     .await
     .map_err(|error| CommandError::Io(format!("reading the transaction: {error}")))??;
     let response = connect(global).await?.txn(request).await?;
-    emit(global.write_out, &TxnJson::from(&response), |out| {
-        print_txn(out, &response)
-    })
+    emit(global.write_out, &TxnJson::from(&response), |out| print_txn(out, &response))
 }
 
 async fn compact(global: &GlobalOpts, args: CompactArgs) -> Result<(), CommandError> {
@@ -425,9 +419,7 @@ async fn status(global: &GlobalOpts) -> Result<(), CommandError> {
     }
     if !answered.is_empty() {
         let json: Vec<StatusEntryJson> = answered.iter().map(StatusEntryJson::from).collect();
-        emit(global.write_out, &json, |out| {
-            print_status_table(out, &answered)
-        })?;
+        emit(global.write_out, &json, |out| print_status_table(out, &answered))?;
     }
     if failed {
         return Err(CommandError::Reported);
@@ -439,20 +431,13 @@ async fn status(global: &GlobalOpts) -> Result<(), CommandError> {
 async fn read_stdin_all() -> Result<Vec<u8>, CommandError> {
     let read = tokio::task::spawn_blocking(|| {
         let mut bytes = Vec::new();
-        std::io::stdin()
-            .lock()
-            .take(STDIN_BYTES_MAX + 1)
-            .read_to_end(&mut bytes)
-            .map(|_| bytes)
+        std::io::stdin().lock().take(STDIN_BYTES_MAX + 1).read_to_end(&mut bytes).map(|_| bytes)
     })
     .await
     .map_err(|error| CommandError::Io(format!("reading standard input: {error}")))?;
-    let bytes =
-        read.map_err(|error| CommandError::Io(format!("reading standard input: {error}")))?;
+    let bytes = read.map_err(|error| CommandError::Io(format!("reading standard input: {error}")))?;
     if bytes.len() as u64 > STDIN_BYTES_MAX {
-        return Err(CommandError::Usage(format!(
-            "standard input is larger than {STDIN_BYTES_MAX} bytes"
-        )));
+        return Err(CommandError::Usage(format!("standard input is larger than {STDIN_BYTES_MAX} bytes")));
     }
     Ok(bytes)
 }
@@ -475,9 +460,9 @@ fn emit<T: Serialize>(
     }
     let mut stdout = std::io::stdout().lock();
     match stdout.write_all(&out).and_then(|()| stdout.flush()) {
-        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(CommandError::Io(
-            format!("writing standard output: {error}"),
-        )),
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CommandError::Io(format!("writing standard output: {error}")))
+        }
         _ => Ok(()),
     }
 }
@@ -497,12 +482,7 @@ fn put_request(args: &PutArgs, value: Vec<u8>) -> PutRequest {
 }
 
 fn range_request(args: &GetArgs) -> Result<RangeRequest, String> {
-    let (key, range_end) = key_range(
-        &args.key,
-        args.range_end.as_deref(),
-        args.prefix,
-        args.from_key,
-    )?;
+    let (key, range_end) = key_range(&args.key, args.range_end.as_deref(), args.prefix, args.from_key)?;
     let sort_target = match args.sort_by {
         None | Some(SortTargetArg::Key) => range_request::SortTarget::Key,
         Some(SortTargetArg::Create) => range_request::SortTarget::Create,
@@ -535,17 +515,8 @@ fn range_request(args: &GetArgs) -> Result<RangeRequest, String> {
 }
 
 fn delete_request(args: &DelArgs) -> Result<DeleteRangeRequest, String> {
-    let (key, range_end) = key_range(
-        &args.key,
-        args.range_end.as_deref(),
-        args.prefix,
-        args.from_key,
-    )?;
-    Ok(DeleteRangeRequest {
-        key,
-        range_end,
-        prev_kv: args.prev_kv,
-    })
+    let (key, range_end) = key_range(&args.key, args.range_end.as_deref(), args.prefix, args.from_key)?;
+    Ok(DeleteRangeRequest { key, range_end, prev_kv: args.prev_kv })
 }
 
 /// The `[key, range_end)` that the arguments select, with etcd's conventions: `range_end`
@@ -558,16 +529,14 @@ fn key_range(
     from_key: bool,
 ) -> Result<(Vec<u8>, Vec<u8>), String> {
     if prefix && from_key {
-        return Err(
-            "`--prefix` and `--from-key` cannot be set at the same time, choose one".into(),
-        );
+        return Err("`--prefix` and `--from-key` cannot be set at the same time, choose one".into());
     }
     let key = key.as_bytes().to_vec();
     let flag = if prefix { "--prefix" } else { "--from-key" };
     match range_end {
-        Some(_) if prefix || from_key => Err(format!(
-            "too many arguments, only accept one argument when `{flag}` is set"
-        )),
+        Some(_) if prefix || from_key => {
+            Err(format!("too many arguments, only accept one argument when `{flag}` is set"))
+        }
         Some(range_end) => Ok((key, range_end.as_bytes().to_vec())),
         None if (prefix || from_key) && key.is_empty() => Ok((vec![0], vec![0])),
         None if prefix => {
@@ -619,12 +588,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         rest = &rest[unit_len..];
     }
     if total_s <= 0.0 {
-        return Err(format!(
-            "invalid duration {text:?}: must be greater than zero"
-        ));
+        return Err(format!("invalid duration {text:?}: must be greater than zero"));
     }
-    Duration::try_from_secs_f64(total_s)
-        .map_err(|error| format!("invalid duration {text:?}: {error}"))
+    Duration::try_from_secs_f64(total_s).map_err(|error| format!("invalid duration {text:?}: {error}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -633,11 +599,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// One request line of a txn: etcdctl parses these with its own `put`, `get` and `del`
 /// commands, so we parse them with ours, flags included.
 #[derive(clap::Parser, Debug)]
-#[command(
-    no_binary_name = true,
-    disable_help_flag = true,
-    disable_help_subcommand = true
-)]
+#[command(no_binary_name = true, disable_help_flag = true, disable_help_subcommand = true)]
 enum TxnOp {
     Put(PutArgs),
     Get(GetArgs),
@@ -651,21 +613,14 @@ fn parse_txn(
     input: &mut impl BufRead,
     mut prompts: Option<&mut dyn Write>,
 ) -> Result<TxnRequest, CommandError> {
-    let mut lines = TxnLines {
-        input,
-        line_number: 0,
-    };
+    let mut lines = TxnLines { input, line_number: 0 };
     prompt(&mut prompts, "compares:")?;
     let compare = lines.section(parse_compare)?;
     prompt(&mut prompts, "success requests (get, put, del):")?;
     let success = lines.section(parse_request_op)?;
     prompt(&mut prompts, "failure requests (get, put, del):")?;
     let failure = lines.section(parse_request_op)?;
-    Ok(TxnRequest {
-        compare,
-        success,
-        failure,
-    })
+    Ok(TxnRequest { compare, success, failure })
 }
 
 fn prompt(prompts: &mut Option<&mut dyn Write>, text: &str) -> Result<(), CommandError> {
@@ -685,10 +640,7 @@ struct TxnLines<'a, R> {
 
 impl<R: BufRead> TxnLines<'_, R> {
     /// Parses lines until a blank line or the end of the input.
-    fn section<T>(
-        &mut self,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<Vec<T>, CommandError> {
+    fn section<T>(&mut self, parse: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, CommandError> {
         let mut items = Vec::new();
         loop {
             let mut line = String::new();
@@ -704,9 +656,8 @@ impl<R: BufRead> TxnLines<'_, R> {
             if line.is_empty() {
                 return Ok(items);
             }
-            let item = parse(line).map_err(|error| {
-                CommandError::Usage(format!("txn: line {}: {error}", self.line_number))
-            })?;
+            let item = parse(line)
+                .map_err(|error| CommandError::Usage(format!("txn: line {}: {error}", self.line_number)))?;
             items.push(item);
         }
     }
@@ -717,18 +668,12 @@ impl<R: BufRead> TxnLines<'_, R> {
 /// and value are Go-quoted strings, so `\x00` and the like reach arbitrary bytes.
 fn parse_compare(line: &str) -> Result<Compare, String> {
     let malformed = |why: &str| format!("malformed comparison {line:?}: {why}");
-    let (target, rest) = line
-        .split_once('(')
-        .ok_or_else(|| malformed("expected target(\"key\") op \"value\""))?;
+    let (target, rest) =
+        line.split_once('(').ok_or_else(|| malformed("expected target(\"key\") op \"value\""))?;
     let (key, rest) = parse_quoted(rest.trim_start()).map_err(|error| malformed(&error))?;
-    let rest = rest
-        .trim_start()
-        .strip_prefix(')')
-        .ok_or_else(|| malformed("expected ')' after the key"))?;
+    let rest = rest.trim_start().strip_prefix(')').ok_or_else(|| malformed("expected ')' after the key"))?;
     let rest = rest.trim_start();
-    let operator_len = rest
-        .find(|c: char| !"=!<>".contains(c))
-        .unwrap_or(rest.len());
+    let operator_len = rest.find(|c: char| !"=!<>".contains(c)).unwrap_or(rest.len());
     let (operator, rest) = rest.split_at(operator_len);
     let (value, rest) = parse_quoted(rest.trim_start()).map_err(|error| malformed(&error))?;
     if !rest.trim().is_empty() {
@@ -739,38 +684,18 @@ fn parse_compare(line: &str) -> Result<Compare, String> {
         "!=" => compare::CompareResult::NotEqual,
         ">" => compare::CompareResult::Greater,
         "<" => compare::CompareResult::Less,
-        _ => {
-            return Err(malformed(&format!(
-                "unknown operator {operator:?} (use =, !=, > or <)"
-            )))
-        }
+        _ => return Err(malformed(&format!("unknown operator {operator:?} (use =, !=, > or <)"))),
     };
     let number = || {
         let text = String::from_utf8_lossy(&value);
-        text.parse::<i64>()
-            .map_err(|_| malformed(&format!("expected an integer, got {text:?}")))
+        text.parse::<i64>().map_err(|_| malformed(&format!("expected an integer, got {text:?}")))
     };
     let (target, target_union) = match target.trim() {
-        "ver" | "version" => (
-            compare::CompareTarget::Version,
-            compare::TargetUnion::Version(number()?),
-        ),
-        "c" | "create" => (
-            compare::CompareTarget::Create,
-            compare::TargetUnion::CreateRevision(number()?),
-        ),
-        "m" | "mod" => (
-            compare::CompareTarget::Mod,
-            compare::TargetUnion::ModRevision(number()?),
-        ),
-        "val" | "value" => (
-            compare::CompareTarget::Value,
-            compare::TargetUnion::Value(value.clone()),
-        ),
-        "lease" => (
-            compare::CompareTarget::Lease,
-            compare::TargetUnion::Lease(number()?),
-        ),
+        "ver" | "version" => (compare::CompareTarget::Version, compare::TargetUnion::Version(number()?)),
+        "c" | "create" => (compare::CompareTarget::Create, compare::TargetUnion::CreateRevision(number()?)),
+        "m" | "mod" => (compare::CompareTarget::Mod, compare::TargetUnion::ModRevision(number()?)),
+        "val" | "value" => (compare::CompareTarget::Value, compare::TargetUnion::Value(value.clone())),
+        "lease" => (compare::CompareTarget::Lease, compare::TargetUnion::Lease(number()?)),
         other => return Err(malformed(&format!("unknown target {other:?}"))),
     };
     Ok(Compare {
@@ -805,16 +730,10 @@ fn parse_request_op(line: &str) -> Result<RequestOp, String> {
             let value = value.clone().into_bytes();
             request_op::Request::RequestPut(put_request(&args, value))
         }
-        TxnOp::Get(args) => {
-            request_op::Request::RequestRange(range_request(&args).map_err(invalid)?)
-        }
-        TxnOp::Del(args) => {
-            request_op::Request::RequestDeleteRange(delete_request(&args).map_err(invalid)?)
-        }
+        TxnOp::Get(args) => request_op::Request::RequestRange(range_request(&args).map_err(invalid)?),
+        TxnOp::Del(args) => request_op::Request::RequestDeleteRange(delete_request(&args).map_err(invalid)?),
     };
-    Ok(RequestOp {
-        request: Some(request),
-    })
+    Ok(RequestOp { request: Some(request) })
 }
 
 /// Splits a request line into words as etcdctl does: runs of non-space characters,
@@ -826,9 +745,7 @@ fn split_words(line: &str) -> Result<Vec<Vec<u8>>, String> {
         let (word, after) = if rest.starts_with('"') {
             parse_quoted(rest).map_err(|error| format!("in {line:?}: {error}"))?
         } else if let Some(quoted) = rest.strip_prefix('\'') {
-            let end = quoted
-                .find('\'')
-                .ok_or_else(|| format!("in {line:?}: missing closing '"))?;
+            let end = quoted.find('\'').ok_or_else(|| format!("in {line:?}: missing closing '"))?;
             (quoted.as_bytes()[..end].to_vec(), &quoted[end + 1..])
         } else {
             let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
@@ -847,9 +764,7 @@ fn parse_quoted(text: &str) -> Result<(Vec<u8>, &str), String> {
         let end = raw.find('`').ok_or("missing closing `")?;
         return Ok((raw.as_bytes()[..end].to_vec(), &raw[end + 1..]));
     }
-    let body = text
-        .strip_prefix('"')
-        .ok_or_else(|| format!("expected a quoted string at {text:?}"))?;
+    let body = text.strip_prefix('"').ok_or_else(|| format!("expected a quoted string at {text:?}"))?;
     let mut bytes = Vec::new();
     let mut chars = body.char_indices();
     while let Some((index, c)) = chars.next() {
@@ -943,19 +858,13 @@ fn print_delete(out: &mut Vec<u8>, response: &DeleteRangeResponse) {
 }
 
 fn print_txn(out: &mut Vec<u8>, response: &TxnResponse) {
-    let outcome: &[u8] = if response.succeeded {
-        b"SUCCESS\n"
-    } else {
-        b"FAILURE\n"
-    };
+    let outcome: &[u8] = if response.succeeded { b"SUCCESS\n" } else { b"FAILURE\n" };
     out.extend_from_slice(outcome);
     for op in &response.responses {
         out.push(b'\n');
         match &op.response {
             Some(response_op::Response::ResponsePut(put)) => print_put(out, put),
-            Some(response_op::Response::ResponseRange(range)) => {
-                print_range(out, range, false, false)
-            }
+            Some(response_op::Response::ResponseRange(range)) => print_range(out, range, false, false),
             Some(response_op::Response::ResponseDeleteRange(delete)) => print_delete(out, delete),
             Some(response_op::Response::ResponseTxn(nested)) => print_txn(out, nested),
             None => out.extend_from_slice(b"unexpected empty response\n"),
@@ -1008,9 +917,8 @@ fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
             cells.fold(header.len(), usize::max)
         })
         .collect();
-    let separator: String = widths.iter().fold("+".to_string(), |line, width| {
-        format!("{line}{}+", "-".repeat(width + 2))
-    });
+    let separator: String =
+        widths.iter().fold("+".to_string(), |line, width| format!("{line}{}+", "-".repeat(width + 2)));
     let mut table = format!("{separator}\n|");
     for (header, width) in headers.iter().zip(&widths) {
         let gap = width - header.len();
@@ -1204,9 +1112,7 @@ impl From<&TxnResponse> for TxnJson {
             response: op.response.as_ref().map(|response| match response {
                 response_op::Response::ResponseRange(r) => ResponseJson::Range(r.into()),
                 response_op::Response::ResponsePut(r) => ResponseJson::Put(r.into()),
-                response_op::Response::ResponseDeleteRange(r) => {
-                    ResponseJson::DeleteRange(r.into())
-                }
+                response_op::Response::ResponseDeleteRange(r) => ResponseJson::DeleteRange(r.into()),
                 response_op::Response::ResponseTxn(r) => ResponseJson::Txn(r.into()),
             }),
         });
@@ -1226,9 +1132,7 @@ struct CompactJson {
 
 impl From<&CompactionResponse> for CompactJson {
     fn from(response: &CompactionResponse) -> Self {
-        CompactJson {
-            header: header_json(&response.header),
-        }
+        CompactJson { header: header_json(&response.header) }
     }
 }
 
@@ -1298,13 +1202,10 @@ impl From<&(String, StatusResponse)> for StatusEntryJson {
                 is_learner: status.is_learner,
                 storage_version: status.storage_version.clone(),
                 db_size_quota: status.db_size_quota,
-                downgrade_info: status
-                    .downgrade_info
-                    .as_ref()
-                    .map(|info| DowngradeInfoJson {
-                        enabled: info.enabled,
-                        target_version: info.target_version.clone(),
-                    }),
+                downgrade_info: status.downgrade_info.as_ref().map(|info| DowngradeInfoJson {
+                    enabled: info.enabled,
+                    target_version: info.target_version.clone(),
+                }),
             },
         }
     }
@@ -1379,14 +1280,8 @@ mod tests {
     fn key_ranges_follow_etcd_conventions() {
         let range = |key, end, prefix, from_key| key_range(key, end, prefix, from_key);
         assert_eq!(range("a", None, false, false), Ok((b"a".to_vec(), vec![])));
-        assert_eq!(
-            range("a", Some("c"), false, false),
-            Ok((b"a".to_vec(), b"c".to_vec()))
-        );
-        assert_eq!(
-            range("a/", None, true, false),
-            Ok((b"a/".to_vec(), b"a0".to_vec()))
-        );
+        assert_eq!(range("a", Some("c"), false, false), Ok((b"a".to_vec(), b"c".to_vec())));
+        assert_eq!(range("a/", None, true, false), Ok((b"a/".to_vec(), b"a0".to_vec())));
         assert_eq!(range("a", None, false, true), Ok((b"a".to_vec(), vec![0])));
         assert_eq!(range("", None, true, false), Ok((vec![0], vec![0])));
         assert_eq!(range("", None, false, true), Ok((vec![0], vec![0])));
@@ -1451,14 +1346,7 @@ mod tests {
         assert_eq!(parse(r#""\u00e9""#).0, "é".as_bytes());
         assert_eq!(parse(r#""é""#).0, "é".as_bytes());
         assert_eq!(parse("`raw \\n`x"), (b"raw \\n".to_vec(), "x"));
-        for bad in [
-            r#""open"#,
-            r#""\q""#,
-            r#""\x1""#,
-            r#""\400""#,
-            "bare",
-            "`open",
-        ] {
+        for bad in [r#""open"#, r#""\q""#, r#""\x1""#, r#""\400""#, "bare", "`open"] {
             assert!(parse_quoted(bad).is_err(), "{bad}");
         }
     }
@@ -1466,51 +1354,15 @@ mod tests {
     #[test]
     fn compares_parse_every_target_and_operator() {
         let cases = [
-            (
-                r#"value("k") = "v""#,
-                compare::CompareTarget::Value,
-                compare::CompareResult::Equal,
-            ),
-            (
-                r#"val("k") != "v""#,
-                compare::CompareTarget::Value,
-                compare::CompareResult::NotEqual,
-            ),
-            (
-                r#"mod("k") > "5""#,
-                compare::CompareTarget::Mod,
-                compare::CompareResult::Greater,
-            ),
-            (
-                r#"m("k") < "5""#,
-                compare::CompareTarget::Mod,
-                compare::CompareResult::Less,
-            ),
-            (
-                r#"version("k") = "0""#,
-                compare::CompareTarget::Version,
-                compare::CompareResult::Equal,
-            ),
-            (
-                r#"ver("k")="1""#,
-                compare::CompareTarget::Version,
-                compare::CompareResult::Equal,
-            ),
-            (
-                r#"create("k") < "3""#,
-                compare::CompareTarget::Create,
-                compare::CompareResult::Less,
-            ),
-            (
-                r#"c( "k" ) > "3""#,
-                compare::CompareTarget::Create,
-                compare::CompareResult::Greater,
-            ),
-            (
-                r#"lease("k") = "7""#,
-                compare::CompareTarget::Lease,
-                compare::CompareResult::Equal,
-            ),
+            (r#"value("k") = "v""#, compare::CompareTarget::Value, compare::CompareResult::Equal),
+            (r#"val("k") != "v""#, compare::CompareTarget::Value, compare::CompareResult::NotEqual),
+            (r#"mod("k") > "5""#, compare::CompareTarget::Mod, compare::CompareResult::Greater),
+            (r#"m("k") < "5""#, compare::CompareTarget::Mod, compare::CompareResult::Less),
+            (r#"version("k") = "0""#, compare::CompareTarget::Version, compare::CompareResult::Equal),
+            (r#"ver("k")="1""#, compare::CompareTarget::Version, compare::CompareResult::Equal),
+            (r#"create("k") < "3""#, compare::CompareTarget::Create, compare::CompareResult::Less),
+            (r#"c( "k" ) > "3""#, compare::CompareTarget::Create, compare::CompareResult::Greater),
+            (r#"lease("k") = "7""#, compare::CompareTarget::Lease, compare::CompareResult::Equal),
         ];
         for (line, target, result) in cases {
             let compare = parse_compare(line).unwrap_or_else(|error| panic!("{line}: {error}"));
@@ -1519,16 +1371,10 @@ mod tests {
             assert_eq!(compare.result, result as i32, "{line}");
         }
         let compare = parse_compare(r#"mod("k") > "5""#).unwrap();
-        assert_eq!(
-            compare.target_union,
-            Some(compare::TargetUnion::ModRevision(5))
-        );
+        assert_eq!(compare.target_union, Some(compare::TargetUnion::ModRevision(5)));
         let compare = parse_compare(r#"value("k\x00") = "a b""#).unwrap();
         assert_eq!(compare.key, b"k\x00");
-        assert_eq!(
-            compare.target_union,
-            Some(compare::TargetUnion::Value(b"a b".to_vec()))
-        );
+        assert_eq!(compare.target_union, Some(compare::TargetUnion::Value(b"a b".to_vec())));
         for bad in [
             r#"value(k) = "v""#,
             r#"value("k") "v""#,
@@ -1545,15 +1391,7 @@ mod tests {
     #[test]
     fn request_lines_split_like_etcdctl() {
         let words = split_words(r#"put "a key" 'raw \n' plain"#).unwrap();
-        assert_eq!(
-            words,
-            vec![
-                b"put".to_vec(),
-                b"a key".to_vec(),
-                b"raw \\n".to_vec(),
-                b"plain".to_vec()
-            ]
-        );
+        assert_eq!(words, vec![b"put".to_vec(), b"a key".to_vec(), b"raw \\n".to_vec(), b"plain".to_vec()]);
         assert!(split_words("put 'open").is_err());
     }
 
@@ -1563,36 +1401,21 @@ mod tests {
         let Some(request_op::Request::RequestPut(put)) = op.request else {
             panic!("not a put");
         };
-        assert_eq!(
-            (put.key, put.value, put.prev_kv),
-            (b"k".to_vec(), b"v".to_vec(), true)
-        );
+        assert_eq!((put.key, put.value, put.prev_kv), (b"k".to_vec(), b"v".to_vec(), true));
 
         let op = parse_request_op("get k --prefix --limit 2").unwrap();
         let Some(request_op::Request::RequestRange(range)) = op.request else {
             panic!("not a get");
         };
-        assert_eq!(
-            (range.key, range.range_end, range.limit),
-            (b"k".to_vec(), b"l".to_vec(), 2)
-        );
+        assert_eq!((range.key, range.range_end, range.limit), (b"k".to_vec(), b"l".to_vec(), 2));
 
         let op = parse_request_op(r#"del "k" z"#).unwrap();
         let Some(request_op::Request::RequestDeleteRange(delete)) = op.request else {
             panic!("not a del");
         };
-        assert_eq!(
-            (delete.key, delete.range_end),
-            (b"k".to_vec(), b"z".to_vec())
-        );
+        assert_eq!((delete.key, delete.range_end), (b"k".to_vec(), b"z".to_vec()));
 
-        for bad in [
-            "put k",
-            "frob k",
-            "get",
-            "get k --bogus",
-            "del k z --prefix",
-        ] {
+        for bad in ["put k", "frob k", "get", "get k --bogus", "del k z --prefix"] {
             let error = parse_request_op(bad).unwrap_err();
             assert!(error.contains(bad), "{bad}: {error}");
         }
@@ -1635,12 +1458,7 @@ mod tests {
         assert!(message.contains("put onlykey"), "{message}");
 
         let error = parse_txn(&mut "bogus\n".as_bytes(), None).unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .starts_with("txn: line 1: malformed comparison"),
-            "{error}"
-        );
+        assert!(error.to_string().starts_with("txn: line 1: malformed comparison"), "{error}");
     }
 
     fn header() -> Option<ResponseHeader> {
@@ -1652,13 +1470,7 @@ mod tests {
         })
     }
 
-    fn kv(
-        key: &str,
-        value: &str,
-        create_revision: i64,
-        mod_revision: i64,
-        version: i64,
-    ) -> KeyValue {
+    fn kv(key: &str, value: &str, create_revision: i64, mod_revision: i64, version: i64) -> KeyValue {
         KeyValue {
             key: key.as_bytes().to_vec(),
             create_revision,
@@ -1679,34 +1491,19 @@ mod tests {
             count: 2,
         };
         let expected = r#"{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":4,"raft_term":2},"kvs":[{"key":"Zm9v","create_revision":2,"mod_revision":3,"version":2,"value":"YmF6"},{"key":"Zm9vMg==","create_revision":4,"mod_revision":4,"version":1,"value":"eA=="}],"count":2}"#;
-        assert_eq!(
-            serde_json::to_string(&RangeJson::from(&response)).unwrap(),
-            expected
-        );
+        assert_eq!(serde_json::to_string(&RangeJson::from(&response)).unwrap(), expected);
 
-        let empty = RangeResponse {
-            header: header(),
-            ..RangeResponse::default()
-        };
+        let empty = RangeResponse { header: header(), ..RangeResponse::default() };
         let expected = r#"{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":4,"raft_term":2}}"#;
-        assert_eq!(
-            serde_json::to_string(&RangeJson::from(&empty)).unwrap(),
-            expected
-        );
+        assert_eq!(serde_json::to_string(&RangeJson::from(&empty)).unwrap(), expected);
     }
 
     #[test]
     fn txn_json_matches_etcdctl() {
         // Captured from `etcdctl txn -w json` (etcd 3.4): put, get, del of a missing key.
-        let inner_header = Some(ResponseHeader {
-            revision: 7,
-            ..ResponseHeader::default()
-        });
+        let inner_header = Some(ResponseHeader { revision: 7, ..ResponseHeader::default() });
         let response = TxnResponse {
-            header: Some(ResponseHeader {
-                revision: 7,
-                ..header().unwrap()
-            }),
+            header: Some(ResponseHeader { revision: 7, ..header().unwrap() }),
             succeeded: true,
             responses: vec![
                 ResponseOp {
@@ -1724,29 +1521,21 @@ mod tests {
                     })),
                 },
                 ResponseOp {
-                    response: Some(response_op::Response::ResponseDeleteRange(
-                        DeleteRangeResponse {
-                            header: inner_header,
-                            deleted: 0,
-                            prev_kvs: vec![],
-                        },
-                    )),
+                    response: Some(response_op::Response::ResponseDeleteRange(DeleteRangeResponse {
+                        header: inner_header,
+                        deleted: 0,
+                        prev_kvs: vec![],
+                    })),
                 },
             ],
         };
         let expected = r#"{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":7,"raft_term":2},"succeeded":true,"responses":[{"Response":{"ResponsePut":{"header":{"revision":7}}}},{"Response":{"ResponseRange":{"header":{"revision":7},"kvs":[{"key":"Zm9v","create_revision":2,"mod_revision":5,"version":3,"value":"cQ=="}],"count":1}}},{"Response":{"ResponseDeleteRange":{"header":{"revision":7}}}}]}"#;
-        assert_eq!(
-            serde_json::to_string(&TxnJson::from(&response)).unwrap(),
-            expected
-        );
+        assert_eq!(serde_json::to_string(&TxnJson::from(&response)).unwrap(), expected);
     }
 
     fn status_response() -> StatusResponse {
         StatusResponse {
-            header: Some(ResponseHeader {
-                revision: 8,
-                ..header().unwrap()
-            }),
+            header: Some(ResponseHeader { revision: 8, ..header().unwrap() }),
             version: "3.4.23".to_string(),
             db_size: 20480,
             leader: 7383792418829112008,
@@ -1763,10 +1552,7 @@ mod tests {
     #[test]
     fn status_json_matches_etcdctl() {
         // Captured from `etcdctl endpoint status -w json` (etcd 3.4).
-        let entries = [StatusEntryJson::from(&(
-            "127.0.0.1:42379".to_string(),
-            status_response(),
-        ))];
+        let entries = [StatusEntryJson::from(&("127.0.0.1:42379".to_string(), status_response()))];
         let expected = r#"[{"Endpoint":"127.0.0.1:42379","Status":{"header":{"cluster_id":15875391935852295136,"member_id":7383792418829112008,"revision":8,"raft_term":2},"version":"3.4.23","dbSize":20480,"leader":7383792418829112008,"raftIndex":12,"raftTerm":2,"raftAppliedIndex":12,"dbSizeInUse":16384}}]"#;
         assert_eq!(serde_json::to_string(&entries).unwrap(), expected);
     }
@@ -1775,10 +1561,7 @@ mod tests {
     fn status_table_matches_etcdctl() {
         // Captured from `etcdctl endpoint status -w table` (etcd 3.4).
         let mut out = Vec::new();
-        print_status_table(
-            &mut out,
-            &[("127.0.0.1:42379".to_string(), status_response())],
-        );
+        print_status_table(&mut out, &[("127.0.0.1:42379".to_string(), status_response())]);
         let expected = "\
 +-----------------+------------------+---------+---------+-----------+------------+-----------+------------+--------------------+--------+
 |    ENDPOINT     |        ID        | VERSION | DB SIZE | IS LEADER | IS LEARNER | RAFT TERM | RAFT INDEX | RAFT APPLIED INDEX | ERRORS |
@@ -1803,10 +1586,7 @@ mod tests {
     #[test]
     fn simple_output_matches_etcdctl() {
         let mut out = Vec::new();
-        let put = PutResponse {
-            header: header(),
-            prev_kv: Some(kv("foo", "bar", 2, 2, 1)),
-        };
+        let put = PutResponse { header: header(), prev_kv: Some(kv("foo", "bar", 2, 2, 1)) };
         print_put(&mut out, &put);
         assert_eq!(out, b"OK\nfoo\nbar\n");
 
@@ -1816,10 +1596,7 @@ mod tests {
         };
         let mut out = Vec::new();
         print_range(&mut out, &range, false, false);
-        assert_eq!(
-            out, b"a\n\nb\n2\n",
-            "keys-only prints an empty line per value"
-        );
+        assert_eq!(out, b"a\n\nb\n2\n", "keys-only prints an empty line per value");
         let mut out = Vec::new();
         print_range(&mut out, &range, true, false);
         assert_eq!(out, b"\n2\n");
@@ -1829,9 +1606,7 @@ mod tests {
             header: header(),
             succeeded: true,
             responses: vec![
-                ResponseOp {
-                    response: Some(response_op::Response::ResponsePut(PutResponse::default())),
-                },
+                ResponseOp { response: Some(response_op::Response::ResponsePut(PutResponse::default())) },
                 ResponseOp {
                     response: Some(response_op::Response::ResponseRange(RangeResponse {
                         kvs: vec![kv("foo", "q", 2, 5, 3)],
@@ -1839,9 +1614,9 @@ mod tests {
                     })),
                 },
                 ResponseOp {
-                    response: Some(response_op::Response::ResponseDeleteRange(
-                        DeleteRangeResponse::default(),
-                    )),
+                    response: Some(
+                        response_op::Response::ResponseDeleteRange(DeleteRangeResponse::default()),
+                    ),
                 },
             ],
         };

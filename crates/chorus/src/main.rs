@@ -11,7 +11,11 @@ mod serve_cmd;
 use clap::Parser;
 
 #[derive(clap::Parser, Debug)]
-#[command(name = "chorus", version, about = "chorus: a fault-tolerant coordination service that speaks etcd's v3 API")]
+#[command(
+    name = "chorus",
+    version,
+    about = "chorus: a fault-tolerant coordination service that speaks etcd's v3 API"
+)]
 struct Cli {
     #[command(flatten)]
     global: client_cmd::GlobalOpts,

@@ -71,9 +71,7 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
 }
 
 async fn raw_client(endpoint: &str) -> KvClient<Channel> {
-    KvClient::connect(format!("http://{endpoint}"))
-        .await
-        .expect("connect raw KvClient")
+    KvClient::connect(format!("http://{endpoint}")).await.expect("connect raw KvClient")
 }
 
 /// etcd-client's error as the gRPC status it carries.
@@ -111,33 +109,16 @@ impl Clients {
         message: Message<'_>,
     ) -> anyhow::Result<()> {
         let before = self.observe(prefix).await?;
-        ensure!(
-            before.raft_index.is_some(),
-            "the leader did not answer Status"
-        );
+        ensure!(before.raft_index.is_some(), "the leader did not answer Status");
         let result = request.await;
         let after = self.observe(prefix).await?;
         let status = match result {
             Ok(response) => anyhow::bail!("accepted, expected {code:?}: {response:?}"),
             Err(status) => status,
         };
-        ensure!(
-            status.code() == code,
-            "got {:?} {:?}, expected {code:?}",
-            status.code(),
-            status.message()
-        );
-        ensure!(
-            message.matches(status.message()),
-            "message {:?}, expected {message:?}",
-            status.message()
-        );
-        ensure!(
-            after.revision == before.revision,
-            "revision {} -> {}",
-            before.revision,
-            after.revision
-        );
+        ensure!(status.code() == code, "got {:?} {:?}, expected {code:?}", status.code(), status.message());
+        ensure!(message.matches(status.message()), "message {:?}, expected {message:?}", status.message());
+        ensure!(after.revision == before.revision, "revision {} -> {}", before.revision, after.revision);
         ensure!(
             after.kvs == before.kvs,
             "keys under {prefix:?} changed: {:?} -> {:?}",
@@ -178,36 +159,23 @@ const TOO_MANY_OPS: Message = Message::Exact("etcdserver: too many operations in
 const DUPLICATE_KEY: Message = Message::Exact("etcdserver: duplicate key given in txn request");
 const REQUEST_TOO_LARGE: Message = Message::Exact("etcdserver: request is too large");
 const KEY_TOO_LARGE: Message = Message::StartsWith("etcdserver: key is too large");
-const FUTURE_REVISION: Message =
-    Message::Exact("etcdserver: mvcc: required revision is a future revision");
+const FUTURE_REVISION: Message = Message::Exact("etcdserver: mvcc: required revision is a future revision");
 const COMPACTED: Message = Message::Exact("etcdserver: mvcc: required revision has been compacted");
 
 async fn empty_key(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/empty/";
     c.kv.put("bad/empty/k", "v", None).await?;
-    let (mut kv, mut kv2, mut kv3, mut kv4) =
-        (c.kv.clone(), c.kv.clone(), c.kv.clone(), c.kv.clone());
+    let (mut kv, mut kv2, mut kv3, mut kv4) = (c.kv.clone(), c.kv.clone(), c.kv.clone(), c.kv.clone());
     let put = async move { kv.put("", "v", None).await.map_err(grpc) };
-    c.refused(p, Log::Unchanged, put, Code::InvalidArgument, EMPTY_KEY)
-        .await
-        .context("put")?;
+    c.refused(p, Log::Unchanged, put, Code::InvalidArgument, EMPTY_KEY).await.context("put")?;
     let get = async move { kv2.get("", None).await.map_err(grpc) };
-    c.refused(p, Log::Unchanged, get, Code::InvalidArgument, EMPTY_KEY)
-        .await
-        .context("range")?;
+    c.refused(p, Log::Unchanged, get, Code::InvalidArgument, EMPTY_KEY).await.context("range")?;
     let delete = async move { kv3.delete("", None).await.map_err(grpc) };
-    c.refused(p, Log::Unchanged, delete, Code::InvalidArgument, EMPTY_KEY)
-        .await
-        .context("delete")?;
+    c.refused(p, Log::Unchanged, delete, Code::InvalidArgument, EMPTY_KEY).await.context("delete")?;
     // Inside a txn, next to a valid put: the whole txn is refused.
-    let txn = Txn::new().and_then([
-        TxnOp::put("bad/empty/k", "changed", None),
-        TxnOp::put("", "v", None),
-    ]);
+    let txn = Txn::new().and_then([TxnOp::put("bad/empty/k", "changed", None), TxnOp::put("", "v", None)]);
     let txn = async move { kv4.txn(txn).await.map_err(grpc) };
-    c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, EMPTY_KEY)
-        .await
-        .context("txn")
+    c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, EMPTY_KEY).await.context("txn")
 }
 
 /// A 2 MiB value is larger than the gRPC message limit (the request limit plus
@@ -217,54 +185,28 @@ async fn value_too_large(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/big/";
     c.kv.put("bad/big/k", "small", None).await?;
     let mut kv = c.kv.clone();
-    let huge = async move {
-        kv.put("bad/big/k", vec![b'x'; 2 << 20], None)
-            .await
-            .map_err(grpc)
-    };
+    let huge = async move { kv.put("bad/big/k", vec![b'x'; 2 << 20], None).await.map_err(grpc) };
     // tonic's words, in full: "Error, decoded message length too large: found
     // 2097168 bytes, the limit is: 1638400 bytes" (1 + 1 + 9 bytes of key, 1 + 4 of
     // value header, 2 MiB of value). etcd answers ResourceExhausted here.
     let frame = Message::StartsWith("Error, decoded message length too large");
-    c.refused(p, Log::Unchanged, huge, Code::OutOfRange, frame)
-        .await
-        .context("2 MiB value")?;
+    c.refused(p, Log::Unchanged, huge, Code::OutOfRange, frame).await.context("2 MiB value")?;
 
     // An encoded PutRequest for key "bad/big/k" (9 bytes) and a value of V bytes
     // (V > 16383) is 1 + 1 + 9 + 1 + 3 + V bytes.
     let largest_value = REQUEST_BYTES_MAX - 15;
     let mut kv = c.kv.clone();
-    let over = async move {
-        kv.put("bad/big/k", vec![b'y'; largest_value + 1], None)
-            .await
-            .map_err(grpc)
-    };
-    c.refused(
-        p,
-        Log::Unchanged,
-        over,
-        Code::InvalidArgument,
-        REQUEST_TOO_LARGE,
-    )
-    .await
-    .context("limit + 1")?;
+    let over = async move { kv.put("bad/big/k", vec![b'y'; largest_value + 1], None).await.map_err(grpc) };
+    c.refused(p, Log::Unchanged, over, Code::InvalidArgument, REQUEST_TOO_LARGE)
+        .await
+        .context("limit + 1")?;
     let mut kv = c.kv.clone();
     let txn = Txn::new().and_then([TxnOp::put("bad/big/k", vec![b'z'; REQUEST_BYTES_MAX], None)]);
     let txn = async move { kv.txn(txn).await.map_err(grpc) };
-    c.refused(
-        p,
-        Log::Unchanged,
-        txn,
-        Code::InvalidArgument,
-        REQUEST_TOO_LARGE,
-    )
-    .await
-    .context("txn")?;
+    c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, REQUEST_TOO_LARGE).await.context("txn")?;
 
     // The largest request is accepted, replicated and readable.
-    c.kv.put("bad/big/k", vec![b'y'; largest_value], None)
-        .await
-        .context("a request of exactly the limit")?;
+    c.kv.put("bad/big/k", vec![b'y'; largest_value], None).await.context("a request of exactly the limit")?;
     let stored = c.kv.get("bad/big/k", None).await?;
     ensure!(
         stored.kvs().len() == 1 && stored.kvs()[0].value().len() == largest_value,
@@ -277,56 +219,29 @@ async fn value_too_large(c: &mut Clients) -> anyhow::Result<()> {
 async fn key_too_large(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/longkey/";
     let longest = format!("{p}{}", "k".repeat(KEY_BYTES_MAX - p.len()));
-    c.kv.put(longest.as_str(), "v", None)
-        .await
-        .context("a key of exactly 64 KiB")?;
+    c.kv.put(longest.as_str(), "v", None).await.context("a key of exactly 64 KiB")?;
     let too_long = format!("{longest}k");
-    let (mut kv, mut kv2, key, key2) = (
-        c.kv.clone(),
-        c.kv.clone(),
-        too_long.clone(),
-        too_long.clone(),
-    );
+    let (mut kv, mut kv2, key, key2) = (c.kv.clone(), c.kv.clone(), too_long.clone(), too_long.clone());
     let put = async move { kv.put(key, "v", None).await.map_err(grpc) };
-    c.refused(p, Log::Unchanged, put, Code::InvalidArgument, KEY_TOO_LARGE)
-        .await
-        .context("put")?;
+    c.refused(p, Log::Unchanged, put, Code::InvalidArgument, KEY_TOO_LARGE).await.context("put")?;
     let get = async move { kv2.get(key2, None).await.map_err(grpc) };
-    c.refused(p, Log::Unchanged, get, Code::InvalidArgument, KEY_TOO_LARGE)
-        .await
-        .context("range")?;
+    c.refused(p, Log::Unchanged, get, Code::InvalidArgument, KEY_TOO_LARGE).await.context("range")?;
     let mut kv = c.kv.clone();
     let options = DeleteOptions::new().with_range(format!("{too_long}k"));
     let delete = async move { kv.delete(p, Some(options)).await.map_err(grpc) };
-    c.refused(
-        p,
-        Log::Unchanged,
-        delete,
-        Code::InvalidArgument,
-        KEY_TOO_LARGE,
-    )
-    .await
-    .context("range_end")?;
+    c.refused(p, Log::Unchanged, delete, Code::InvalidArgument, KEY_TOO_LARGE).await.context("range_end")?;
     c.kv.delete(longest.as_str(), None).await?;
     Ok(())
 }
 
 fn puts(prefix: &str, count: usize) -> Vec<TxnOp> {
-    (0..count)
-        .map(|i| TxnOp::put(format!("{prefix}{i:03}"), "v", None))
-        .collect()
+    (0..count).map(|i| TxnOp::put(format!("{prefix}{i:03}"), "v", None)).collect()
 }
 
 async fn too_many_txn_ops(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/ops/";
-    let accepted =
-        c.kv.txn(Txn::new().and_then(puts(p, TXN_OPS_MAX)))
-            .await
-            .context("128 operations")?;
-    ensure!(
-        accepted.succeeded() && accepted.op_responses().len() == TXN_OPS_MAX,
-        "128 ops: {accepted:?}"
-    );
+    let accepted = c.kv.txn(Txn::new().and_then(puts(p, TXN_OPS_MAX))).await.context("128 operations")?;
+    ensure!(accepted.succeeded() && accepted.op_responses().len() == TXN_OPS_MAX, "128 ops: {accepted:?}");
     let branches: [(&str, Txn); 3] = [
         ("success", Txn::new().and_then(puts(p, TXN_OPS_MAX + 1))),
         ("failure", Txn::new().or_else(puts(p, TXN_OPS_MAX + 1))),
@@ -342,9 +257,7 @@ async fn too_many_txn_ops(c: &mut Clients) -> anyhow::Result<()> {
     for (branch, txn) in branches {
         let mut kv = c.kv.clone();
         let txn = async move { kv.txn(txn).await.map_err(grpc) };
-        c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, TOO_MANY_OPS)
-            .await
-            .context(branch)?;
+        c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, TOO_MANY_OPS).await.context(branch)?;
     }
     Ok(())
 }
@@ -352,10 +265,7 @@ async fn too_many_txn_ops(c: &mut Clients) -> anyhow::Result<()> {
 async fn duplicate_key_in_txn(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/dup/";
     c.kv.put("bad/dup/k", "v", None).await?;
-    let twice = Txn::new().and_then([
-        TxnOp::put("bad/dup/k", "a", None),
-        TxnOp::put("bad/dup/k", "b", None),
-    ]);
+    let twice = Txn::new().and_then([TxnOp::put("bad/dup/k", "a", None), TxnOp::put("bad/dup/k", "b", None)]);
     let deleted = Txn::new().or_else([
         TxnOp::delete("bad/dup/", Some(DeleteOptions::new().with_prefix())),
         TxnOp::put("bad/dup/k", "b", None),
@@ -364,32 +274,20 @@ async fn duplicate_key_in_txn(c: &mut Clients) -> anyhow::Result<()> {
         TxnOp::put("bad/dup/k", "a", None),
         TxnOp::txn(Txn::new().and_then([TxnOp::put("bad/dup/k", "b", None)])),
     ]);
-    for (name, txn) in [
-        ("put twice", twice),
-        ("put in a deleted range", deleted),
-        ("nested", nested),
-    ] {
+    for (name, txn) in [("put twice", twice), ("put in a deleted range", deleted), ("nested", nested)] {
         let mut kv = c.kv.clone();
         let txn = async move { kv.txn(txn).await.map_err(grpc) };
-        c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, DUPLICATE_KEY)
-            .await
-            .context(name)?;
+        c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, DUPLICATE_KEY).await.context(name)?;
     }
     // Control: the same key in the two branches is fine, only one of them runs.
     let branches = Txn::new()
         .when([Compare::value("bad/dup/k", CompareOp::Equal, "v")])
         .and_then([TxnOp::put("bad/dup/k", "then", None)])
         .or_else([TxnOp::put("bad/dup/k", "else", None)]);
-    ensure!(
-        c.kv.txn(branches).await?.succeeded(),
-        "txn with one put per branch"
-    );
+    ensure!(c.kv.txn(branches).await?.succeeded(), "txn with one put per branch");
     let value = c.kv.get("bad/dup/k", None).await?;
     let value = value.kvs().first().map(|kv| kv.value());
-    ensure!(
-        value == Some(&b"then"[..]),
-        "the success branch ran: {value:?}"
-    );
+    ensure!(value == Some(&b"then"[..]), "the success branch ran: {value:?}");
     Ok(())
 }
 
@@ -400,39 +298,17 @@ async fn range_end_below_key(c: &mut Clients) -> anyhow::Result<()> {
     }
     let mut kv = c.kv.clone();
     let get = async move {
-        kv.get("bad/end/b", Some(GetOptions::new().with_range("bad/end/a")))
-            .await
-            .map_err(grpc)
+        kv.get("bad/end/b", Some(GetOptions::new().with_range("bad/end/a"))).await.map_err(grpc)
     };
-    c.refused(p, Log::Unchanged, get, Code::InvalidArgument, BAD_RANGE_END)
-        .await
-        .context("range")?;
+    c.refused(p, Log::Unchanged, get, Code::InvalidArgument, BAD_RANGE_END).await.context("range")?;
     let mut kv = c.kv.clone();
     let delete = async move {
-        kv.delete(
-            "bad/end/b",
-            Some(DeleteOptions::new().with_range("bad/end/a")),
-        )
-        .await
-        .map_err(grpc)
+        kv.delete("bad/end/b", Some(DeleteOptions::new().with_range("bad/end/a"))).await.map_err(grpc)
     };
-    c.refused(
-        p,
-        Log::Unchanged,
-        delete,
-        Code::InvalidArgument,
-        BAD_RANGE_END,
-    )
-    .await
-    .context("delete")?;
+    c.refused(p, Log::Unchanged, delete, Code::InvalidArgument, BAD_RANGE_END).await.context("delete")?;
     // range_end equal to key is an empty range, not an error.
-    let empty =
-        c.kv.get("bad/end/a", Some(GetOptions::new().with_range("bad/end/a")))
-            .await?;
-    ensure!(
-        empty.kvs().is_empty() && empty.count() == 0,
-        "range [a, a) is empty: {empty:?}"
-    );
+    let empty = c.kv.get("bad/end/a", Some(GetOptions::new().with_range("bad/end/a"))).await?;
+    ensure!(empty.kvs().is_empty() && empty.count() == 0, "range [a, a) is empty: {empty:?}");
     Ok(())
 }
 
@@ -440,22 +316,12 @@ async fn future_revision(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/future/";
     c.kv.put("bad/future/k", "v", None).await?;
     let current = c.observe(p).await?.revision;
-    let now =
-        c.kv.get(
-            "bad/future/k",
-            Some(GetOptions::new().with_revision(current)),
-        )
-        .await?;
+    let now = c.kv.get("bad/future/k", Some(GetOptions::new().with_revision(current))).await?;
     ensure!(now.kvs().len() == 1, "range at the current revision");
     for revision in [current + 1, current + 1_000_000] {
         let mut kv = c.kv.clone();
         let get = async move {
-            kv.get(
-                "bad/future/k",
-                Some(GetOptions::new().with_revision(revision)),
-            )
-            .await
-            .map_err(grpc)
+            kv.get("bad/future/k", Some(GetOptions::new().with_revision(revision))).await.map_err(grpc)
         };
         c.refused(p, Log::Unchanged, get, Code::OutOfRange, FUTURE_REVISION)
             .await
@@ -469,27 +335,16 @@ async fn malformed_raw_requests(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/raw/";
     c.kv.put("bad/raw/k", "v", None).await?;
     let mut raw = c.raw.clone();
-    let empty_op = TxnRequest {
-        success: vec![RequestOp { request: None }],
-        ..Default::default()
-    };
+    let empty_op = TxnRequest { success: vec![RequestOp { request: None }], ..Default::default() };
     let txn = async move { raw.txn(empty_op).await };
-    c.refused(
-        p,
-        Log::Unchanged,
-        txn,
-        Code::InvalidArgument,
-        Message::Exact("etcdserver: key not found"),
-    )
-    .await
-    .context("empty RequestOp")?;
+    c.refused(p, Log::Unchanged, txn, Code::InvalidArgument, Message::Exact("etcdserver: key not found"))
+        .await
+        .context("empty RequestOp")?;
     let mut raw = c.raw.clone();
     let nested_empty_key = TxnRequest {
         success: vec![RequestOp {
             request: Some(RawOp::RequestTxn(TxnRequest {
-                failure: vec![RequestOp {
-                    request: Some(RawOp::RequestRange(RangeRequest::default())),
-                }],
+                failure: vec![RequestOp { request: Some(RawOp::RequestRange(RangeRequest::default())) }],
                 ..Default::default()
             })),
         }],
@@ -500,11 +355,7 @@ async fn malformed_raw_requests(c: &mut Clients) -> anyhow::Result<()> {
         .await
         .context("empty key in a nested txn")?;
     let mut raw = c.raw.clone();
-    let bad_sort = RangeRequest {
-        key: b"bad/raw/k".to_vec(),
-        sort_order: 7,
-        ..Default::default()
-    };
+    let bad_sort = RangeRequest { key: b"bad/raw/k".to_vec(), sort_order: 7, ..Default::default() };
     let range = async move { raw.range(bad_sort).await };
     c.refused(
         p,
@@ -521,48 +372,23 @@ async fn malformed_raw_requests(c: &mut Clients) -> anyhow::Result<()> {
 /// may still take a log entry; it must not move the revision or change any key.
 async fn compaction(c: &mut Clients) -> anyhow::Result<()> {
     let p = "bad/compact/";
-    let first =
-        c.kv.put("bad/compact/k", "v1", None)
-            .await?
-            .header()
-            .context("header")?
-            .revision();
-    let second =
-        c.kv.put("bad/compact/k", "v2", None)
-            .await?
-            .header()
-            .context("header")?
-            .revision();
+    let first = c.kv.put("bad/compact/k", "v1", None).await?.header().context("header")?.revision();
+    let second = c.kv.put("bad/compact/k", "v2", None).await?.header().context("header")?.revision();
     c.kv.compact(second, None).await.context("compact")?;
     let mut kv = c.kv.clone();
     let get = async move {
-        kv.get(
-            "bad/compact/k",
-            Some(GetOptions::new().with_revision(first)),
-        )
-        .await
-        .map_err(grpc)
+        kv.get("bad/compact/k", Some(GetOptions::new().with_revision(first))).await.map_err(grpc)
     };
     c.refused(p, Log::Unchanged, get, Code::OutOfRange, COMPACTED)
         .await
         .context("range below the compaction")?;
-    let kept =
-        c.kv.get(
-            "bad/compact/k",
-            Some(GetOptions::new().with_revision(second)),
-        )
-        .await?;
+    let kept = c.kv.get("bad/compact/k", Some(GetOptions::new().with_revision(second))).await?;
     let kept = kept.kvs().first().map(|kv| kv.value());
-    ensure!(
-        kept == Some(&b"v2"[..]),
-        "at the compaction revision: {kept:?}"
-    );
+    ensure!(kept == Some(&b"v2"[..]), "at the compaction revision: {kept:?}");
     for (name, revision) in [("again", second), ("below", first)] {
         let mut kv = c.kv.clone();
         let compact = async move { kv.compact(revision, None).await.map_err(grpc) };
-        c.refused(p, Log::MayGrow, compact, Code::OutOfRange, COMPACTED)
-            .await
-            .context(name)?;
+        c.refused(p, Log::MayGrow, compact, Code::OutOfRange, COMPACTED).await.context(name)?;
     }
     let current = c.observe(p).await?.revision;
     for revision in [current + 1, current + 1_000_000] {
@@ -585,9 +411,8 @@ async fn wait_members_published(cluster: &Cluster, limit: Duration) {
         loop {
             if let Ok(response) = client.member_list().await {
                 let members = response.members();
-                let published = members
-                    .iter()
-                    .filter(|m| !m.name().is_empty() && !m.client_urls().is_empty());
+                let published =
+                    members.iter().filter(|m| !m.name().is_empty() && !m.client_urls().is_empty());
                 if members.len() == cluster.members.len() && published.count() == members.len() {
                     break;
                 }
@@ -632,11 +457,7 @@ async fn bad_requests_get_etcds_status_and_change_nothing() {
     case!(compaction); // last: it compacts the whole store
     if !failures.is_empty() {
         cluster.dump_logs();
-        panic!(
-            "{} bad-input cases failed:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        panic!("{} bad-input cases failed:\n{}", failures.len(), failures.join("\n"));
     }
 }
 
@@ -659,11 +480,7 @@ struct Serve {
 
 impl Serve {
     fn new(dir: &Path) -> Serve {
-        Serve {
-            data_dir: dir.join("m1"),
-            client_port: free_port(),
-            peer_port: free_port(),
-        }
+        Serve { data_dir: dir.join("m1"), client_port: free_port(), peer_port: free_port() }
     }
 
     fn command(&self, flags: &[(&str, String)]) -> tokio::process::Command {
@@ -682,20 +499,13 @@ impl Serve {
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_chorus"));
         command.arg("serve");
         for (flag, default) in defaults {
-            let value = flags
-                .iter()
-                .find(|(f, _)| *f == flag)
-                .map_or(default, |(_, v)| v.clone());
+            let value = flags.iter().find(|(f, _)| *f == flag).map_or(default, |(_, v)| v.clone());
             command.arg(format!("{flag}={value}"));
         }
         for (flag, value) in flags.iter().filter(|(f, _)| !defaults_have(f)) {
             command.arg(format!("{flag}={value}"));
         }
-        command
-            .env_remove("CHORUS_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        command.env_remove("CHORUS_LOG").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         command.kill_on_drop(true);
         command
     }
@@ -705,9 +515,7 @@ impl Serve {
         let child = self.command(flags).spawn()?;
         let output = tokio::time::timeout(SERVE_EXIT_TIMEOUT, child.wait_with_output())
             .await
-            .map_err(|_| {
-                anyhow!("chorus serve {flags:?} still running after {SERVE_EXIT_TIMEOUT:?}")
-            })??;
+            .map_err(|_| anyhow!("chorus serve {flags:?} still running after {SERVE_EXIT_TIMEOUT:?}"))??;
         Ok(Exit {
             code: output.status.code(),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -733,29 +541,16 @@ fn defaults_have(flag: &str) -> bool {
 /// A refused configuration: exit code 1, one line on stderr naming the problem,
 /// nothing on stdout, and no data directory created.
 fn check_config_refused(serve: &Serve, exit: &Exit, expected: &str) -> anyhow::Result<()> {
-    ensure!(
-        exit.code == Some(1),
-        "exit code {:?}, expected 1: {exit:?}",
-        exit.code
-    );
+    ensure!(exit.code == Some(1), "exit code {:?}, expected 1: {exit:?}", exit.code);
     ensure!(exit.stdout.is_empty(), "stdout: {:?}", exit.stdout);
     let lines: Vec<&str> = exit.stderr.lines().collect();
-    ensure!(
-        lines.len() == 1,
-        "stderr has {} lines, expected one: {:?}",
-        lines.len(),
-        exit.stderr
-    );
+    ensure!(lines.len() == 1, "stderr has {} lines, expected one: {:?}", lines.len(), exit.stderr);
     ensure!(
         lines[0].starts_with("chorus: ") && lines[0].contains(expected),
         "stderr {:?}, expected {expected:?}",
         lines[0]
     );
-    ensure!(
-        !serve.data_dir.exists(),
-        "a refused configuration created {}",
-        serve.data_dir.display()
-    );
+    ensure!(!serve.data_dir.exists(), "a refused configuration created {}", serve.data_dir.display());
     Ok(())
 }
 
@@ -825,12 +620,7 @@ async fn serve_refuses_bad_flags_with_one_line() {
             failures.push(format!("{name}: {error:#}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
 }
 
 /// Starts a one-member cluster, waits until it serves, runs `check`, then stops it
@@ -840,10 +630,8 @@ where
     F: FnOnce(Client) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    let mut child = serve
-        .command(&[("--initial-cluster-token", token.to_string())])
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut child =
+        serve.command(&[("--initial-cluster-token", token.to_string())]).stderr(Stdio::null()).spawn()?;
     let endpoint = format!("127.0.0.1:{}", serve.client_port);
     let start = Instant::now();
     loop {
@@ -852,30 +640,19 @@ where
                 break;
             }
         }
-        ensure!(
-            child.try_wait()?.is_none(),
-            "chorus serve exited while starting"
-        );
-        ensure!(
-            start.elapsed() < Duration::from_secs(20),
-            "no leader within 20 s"
-        );
+        ensure!(child.try_wait()?.is_none(), "chorus serve exited while starting");
+        ensure!(start.elapsed() < Duration::from_secs(20), "no leader within 20 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let result = check(common::connect(&[endpoint]).await).await;
     let pid = child.id().context("pid")?;
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
+    let killed = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
     ensure!(killed.success(), "kill -TERM {pid}");
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .map_err(|_| anyhow!("chorus serve did not stop within 20 s of SIGTERM"))??;
     result?;
-    ensure!(
-        status.success(),
-        "chorus serve exited with {status} after SIGTERM"
-    );
+    ensure!(status.success(), "chorus serve exited with {status} after SIGTERM");
     Ok(())
 }
 
@@ -890,35 +667,22 @@ async fn serve_refuses_a_data_dir_of_another_cluster_and_leaves_it_intact() {
     .await
     .expect("first run with token A");
 
-    let exit = serve
-        .run_to_exit(&[("--initial-cluster-token", "token-b".into())])
-        .await
-        .expect("run with token B");
-    assert_eq!(
-        exit.code,
-        Some(1),
-        "a data dir of another cluster: {exit:?}"
-    );
+    let exit =
+        serve.run_to_exit(&[("--initial-cluster-token", "token-b".into())]).await.expect("run with token B");
+    assert_eq!(exit.code, Some(1), "a data dir of another cluster: {exit:?}");
     let last = exit.stderr.lines().last().unwrap_or_default();
     assert!(
         last.starts_with("chorus: data directory ") && last.contains("belongs to cluster"),
         "stderr: {}",
         exit.stderr
     );
-    let error_lines = exit
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("chorus: "))
-        .count();
+    let error_lines = exit.stderr.lines().filter(|l| l.starts_with("chorus: ")).count();
     assert_eq!(error_lines, 1, "one error line: {}", exit.stderr);
 
     with_running_member(&serve, "token-a", |mut client| async move {
         let response = client.get("kept", None).await?;
         ensure!(response.kvs().len() == 1, "the key written before is gone");
-        ensure!(
-            response.kvs()[0].value() == b"across restarts",
-            "value changed"
-        );
+        ensure!(response.kvs()[0].value() == b"across restarts", "value changed");
         Ok(())
     })
     .await

@@ -9,8 +9,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chorus_client::proto::etcdserverpb::{
-    compare, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest,
+    compare, request_op, response_op, Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
 };
 use chorus_client::{prefix_range_end, Client, ClientOptions};
 
@@ -37,10 +37,7 @@ async fn cluster_client(test_name: &str) -> (Option<common::Cluster>, Client) {
             (Some(cluster), endpoints)
         }
     };
-    let options = ClientOptions {
-        request_timeout: Duration::from_secs(10),
-        ..ClientOptions::default()
-    };
+    let options = ClientOptions { request_timeout: Duration::from_secs(10), ..ClientOptions::default() };
     let client = Client::connect(&endpoints, options)
         .await
         .unwrap_or_else(|error| panic!("{test_name}: {endpoints:?}: {error}"));
@@ -49,14 +46,8 @@ async fn cluster_client(test_name: &str) -> (Option<common::Cluster>, Client) {
 
 /// A key prefix no other run or test uses.
 fn unique_prefix(test_name: &str) -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos();
-    format!(
-        "chorus-client-test/{test_name}/{}-{nanos}/",
-        std::process::id()
-    )
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_nanos();
+    format!("chorus-client-test/{test_name}/{}-{nanos}/", std::process::id())
 }
 
 fn range_of(prefix: &str) -> RangeRequest {
@@ -121,20 +112,12 @@ async fn prefix_range_and_delete_stay_inside_the_prefix() {
     let all = client.range(range_of(&prefix)).await.unwrap();
     assert_eq!(all.count, 3);
     let keys: Vec<Vec<u8>> = all.kvs.iter().map(|kv| kv.key.clone()).collect();
-    let expected: Vec<Vec<u8>> = ["a", "b", "c"]
-        .iter()
-        .map(|name| format!("{prefix}{name}").into_bytes())
-        .collect();
+    let expected: Vec<Vec<u8>> =
+        ["a", "b", "c"].iter().map(|name| format!("{prefix}{name}").into_bytes()).collect();
     assert_eq!(keys, expected, "keys in ascending order");
 
-    let limited = client
-        .range(RangeRequest {
-            limit: 2,
-            keys_only: true,
-            ..range_of(&prefix)
-        })
-        .await
-        .unwrap();
+    let limited =
+        client.range(RangeRequest { limit: 2, keys_only: true, ..range_of(&prefix) }).await.unwrap();
     assert_eq!(limited.kvs.len(), 2);
     assert!(limited.more);
     assert_eq!(limited.count, 3);
@@ -149,13 +132,9 @@ async fn prefix_range_and_delete_stay_inside_the_prefix() {
         .await
         .unwrap();
     assert_eq!(deleted.deleted, 3);
-    let mut deleted_values: Vec<Vec<u8>> =
-        deleted.prev_kvs.iter().map(|kv| kv.value.clone()).collect();
+    let mut deleted_values: Vec<Vec<u8>> = deleted.prev_kvs.iter().map(|kv| kv.value.clone()).collect();
     deleted_values.sort();
-    assert_eq!(
-        deleted_values,
-        vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]
-    );
+    assert_eq!(deleted_values, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
 
     let after = client.range(range_of(&prefix)).await.unwrap();
     assert_eq!(after.count, 0);
@@ -261,17 +240,11 @@ async fn txn_runs_the_branch_its_compares_choose() {
 async fn every_endpoint_reports_its_status() {
     let (_cluster, client) = cluster_client("status").await;
     for endpoint in client.endpoints() {
-        let status = client
-            .status(&endpoint)
-            .await
-            .unwrap_or_else(|error| panic!("{endpoint}: {error}"));
+        let status = client.status(&endpoint).await.unwrap_or_else(|error| panic!("{endpoint}: {error}"));
         let header = status.header.expect("status has a header");
         assert_ne!(header.member_id, 0, "{endpoint}: member id");
         assert_ne!(status.leader, 0, "{endpoint}: a leader is known");
-        assert!(
-            status.raft_applied_index <= status.raft_index,
-            "{endpoint}: {status:?}"
-        );
+        assert!(status.raft_applied_index <= status.raft_index, "{endpoint}: {status:?}");
     }
     let members = client.member_list().await.unwrap();
     assert!(!members.members.is_empty());

@@ -148,7 +148,10 @@ async fn a_member_without_a_quorum_answers_unavailable_within_the_request_timeou
         assert!(elapsed < Duration::from_millis(3500), "answered after {elapsed:?}");
         let start = Instant::now();
         let error = client.get("before", None).await.expect_err("a minority cannot read linearizably");
-        assert!(matches!(&error, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable), "{error:?}");
+        assert!(
+            matches!(&error, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable),
+            "{error:?}"
+        );
         assert!(start.elapsed() < Duration::from_millis(3500));
     }
     let local = client.get("before", Some(GetOptions::new().with_serializable())).await.unwrap();

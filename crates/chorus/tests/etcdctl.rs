@@ -78,11 +78,7 @@ impl Etcdctl {
             .arg(format!("--endpoints={}", self.endpoints))
             .arg(format!("--command-timeout={COMMAND_TIMEOUT_S}s"))
             .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -121,10 +117,7 @@ impl Etcdctl {
     /// Runs a command that must fail; returns its stderr.
     async fn fails(&self, args: &[&str]) -> anyhow::Result<String> {
         let run = self.run(args).await?;
-        ensure!(
-            run.code.is_some_and(|code| code != 0),
-            "etcdctl {args:?} should exit non-zero: {run:?}"
-        );
+        ensure!(run.code.is_some_and(|code| code != 0), "etcdctl {args:?} should exit non-zero: {run:?}");
         Ok(run.stderr)
     }
 
@@ -135,84 +128,44 @@ impl Etcdctl {
     }
 }
 
-fn expect_eq<T: PartialEq + std::fmt::Debug>(
-    what: &str,
-    actual: T,
-    expected: T,
-) -> anyhow::Result<()> {
-    ensure!(
-        actual == expected,
-        "{what}: got {actual:?}, expected {expected:?}"
-    );
+fn expect_eq<T: PartialEq + std::fmt::Debug>(what: &str, actual: T, expected: T) -> anyhow::Result<()> {
+    ensure!(actual == expected, "{what}: got {actual:?}, expected {expected:?}");
     Ok(())
 }
 
 /// A JSON integer (etcd prints int64 and uint64 fields as numbers).
 fn int(value: &Value) -> anyhow::Result<i64> {
-    value
-        .as_i64()
-        .ok_or_else(|| anyhow!("not an int64: {value}"))
+    value.as_i64().ok_or_else(|| anyhow!("not an int64: {value}"))
 }
 
 fn uint(value: &Value) -> anyhow::Result<u64> {
-    value
-        .as_u64()
-        .ok_or_else(|| anyhow!("not a uint64: {value}"))
+    value.as_u64().ok_or_else(|| anyhow!("not a uint64: {value}"))
 }
 
 /// A base64 field of etcd's JSON (keys and values), decoded.
 fn text(value: &Value) -> anyhow::Result<String> {
-    let encoded = value
-        .as_str()
-        .ok_or_else(|| anyhow!("not a string: {value}"))?;
+    let encoded = value.as_str().ok_or_else(|| anyhow!("not a string: {value}"))?;
     let bytes = base64::engine::general_purpose::STANDARD.decode(encoded)?;
     Ok(String::from_utf8(bytes)?)
 }
 
 fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(String::from))
-        .collect()
+    value.as_array().into_iter().flatten().filter_map(|v| v.as_str().map(String::from)).collect()
 }
 
 /// The keys of a range's `kvs`, decoded, in the order given.
 fn keys_of(response: &Value) -> anyhow::Result<Vec<String>> {
-    response["kvs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|kv| text(&kv["key"]))
-        .collect()
+    response["kvs"].as_array().into_iter().flatten().map(|kv| text(&kv["key"])).collect()
 }
 
 async fn put_and_get(ctl: &Etcdctl) -> anyhow::Result<()> {
-    expect_eq(
-        "put output",
-        ctl.ok(&["put", "ctl/basic/k", "v1"]).await?,
-        "OK\n".into(),
-    )?;
-    expect_eq(
-        "get output",
-        ctl.ok(&["get", "ctl/basic/k"]).await?,
-        "ctl/basic/k\nv1\n".into(),
-    )?;
-    expect_eq(
-        "get of a missing key",
-        ctl.ok(&["get", "ctl/basic/missing"]).await?,
-        String::new(),
-    )?;
-    expect_eq(
-        "overwrite",
-        ctl.ok(&["put", "ctl/basic/k", "v2"]).await?,
-        "OK\n".into(),
-    )?;
+    expect_eq("put output", ctl.ok(&["put", "ctl/basic/k", "v1"]).await?, "OK\n".into())?;
+    expect_eq("get output", ctl.ok(&["get", "ctl/basic/k"]).await?, "ctl/basic/k\nv1\n".into())?;
+    expect_eq("get of a missing key", ctl.ok(&["get", "ctl/basic/missing"]).await?, String::new())?;
+    expect_eq("overwrite", ctl.ok(&["put", "ctl/basic/k", "v2"]).await?, "OK\n".into())?;
     expect_eq(
         "--print-value-only",
-        ctl.ok(&["get", "--print-value-only", "ctl/basic/k"])
-            .await?,
+        ctl.ok(&["get", "--print-value-only", "ctl/basic/k"]).await?,
         "v2\n".into(),
     )?;
     expect_eq(
@@ -225,11 +178,7 @@ async fn put_and_get(ctl: &Etcdctl) -> anyhow::Result<()> {
 /// `--prefix`, `--keys-only`, `--limit` and the count, on keys chosen to sit at the
 /// prefix's edges: `ctl/prefix` and `ctl/prefix0` (the range end) are outside.
 async fn prefix_limit_and_keys_only(ctl: &Etcdctl) -> anyhow::Result<()> {
-    for (key, value) in [
-        ("ctl/prefix", "out"),
-        ("ctl/prefix/a", "1"),
-        ("ctl/prefix/b", "2"),
-    ] {
+    for (key, value) in [("ctl/prefix", "out"), ("ctl/prefix/a", "1"), ("ctl/prefix/b", "2")] {
         ctl.ok(&["put", key, value]).await?;
     }
     for (key, value) in [("ctl/prefix/c", "3"), ("ctl/prefix0", "out")] {
@@ -242,55 +191,31 @@ async fn prefix_limit_and_keys_only(ctl: &Etcdctl) -> anyhow::Result<()> {
     )?;
     expect_eq(
         "get --prefix --keys-only",
-        ctl.ok(&["get", "--prefix", "--keys-only", "ctl/prefix/"])
-            .await?,
+        ctl.ok(&["get", "--prefix", "--keys-only", "ctl/prefix/"]).await?,
         "ctl/prefix/a\n\nctl/prefix/b\n\nctl/prefix/c\n\n".into(),
     )?;
-    let keys_only = ctl
-        .json(&["get", "--prefix", "--keys-only", "ctl/prefix/"])
-        .await?;
+    let keys_only = ctl.json(&["get", "--prefix", "--keys-only", "ctl/prefix/"]).await?;
     expect_eq(
         "--keys-only keys",
         keys_of(&keys_only)?,
-        vec![
-            "ctl/prefix/a".into(),
-            "ctl/prefix/b".into(),
-            "ctl/prefix/c".into(),
-        ],
+        vec!["ctl/prefix/a".into(), "ctl/prefix/b".into(), "ctl/prefix/c".into()],
     )?;
     for kv in keys_only["kvs"].as_array().into_iter().flatten() {
-        ensure!(
-            kv.get("value").is_none(),
-            "--keys-only returned a value: {kv}"
-        );
+        ensure!(kv.get("value").is_none(), "--keys-only returned a value: {kv}");
     }
     expect_eq(
         "get --prefix --limit 2",
-        ctl.ok(&["get", "--prefix", "--limit", "2", "ctl/prefix/"])
-            .await?,
+        ctl.ok(&["get", "--prefix", "--limit", "2", "ctl/prefix/"]).await?,
         "ctl/prefix/a\n1\nctl/prefix/b\n2\n".into(),
     )?;
     // count is every key in the range, not just the ones returned; more says so.
-    let limited = ctl
-        .json(&["get", "--prefix", "--limit", "1", "ctl/prefix/"])
-        .await?;
-    expect_eq(
-        "limited keys",
-        keys_of(&limited)?,
-        vec!["ctl/prefix/a".to_string()],
-    )?;
+    let limited = ctl.json(&["get", "--prefix", "--limit", "1", "ctl/prefix/"]).await?;
+    expect_eq("limited keys", keys_of(&limited)?, vec!["ctl/prefix/a".to_string()])?;
     expect_eq("limited count", int(&limited["count"])?, 3)?;
     expect_eq("limited more", limited["more"].as_bool(), Some(true))?;
     expect_eq(
         "descending by key",
-        ctl.ok(&[
-            "get",
-            "--prefix",
-            "--keys-only",
-            "--order=DESCEND",
-            "ctl/prefix/",
-        ])
-        .await?,
+        ctl.ok(&["get", "--prefix", "--keys-only", "--order=DESCEND", "ctl/prefix/"]).await?,
         "ctl/prefix/c\n\nctl/prefix/b\n\nctl/prefix/a\n\n".into(),
     )?;
     count_only(ctl).await
@@ -301,24 +226,14 @@ async fn prefix_limit_and_keys_only(ctl: &Etcdctl) -> anyhow::Result<()> {
 async fn count_only(ctl: &Etcdctl) -> anyhow::Result<()> {
     let help = ctl.run(&["get", "--help"]).await?;
     if !format!("{}{}", help.stdout, help.stderr).contains("--count-only") {
-        let stderr = ctl
-            .fails(&["get", "--prefix", "--count-only", "ctl/prefix/"])
-            .await?;
-        ensure!(
-            stderr.contains("unknown flag: --count-only"),
-            "unexpected stderr: {stderr}"
-        );
+        let stderr = ctl.fails(&["get", "--prefix", "--count-only", "ctl/prefix/"]).await?;
+        ensure!(stderr.contains("unknown flag: --count-only"), "unexpected stderr: {stderr}");
         eprintln!("etcdctl has no --count-only (3.4); the count was checked with --limit");
         return Ok(());
     }
-    let counted = ctl
-        .json(&["get", "--prefix", "--count-only", "ctl/prefix/"])
-        .await?;
+    let counted = ctl.json(&["get", "--prefix", "--count-only", "ctl/prefix/"]).await?;
     expect_eq("--count-only count", int(&counted["count"])?, 3)?;
-    ensure!(
-        counted.get("kvs").is_none(),
-        "--count-only returned kvs: {counted}"
-    );
+    ensure!(counted.get("kvs").is_none(), "--count-only returned kvs: {counted}");
     Ok(())
 }
 
@@ -345,32 +260,17 @@ async fn revisions_and_json(
     let created = ctl.put_revision("ctl/rev/k", "old").await?;
     let modified = ctl.put_revision("ctl/rev/k", "new").await?;
     expect_eq("revision of the second put", modified, created + 1)?;
-    let old = ctl
-        .ok(&["get", "ctl/rev/k", "--rev", &created.to_string()])
-        .await?;
+    let old = ctl.ok(&["get", "ctl/rev/k", "--rev", &created.to_string()]).await?;
     expect_eq("get --rev (old revision)", old, "ctl/rev/k\nold\n".into())?;
-    let now = ctl
-        .ok(&["get", "ctl/rev/k", "--rev", &modified.to_string()])
-        .await?;
+    let now = ctl.ok(&["get", "ctl/rev/k", "--rev", &modified.to_string()]).await?;
     expect_eq("get --rev (latest)", now, "ctl/rev/k\nnew\n".into())?;
-    expect_eq(
-        "get (latest)",
-        ctl.ok(&["get", "ctl/rev/k"]).await?,
-        "ctl/rev/k\nnew\n".into(),
-    )?;
+    expect_eq("get (latest)", ctl.ok(&["get", "ctl/rev/k"]).await?, "ctl/rev/k\nnew\n".into())?;
 
     let response = ctl.json(&["get", "ctl/rev/k"]).await?;
     let header = &response["header"];
-    expect_eq(
-        "header.cluster_id",
-        uint(&header["cluster_id"])?,
-        cluster_id,
-    )?;
+    expect_eq("header.cluster_id", uint(&header["cluster_id"])?, cluster_id)?;
     let member_id = uint(&header["member_id"])?;
-    ensure!(
-        member_ids.contains(&member_id),
-        "header.member_id {member_id} is not a member"
-    );
+    ensure!(member_ids.contains(&member_id), "header.member_id {member_id} is not a member");
     expect_eq("header.revision", int(&header["revision"])?, modified)?;
     let raft_term = uint(&header["raft_term"])?;
     ensure!(
@@ -386,10 +286,7 @@ async fn revisions_and_json(
     expect_eq("create_revision", int(&kv["create_revision"])?, created)?;
     expect_eq("mod_revision", int(&kv["mod_revision"])?, modified)?;
     expect_eq("version", int(&kv["version"])?, 2)?;
-    ensure!(
-        kv.get("lease").is_none(),
-        "a key without a lease shows one: {kv}"
-    );
+    ensure!(kv.get("lease").is_none(), "a key without a lease shows one: {kv}");
     Ok(())
 }
 
@@ -397,41 +294,17 @@ async fn delete(ctl: &Etcdctl) -> anyhow::Result<()> {
     for key in ["ctl/del/a", "ctl/del/b", "ctl/del/c", "ctl/del0"] {
         ctl.ok(&["put", key, "x"]).await?;
     }
-    expect_eq(
-        "del one key",
-        ctl.ok(&["del", "ctl/del/a"]).await?,
-        "1\n".into(),
-    )?;
-    expect_eq(
-        "del a missing key",
-        ctl.ok(&["del", "ctl/del/a"]).await?,
-        "0\n".into(),
-    )?;
-    expect_eq(
-        "del --prefix",
-        ctl.ok(&["del", "--prefix", "ctl/del/"]).await?,
-        "2\n".into(),
-    )?;
-    expect_eq(
-        "get after del --prefix",
-        ctl.ok(&["get", "--prefix", "ctl/del/"]).await?,
-        String::new(),
-    )?;
-    expect_eq(
-        "key past the prefix",
-        ctl.ok(&["get", "ctl/del0"]).await?,
-        "ctl/del0\nx\n".into(),
-    )?;
+    expect_eq("del one key", ctl.ok(&["del", "ctl/del/a"]).await?, "1\n".into())?;
+    expect_eq("del a missing key", ctl.ok(&["del", "ctl/del/a"]).await?, "0\n".into())?;
+    expect_eq("del --prefix", ctl.ok(&["del", "--prefix", "ctl/del/"]).await?, "2\n".into())?;
+    expect_eq("get after del --prefix", ctl.ok(&["get", "--prefix", "ctl/del/"]).await?, String::new())?;
+    expect_eq("key past the prefix", ctl.ok(&["get", "ctl/del0"]).await?, "ctl/del0\nx\n".into())?;
     ctl.ok(&["put", "ctl/del/p", "gone"]).await?;
     let deleted = ctl.json(&["del", "--prev-kv", "ctl/del/p"]).await?;
     expect_eq("del --prev-kv deleted", int(&deleted["deleted"])?, 1)?;
     let prev = deleted["prev_kvs"].as_array().context("prev_kvs")?;
     expect_eq("del --prev-kv count", prev.len(), 1)?;
-    expect_eq(
-        "del --prev-kv value",
-        text(&prev[0]["value"])?,
-        "gone".into(),
-    )
+    expect_eq("del --prev-kv value", text(&prev[0]["value"])?, "gone".into())
 }
 
 async fn put_prev_kv(ctl: &Etcdctl) -> anyhow::Result<()> {
@@ -446,11 +319,7 @@ async fn put_prev_kv(ctl: &Etcdctl) -> anyhow::Result<()> {
         "OK\nctl/prev/k\nv1\n".into(),
     )?;
     let response = ctl.json(&["put", "--prev-kv", "ctl/prev/k", "v3"]).await?;
-    expect_eq(
-        "prev_kv.value",
-        text(&response["prev_kv"]["value"])?,
-        "v2".into(),
-    )?;
+    expect_eq("prev_kv.value", text(&response["prev_kv"]["value"])?, "v2".into())?;
     expect_eq("prev_kv.version", int(&response["prev_kv"]["version"])?, 2)
 }
 
@@ -466,22 +335,14 @@ async fn txn(ctl: &Etcdctl) -> anyhow::Result<()> {
     );
     let run = ctl.run_with_stdin(&["txn"], Some(&success_script)).await?;
     ensure!(run.success(), "txn (success) failed: {run:?}");
-    expect_eq(
-        "txn success output",
-        run.stdout,
-        "SUCCESS\n\nOK\n\nctl/txn/k\nv\n".into(),
-    )?;
+    expect_eq("txn success output", run.stdout, "SUCCESS\n\nOK\n\nctl/txn/k\nv\n".into())?;
 
     let failure_script = "mod(\"ctl/txn/k\") > \"0\"\nvalue(\"ctl/txn/k\") = \"zz\"\n\n\
                           put ctl/txn/then2 yes\n\n\
                           put ctl/txn/else yes\nget ctl/txn/k\n\n";
     let run = ctl.run_with_stdin(&["txn"], Some(failure_script)).await?;
     ensure!(run.success(), "txn (failure) failed: {run:?}");
-    expect_eq(
-        "txn failure output",
-        run.stdout,
-        "FAILURE\n\nOK\n\nctl/txn/k\nv\n".into(),
-    )?;
+    expect_eq("txn failure output", run.stdout, "FAILURE\n\nOK\n\nctl/txn/k\nv\n".into())?;
 
     let run = ctl
         .run_with_stdin(
@@ -491,11 +352,7 @@ async fn txn(ctl: &Etcdctl) -> anyhow::Result<()> {
         .await?;
     ensure!(run.success(), "txn -w json failed: {run:?}");
     let response: Value = serde_json::from_str(&run.stdout)?;
-    expect_eq(
-        "txn -w json succeeded",
-        response["succeeded"].as_bool(),
-        Some(true),
-    )?;
+    expect_eq("txn -w json succeeded", response["succeeded"].as_bool(), Some(true))?;
     let deleted = &response["responses"][0]["Response"]["ResponseDeleteRange"]["deleted"];
     expect_eq("txn -w json deleted", int(deleted)?, 1)?;
 
@@ -512,40 +369,20 @@ async fn compaction(ctl: &Etcdctl) -> anyhow::Result<()> {
     let second = ctl.put_revision("ctl/compact/k", "v2").await?;
     ctl.put_revision("ctl/compact/k", "v3").await?;
     let stdout = ctl.ok(&["compaction", &second.to_string()]).await?;
-    expect_eq(
-        "compaction output",
-        stdout,
-        format!("compacted revision {second}\n"),
-    )?;
-    let stderr = ctl
-        .fails(&["get", "ctl/compact/k", "--rev", &first.to_string()])
-        .await?;
+    expect_eq("compaction output", stdout, format!("compacted revision {second}\n"))?;
+    let stderr = ctl.fails(&["get", "ctl/compact/k", "--rev", &first.to_string()]).await?;
     ensure!(
         stderr.contains("Error: etcdserver: mvcc: required revision has been compacted"),
         "get below the compaction: {stderr}"
     );
     // The compaction revision itself is still readable.
-    let kept = ctl
-        .ok(&["get", "ctl/compact/k", "--rev", &second.to_string()])
-        .await?;
-    expect_eq(
-        "get at the compaction revision",
-        kept,
-        "ctl/compact/k\nv2\n".into(),
-    )?;
+    let kept = ctl.ok(&["get", "ctl/compact/k", "--rev", &second.to_string()]).await?;
+    expect_eq("get at the compaction revision", kept, "ctl/compact/k\nv2\n".into())?;
     let stderr = ctl.fails(&["compaction", &first.to_string()]).await?;
-    ensure!(
-        stderr.contains("required revision has been compacted"),
-        "compaction again: {stderr}"
-    );
+    ensure!(stderr.contains("required revision has been compacted"), "compaction again: {stderr}");
     let stderr = ctl.fails(&["compaction", "1000000"]).await?;
-    ensure!(
-        stderr.contains("required revision is a future revision"),
-        "future compaction: {stderr}"
-    );
-    let stderr = ctl
-        .fails(&["get", "ctl/compact/k", "--rev", "1000000"])
-        .await?;
+    ensure!(stderr.contains("required revision is a future revision"), "future compaction: {stderr}");
+    let stderr = ctl.fails(&["get", "ctl/compact/k", "--rev", "1000000"]).await?;
     ensure!(
         stderr.contains("Error: etcdserver: mvcc: required revision is a future revision"),
         "future get: {stderr}"
@@ -557,13 +394,9 @@ async fn compaction(ctl: &Etcdctl) -> anyhow::Result<()> {
 /// member ids in endpoint order).
 async fn endpoint_status(ctl: &Etcdctl, cluster: &Cluster) -> anyhow::Result<(u64, u64, Vec<u64>)> {
     let statuses = ctl.json(&["endpoint", "status"]).await?;
-    let statuses = statuses
-        .as_array()
-        .context("endpoint status is not a list")?;
-    let endpoints: Vec<String> = statuses
-        .iter()
-        .filter_map(|s| s["Endpoint"].as_str().map(String::from))
-        .collect();
+    let statuses = statuses.as_array().context("endpoint status is not a list")?;
+    let endpoints: Vec<String> =
+        statuses.iter().filter_map(|s| s["Endpoint"].as_str().map(String::from)).collect();
     expect_eq("endpoints", endpoints, cluster.endpoints())?;
     let mut member_ids = Vec::new();
     let mut leaders = Vec::new();
@@ -582,66 +415,36 @@ async fn endpoint_status(ctl: &Etcdctl, cluster: &Cluster) -> anyhow::Result<(u6
             uint(&status["raftTerm"])?,
         )?;
         let version = status["version"].as_str().unwrap_or_default();
-        ensure!(
-            version.starts_with("3.") && version.split('.').count() == 3,
-            "version {version:?}"
-        );
-        let (index, applied) = (
-            uint(&status["raftIndex"])?,
-            uint(&status["raftAppliedIndex"])?,
-        );
+        ensure!(version.starts_with("3.") && version.split('.').count() == 3, "version {version:?}");
+        let (index, applied) = (uint(&status["raftIndex"])?, uint(&status["raftAppliedIndex"])?);
         ensure!(
             index > 0 && applied > 0 && applied <= index,
             "raftIndex {index}, raftAppliedIndex {applied}"
         );
         ensure!(int(&status["dbSize"])? > 0, "dbSize in {status}");
-        ensure!(
-            status.get("isLearner").is_none(),
-            "a member is a learner: {status}"
-        );
+        ensure!(status.get("isLearner").is_none(), "a member is a learner: {status}");
     }
     let mut distinct = member_ids.clone();
     distinct.sort_unstable();
     distinct.dedup();
     expect_eq("distinct member ids", distinct.len(), 3)?;
-    ensure!(
-        cluster_ids
-            .iter()
-            .all(|id| *id == cluster_ids[0] && *id != 0),
-        "cluster ids {cluster_ids:?}"
-    );
-    ensure!(
-        leaders.iter().all(|l| *l == leaders[0]),
-        "members disagree on the leader: {leaders:?}"
-    );
+    ensure!(cluster_ids.iter().all(|id| *id == cluster_ids[0] && *id != 0), "cluster ids {cluster_ids:?}");
+    ensure!(leaders.iter().all(|l| *l == leaders[0]), "members disagree on the leader: {leaders:?}");
     let is_leader: Vec<bool> = member_ids.iter().map(|id| *id == leaders[0]).collect();
-    expect_eq(
-        "leaders among the endpoints",
-        is_leader.iter().filter(|l| **l).count(),
-        1,
-    )?;
-    ensure!(
-        terms.iter().all(|t| *t == terms[0] && *t >= 1),
-        "terms {terms:?}"
-    );
+    expect_eq("leaders among the endpoints", is_leader.iter().filter(|l| **l).count(), 1)?;
+    ensure!(terms.iter().all(|t| *t == terms[0] && *t >= 1), "terms {terms:?}");
 
     // The simple format: endpoint, id in hex, version, size, is leader, ...
     let simple = ctl.ok(&["endpoint", "status"]).await?;
     let lines: Vec<&str> = simple.lines().collect();
     expect_eq("endpoint status lines", lines.len(), 3)?;
-    for ((line, endpoint), (id, leader)) in lines
-        .iter()
-        .zip(cluster.endpoints())
-        .zip(member_ids.iter().zip(&is_leader))
+    for ((line, endpoint), (id, leader)) in
+        lines.iter().zip(cluster.endpoints()).zip(member_ids.iter().zip(&is_leader))
     {
         let fields: Vec<&str> = line.split(", ").collect();
         expect_eq("status endpoint", fields[0], endpoint.as_str())?;
         expect_eq("status id", fields[1].to_string(), format!("{id:x}"))?;
-        expect_eq(
-            "status is leader",
-            fields[4].to_string(),
-            leader.to_string(),
-        )?;
+        expect_eq("status is leader", fields[4].to_string(), leader.to_string())?;
         expect_eq("status is learner", fields[5], "false")?;
     }
     Ok((terms[0], cluster_ids[0], member_ids))
@@ -678,11 +481,7 @@ async fn member_list(
     member_ids: &[u64],
 ) -> anyhow::Result<()> {
     let response = ctl.json(&["member", "list"]).await?;
-    expect_eq(
-        "member list cluster_id",
-        uint(&response["header"]["cluster_id"])?,
-        cluster_id,
-    )?;
+    expect_eq("member list cluster_id", uint(&response["header"]["cluster_id"])?, cluster_id)?;
     let members = response["members"].as_array().context("members")?;
     expect_eq("members", members.len(), 3)?;
     for member in members {
@@ -694,11 +493,7 @@ async fn member_list(
             .ok_or_else(|| anyhow!("unknown member name {name:?} in {member}"))?;
         let configured = &cluster.members[index];
         let id = uint(&member["ID"])?;
-        expect_eq(
-            &format!("{name} id (from endpoint status)"),
-            id,
-            member_ids[index],
-        )?;
+        expect_eq(&format!("{name} id (from endpoint status)"), id, member_ids[index])?;
         expect_eq(
             &format!("{name} peerURLs"),
             strings(&member["peerURLs"]),
@@ -709,10 +504,7 @@ async fn member_list(
             strings(&member["clientURLs"]),
             vec![format!("http://127.0.0.1:{}", configured.client_port)],
         )?;
-        ensure!(
-            member.get("isLearner").is_none(),
-            "{name} is a learner: {member}"
-        );
+        ensure!(member.get("isLearner").is_none(), "{name} is a learner: {member}");
     }
     let mut names: Vec<&str> = members.iter().filter_map(|m| m["name"].as_str()).collect();
     names.sort_unstable();
@@ -742,10 +534,7 @@ async fn errors(ctl: &Etcdctl) -> anyhow::Result<()> {
     let before = int(&ctl.json(&["get", "ctl/basic/k"]).await?["header"]["revision"])?;
     for args in [&["put", "", "x"][..], &["get", ""][..], &["del", ""][..]] {
         let stderr = ctl.fails(args).await?;
-        ensure!(
-            stderr.contains("Error: etcdserver: key is not provided"),
-            "etcdctl {args:?}: {stderr}"
-        );
+        ensure!(stderr.contains("Error: etcdserver: key is not provided"), "etcdctl {args:?}: {stderr}");
     }
     let after = int(&ctl.json(&["get", "ctl/basic/k"]).await?["header"]["revision"])?;
     expect_eq("revision after the refused requests", after, before)
@@ -761,9 +550,8 @@ async fn wait_members_published(cluster: &Cluster, limit: Duration) {
         loop {
             if let Ok(response) = client.member_list().await {
                 let members = response.members();
-                let published = members
-                    .iter()
-                    .filter(|m| !m.name().is_empty() && !m.client_urls().is_empty());
+                let published =
+                    members.iter().filter(|m| !m.name().is_empty() && !m.client_urls().is_empty());
                 if members.len() == cluster.members.len() && published.count() == members.len() {
                     break;
                 }
@@ -783,10 +571,7 @@ async fn etcdctl_speaks_to_a_three_member_cluster() {
     let cluster = Cluster::start(3, &[]);
     cluster.wait_leader(Duration::from_secs(20)).await;
     wait_members_published(&cluster, Duration::from_secs(20)).await;
-    let ctl = Etcdctl {
-        path: ctl_path,
-        endpoints: cluster.endpoints().join(","),
-    };
+    let ctl = Etcdctl { path: ctl_path, endpoints: cluster.endpoints().join(",") };
     let version = ctl.ok(&["version"]).await.expect("etcdctl version");
     eprintln!("{}", version.trim());
 
@@ -804,31 +589,18 @@ async fn etcdctl_speaks_to_a_three_member_cluster() {
         }
     };
     record("put and get", put_and_get(&ctl).await);
-    record(
-        "prefix, limit, keys-only, count",
-        prefix_limit_and_keys_only(&ctl).await,
-    );
+    record("prefix, limit, keys-only, count", prefix_limit_and_keys_only(&ctl).await);
     record("from-key", from_key(&ctl).await);
-    record(
-        "revisions and json",
-        revisions_and_json(&ctl, leader_term, cluster_id, &member_ids).await,
-    );
+    record("revisions and json", revisions_and_json(&ctl, leader_term, cluster_id, &member_ids).await);
     record("del", delete(&ctl).await);
     record("put --prev-kv", put_prev_kv(&ctl).await);
     record("txn", txn(&ctl).await);
     record("endpoint health", endpoint_health(&ctl, &cluster).await);
-    record(
-        "member list",
-        member_list(&ctl, &cluster, cluster_id, &member_ids).await,
-    );
+    record("member list", member_list(&ctl, &cluster, cluster_id, &member_ids).await);
     record("errors", errors(&ctl).await);
     record("compaction", compaction(&ctl).await);
     if !failures.is_empty() {
         cluster.dump_logs();
-        panic!(
-            "{} etcdctl checks failed:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        panic!("{} etcdctl checks failed:\n{}", failures.len(), failures.join("\n"));
     }
 }

@@ -40,7 +40,11 @@ async fn etcdctl_lease_commands_behave_as_against_etcd() {
     // grant: "lease <hex id> granted with TTL(<n>s)"
     let granted = ok(&all, &["lease", "grant", "30"]);
     let words: Vec<&str> = granted.split_whitespace().collect();
-    assert_eq!((words[0], words[2], words[3], words[4]), ("lease", "granted", "with", "TTL(30s)"), "{granted}");
+    assert_eq!(
+        (words[0], words[2], words[3], words[4]),
+        ("lease", "granted", "with", "TTL(30s)"),
+        "{granted}"
+    );
     let id = words[1].to_string();
     assert_eq!(ok(&all, &["put", "--lease", &id, "leased/a", "1"]), "OK\n");
     assert_eq!(ok(&all, &["put", "--lease", &id, "leased/b", "2"]), "OK\n");

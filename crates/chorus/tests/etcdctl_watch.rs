@@ -42,7 +42,16 @@ async fn etcdctl_watch_prefix_from_a_revision_with_previous_values() {
     // Watch on a follower from revision 1, with previous values.
     let mut child = Command::new(etcdctl())
         .env("ETCDCTL_API", "3")
-        .args(["--endpoints", &cluster.endpoint(follower), "watch", "--prefix", "w/", "--rev", "1", "--prev-kv"])
+        .args([
+            "--endpoints",
+            &cluster.endpoint(follower),
+            "watch",
+            "--prefix",
+            "w/",
+            "--rev",
+            "1",
+            "--prev-kv",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

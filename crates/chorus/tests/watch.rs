@@ -23,7 +23,11 @@ async fn collect_events(stream: &mut etcd_client::WatchStream, count: usize) -> 
         for event in response.events() {
             assert_eq!(event.event_type(), EventType::Put);
             let kv = event.kv().unwrap();
-            events.push((kv.mod_revision(), kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()));
+            events.push((
+                kv.mod_revision(),
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            ));
         }
     }
     events
@@ -65,7 +69,8 @@ async fn a_watch_on_a_follower_sees_every_write_through_the_leader_once_in_order
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let response = tokio::time::timeout(left, old.message()).await.expect("answer in time").unwrap().unwrap();
+        let response =
+            tokio::time::timeout(left, old.message()).await.expect("answer in time").unwrap().unwrap();
         if response.canceled() {
             assert_eq!(response.compact_revision(), resume_at);
             break;

@@ -1,8 +1,6 @@
 use std::collections::BTreeMap;
 
-use chorus_proto::etcdserverpb::{
-    CompactionRequest, LeaseCheckpoint, RangeRequest, RequestOp, TxnRequest,
-};
+use chorus_proto::etcdserverpb::{CompactionRequest, LeaseCheckpoint, RangeRequest, RequestOp, TxnRequest};
 use chorus_proto::mvccpb::KeyValue;
 
 use super::*;
@@ -47,11 +45,7 @@ impl Disk {
     fn restore(&self) -> (MvccStore, LeaseStore) {
         let records = self.kv_records.iter().map(|(k, v)| (*k, v.clone()));
         let mvcc = MvccStore::restore(records, self.compact_revision).expect("mvcc restore");
-        let records = self
-            .lease_records
-            .iter()
-            .rev()
-            .map(|(id, r)| (*id, r.clone()));
+        let records = self.lease_records.iter().rev().map(|(id, r)| (*id, r.clone()));
         let leases = LeaseStore::restore(records, &mvcc).expect("lease restore");
         (mvcc, leases)
     }
@@ -74,12 +68,7 @@ impl Member {
 
     fn revoke(&mut self, id: i64) -> Result<LeaseRevokeResponse, KvError> {
         let request = LeaseRevokeRequest { id };
-        self.leases.revoke(
-            &request,
-            &mut self.mvcc,
-            &mut self.kv_writes,
-            &mut self.lease_writes,
-        )
+        self.leases.revoke(&request, &mut self.mvcc, &mut self.kv_writes, &mut self.lease_writes)
     }
 
     fn checkpoint(&mut self, checkpoints: &[(i64, i64)]) {
@@ -89,9 +78,7 @@ impl Member {
                 .map(|&(id, remaining_ttl)| LeaseCheckpoint { id, remaining_ttl })
                 .collect(),
         };
-        self.leases
-            .checkpoint(&request, &mut self.lease_writes)
-            .expect("checkpoint");
+        self.leases.checkpoint(&request, &mut self.lease_writes).expect("checkpoint");
     }
 
     fn put_request(&mut self, request: &PutRequest) -> Result<(), KvError> {
@@ -113,9 +100,7 @@ impl Member {
             prev_kv: false,
         };
         let before = self.kv_writes.changes.len();
-        self.mvcc
-            .delete_range(&request, &mut self.kv_writes)
-            .expect("delete");
+        self.mvcc.delete_range(&request, &mut self.kv_writes).expect("delete");
         self.leases.observe(&self.kv_writes.changes[before..]);
     }
 
@@ -128,13 +113,8 @@ impl Member {
     }
 
     fn compact(&mut self, revision: i64) {
-        let request = CompactionRequest {
-            revision,
-            physical: false,
-        };
-        self.mvcc
-            .compact(&request, &mut self.kv_writes)
-            .expect("compact");
+        let request = CompactionRequest { revision, physical: false };
+        self.mvcc.compact(&request, &mut self.kv_writes).expect("compact");
     }
 
     /// Hands the writes collected so far to the disk, as a node's cycle does.
@@ -154,41 +134,25 @@ impl Member {
 
     fn keys_of(&self, id: i64) -> Vec<String> {
         let lease = self.leases.get(id).expect("lease exists");
-        lease
-            .keys
-            .iter()
-            .map(|key| String::from_utf8_lossy(key).into_owned())
-            .collect()
+        lease.keys.iter().map(|key| String::from_utf8_lossy(key).into_owned()).collect()
     }
 
     fn get(&self, key: &str) -> Option<KeyValue> {
-        let request = RangeRequest {
-            key: key.as_bytes().to_vec(),
-            ..RangeRequest::default()
-        };
+        let request = RangeRequest { key: key.as_bytes().to_vec(), ..RangeRequest::default() };
         self.mvcc.range(&request).expect("range").kvs.pop()
     }
 }
 
 fn put_request(key: &str, lease: i64) -> PutRequest {
-    PutRequest {
-        key: key.as_bytes().to_vec(),
-        value: b"v".to_vec(),
-        lease,
-        ..PutRequest::default()
-    }
+    PutRequest { key: key.as_bytes().to_vec(), value: b"v".to_vec(), lease, ..PutRequest::default() }
 }
 
 fn op_put(key: &str, lease: i64) -> RequestOp {
-    RequestOp {
-        request: Some(Request::RequestPut(put_request(key, lease))),
-    }
+    RequestOp { request: Some(Request::RequestPut(put_request(key, lease))) }
 }
 
 fn op_txn(txn: TxnRequest) -> RequestOp {
-    RequestOp {
-        request: Some(Request::RequestTxn(txn)),
-    }
+    RequestOp { request: Some(Request::RequestTxn(txn)) }
 }
 
 // ---------------------------------------------------------------------------------
@@ -217,10 +181,7 @@ fn grant_uses_the_given_id_and_ttl() {
 fn grant_refuses_id_zero_and_changes_nothing() {
     let mut member = Member::default();
     let result = member.grant(0, 60);
-    assert!(
-        matches!(result, Err(KvError::InvalidArgument(_))),
-        "{result:?}"
-    );
+    assert!(matches!(result, Err(KvError::InvalidArgument(_))), "{result:?}");
     assert!(member.leases.is_empty());
     assert!(member.lease_writes.is_empty());
 }
@@ -250,10 +211,7 @@ fn grant_raises_a_ttl_below_the_minimum() {
     for (id, ttl, expected_ttl) in cases {
         let response = member.grant(id, ttl).expect("grant");
         assert_eq!(response.ttl, expected_ttl, "asked for {ttl}");
-        assert_eq!(
-            member.leases.get(id).expect("lease").granted_ttl_s,
-            expected_ttl
-        );
+        assert_eq!(member.leases.get(id).expect("lease").granted_ttl_s, expected_ttl);
     }
 }
 
@@ -261,17 +219,8 @@ fn grant_raises_a_ttl_below_the_minimum() {
 fn grant_refuses_a_ttl_above_the_maximum() {
     let mut member = Member::default();
     let result = member.grant(1, LEASE_TTL_MAX_S + 1);
-    assert_eq!(
-        result,
-        Err(KvError::LeaseTtlTooLarge {
-            ttl_s: LEASE_TTL_MAX_S + 1,
-            max_s: LEASE_TTL_MAX_S
-        })
-    );
-    assert_eq!(
-        result.unwrap_err().to_string(),
-        "etcdserver: too large lease TTL"
-    );
+    assert_eq!(result, Err(KvError::LeaseTtlTooLarge { ttl_s: LEASE_TTL_MAX_S + 1, max_s: LEASE_TTL_MAX_S }));
+    assert_eq!(result.unwrap_err().to_string(), "etcdserver: too large lease TTL");
     assert!(member.leases.is_empty());
     assert!(member.lease_writes.is_empty());
     let response = member.grant(2, LEASE_TTL_MAX_S).expect("grant");
@@ -286,12 +235,7 @@ fn grant_refuses_more_than_leases_max() {
     }
     member.lease_writes = LeaseWrites::default();
     let result = member.grant(LEASES_MAX as i64 + 1, 60);
-    assert_eq!(
-        result,
-        Err(KvError::TooManyLeases {
-            max_count: LEASES_MAX as u64
-        })
-    );
+    assert_eq!(result, Err(KvError::TooManyLeases { max_count: LEASES_MAX as u64 }));
     assert_eq!(member.leases.len(), LEASES_MAX);
     assert!(member.lease_writes.is_empty());
     // Room again once one is revoked.
@@ -362,10 +306,7 @@ fn revoke_of_an_unknown_lease_is_not_found_and_changes_nothing() {
     member.persist();
     let (mvcc_before, leases_before) = (member.mvcc.clone(), member.leases.clone());
     assert_eq!(member.revoke(2), Err(KvError::LeaseNotFound));
-    assert_eq!(
-        KvError::LeaseNotFound.to_string(),
-        "etcdserver: requested lease not found"
-    );
+    assert_eq!(KvError::LeaseNotFound.to_string(), "etcdserver: requested lease not found");
     assert_eq!(member.mvcc, mvcc_before);
     assert_eq!(member.leases, leases_before);
     assert!(member.kv_writes.is_empty());
@@ -440,14 +381,9 @@ fn observe_follows_overwrites_deletes_and_puts_without_a_lease() {
     assert_eq!(member.keys_of(2), vec!["a"]);
 
     // A txn's puts and deletes, nested ones included.
-    let nested = TxnRequest {
-        success: vec![op_put("n", 1)],
-        ..TxnRequest::default()
-    };
-    let txn = TxnRequest {
-        success: vec![op_put("a", 1), op_put("t", 2), op_txn(nested)],
-        ..TxnRequest::default()
-    };
+    let nested = TxnRequest { success: vec![op_put("n", 1)], ..TxnRequest::default() };
+    let txn =
+        TxnRequest { success: vec![op_put("a", 1), op_put("t", 2), op_txn(nested)], ..TxnRequest::default() };
     member.txn(&txn).expect("txn");
     assert_eq!(member.keys_of(1), vec!["a", "n"]);
     assert_eq!(member.keys_of(2), vec!["t"]);
@@ -459,10 +395,7 @@ fn observe_follows_overwrites_deletes_and_puts_without_a_lease() {
 fn observe_panics_on_a_key_attached_to_a_lease_that_does_not_exist() {
     let mut member = Member::default();
     let mut writes = WriteSet::default();
-    member
-        .mvcc
-        .put(&put_request("k", 9), &mut writes)
-        .expect("put");
+    member.mvcc.put(&put_request("k", 9), &mut writes).expect("put");
     member.leases.observe(&writes.changes);
 }
 
@@ -486,16 +419,10 @@ fn check_attach_counts_keys_against_the_limit() {
     assert_eq!(member.leases.check_attach(1, room), Ok(()));
     assert_eq!(
         member.leases.check_attach(1, room + 1),
-        Err(KvError::TooManyLeaseKeys {
-            lease_id: 1,
-            max_count: LEASE_KEYS_MAX as u64
-        })
+        Err(KvError::TooManyLeaseKeys { lease_id: 1, max_count: LEASE_KEYS_MAX as u64 })
     );
     assert_eq!(member.leases.check_attach(0, u64::MAX / 2), Ok(()));
-    assert_eq!(
-        member.leases.check_attach(2, 0),
-        Err(KvError::LeaseNotFound)
-    );
+    assert_eq!(member.leases.check_attach(2, 0), Err(KvError::LeaseNotFound));
 }
 
 #[test]
@@ -513,35 +440,22 @@ fn check_txn_counts_the_larger_branch_and_adds_nested_txns() {
         failure: vec![op_put("b", 2), op_put("c", 0)],
         ..TxnRequest::default()
     };
-    assert_eq!(
-        txn_puts_by_lease(&txn),
-        BTreeMap::from([(1, 1 + 2), (2, 1)])
-    );
-    assert_eq!(
-        LeaseStore::leases_named_by_txn(&txn).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(txn_puts_by_lease(&txn), BTreeMap::from([(1, 1 + 2), (2, 1)]));
+    assert_eq!(LeaseStore::leases_named_by_txn(&txn).collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(member.leases.check_txn(&txn), Ok(()));
 
     // An unknown lease anywhere refuses the whole txn, the lowest id first.
     let mut bad = txn.clone();
     bad.failure.push(op_put("x", 8));
-    bad.success.push(op_txn(TxnRequest {
-        failure: vec![op_put("y", 5)],
-        ..TxnRequest::default()
-    }));
-    assert_eq!(
-        LeaseStore::leases_named_by_txn(&bad).collect::<Vec<_>>(),
-        vec![1, 2, 5, 8]
-    );
+    bad.success.push(op_txn(TxnRequest { failure: vec![op_put("y", 5)], ..TxnRequest::default() }));
+    assert_eq!(LeaseStore::leases_named_by_txn(&bad).collect::<Vec<_>>(), vec![1, 2, 5, 8]);
     assert_eq!(member.txn(&bad), Err(KvError::LeaseNotFound));
     assert_eq!(member.mvcc, MvccStore::new());
 }
 
 #[test]
 fn leases_named_by_put_skips_no_lease() {
-    let named =
-        |lease| LeaseStore::leases_named_by_put(&put_request("k", lease)).collect::<Vec<i64>>();
+    let named = |lease| LeaseStore::leases_named_by_put(&put_request("k", lease)).collect::<Vec<i64>>();
     assert_eq!(named(0), Vec::<i64>::new());
     assert_eq!(named(4), vec![4]);
 }
@@ -557,14 +471,8 @@ fn checkpoint_stores_remaining_ttls_and_skips_unknown_leases() {
     member.grant(2, 60).expect("grant");
     member.persist();
     member.checkpoint(&[(1, 42), (3, 10), (2, 7)]);
-    assert_eq!(
-        member.leases.get(1).expect("lease").remaining_ttl_s,
-        Some(42)
-    );
-    assert_eq!(
-        member.leases.get(2).expect("lease").remaining_ttl_s,
-        Some(7)
-    );
+    assert_eq!(member.leases.get(1).expect("lease").remaining_ttl_s, Some(42));
+    assert_eq!(member.leases.get(2).expect("lease").remaining_ttl_s, Some(7));
     assert!(member.leases.get(3).is_none());
     let ids: Vec<i64> = member.lease_writes.puts.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids, vec![1, 2]);
@@ -586,37 +494,19 @@ fn checkpoint_stores_remaining_ttls_and_skips_unknown_leases() {
 #[test]
 fn records_round_trip() {
     for remaining_ttl_s in [None, Some(1), Some(LEASE_TTL_MAX_S)] {
-        let lease = Lease {
-            id: -12,
-            granted_ttl_s: 3_600,
-            remaining_ttl_s,
-            keys: BTreeSet::new(),
-        };
+        let lease = Lease { id: -12, granted_ttl_s: 3_600, remaining_ttl_s, keys: BTreeSet::new() };
         let record = lease.encode_record();
         assert_eq!(record.len(), RECORD_BYTES);
         assert_eq!(Lease::decode_record(-12, &record), Ok(lease));
     }
-    let lease = Lease {
-        id: 1,
-        granted_ttl_s: 258,
-        remaining_ttl_s: Some(3),
-        keys: BTreeSet::new(),
-    };
-    assert_eq!(
-        lease.encode_record(),
-        [0, 0, 0, 0, 0, 0, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 3]
-    );
+    let lease = Lease { id: 1, granted_ttl_s: 258, remaining_ttl_s: Some(3), keys: BTreeSet::new() };
+    assert_eq!(lease.encode_record(), [0, 0, 0, 0, 0, 0, 1, 2, 1, 0, 0, 0, 0, 0, 0, 0, 3]);
 }
 
 #[test]
 fn restore_refuses_corrupt_records() {
-    let good = Lease {
-        id: 1,
-        granted_ttl_s: 60,
-        remaining_ttl_s: Some(5),
-        keys: BTreeSet::new(),
-    }
-    .encode_record();
+    let good =
+        Lease { id: 1, granted_ttl_s: 60, remaining_ttl_s: Some(5), keys: BTreeSet::new() }.encode_record();
     let with = |index: usize, byte: u8| {
         let mut record = good.clone();
         record[index] = byte;
@@ -635,10 +525,7 @@ fn restore_refuses_corrupt_records() {
     ];
     for (name, records) in cases {
         let result = LeaseStore::restore(records, &MvccStore::new());
-        assert!(
-            matches!(result, Err(KvError::Corrupt(_))),
-            "{name}: {result:?}"
-        );
+        assert!(matches!(result, Err(KvError::Corrupt(_))), "{name}: {result:?}");
     }
 }
 
@@ -666,11 +553,7 @@ fn restore_gives_the_store_that_wrote_the_records() {
         }
         for key_index in 0..(round % 5) {
             let key = format!("k{}", (round * 3 + key_index) % 23);
-            let lease = if key_index % 3 == 2 {
-                0
-            } else {
-                (key_index + round) % 7 + 1
-            };
+            let lease = if key_index % 3 == 2 { 0 } else { (key_index + round) % 7 + 1 };
             // Some leases are revoked by now: those puts are refused, as they must be.
             let _ = member.put(&key, lease);
         }
@@ -695,9 +578,6 @@ fn restore_gives_the_store_that_wrote_the_records() {
         }
     }
     member.persist_and_check_restore();
-    assert!(
-        !member.leases.is_empty(),
-        "the sequence left no lease to restore"
-    );
+    assert!(!member.leases.is_empty(), "the sequence left no lease to restore");
     assert!(member.leases.iter().any(|lease| !lease.keys.is_empty()));
 }

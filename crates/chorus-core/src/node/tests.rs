@@ -28,9 +28,8 @@ fn config(id: u64) -> NodeConfig {
 impl Cluster {
     fn new() -> Cluster {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let nodes = (1..=3)
-            .map(|id| Node::new(&config(id), Recovered::default(), &logger).unwrap())
-            .collect();
+        let nodes =
+            (1..=3).map(|id| Node::new(&config(id), Recovered::default(), &logger).unwrap()).collect();
         Cluster { nodes, cut: Vec::new(), replies: Vec::new(), reads: Vec::new() }
     }
 
@@ -85,10 +84,13 @@ impl Cluster {
             .filter(|n| n.status().role == StateRole::Leader)
             .map(|n| n.status().id)
             .collect();
-        assert!(leaders.len() <= 1 || {
-            let terms: Vec<u64> = leaders.iter().map(|id| self.nodes[(*id - 1) as usize].status().term).collect();
-            terms.windows(2).all(|w| w[0] != w[1])
-        });
+        assert!(
+            leaders.len() <= 1 || {
+                let terms: Vec<u64> =
+                    leaders.iter().map(|id| self.nodes[(*id - 1) as usize].status().term).collect();
+                terms.windows(2).all(|w| w[0] != w[1])
+            }
+        );
         leaders.into_iter().max_by_key(|id| self.nodes[(*id - 1) as usize].status().term)
     }
 }

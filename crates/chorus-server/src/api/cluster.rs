@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use chorus_proto::etcdserverpb::cluster_server::Cluster;
 use chorus_proto::etcdserverpb::{
-    Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
-    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
-    MemberUpdateRequest, MemberUpdateResponse,
+    Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -29,14 +29,21 @@ pub struct ClusterService {
 }
 
 impl ClusterService {
-    pub fn new(node: NodeHandle, ids: HeaderIds, configured: BTreeMap<u64, ConfiguredMember>) -> ClusterService {
+    pub fn new(
+        node: NodeHandle,
+        ids: HeaderIds,
+        configured: BTreeMap<u64, ConfiguredMember>,
+    ) -> ClusterService {
         ClusterService { node, ids, configured }
     }
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(
+        &self,
+        _: Request<MemberListRequest>,
+    ) -> Result<Response<MemberListResponse>, Status> {
         let status = self.node.status().await?;
         let conf = &status.conf_state;
         let ids = conf.voters.iter().map(|id| (*id, false)).chain(conf.learners.iter().map(|id| (*id, true)));
@@ -63,15 +70,24 @@ impl Cluster for ClusterService {
         Err(not_yet("Cluster.MemberAdd"))
     }
 
-    async fn member_remove(&self, _: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+    async fn member_remove(
+        &self,
+        _: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
         Err(not_yet("Cluster.MemberRemove"))
     }
 
-    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+    async fn member_update(
+        &self,
+        _: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
         Err(not_yet("Cluster.MemberUpdate"))
     }
 
-    async fn member_promote(&self, _: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+    async fn member_promote(
+        &self,
+        _: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
         Err(not_yet("Cluster.MemberPromote"))
     }
 }

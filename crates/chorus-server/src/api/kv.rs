@@ -6,8 +6,8 @@ use chorus_core::validate;
 use chorus_proto::chorus::v1::command::Op;
 use chorus_proto::etcdserverpb::kv_server::Kv;
 use chorus_proto::etcdserverpb::{
-    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
-    PutResponse, RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RangeStreamResponse, TxnRequest, TxnResponse,
 };
 use tonic::{Request, Response, Status};
 

@@ -13,7 +13,8 @@ use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::etcdserverpb::lease_server::Lease;
 use chorus_proto::etcdserverpb::{
     LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
-    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -68,7 +69,6 @@ impl LeaderCalls {
 
     async fn time_to_live(&self, request: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
         self.with_retries(|| {
-            let request = request.clone();
             async move {
                 let (id, keys) = (request.id, request.keys);
                 match self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await? {
@@ -91,7 +91,10 @@ impl LeaderCalls {
         let deadline = tokio::time::Instant::now() + self.node.request_timeout();
         loop {
             match call().await {
-                Err(status) if status.code() == tonic::Code::Unavailable && tokio::time::Instant::now() < deadline => {
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
+                {
                     tokio::time::sleep(RETRY_DELAY).await;
                 }
                 other => return other,
@@ -124,7 +127,10 @@ type KeepAliveStream = Pin<Box<dyn Stream<Item = Result<LeaseKeepAliveResponse, 
 
 #[tonic::async_trait]
 impl Lease for LeaseService {
-    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut request = request.into_inner();
         if request.id < 0 {
             return Err(Status::invalid_argument("etcdserver: lease ID must be positive"));
@@ -139,7 +145,10 @@ impl Lease for LeaseService {
         }
     }
 
-    async fn lease_revoke(&self, request: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
         match self.node.propose(Op::LeaseRevoke(request.into_inner())).await? {
             OpResponse::LeaseRevoke(response) => Ok(Response::new(response)),
             _ => Err(Status::internal("unexpected response to a lease revoke")),
@@ -175,7 +184,10 @@ impl Lease for LeaseService {
         Ok(Response::new(calls.time_to_live(request.into_inner()).await?))
     }
 
-    async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(
+        &self,
+        _: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
         Ok(Response::new(self.node.lease_leases().await?))
     }
 }

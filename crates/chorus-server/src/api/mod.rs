@@ -10,5 +10,7 @@ pub mod watch;
 
 /// Answer for an rpc that chorus does not serve yet (listed in the README).
 pub(crate) fn not_yet(rpc: &str) -> tonic::Status {
-    tonic::Status::unimplemented(format!("{rpc} is not implemented in chorus yet (see the README's feature table)"))
+    tonic::Status::unimplemented(format!(
+        "{rpc} is not implemented in chorus yet (see the README's feature table)"
+    ))
 }

@@ -33,7 +33,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Se
 impl Watch for WatchService {
     type WatchStream = WatchStream;
 
-    async fn watch(&self, request: Request<Streaming<WatchRequest>>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(
+        &self,
+        request: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<WatchStream>, Status> {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (responses, receiver) = mpsc::channel(WATCH_STREAM_RESPONSES_MAX);
         self.node.watch_input(Input::WatchOpen { stream, sink: ChannelSink(responses.clone()) }).await?;

@@ -134,37 +134,24 @@ pub fn check_history(ops: &[Operation], steps_max_per_key: u64) -> Verdict {
     let mut ids = BTreeSet::new();
     for operation in ops {
         validate(operation);
-        assert!(
-            ids.insert(operation.id),
-            "history: op id {} is not unique",
-            operation.id
-        );
+        assert!(ids.insert(operation.id), "history: op id {} is not unique", operation.id);
     }
     let mut indexes_by_key: BTreeMap<&[u8], Vec<usize>> = BTreeMap::new();
     for (index, operation) in ops.iter().enumerate() {
         if operation.op == KvOp::Get && operation.outcome == KvOutcome::Unknown {
             continue;
         }
-        indexes_by_key
-            .entry(&operation.key)
-            .or_default()
-            .push(index);
+        indexes_by_key.entry(&operation.key).or_default().push(index);
     }
     let mut inconclusive = None;
     for (key, indexes) in indexes_by_key {
         match check_key(ops, &indexes, steps_max_per_key) {
             KeyVerdict::Linearizable => {}
             KeyVerdict::NotLinearizable(detail) => {
-                return Verdict::NotLinearizable {
-                    key: key.to_vec(),
-                    detail,
-                };
+                return Verdict::NotLinearizable { key: key.to_vec(), detail };
             }
             KeyVerdict::Inconclusive(detail) => {
-                inconclusive.get_or_insert(Verdict::Inconclusive {
-                    key: key.to_vec(),
-                    detail,
-                });
+                inconclusive.get_or_insert(Verdict::Inconclusive { key: key.to_vec(), detail });
             }
         }
     }
@@ -186,12 +173,9 @@ fn validate(operation: &Operation) {
         operation.id, operation.outcome, operation.op
     );
     if operation.outcome != KvOutcome::Unknown {
-        let return_us = operation.return_us.unwrap_or_else(|| {
-            panic!(
-                "history: op {} has a known outcome but no return time",
-                operation.id
-            )
-        });
+        let return_us = operation
+            .return_us
+            .unwrap_or_else(|| panic!("history: op {} has a known outcome but no return time", operation.id));
         assert!(
             return_us >= operation.call_us,
             "history: op {} returns at {}us, before its call at {}us",
@@ -210,10 +194,8 @@ enum KeyVerdict {
 
 fn check_key(ops: &[Operation], indexes: &[usize], steps_max: u64) -> KeyVerdict {
     let mut values = ValueTable::new(indexes.iter().map(|&index| &ops[index]));
-    let mut key_ops: Vec<KeyOp> = indexes
-        .iter()
-        .map(|&index| KeyOp::from_operation(index, &ops[index], &mut values))
-        .collect();
+    let mut key_ops: Vec<KeyOp> =
+        indexes.iter().map(|&index| KeyOp::from_operation(index, &ops[index], &mut values)).collect();
     key_ops.sort_by_key(|op| (op.call_us, op.source));
     match search(&reduce(&key_ops), steps_max) {
         SearchOutcome::Linearizable => KeyVerdict::Linearizable,
@@ -267,11 +249,7 @@ impl ValueTable {
                 observed.insert(bytes.clone());
             }
         }
-        ValueTable {
-            observed,
-            numbers: BTreeMap::new(),
-            values: Vec::new(),
-        }
+        ValueTable { observed, numbers: BTreeMap::new(), values: Vec::new() }
     }
 
     fn number(&mut self, value: Option<&[u8]>) -> u32 {
@@ -309,11 +287,7 @@ enum Action {
     Read { value: u32 },
     /// `swapped` is None when the outcome is unknown: then the op swaps iff the value is
     /// `expected` at its linearization point.
-    Cas {
-        expected: u32,
-        new: u32,
-        swapped: Option<bool>,
-    },
+    Cas { expected: u32, new: u32, swapped: Option<bool> },
 }
 
 /// One op of one key, as the search sees it. `return_us` None marks an unknown outcome: the
@@ -330,13 +304,9 @@ struct KeyOp {
 impl KeyOp {
     fn from_operation(source: usize, operation: &Operation, values: &mut ValueTable) -> KeyOp {
         let action = match (&operation.op, &operation.outcome) {
-            (KvOp::Put { value }, _) => Action::Write {
-                value: values.number(Some(value)),
-            },
+            (KvOp::Put { value }, _) => Action::Write { value: values.number(Some(value)) },
             (KvOp::Delete, _) => Action::Write { value: ABSENT },
-            (KvOp::Get, KvOutcome::Get(value)) => Action::Read {
-                value: values.number(value.as_deref()),
-            },
+            (KvOp::Get, KvOutcome::Get(value)) => Action::Read { value: values.number(value.as_deref()) },
             (KvOp::Cas { expected, new }, outcome) => Action::Cas {
                 expected: values.number(expected.as_deref()),
                 new: values.number(Some(new)),
@@ -351,12 +321,7 @@ impl KeyOp {
             KvOutcome::Unknown => None,
             _ => operation.return_us,
         };
-        KeyOp {
-            source,
-            call_us: operation.call_us,
-            return_us,
-            action,
-        }
+        KeyOp { source, call_us: operation.call_us, return_us, action }
     }
 
     /// The same op with its outcome forgotten, as when the history is cut while it runs.
@@ -365,33 +330,17 @@ impl KeyOp {
         let action = match self.action {
             Action::Read { .. } => return None,
             Action::Write { value } => Action::Write { value },
-            Action::Cas { expected, new, .. } => Action::Cas {
-                expected,
-                new,
-                swapped: None,
-            },
+            Action::Cas { expected, new, .. } => Action::Cas { expected, new, swapped: None },
         };
-        Some(KeyOp {
-            return_us: None,
-            action,
-            ..self
-        })
+        Some(KeyOp { return_us: None, action, ..self })
     }
 
     /// The value this op writes when it takes effect, if it writes.
     fn written(&self) -> Option<u32> {
         match self.action {
             Action::Write { value } => Some(value),
-            Action::Cas {
-                new,
-                swapped: None | Some(true),
-                ..
-            } => Some(new),
-            Action::Read { .. }
-            | Action::Cas {
-                swapped: Some(false),
-                ..
-            } => None,
+            Action::Cas { new, swapped: None | Some(true), .. } => Some(new),
+            Action::Read { .. } | Action::Cas { swapped: Some(false), .. } => None,
         }
     }
 }
@@ -402,21 +351,9 @@ fn apply(value: u32, action: Action) -> Option<u32> {
     match action {
         Action::Write { value: written } => Some(written),
         Action::Read { value: read } => (read == value).then_some(value),
-        Action::Cas {
-            expected,
-            new,
-            swapped: Some(true),
-        } => (value == expected).then_some(new),
-        Action::Cas {
-            expected,
-            swapped: Some(false),
-            ..
-        } => (value != expected).then_some(value),
-        Action::Cas {
-            expected,
-            new,
-            swapped: None,
-        } => Some(if value == expected { new } else { value }),
+        Action::Cas { expected, new, swapped: Some(true) } => (value == expected).then_some(new),
+        Action::Cas { expected, swapped: Some(false), .. } => (value != expected).then_some(value),
+        Action::Cas { expected, new, swapped: None } => Some(if value == expected { new } else { value }),
     }
 }
 
@@ -456,11 +393,7 @@ fn depends_on_unknown(op: &KeyOp, before: u32) -> bool {
 /// forced CAS observes its expected value in turn, so forcing repeats until nothing changes.
 fn reduce(ops: &[KeyOp]) -> Vec<KeyOp> {
     let observations = Observations::of(ops);
-    let mut reduced: Vec<KeyOp> = ops
-        .iter()
-        .copied()
-        .filter(|op| !observations.may_drop(op))
-        .collect();
+    let mut reduced: Vec<KeyOp> = ops.iter().copied().filter(|op| !observations.may_drop(op)).collect();
     // Each round forces at least one more op, so this ends.
     loop {
         let observations = Observations::of(&reduced);
@@ -502,28 +435,17 @@ impl Observations {
             }
             let observation = match op.action {
                 Action::Read { value } => Some(value),
-                Action::Cas {
-                    expected,
-                    swapped: None | Some(true),
-                    ..
-                } => Some(expected),
+                Action::Cas { expected, swapped: None | Some(true), .. } => Some(expected),
                 Action::Write { .. } => None,
-                Action::Cas {
-                    swapped: Some(false),
-                    ..
-                } => {
-                    observations.refused_return_max_us =
-                        observations.refused_return_max_us.max(op.return_us);
+                Action::Cas { swapped: Some(false), .. } => {
+                    observations.refused_return_max_us = observations.refused_return_max_us.max(op.return_us);
                     None
                 }
             };
             if let Some(value) = observation {
                 observations.observed.insert(value);
                 if let Some(return_us) = op.return_us {
-                    let first = observations
-                        .observer_return_min_us
-                        .entry(value)
-                        .or_insert(return_us);
+                    let first = observations.observer_return_min_us.entry(value).or_insert(return_us);
                     *first = (*first).min(return_us);
                 }
             }
@@ -535,9 +457,7 @@ impl Observations {
         let Some(value) = op.written().filter(|_| op.return_us.is_none()) else {
             return false;
         };
-        let refused_after_call = self
-            .refused_return_max_us
-            .is_some_and(|max| max >= op.call_us);
+        let refused_after_call = self.refused_return_max_us.is_some_and(|max| max >= op.call_us);
         !self.observed.contains(&value) && !refused_after_call
     }
 
@@ -549,21 +469,13 @@ impl Observations {
         }
         let observer_return_us = *self.observer_return_min_us.get(&value)?;
         let action = match op.action {
-            Action::Cas { expected, new, .. } => Action::Cas {
-                expected,
-                new,
-                swapped: Some(true),
-            },
+            Action::Cas { expected, new, .. } => Action::Cas { expected, new, swapped: Some(true) },
             action => action,
         };
         // Clamped to the call: if the observer returned before U was even called, the search
         // finds that no write of x can precede it.
         let return_us = Some(observer_return_us.max(op.call_us));
-        Some(KeyOp {
-            return_us,
-            action,
-            ..*op
-        })
+        Some(KeyOp { return_us, action, ..*op })
     }
 }
 
@@ -709,10 +621,7 @@ impl<'a> Search<'a> {
             depth: 1,
             known_left: ops.len() - unknown_count,
             finished: FinishedStates::default(),
-            deepest: PartialLinearization {
-                sources: Vec::new(),
-                value: ABSENT,
-            },
+            deepest: PartialLinearization { sources: Vec::new(), value: ABSENT },
             deepest_stale: false,
         }
     }
@@ -765,11 +674,7 @@ impl<'a> Search<'a> {
             self.known_left -= 1;
             self.lift(index);
         }
-        let placed = Placed {
-            op: index,
-            value_before: self.value,
-            guard_before: self.guard,
-        };
+        let placed = Placed { op: index, value_before: self.value, guard_before: self.guard };
         (self.value, self.guard) = (after, guard_after);
         self.set_state();
         if self.levels.len() == self.depth {
@@ -837,33 +742,20 @@ impl<'a> Search<'a> {
             let op = &self.ops[node - 1];
             match op.action {
                 Action::Read { value } => level.demanded.push(value),
-                Action::Cas {
-                    expected,
-                    swapped: Some(true),
-                    ..
-                } => {
+                Action::Cas { expected, swapped: Some(true), .. } => {
                     level.demanded.push(expected);
                 }
-                Action::Cas {
-                    expected,
-                    swapped: Some(false),
-                    ..
-                } => {
+                Action::Cas { expected, swapped: Some(false), .. } => {
                     refused_now |= expected == self.value;
                 }
                 Action::Write { .. } | Action::Cas { swapped: None, .. } => {}
             }
-            if self
-                .guard
-                .is_none_or(|before| depends_on_unknown(op, before))
-            {
+            if self.guard.is_none_or(|before| depends_on_unknown(op, before)) {
                 level.candidates.push(node - 1);
             }
             node = self.next[node];
         }
-        level
-            .candidates
-            .sort_unstable_by_key(|&index| self.rank[1 + op_count + index]);
+        level.candidates.sort_unstable_by_key(|&index| self.rank[1 + op_count + index]);
         (node, refused_now)
     }
 
@@ -876,14 +768,7 @@ impl<'a> Search<'a> {
         }
         candidates.iter().copied().find(|&index| {
             let action = self.ops[index].action;
-            let read_only = matches!(
-                action,
-                Action::Read { .. }
-                    | Action::Cas {
-                        swapped: Some(false),
-                        ..
-                    }
-            );
+            let read_only = matches!(action, Action::Read { .. } | Action::Cas { swapped: Some(false), .. });
             read_only && apply(self.value, action).is_some()
         })
     }
@@ -900,18 +785,9 @@ impl<'a> Search<'a> {
     fn add_unknown_candidates(&self, level: &mut Level, first_return: usize, refused_now: bool) {
         let value = self.value;
         let first_return_rank = self.rank[first_return];
-        let pending = |group: &usize| {
-            self.twins
-                .next(*group)
-                .filter(|&index| self.rank[1 + index] < first_return_rank)
-        };
-        let cas_expecting = |value: u32| {
-            self.twins
-                .cas_groups_by_expected
-                .get(&value)
-                .into_iter()
-                .flatten()
-        };
+        let pending =
+            |group: &usize| self.twins.next(*group).filter(|&index| self.rank[1 + index] < first_return_rank);
+        let cas_expecting = |value: u32| self.twins.cas_groups_by_expected.get(&value).into_iter().flatten();
         let able = self.twins.write_groups.iter().chain(cas_expecting(value));
         for index in able.filter_map(pending) {
             let op = &self.ops[index];
@@ -921,9 +797,7 @@ impl<'a> Search<'a> {
                         || level.demanded.contains(&after)
                         || cas_expecting(after).any(|group| pending(group).is_some()))
             });
-            let depends = self
-                .guard
-                .is_none_or(|before| depends_on_unknown(op, before));
+            let depends = self.guard.is_none_or(|before| depends_on_unknown(op, before));
             if useful && depends {
                 level.candidates.push(index);
             }
@@ -989,10 +863,8 @@ impl<'a> Search<'a> {
 
     fn write_state_word(&mut self, value: u32, guard: Option<u32>) {
         let guard_word = guard.map_or(0, |before| u64::from(before) + 1);
-        *self
-            .known
-            .last_mut()
-            .expect("known ends with the state word") = u64::from(value) | (guard_word << 32);
+        *self.known.last_mut().expect("known ends with the state word") =
+            u64::from(value) | (guard_word << 32);
     }
 
     fn lift(&mut self, index: usize) {
@@ -1037,11 +909,7 @@ fn entry_list(ops: &[KeyOp]) -> (Vec<usize>, Vec<usize>, Vec<usize>) {
     let mut rank = vec![usize::MAX; tail + 1];
     let mut last = HEAD;
     for (event_rank, &(_, is_return, index)) in events.iter().enumerate() {
-        let node = if is_return {
-            1 + op_count + index
-        } else {
-            1 + index
-        };
+        let node = if is_return { 1 + op_count + index } else { 1 + index };
         rank[node] = event_rank;
         if ops[index].return_us.is_some() {
             next[last] = node;
@@ -1090,11 +958,7 @@ impl Twins {
                 twins.placed.push(0);
                 match action {
                     Action::Cas { expected, .. } => {
-                        twins
-                            .cas_groups_by_expected
-                            .entry(expected)
-                            .or_default()
-                            .push(group);
+                        twins.cas_groups_by_expected.entry(expected).or_default().push(group);
                     }
                     Action::Write { .. } | Action::Read { .. } => twins.write_groups.push(group),
                 }
@@ -1168,16 +1032,10 @@ fn shortest_failing_prefix(ops: &[KeyOp], steps_max: u64, whole: PartialLineariz
     let guess = stuck_op(ops, &whole)
         .and_then(|op| op.return_us)
         .and_then(|return_us| cuts_us.binary_search(&return_us).ok());
-    let mut failure = Failure {
-        cut_us: None,
-        prefix: ops.to_vec(),
-        partial: whole,
-    };
+    let mut failure = Failure { cut_us: None, prefix: ops.to_vec(), partial: whole };
     // Cuts at indexes >= `failing_from` fail (the whole history stands for index len).
     let (mut passing_below, mut failing_from) = (0, cuts_us.len());
-    let mut hints = guess
-        .into_iter()
-        .chain(guess.and_then(|g| g.checked_sub(1)));
+    let mut hints = guess.into_iter().chain(guess.and_then(|g| g.checked_sub(1)));
     while passing_below < failing_from {
         let middle = hints
             .find(|hint| (passing_below..failing_from).contains(hint))
@@ -1186,11 +1044,7 @@ fn shortest_failing_prefix(ops: &[KeyOp], steps_max: u64, whole: PartialLineariz
         match search(&reduce(&prefix), steps_max) {
             SearchOutcome::NotLinearizable(partial) => {
                 failing_from = middle;
-                failure = Failure {
-                    cut_us: Some(cuts_us[middle]),
-                    prefix,
-                    partial,
-                };
+                failure = Failure { cut_us: Some(cuts_us[middle]), prefix, partial };
             }
             SearchOutcome::Linearizable | SearchOutcome::Inconclusive => {
                 passing_below = middle + 1;
@@ -1226,10 +1080,7 @@ fn describe_failure(
              on this key); ops still running at {cut_us}us count as unknown outcome.",
             prefix.len()
         ),
-        None => writeln!(
-            detail,
-            "The whole history of the key ({key_op_count} ops) fails."
-        ),
+        None => writeln!(detail, "The whole history of the key ({key_op_count} ops) fails."),
     };
     let last_placed: Vec<String> = partial.sources[partial.sources.len().saturating_sub(8)..]
         .iter()
@@ -1244,15 +1095,10 @@ fn describe_failure(
     );
     if let Some(stuck) = stuck_op(prefix, partial) {
         let id = ops[stuck.source].id;
-        let _ = write!(
-            detail,
-            " The earliest-returning op it could not place: op {id}."
-        );
+        let _ = write!(detail, " The earliest-returning op it could not place: op {id}.");
     }
-    let _ = writeln!(
-        detail,
-        "\nOps of that prefix by call time (id, client, [call, return], op -> outcome):"
-    );
+    let _ =
+        writeln!(detail, "\nOps of that prefix by call time (id, client, [call, return], op -> outcome):");
     let omitted = prefix.len().saturating_sub(DETAIL_OPS_MAX);
     if omitted > 0 {
         let _ = writeln!(detail, "  ({omitted} earlier ops omitted)");
@@ -1260,11 +1106,7 @@ fn describe_failure(
     for op in &prefix[omitted..] {
         let operation = &ops[op.source];
         let running_at_cut = operation.outcome != KvOutcome::Unknown && op.return_us.is_none();
-        let note = if running_at_cut {
-            " (running at the cut)"
-        } else {
-            ""
-        };
+        let note = if running_at_cut { " (running at the cut)" } else { "" };
         let _ = writeln!(detail, "  {}{note}", show_operation(operation));
     }
     detail
@@ -1309,11 +1151,7 @@ fn show_bytes(bytes: &[u8]) -> String {
     if bytes.len() <= SHOWN_BYTES_MAX {
         return format!("\"{}\"", bytes.escape_ascii());
     }
-    format!(
-        "\"{}\"...({} bytes)",
-        bytes[..SHOWN_BYTES_MAX].escape_ascii(),
-        bytes.len()
-    )
+    format!("\"{}\"...({} bytes)", bytes[..SHOWN_BYTES_MAX].escape_ascii(), bytes.len())
 }
 
 #[cfg(test)]
@@ -1330,16 +1168,11 @@ mod tests {
     }
 
     fn put(value: &str) -> KvOp {
-        KvOp::Put {
-            value: bytes(value),
-        }
+        KvOp::Put { value: bytes(value) }
     }
 
     fn cas(expected: Option<&str>, new: &str) -> KvOp {
-        KvOp::Cas {
-            expected: expected.map(bytes),
-            new: bytes(new),
-        }
+        KvOp::Cas { expected: expected.map(bytes), new: bytes(new) }
     }
 
     fn got(value: Option<&str>) -> KvOutcome {
@@ -1347,23 +1180,8 @@ mod tests {
     }
 
     /// An op with a known outcome; each op has its own client unless a test says otherwise.
-    fn done(
-        id: u64,
-        key: &str,
-        op: KvOp,
-        call_us: u64,
-        return_us: u64,
-        outcome: KvOutcome,
-    ) -> Operation {
-        Operation {
-            id,
-            client: id,
-            key: bytes(key),
-            op,
-            call_us,
-            return_us: Some(return_us),
-            outcome,
-        }
+    fn done(id: u64, key: &str, op: KvOp, call_us: u64, return_us: u64, outcome: KvOutcome) -> Operation {
+        Operation { id, client: id, key: bytes(key), op, call_us, return_us: Some(return_us), outcome }
     }
 
     fn unknown(id: u64, key: &str, op: KvOp, call_us: u64) -> Operation {
@@ -1444,10 +1262,7 @@ mod tests {
             done(2, "k", KvOp::Get, 10, 20, got(None)),
         ]);
         assert_not_linearizable(
-            &[
-                done(1, "k", put("a"), 0, 10, KvOutcome::Put),
-                done(2, "k", KvOp::Get, 11, 20, got(None)),
-            ],
+            &[done(1, "k", put("a"), 0, 10, KvOutcome::Put), done(2, "k", KvOp::Get, 11, 20, got(None))],
             "k",
         );
     }
@@ -1462,19 +1277,13 @@ mod tests {
             ],
             "k",
         );
-        assert!(
-            detail.contains("op 3 client 3 [40us, 50us] get -> \"a\""),
-            "{detail}"
-        );
+        assert!(detail.contains("op 3 client 3 [40us, 50us] get -> \"a\""), "{detail}");
     }
 
     #[test]
     fn read_of_a_value_never_written_is_not_linearizable() {
         assert_not_linearizable(
-            &[
-                done(1, "k", put("a"), 0, 10, KvOutcome::Put),
-                done(2, "k", KvOp::Get, 5, 50, got(Some("z"))),
-            ],
+            &[done(1, "k", put("a"), 0, 10, KvOutcome::Put), done(2, "k", KvOp::Get, 5, 50, got(Some("z")))],
             "k",
         );
     }
@@ -1530,10 +1339,7 @@ mod tests {
     #[test]
     fn unknown_op_cannot_take_effect_before_its_call() {
         assert_not_linearizable(
-            &[
-                done(1, "k", KvOp::Get, 0, 10, got(Some("b"))),
-                unknown(2, "k", put("b"), 20),
-            ],
+            &[done(1, "k", KvOp::Get, 0, 10, got(Some("b"))), unknown(2, "k", put("b"), 20)],
             "k",
         );
     }
@@ -1633,19 +1439,8 @@ mod tests {
                 id += 1;
                 ops.push(done(id, key, put(&value), base, base + 10, KvOutcome::Put));
                 id += 1;
-                let seen = if key == "c" && round == 13 {
-                    "c11"
-                } else {
-                    value.as_str()
-                };
-                ops.push(done(
-                    id,
-                    key,
-                    KvOp::Get,
-                    base + 20,
-                    base + 30,
-                    got(Some(seen)),
-                ));
+                let seen = if key == "c" && round == 13 { "c11" } else { value.as_str() };
+                ops.push(done(id, key, KvOp::Get, base + 20, base + 30, got(Some(seen))));
             }
         }
         let detail = assert_not_linearizable(&ops, "c");
@@ -1660,35 +1455,14 @@ mod tests {
         let mut ops = Vec::new();
         for round in 0..200u64 {
             let base = round * 100;
-            ops.push(done(
-                2 * round,
-                "k",
-                put(&format!("v{round}")),
-                base,
-                base + 10,
-                KvOutcome::Put,
-            ));
-            let seen = if round == 150 {
-                "v3".to_string()
-            } else {
-                format!("v{round}")
-            };
-            ops.push(done(
-                2 * round + 1,
-                "k",
-                KvOp::Get,
-                base + 20,
-                base + 30,
-                got(Some(&seen)),
-            ));
+            ops.push(done(2 * round, "k", put(&format!("v{round}")), base, base + 10, KvOutcome::Put));
+            let seen = if round == 150 { "v3".to_string() } else { format!("v{round}") };
+            ops.push(done(2 * round + 1, "k", KvOp::Get, base + 20, base + 30, got(Some(&seen))));
         }
         let detail = assert_not_linearizable(&ops, "k");
         assert!(detail.lines().count() <= DETAIL_OPS_MAX + 8, "{detail}");
         assert!(detail.contains("earlier ops omitted"), "{detail}");
-        assert!(
-            detail.contains("op 301 client 301 [15020us, 15030us] get -> \"v3\""),
-            "{detail}"
-        );
+        assert!(detail.contains("op 301 client 301 [15020us, 15030us] get -> \"v3\""), "{detail}");
     }
 
     #[test]
@@ -1702,28 +1476,13 @@ mod tests {
             let current = model.get(&key).cloned().flatten();
             let value = bytes(&format!("value{id}"));
             let (op, outcome) = match rng.random_range(0..4) {
-                0 => (
-                    KvOp::Put {
-                        value: value.clone(),
-                    },
-                    KvOutcome::Put,
-                ),
+                0 => (KvOp::Put { value: value.clone() }, KvOutcome::Put),
                 1 => (KvOp::Get, KvOutcome::Get(current.clone())),
                 2 => (KvOp::Delete, KvOutcome::Delete),
                 _ => {
-                    let expected = if rng.random_bool(0.5) {
-                        current.clone()
-                    } else {
-                        None
-                    };
+                    let expected = if rng.random_bool(0.5) { current.clone() } else { None };
                     let swapped = expected == current;
-                    (
-                        KvOp::Cas {
-                            expected,
-                            new: value.clone(),
-                        },
-                        KvOutcome::Cas(swapped),
-                    )
+                    (KvOp::Cas { expected, new: value.clone() }, KvOutcome::Cas(swapped))
                 }
             };
             let next = match (&op, &outcome) {
@@ -1773,18 +1532,13 @@ mod tests {
                 let value = bytes(&format!("c{client}n{n}"));
                 let recent = written.entry(key.clone()).or_default();
                 let op = match rng.random_range(0..10) {
-                    0..3 => KvOp::Put {
-                        value: value.clone(),
-                    },
+                    0..3 => KvOp::Put { value: value.clone() },
                     3..6 => KvOp::Get,
                     6 => KvOp::Delete,
                     _ => {
                         let back = rng.random_range(1..4);
                         let expected = recent.len().checked_sub(back).map(|i| recent[i].clone());
-                        KvOp::Cas {
-                            expected,
-                            new: value.clone(),
-                        }
+                        KvOp::Cas { expected, new: value.clone() }
                     }
                 };
                 if op != KvOp::Get && op != KvOp::Delete {
@@ -1802,8 +1556,7 @@ mod tests {
                 };
                 let point_us = if operation.op != KvOp::Get && rng.random_bool(unknown_ratio) {
                     operation.return_us = None;
-                    rng.random_bool(0.5)
-                        .then(|| call_us + rng.random_range(0..2000))
+                    rng.random_bool(0.5).then(|| call_us + rng.random_range(0..2000))
                 } else {
                     Some(rng.random_range(call_us..=return_us))
                 };
@@ -1854,31 +1607,21 @@ mod tests {
     /// another completed write, itself completed before the read: a stale read, which no
     /// linearization explains since every written value is unique. Returns the read's key.
     fn inject_stale_read(ops: &mut [Operation]) -> Vec<u8> {
-        let is_write = |o: &Operation| {
-            matches!(
-                o.outcome,
-                KvOutcome::Put | KvOutcome::Delete | KvOutcome::Cas(true)
-            )
-        };
-        let mut reads: Vec<usize> = (0..ops.len())
-            .filter(|&i| matches!(ops[i].outcome, KvOutcome::Get(_)))
-            .collect();
+        let is_write =
+            |o: &Operation| matches!(o.outcome, KvOutcome::Put | KvOutcome::Delete | KvOutcome::Cas(true));
+        let mut reads: Vec<usize> =
+            (0..ops.len()).filter(|&i| matches!(ops[i].outcome, KvOutcome::Get(_))).collect();
         reads.sort_by_key(|&i| ops[i].call_us);
         for &read in &reads[reads.len() / 2..] {
             let key = ops[read].key.clone();
-            let before =
-                |o: &Operation, us: u64| o.key == key && o.return_us.is_some_and(|r| r < us);
-            let Some(overwrite) = ops
-                .iter()
-                .filter(|o| is_write(o) && before(o, ops[read].call_us))
-                .max_by_key(|o| o.call_us)
+            let before = |o: &Operation, us: u64| o.key == key && o.return_us.is_some_and(|r| r < us);
+            let Some(overwrite) =
+                ops.iter().filter(|o| is_write(o) && before(o, ops[read].call_us)).max_by_key(|o| o.call_us)
             else {
                 continue;
             };
             let stale = ops.iter().find_map(|o| match (&o.op, &o.outcome) {
-                (KvOp::Put { value }, KvOutcome::Put) if before(o, overwrite.call_us) => {
-                    Some(value.clone())
-                }
+                (KvOp::Put { value }, KvOutcome::Put) if before(o, overwrite.call_us) => Some(value.clone()),
                 _ => None,
             });
             let Some(stale) = stale else { continue };
@@ -1898,11 +1641,7 @@ mod tests {
             let verdict = check_history(&ops, STEPS_MAX);
             assert_eq!(verdict, Verdict::Linearizable, "seed {seed}: {verdict:#?}");
             if seed == 0 {
-                eprintln!(
-                    "{} concurrent ops checked in {:?}",
-                    ops.len(),
-                    started.elapsed()
-                );
+                eprintln!("{} concurrent ops checked in {:?}", ops.len(), started.elapsed());
             }
         }
     }
@@ -1942,17 +1681,9 @@ mod tests {
     /// `count` puts of distinct values, all overlapping, then a read of a value none wrote:
     /// refuting it means trying every subset of the puts.
     fn overlapping_puts_then_bad_read(count: u64) -> Vec<Operation> {
-        let mut ops: Vec<Operation> = (0..count)
-            .map(|i| done(i, "k", put(&format!("v{i}")), i, 1000 + i, KvOutcome::Put))
-            .collect();
-        ops.push(done(
-            count,
-            "k",
-            KvOp::Get,
-            2000,
-            2010,
-            got(Some("never written")),
-        ));
+        let mut ops: Vec<Operation> =
+            (0..count).map(|i| done(i, "k", put(&format!("v{i}")), i, 1000 + i, KvOutcome::Put)).collect();
+        ops.push(done(count, "k", KvOp::Get, 2000, 2010, got(Some("never written"))));
         ops
     }
 
@@ -1985,10 +1716,7 @@ mod tests {
 
     #[test]
     fn unknown_get_is_ignored() {
-        assert_linearizable(&[
-            done(1, "k", put("a"), 0, 10, KvOutcome::Put),
-            unknown(2, "k", KvOp::Get, 20),
-        ]);
+        assert_linearizable(&[done(1, "k", put("a"), 0, 10, KvOutcome::Put), unknown(2, "k", KvOp::Get, 20)]);
     }
 
     #[test]
@@ -2008,8 +1736,7 @@ mod tests {
             value: &Value,
             failed: &mut BTreeSet<(u64, Value)>,
         ) -> bool {
-            let known_pending =
-                |j: usize| placed & (1 << j) == 0 && ops[j].outcome != KvOutcome::Unknown;
+            let known_pending = |j: usize| placed & (1 << j) == 0 && ops[j].outcome != KvOutcome::Unknown;
             if !(0..ops.len()).any(known_pending) {
                 return true;
             }
@@ -2018,9 +1745,8 @@ mod tests {
             }
             for i in 0..ops.len() {
                 // Every known op that returned before this call must already be placed.
-                let blocked = (0..ops.len()).any(|j| {
-                    known_pending(j) && ops[j].return_us.is_some_and(|r| r < ops[i].call_us)
-                });
+                let blocked = (0..ops.len())
+                    .any(|j| known_pending(j) && ops[j].return_us.is_some_and(|r| r < ops[i].call_us));
                 if placed & (1 << i) != 0 || blocked {
                     continue;
                 }
@@ -2033,11 +1759,7 @@ mod tests {
                         let swaps = expected == value;
                         match outcome {
                             KvOutcome::Cas(swapped) if *swapped != swaps => None,
-                            _ => Some(if swaps {
-                                Some(new.clone())
-                            } else {
-                                value.clone()
-                            }),
+                            _ => Some(if swaps { Some(new.clone()) } else { value.clone() }),
                         }
                     }
                 };
@@ -2056,8 +1778,7 @@ mod tests {
     /// outcomes: mostly not linearizable, with collisions of values on purpose.
     fn random_small_history(rng: &mut ChaCha8Rng, ops_max: u64) -> Vec<Operation> {
         let pick = |rng: &mut ChaCha8Rng| -> Value {
-            [None, Some(bytes("a")), Some(bytes("b")), Some(bytes("c"))][rng.random_range(0..4)]
-                .clone()
+            [None, Some(bytes("a")), Some(bytes("b")), Some(bytes("c"))][rng.random_range(0..4)].clone()
         };
         let count = rng.random_range(1..=ops_max);
         (0..count)
@@ -2069,13 +1790,7 @@ mod tests {
                     0 => (KvOp::Put { value: new }, KvOutcome::Put),
                     1 => (KvOp::Get, KvOutcome::Get(pick(rng))),
                     2 => (KvOp::Delete, KvOutcome::Delete),
-                    _ => (
-                        KvOp::Cas {
-                            expected: pick(rng),
-                            new,
-                        },
-                        KvOutcome::Cas(rng.random_bool(0.5)),
-                    ),
+                    _ => (KvOp::Cas { expected: pick(rng), new }, KvOutcome::Cas(rng.random_bool(0.5))),
                 };
                 let mut operation = done(id, "k", op, call_us, return_us, outcome);
                 if operation.op != KvOp::Get && rng.random_bool(0.3) {
@@ -2095,19 +1810,12 @@ mod tests {
             let ops = random_small_history(&mut rng, if case % 4 == 0 { 14 } else { 7 });
             let expected = brute_force_linearizable(&ops);
             let verdict = check_history(&ops, STEPS_MAX);
-            assert_eq!(
-                verdict == Verdict::Linearizable,
-                expected,
-                "case {case}: {verdict:#?}\n{ops:#?}"
-            );
+            assert_eq!(verdict == Verdict::Linearizable, expected, "case {case}: {verdict:#?}\n{ops:#?}");
             assert!(!matches!(verdict, Verdict::Inconclusive { .. }));
             linearizable_count += u32::from(expected);
         }
         // Both verdicts are well represented.
-        assert!(
-            (3000..17_000).contains(&linearizable_count),
-            "{linearizable_count}"
-        );
+        assert!((3000..17_000).contains(&linearizable_count), "{linearizable_count}");
     }
 
     #[test]
@@ -2119,8 +1827,7 @@ mod tests {
                 let victim = rng.random_range(0..ops.len());
                 ops[victim].outcome = match &ops[victim].outcome {
                     KvOutcome::Get(_) => KvOutcome::Get(
-                        [None, Some(bytes("c0n0")), Some(bytes("c1n1"))][rng.random_range(0..3)]
-                            .clone(),
+                        [None, Some(bytes("c0n0")), Some(bytes("c1n1"))][rng.random_range(0..3)].clone(),
                     ),
                     KvOutcome::Cas(swapped) => KvOutcome::Cas(!swapped),
                     outcome => outcome.clone(),
@@ -2128,11 +1835,7 @@ mod tests {
             }
             let expected = brute_force_linearizable(&ops);
             let verdict = check_history(&ops, STEPS_MAX);
-            assert_eq!(
-                verdict == Verdict::Linearizable,
-                expected,
-                "seed {seed}: {verdict:#?}\n{ops:#?}"
-            );
+            assert_eq!(verdict == Verdict::Linearizable, expected, "seed {seed}: {verdict:#?}\n{ops:#?}");
         }
     }
 }
