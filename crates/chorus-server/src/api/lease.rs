@@ -68,15 +68,13 @@ impl LeaderCalls {
     }
 
     async fn time_to_live(&self, request: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status> {
-        self.with_retries(|| {
-            async move {
-                let (id, keys) = (request.id, request.keys);
-                match self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await? {
-                    Ok(response) => Ok(response),
-                    Err(LeaseCallError::NotLeader) => {
-                        let mut peer = self.leader_client().await?;
-                        Ok(timed(peer.lease_time_to_live(request)).await?.into_inner())
-                    }
+        self.with_retries(|| async move {
+            let (id, keys) = (request.id, request.keys);
+            match self.node.lease_call(|reply| Input::LeaseTimeToLive { id, keys, reply }).await? {
+                Ok(response) => Ok(response),
+                Err(LeaseCallError::NotLeader) => {
+                    let mut peer = self.leader_client().await?;
+                    Ok(timed(peer.lease_time_to_live(request)).await?.into_inner())
                 }
             }
         })
