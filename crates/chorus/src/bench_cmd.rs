@@ -122,6 +122,8 @@ enum Workload {
     /// One writer puts one key --total times; --clients watchers watch it; latency is from
     /// put sent and from put acknowledged to event received, at every watcher
     Watch,
+    /// Each client grants a lease, then sends keep-alives on its own stream, one at a time
+    LeaseKeepalive,
 }
 
 impl Workload {
@@ -132,6 +134,7 @@ impl Workload {
             Workload::TxnCas => "txn-cas",
             Workload::Mixed => "mixed",
             Workload::Watch => "watch",
+            Workload::LeaseKeepalive => "lease-keepalive",
         }
     }
 
@@ -180,6 +183,9 @@ pub async fn run(global: &GlobalOpts, args: BenchArgs) -> i32 {
 async fn execute(global: &GlobalOpts, args: BenchArgs) -> Result<(), BenchError> {
     if args.workload == Workload::Watch {
         return execute_watch(global, &args).await;
+    }
+    if args.workload == Workload::LeaseKeepalive {
+        return execute_keepalive(global, &args).await;
     }
     let plan = plan_from_args(&args).map_err(BenchError::Usage)?;
     let uris = parse_endpoints(&global.endpoints).map_err(BenchError::Usage)?;
@@ -248,7 +254,9 @@ impl Plan {
             Workload::Mixed if rng.random::<f64>() < self.read_ratio => Operation::Get(key),
             Workload::Mixed => Operation::Put(key),
             // The watch workload has its own loop (`execute_watch`) and no plan.
-            Workload::Watch => unreachable!("the watch workload does not run operations"),
+            Workload::Watch | Workload::LeaseKeepalive => {
+                unreachable!("this workload has its own loop and runs no plan")
+            }
         }
     }
 }
@@ -715,6 +723,93 @@ fn parse_duration_max(text: &str) -> Result<Duration, String> {
         return Err(format!("invalid duration {text:?}: must be more than 0 and at most 24h"));
     }
     Ok(Duration::from_secs_f64(seconds))
+}
+
+// ---- the lease keep-alive workload --------------------------------------------------------
+
+/// TTL of the leases the keep-alive workload grants (long: they must not expire mid-run).
+const KEEPALIVE_LEASE_TTL_S: i64 = 60;
+
+async fn execute_keepalive(global: &GlobalOpts, args: &BenchArgs) -> Result<(), BenchError> {
+    check_range("--clients", u64::from(args.clients), 1, u64::from(WATCHERS_MAX))
+        .map_err(BenchError::Usage)?;
+    let uris = parse_endpoints(&global.endpoints).map_err(BenchError::Usage)?;
+    let channels = connect_channels(&uris, args.conns, global).await.map_err(BenchError::Failed)?;
+    let per_client = args.total.div_ceil(u64::from(args.clients));
+    let deadline = Instant::now() + args.duration_max;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for index in 0..args.clients as usize {
+        let channel = channels[index % channels.len()].clone();
+        tasks.push(tokio::spawn(keep_alive_client(channel, per_client, deadline)));
+    }
+    let mut latencies = new_histogram();
+    let (mut ops, mut errors, mut first_error) = (0u64, 0u64, None);
+    for task in tasks {
+        match task.await.map_err(|e| BenchError::Failed(format!("client failed: {e}")))? {
+            Ok(client_latencies) => {
+                ops += client_latencies.len();
+                latencies.add(&client_latencies).map_err(|e| BenchError::Failed(e.to_string()))?;
+            }
+            Err(error) => {
+                errors += 1;
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    let outcome = PhaseOutcome {
+        total_ops: per_client * u64::from(args.clients),
+        ops,
+        errors,
+        first_error: first_error.clone(),
+        elapsed: started.elapsed(),
+        latencies_us: latencies,
+    };
+    print_report(&Report::new(Workload::LeaseKeepalive, args.clients, &outcome), global.write_out)?;
+    match (ops, first_error) {
+        (0, Some(error)) => Err(BenchError::Failed(format!("every client failed; first error: {error}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Grants a lease, then keeps it alive `count` times (or until the deadline), one
+/// keep-alive in flight at a time, recording each round trip.
+async fn keep_alive_client(
+    channel: Channel,
+    count: u64,
+    deadline: Instant,
+) -> Result<Histogram<u64>, String> {
+    use chorus_proto::etcdserverpb::lease_client::LeaseClient;
+    use chorus_proto::etcdserverpb::{LeaseGrantRequest, LeaseKeepAliveRequest};
+    let mut client = LeaseClient::new(channel);
+    let grant = LeaseGrantRequest { ttl: KEEPALIVE_LEASE_TTL_S, id: 0 };
+    let id = client.lease_grant(grant).await.map_err(|s| status_error("lease grant", &s))?.into_inner().id;
+    let (requests, request_stream) = tokio::sync::mpsc::channel(1);
+    let response = client
+        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(request_stream))
+        .await
+        .map_err(|s| status_error("lease keep-alive", &s))?;
+    let mut responses = response.into_inner();
+    let mut latencies = new_histogram();
+    for _ in 0..count {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let sent = Instant::now();
+        requests
+            .send(LeaseKeepAliveRequest { id })
+            .await
+            .map_err(|_| "keep-alive stream closed".to_string())?;
+        match tokio::time::timeout_at(deadline, responses.message()).await {
+            Ok(Ok(Some(answer))) if answer.ttl > 0 => {
+                let _ = latencies.record(sent.elapsed().as_micros().min(u128::from(LATENCY_US_MAX)) as u64);
+            }
+            Ok(Ok(Some(_))) => return Err(format!("lease {id:x} expired during the run")),
+            Ok(Err(status)) => return Err(status_error("lease keep-alive", &status)),
+            _ => break,
+        }
+    }
+    Ok(latencies)
 }
 
 // ---- the watch workload ------------------------------------------------------------------
