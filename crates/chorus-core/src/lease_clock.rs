@@ -143,8 +143,11 @@ impl LeaseClock {
         self.deadlines.keys().take(max).filter_map(|id| Some((*id, self.remaining_s(*id)?))).collect()
     }
 
+    /// Whole ticks that surely span `seconds`: rounded up, plus one, because the
+    /// current tick has partly passed already (a renewal just before the next tick
+    /// must still get its whole TTL).
     fn ticks(&self, seconds: i64) -> u64 {
-        (seconds.max(0) as u64 * 1000).div_ceil(self.tick_ms)
+        (seconds.max(0) as u64 * 1000).div_ceil(self.tick_ms) + 1
     }
 }
 
@@ -156,12 +159,12 @@ mod tests {
     fn a_lease_expires_no_sooner_than_its_ttl_after_the_last_renewal() {
         let mut clock = LeaseClock::new(100, 10);
         clock.become_leader([]);
-        clock.granted(1, 2); // 20 ticks
+        clock.granted(1, 2); // 20 ticks, plus the partly passed one
         for _ in 0..15 {
             clock.tick();
         }
         assert!(clock.renew(1, 2));
-        for _ in 0..19 {
+        for _ in 0..20 {
             clock.tick();
             assert!(clock.take_expired(10).is_empty(), "not before the TTL");
         }
@@ -173,9 +176,9 @@ mod tests {
     #[test]
     fn a_new_leader_starts_from_the_checkpoint_plus_grace() {
         let mut clock = LeaseClock::new(100, 10);
-        clock.become_leader([(7, 3)]); // 30 ticks + 10 grace
-        assert_eq!(clock.remaining_s(7), Some(4));
-        for _ in 0..39 {
+        clock.become_leader([(7, 3)]); // 30 ticks + 1 + 10 grace
+        assert_eq!(clock.remaining_s(7), Some(5));
+        for _ in 0..40 {
             clock.tick();
         }
         assert!(clock.take_expired(10).is_empty());
@@ -199,7 +202,7 @@ mod tests {
     fn expiry_is_rate_limited() {
         let mut clock = LeaseClock::new(100, 10);
         clock.become_leader((0..50).map(|id| (id, 0)));
-        for _ in 0..10 {
+        for _ in 0..11 {
             clock.tick();
         }
         assert_eq!(clock.take_expired(20).len(), 20);
@@ -216,6 +219,10 @@ mod tests {
             assert!(clock.take_checkpoint(5000, 100).is_empty());
         }
         clock.tick();
-        assert_eq!(clock.take_checkpoint(5000, 100), vec![(1, 56)], "60 s + 1 s grace - 5 s");
+        assert_eq!(
+            clock.take_checkpoint(5000, 100),
+            vec![(1, 57)],
+            "60 s + 1 tick + 1 s grace - 5 s, rounded up"
+        );
     }
 }

@@ -148,7 +148,7 @@ pub async fn serve(
         let maintenance = MaintenanceServer::new(MaintenanceService::new(handle.clone(), ids));
         let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
         let watch = WatchServer::new(WatchService::new(handle.clone()));
-        let lease = LeaseServer::new(LeaseService::new(handle.clone(), peer_addrs.clone()));
+        let lease = LeaseServer::new(LeaseService::new(handle.clone(), &peer_addrs));
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(kv)

@@ -83,3 +83,38 @@ async fn a_lease_left_alone_is_not_reset_by_a_leader_change_and_expires_with_its
     let gone = client.lease_time_to_live(lease, None).await.unwrap();
     assert_eq!(gone.ttl(), -1, "an expired lease answers TTL -1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_client_stops_expires_within_its_ttl_plus_an_election_timeout() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut client = cluster.client().await;
+    let ttl_s = 5;
+    let lease = client.lease_grant(ttl_s, None).await.unwrap().id();
+    client.put("short/a", "x", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    client.put("short/b", "y", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    // One keep-alive, then the client stops.
+    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.unwrap();
+    // The leader renews after this instant: the lease must outlive it by the TTL.
+    let stopped_at = Instant::now();
+    keeper.keep_alive().await.unwrap();
+    let renewed = responses.message().await.unwrap().unwrap();
+    assert_eq!(renewed.ttl(), ttl_s);
+    drop(keeper);
+    let limit = Duration::from_secs(ttl_s as u64) + ELECTION_TIMEOUT_MAX;
+    loop {
+        let left = client.get("short/", Some(GetOptions::new().with_prefix())).await.unwrap();
+        let elapsed = stopped_at.elapsed();
+        if left.kvs().is_empty() {
+            assert!(
+                elapsed >= Duration::from_secs(ttl_s as u64),
+                "expired {elapsed:?} after the last keep-alive"
+            );
+            eprintln!("lease of {ttl_s} s expired {} ms after its last keep-alive", elapsed.as_millis());
+            break;
+        }
+        assert_eq!(left.kvs().len(), 2, "both keys go together");
+        assert!(elapsed < limit, "still there {elapsed:?} after the last keep-alive");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

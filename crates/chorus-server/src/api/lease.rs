@@ -19,6 +19,7 @@ use chorus_proto::etcdserverpb::{
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{Input, NodeHandle};
@@ -33,13 +34,23 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct LeaseService {
     node: NodeHandle,
-    /// Every member's peer address, by id, for forwarding to the leader.
-    peer_addrs: BTreeMap<u64, String>,
+    /// A lazily connected channel to every member's peer port, for forwarding to
+    /// the leader (reused: a keep-alive must not cost a new connection).
+    peers: BTreeMap<u64, Channel>,
 }
 
 impl LeaseService {
-    pub fn new(node: NodeHandle, peer_addrs: BTreeMap<u64, String>) -> LeaseService {
-        LeaseService { node, peer_addrs }
+    /// Must be called inside the tokio runtime (channels connect lazily on it).
+    pub fn new(node: NodeHandle, peer_addrs: &BTreeMap<u64, String>) -> LeaseService {
+        let peers = peer_addrs
+            .iter()
+            .filter_map(|(id, addr)| {
+                let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok()?;
+                let endpoint = endpoint.connect_timeout(FORWARD_TIMEOUT).tcp_nodelay(true);
+                Some((*id, endpoint.connect_lazy()))
+            })
+            .collect();
+        LeaseService { node, peers }
     }
 }
 
@@ -47,7 +58,7 @@ impl LeaseService {
 #[derive(Clone)]
 struct LeaderCalls {
     node: NodeHandle,
-    peer_addrs: BTreeMap<u64, String>,
+    peers: BTreeMap<u64, Channel>,
 }
 
 impl LeaderCalls {
@@ -100,17 +111,12 @@ impl LeaderCalls {
         }
     }
 
-    async fn leader_client(&self) -> Result<PeerClient<tonic::transport::Channel>, Status> {
+    async fn leader_client(&self) -> Result<PeerClient<Channel>, Status> {
         let leader = self.node.status().await?.node.leader_id;
-        let Some(addr) = self.peer_addrs.get(&leader) else {
-            return Err(RequestError::NoLeader.into());
-        };
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(FORWARD_TIMEOUT)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|_| Status::from(RequestError::NoLeader))?;
-        Ok(PeerClient::new(channel))
+        match self.peers.get(&leader) {
+            Some(channel) => Ok(PeerClient::new(channel.clone())),
+            None => Err(RequestError::NoLeader.into()),
+        }
     }
 }
 
@@ -159,7 +165,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<KeepAliveStream>, Status> {
-        let calls = LeaderCalls { node: self.node.clone(), peer_addrs: self.peer_addrs.clone() };
+        let calls = LeaderCalls { node: self.node.clone(), peers: self.peers.clone() };
         let mut requests = request.into_inner();
         let (responses, receiver) = mpsc::channel(KEEP_ALIVE_RESPONSES_MAX);
         tokio::spawn(async move {
@@ -178,7 +184,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let calls = LeaderCalls { node: self.node.clone(), peer_addrs: self.peer_addrs.clone() };
+        let calls = LeaderCalls { node: self.node.clone(), peers: self.peers.clone() };
         Ok(Response::new(calls.time_to_live(request.into_inner()).await?))
     }
 
