@@ -428,22 +428,30 @@ impl Node {
     /// A keep-alive. On the leader: restarts the lease's timer and returns its
     /// granted TTL (0 when the lease does not exist or has expired, as etcd
     /// answers). Elsewhere: `Err(NotLeader)`, and the caller forwards it.
+    ///
+    /// A renewal lives only in this leader's memory until it is replicated, and a
+    /// later leader that does not know of it could expire the lease sooner than
+    /// the client was promised. So the caller must not acknowledge a positive TTL
+    /// until [`Node::renewal_record`] for it has been proposed and applied.
     pub fn lease_keep_alive(&mut self, id: i64) -> Result<i64, LeaseCallError> {
         if !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
             return Err(LeaseCallError::NotLeader);
         }
         let Some(lease) = self.leases.get(id) else { return Ok(0) };
-        let (ttl_s, checkpointed) = (lease.granted_ttl_s, lease.remaining_ttl_s.is_some());
+        let ttl_s = lease.granted_ttl_s;
         if !self.lease_clock.renew(id, ttl_s) {
             return Ok(0); // expired: its revoke is under way
         }
-        if checkpointed {
-            // A stale checkpoint would let a new leader expire the renewed lease
-            // early: clear it (a new leader then restarts it from its full TTL).
-            let checkpoints = vec![LeaseCheckpoint { id, remaining_ttl: 0 }];
-            self.propose_internal(Op::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints }));
-        }
         Ok(ttl_s)
+    }
+
+    /// The command that replicates a renewal: a checkpoint of the full TTL. Every
+    /// member that applies it (and so any later leader) counts the lease as having
+    /// at least its TTL left from then on.
+    pub fn renewal_record(id: i64, ttl_s: i64) -> Op {
+        Op::LeaseCheckpoint(LeaseCheckpointRequest {
+            checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: ttl_s }],
+        })
     }
 
     /// (remaining TTL, granted TTL, keys) of a lease, answered by the leader;

@@ -32,6 +32,9 @@ pub const INPUT_BATCH_MAX: usize = 4096;
 /// A linearizable read batch that has had no answer for this many ticks asks again
 /// (its first read-index request may have been lost with a leader).
 const READ_RETRY_TICKS: u64 = 3;
+/// How long a keep-alive waits for its renewal record to apply before it is
+/// answered "not the leader" (and retried by the caller).
+const RENEWAL_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often, in ticks, a member re-publishes its attributes until they are applied.
 const PUBLISH_RETRY_TICKS: u64 = 10;
 
@@ -126,6 +129,15 @@ struct PendingProposal {
     reply: ProposeReply,
 }
 
+type KeepAliveReply = oneshot::Sender<Result<LeaseKeepAliveResponse, LeaseCallError>>;
+
+/// A keep-alive renewed on this leader, answered once its renewal record applies.
+struct PendingRenewal {
+    deadline: Instant,
+    reply: KeepAliveReply,
+    response: LeaseKeepAliveResponse,
+}
+
 /// A proposal raft refused because no leader was known; retried every tick.
 struct ParkedProposal {
     seq: u64,
@@ -154,6 +166,7 @@ pub struct Driver {
     own_attributes: MemberAttributes,
     next_seq: u64,
     proposals: HashMap<u64, PendingProposal>,
+    renewals: HashMap<u64, PendingRenewal>,
     parked: VecDeque<ParkedProposal>,
     /// Linearizable reads that arrived since the last read-index request.
     reads_unasked: Vec<PendingRead>,
@@ -188,6 +201,7 @@ impl Driver {
             own_attributes,
             next_seq: 1,
             proposals: HashMap::new(),
+            renewals: HashMap::new(),
             parked: VecDeque::new(),
             reads_unasked: Vec::new(),
             read_batches: BTreeMap::new(),
@@ -261,11 +275,7 @@ impl Driver {
                 self.watches.progress(stream, header);
             }
             Input::WatchClose { stream } => self.watches.close_stream(stream),
-            Input::LeaseKeepAlive { id, reply } => {
-                let result = self.node.lease_keep_alive(id);
-                let header = Some(self.header());
-                let _ = reply.send(result.map(|ttl| LeaseKeepAliveResponse { header, id, ttl }));
-            }
+            Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
             Input::LeaseTimeToLive { id, keys, reply } => {
                 let header = Some(self.header());
                 let result = self.node.lease_time_to_live(id).map(|(ttl, granted_ttl, lease_keys)| {
@@ -282,6 +292,33 @@ impl Driver {
             Input::LeaseLeases { reply } => {
                 let leases = self.node.lease_ids().into_iter().map(|id| LeaseStatus { id }).collect();
                 let _ = reply.send(LeaseLeasesResponse { header: Some(self.header()), leases });
+            }
+        }
+    }
+
+    /// Renews on this leader and replicates the renewal before answering (see
+    /// `Node::lease_keep_alive`); a lease that is gone is answered TTL 0 at once.
+    fn keep_alive(&mut self, id: i64, reply: KeepAliveReply) {
+        let ttl = match self.node.lease_keep_alive(id) {
+            Ok(ttl) => ttl,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
+        let response = LeaseKeepAliveResponse { header: Some(self.header()), id, ttl };
+        if ttl <= 0 {
+            let _ = reply.send(Ok(response));
+            return;
+        }
+        let seq = self.take_seq();
+        match self.node.propose(seq, Node::renewal_record(id, ttl)) {
+            Ok(()) => {
+                let deadline = Instant::now() + RENEWAL_ANSWER_TIMEOUT;
+                self.renewals.insert(seq, PendingRenewal { deadline, reply, response });
+            }
+            Err(_) => {
+                let _ = reply.send(Err(LeaseCallError::NotLeader));
             }
         }
     }
@@ -352,6 +389,10 @@ impl Driver {
         for (_, pending) in self.proposals.drain() {
             let _ = pending.reply.send(Err(RequestError::LeaderChanged));
         }
+        // Unreplicated renewals are not acknowledged: the client retries elsewhere.
+        for (_, pending) in self.renewals.drain() {
+            let _ = pending.reply.send(Err(LeaseCallError::NotLeader));
+        }
     }
 
     /// Answers every request whose deadline has passed with `Unavailable`.
@@ -366,6 +407,13 @@ impl Driver {
             let _ = reply.send(Err(error.clone()));
             false
         });
+        let expired: Vec<u64> =
+            self.renewals.iter().filter(|(_, r)| r.deadline <= now).map(|(seq, _)| *seq).collect();
+        for seq in expired {
+            if let Some(pending) = self.renewals.remove(&seq) {
+                let _ = pending.reply.send(Err(LeaseCallError::NotLeader));
+            }
+        }
         while self.parked.front().is_some_and(|p| p.deadline <= now) {
             let parked = self.parked.pop_front().expect("front exists");
             let _ = parked.reply.send(Err(RequestError::NoLeader));
@@ -456,6 +504,10 @@ impl Driver {
         for reply in replies {
             if Some(reply.seq) == self.publish_seq {
                 self.publish_seq = None;
+                continue;
+            }
+            if let Some(renewal) = self.renewals.remove(&reply.seq) {
+                let _ = renewal.reply.send(Ok(renewal.response));
                 continue;
             }
             let Some(pending) = self.proposals.remove(&reply.seq) else { continue };

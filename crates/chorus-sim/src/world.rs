@@ -161,7 +161,8 @@ struct Running {
     /// Highest revision served by a serializable read in this boot.
     serializable_revision_max: i64,
     /// Lease client proposals: seq to (lease client, request id).
-    lease_proposals: BTreeMap<u64, (usize, u64)>,
+    /// For a keep-alive's renewal record: the TTL to answer and when it was sent.
+    lease_proposals: BTreeMap<u64, (usize, u64, Option<(i64, u64)>)>,
     /// This boot's watch hub; its streams die with the process.
     watches: WatchHub<SimSink>,
     boot: u64,
@@ -570,9 +571,9 @@ impl World {
         if !had_leader {
             return;
         }
-        let lease_failed: Vec<(usize, u64)> =
+        let lease_failed: Vec<(usize, u64, Option<(i64, u64)>)> =
             std::mem::take(&mut running.lease_proposals).into_values().collect();
-        for (client, request) in lease_failed {
+        for (client, request, _) in lease_failed {
             let result = LeaseResult::Failed;
             self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
         }
@@ -667,14 +668,15 @@ impl World {
     fn answer_replies(&mut self, i: usize, replies: Vec<Reply>, delay_us: u64) {
         for reply in replies {
             let running = self.nodes[i].running.as_mut().expect("running");
-            if let Some((client, request)) = running.lease_proposals.remove(&reply.seq) {
-                let result = match reply.result {
-                    Ok(_) => LeaseResult::Done,
-                    Err(chorus_core::KvError::LeaseNotFound) => LeaseResult::NotFound,
-                    Err(chorus_core::KvError::LeaseExists) => LeaseResult::Done,
-                    Err(_) => LeaseResult::Failed,
+            if let Some((client, request, renewal)) = running.lease_proposals.remove(&reply.seq) {
+                let result = match (reply.result, renewal) {
+                    (Ok(_), Some((ttl, _))) => LeaseResult::Ttl(ttl),
+                    (Ok(_), None) => LeaseResult::Done,
+                    (Err(chorus_core::KvError::LeaseNotFound), _) => LeaseResult::NotFound,
+                    (Err(chorus_core::KvError::LeaseExists), _) => LeaseResult::Done,
+                    (Err(_), _) => LeaseResult::Failed,
                 };
-                let sent_us = 0;
+                let sent_us = renewal.map_or(0, |(_, sent)| sent);
                 self.schedule(delay_us + 100, Event::LeaseAnswer { client, request, sent_us, result });
                 continue;
             }
@@ -1134,7 +1136,7 @@ impl World {
         running.next_seq += 1;
         match running.node.propose(seq, op) {
             Ok(()) => {
-                running.lease_proposals.insert(seq, (l, request));
+                running.lease_proposals.insert(seq, (l, request, None));
             }
             Err(_) => {
                 let result = LeaseResult::Failed;
@@ -1170,6 +1172,17 @@ impl World {
                 running.node.lease_keep_alive(id)
             };
             match answer {
+                // Acknowledged once the renewal record applies (as the server does).
+                Ok(ttl) if ttl > 0 && !skip_renewal => {
+                    let seq = running.next_seq;
+                    running.next_seq += 1;
+                    if running.node.propose(seq, Node::renewal_record(id, ttl)).is_ok() {
+                        running.lease_proposals.insert(seq, (l, request, Some((ttl, sent_us))));
+                        self.after_input(target);
+                        return;
+                    }
+                    break;
+                }
                 Ok(ttl) => {
                     result = LeaseResult::Ttl(ttl);
                     self.after_input(target);
