@@ -610,25 +610,11 @@ impl NodeHandle {
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, LeaseCallError>>) -> Input,
     ) -> Result<Result<T, LeaseCallError>, RequestError> {
-        let deadline = Instant::now() + self.request_timeout;
-        let (reply, answer) = oneshot::channel();
-        self.submit(make(reply), deadline).await?;
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(_)) => Err(RequestError::Stopped),
-            Err(_) => Err(RequestError::Timeout),
-        }
+        self.ask(make).await
     }
 
     pub async fn lease_leases(&self) -> Result<LeaseLeasesResponse, RequestError> {
-        let deadline = Instant::now() + self.request_timeout;
-        let (reply, answer) = oneshot::channel();
-        self.submit(Input::LeaseLeases { reply }, deadline).await?;
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(result)) => Ok(result),
-            Ok(Err(_)) => Err(RequestError::Stopped),
-            Err(_) => Err(RequestError::Timeout),
-        }
+        self.ask(|reply| Input::LeaseLeases { reply }).await
     }
 
     /// Hands a watch-stream input to the driver (waits while its queue is full).
@@ -637,11 +623,17 @@ impl NodeHandle {
     }
 
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {
+        self.ask(|reply| Input::Status { reply }).await
+    }
+
+    /// Sends the input `make` builds around a reply channel and waits for the
+    /// answer, both within the request timeout.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Result<T, RequestError> {
         let deadline = Instant::now() + self.request_timeout;
         let (reply, answer) = oneshot::channel();
-        self.submit(Input::Status { reply }, deadline).await?;
+        self.submit(make(reply), deadline).await?;
         match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(status)) => Ok(status),
+            Ok(Ok(result)) => Ok(result),
             Ok(Err(_)) => Err(RequestError::Stopped),
             Err(_) => Err(RequestError::Timeout),
         }

@@ -114,6 +114,10 @@ enum Event {
     },
 }
 
+/// A lease client's proposal: (client, request id, and for a keep-alive's renewal
+/// record the TTL to answer and when the keep-alive was sent).
+type LeaseProposal = (usize, u64, Option<(i64, u64)>);
+
 /// A lease client's answer: the TTL of a keep-alive (0: gone), or Done for other calls.
 #[derive(Debug, Clone, Copy)]
 enum LeaseResult {
@@ -162,7 +166,7 @@ struct Running {
     serializable_revision_max: i64,
     /// Lease client proposals: seq to (lease client, request id).
     /// For a keep-alive's renewal record: the TTL to answer and when it was sent.
-    lease_proposals: BTreeMap<u64, (usize, u64, Option<(i64, u64)>)>,
+    lease_proposals: BTreeMap<u64, LeaseProposal>,
     /// This boot's watch hub; its streams die with the process.
     watches: WatchHub<SimSink>,
     boot: u64,
@@ -571,7 +575,7 @@ impl World {
         if !had_leader {
             return;
         }
-        let lease_failed: Vec<(usize, u64, Option<(i64, u64)>)> =
+        let lease_failed: Vec<LeaseProposal> =
             std::mem::take(&mut running.lease_proposals).into_values().collect();
         for (client, request, _) in lease_failed {
             let result = LeaseResult::Failed;

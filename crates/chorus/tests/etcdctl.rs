@@ -540,37 +540,12 @@ async fn errors(ctl: &Etcdctl) -> anyhow::Result<()> {
     expect_eq("revision after the refused requests", after, before)
 }
 
-/// Waits (bounded) until every member sees every member's name and client URLs,
-/// which members publish through the log after the first election: then the log
-/// is quiet and `member list` is complete.
-async fn wait_members_published(cluster: &Cluster, limit: Duration) {
-    let start = std::time::Instant::now();
-    for i in 0..cluster.members.len() {
-        let mut client = cluster.client_of(i).await;
-        loop {
-            if let Ok(response) = client.member_list().await {
-                let members = response.members();
-                let published =
-                    members.iter().filter(|m| !m.name().is_empty() && !m.client_urls().is_empty());
-                if members.len() == cluster.members.len() && published.count() == members.len() {
-                    break;
-                }
-            }
-            if start.elapsed() > limit {
-                cluster.dump_logs();
-                panic!("member {i} did not see every member published within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcdctl_speaks_to_a_three_member_cluster() {
     let ctl_path = find_etcdctl();
     let cluster = Cluster::start(3, &[]);
     cluster.wait_leader(Duration::from_secs(20)).await;
-    wait_members_published(&cluster, Duration::from_secs(20)).await;
+    common::wait_members_published(&cluster, Duration::from_secs(20)).await;
     let ctl = Etcdctl { path: ctl_path, endpoints: cluster.endpoints().join(",") };
     let version = ctl.ok(&["version"]).await.expect("etcdctl version");
     eprintln!("{}", version.trim());

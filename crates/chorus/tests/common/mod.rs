@@ -200,3 +200,28 @@ pub async fn status_of(endpoint: &str) -> Option<etcd_client::StatusResponse> {
     let mut client = Client::connect([endpoint], Some(options)).await.ok()?;
     client.status().await.ok()
 }
+
+/// Waits (bounded) until every member sees every member's name and client URLs,
+/// which members publish through the log after the first election: then the log
+/// is quiet and `member list` is complete.
+pub async fn wait_members_published(cluster: &Cluster, limit: Duration) {
+    let start = std::time::Instant::now();
+    for i in 0..cluster.members.len() {
+        let mut client = cluster.client_of(i).await;
+        loop {
+            if let Ok(response) = client.member_list().await {
+                let members = response.members();
+                let published =
+                    members.iter().filter(|m| !m.name().is_empty() && !m.client_urls().is_empty());
+                if members.len() == cluster.members.len() && published.count() == members.len() {
+                    break;
+                }
+            }
+            if start.elapsed() > limit {
+                cluster.dump_logs();
+                panic!("member {i} did not see every member published within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
