@@ -21,8 +21,6 @@ pub enum RequestError {
     LeaderChanged,
     #[error("etcdserver: server stopped")]
     Stopped,
-    #[error("etcdserver: too many requests")]
-    Overloaded,
 }
 
 impl From<ProposeError> for RequestError {
@@ -62,7 +60,6 @@ impl From<RequestError> for Status {
             | RequestError::Timeout
             | RequestError::LeaderChanged
             | RequestError::Stopped => Code::Unavailable,
-            RequestError::Overloaded => Code::ResourceExhausted,
         };
         Status::new(code, error.to_string())
     }
