@@ -294,19 +294,7 @@ impl<S: WatchSink> WatchHub<S> {
 
     fn flush_outboxes(&mut self) {
         for stream in self.streams.values_mut() {
-            while let Some(response) = stream.outbox.pop_front() {
-                match stream.sink.try_send(response.clone()) {
-                    Ok(()) => {}
-                    Err(SinkError::Full) => {
-                        stream.outbox.push_front(response);
-                        break;
-                    }
-                    Err(SinkError::Closed) => {
-                        stream.broken = true;
-                        break;
-                    }
-                }
-            }
+            flush_outbox(stream);
         }
     }
 
@@ -332,11 +320,16 @@ fn push_control<S: WatchSink>(stream: &mut Stream<S>, response: WatchResponse) {
         return;
     }
     stream.outbox.push_back(response);
-    while let Some(front) = stream.outbox.pop_front() {
-        match stream.sink.try_send(front.clone()) {
+    flush_outbox(stream);
+}
+
+/// Sends queued control responses in order until the sink is full or closed.
+fn flush_outbox<S: WatchSink>(stream: &mut Stream<S>) {
+    while let Some(response) = stream.outbox.pop_front() {
+        match stream.sink.try_send(response.clone()) {
             Ok(()) => {}
             Err(SinkError::Full) => {
-                stream.outbox.push_front(front);
+                stream.outbox.push_front(response);
                 return;
             }
             Err(SinkError::Closed) => {
