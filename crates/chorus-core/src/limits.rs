@@ -103,6 +103,21 @@ pub const LEASE_CHECKPOINTS_PER_PROPOSAL_MAX: usize = 10_000;
 /// cannot stall writes.
 pub const LEASE_REVOKES_PER_TICK_MAX: usize = 100;
 
+/// The most inputs handled before a cycle runs (bounds the work between fsyncs).
+pub const INPUT_BATCH_MAX: usize = 4096;
+/// Inputs (requests, peer batches, ticks) queued for the driver before senders wait.
+pub const DRIVER_QUEUE_INPUTS_MAX: usize = 8192;
+/// Extra room above the request limit for gRPC framing and the other fields.
+pub const GRPC_MESSAGE_OVERHEAD_BYTES: u64 = 64 * 1024;
+/// Messages waiting to be sent to one peer before new ones are dropped.
+pub const PEER_QUEUE_MESSAGES_MAX: usize = 4096;
+/// Messages put into one batch on the wire.
+pub const PEER_BATCH_MESSAGES_MAX: usize = 256;
+/// The largest batch a member accepts from a peer, in bytes.
+pub const PEER_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Lease keep-alive responses buffered per stream between a member and its client.
+pub const KEEP_ALIVE_RESPONSES_MAX: usize = 64;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@
 //!
 //! It is a thread rather than a tokio task because a cycle blocks on fsync.
 
+use chorus_core::limits::INPUT_BATCH_MAX;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::status::RequestError;
 
-/// The most inputs handled before a cycle runs (bounds the work between fsyncs).
-pub const INPUT_BATCH_MAX: usize = 4096;
 /// A linearizable read batch that has had no answer for this many ticks asks again
 /// (its first read-index request may have been lost with a leader).
 const READ_RETRY_TICKS: u64 = 3;

@@ -13,6 +13,8 @@ mod raft_log;
 pub mod status;
 pub mod transport;
 
+use chorus_core::limits::DRIVER_QUEUE_INPUTS_MAX;
+use chorus_core::limits::{GRPC_MESSAGE_OVERHEAD_BYTES, PEER_QUEUE_MESSAGES_MAX};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -38,12 +40,7 @@ use crate::api::lease::LeaseService;
 use crate::api::maintenance::MaintenanceService;
 use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
-use crate::transport::{PeerLink, PeerService, PEER_QUEUE_MESSAGES_MAX};
-
-/// Inputs (requests, peer batches, ticks) queued for the driver before senders wait.
-pub const DRIVER_QUEUE_INPUTS_MAX: usize = 8192;
-/// Extra room above the request limit for gRPC framing and the other fields.
-const GRPC_MESSAGE_OVERHEAD_BYTES: u64 = 64 * 1024;
+use crate::transport::{PeerLink, PeerService};
 
 /// Why a member could not start or keep running.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,8 @@
 //! Messages are dropped, never queued without bound, when a peer is slow or gone:
 //! raft retransmits whatever matters.
 
+use chorus_core::limits::PEER_BATCH_BYTES_MAX;
+use chorus_core::limits::PEER_BATCH_MESSAGES_MAX;
 use std::time::Duration;
 
 use chorus_proto::chorus::v1::peer_client::PeerClient;
@@ -27,12 +29,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{Input, NodeHandle};
 
-/// Messages waiting to be sent to one peer before new ones are dropped.
-pub const PEER_QUEUE_MESSAGES_MAX: usize = 4096;
-/// Messages put into one batch on the wire.
-const BATCH_MESSAGES_MAX: usize = 256;
-/// The largest batch a member accepts from a peer, in bytes.
-pub const PEER_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 
@@ -188,7 +184,7 @@ async fn stream_batches(
             to_id: link.to_id,
             messages: vec![first.write_to_bytes().expect("encode raft message")],
         };
-        while batch.messages.len() < BATCH_MESSAGES_MAX {
+        while batch.messages.len() < PEER_BATCH_MESSAGES_MAX {
             match queue.try_recv() {
                 Ok(message) => batch.messages.push(message.write_to_bytes().expect("encode raft message")),
                 Err(_) => break,

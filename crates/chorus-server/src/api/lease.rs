@@ -3,6 +3,7 @@
 //! expiry): a member that does not lead forwards them to the leader over the peer
 //! port (`chorus.v1.Peer`), as etcd forwards them.
 
+use chorus_core::limits::KEEP_ALIVE_RESPONSES_MAX;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::time::Duration;
@@ -25,8 +26,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::driver::{Input, NodeHandle};
 use crate::status::RequestError;
 
-/// Keep-alive responses buffered per stream.
-const KEEP_ALIVE_RESPONSES_MAX: usize = 64;
 /// Pause between attempts while no leader answers.
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 /// How long a forwarded lease call may take.
