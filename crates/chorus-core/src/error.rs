@@ -38,8 +38,19 @@ pub enum KvError {
     /// chorus's own limit (etcd has none): see `limits::LEASE_KEYS_MAX`.
     #[error("etcdserver: too many keys attached to lease {lease_id} (at most {max_count})")]
     TooManyLeaseKeys { lease_id: i64, max_count: u64 },
+    /// A fenced write whose token no longer names the lock's holder (the lock was
+    /// released, its lease expired, or a newer holder took it). chorus's own.
+    #[error("chorus: fence token {token} for lock {lock:?} is stale: {}", describe_holder(*current))]
+    FenceStale { lock: String, token: i64, current: Option<i64> },
     /// Persisted state that cannot be decoded: a corrupt data directory, never a
     /// client's mistake.
     #[error("corrupt state: {0}")]
     Corrupt(String),
+}
+
+fn describe_holder(current: Option<i64>) -> String {
+    match current {
+        Some(token) => format!("the lock's current token is {token}"),
+        None => "the lock has no holder".to_string(),
+    }
 }

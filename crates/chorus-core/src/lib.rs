@@ -7,6 +7,7 @@
 //! - [`limits`]: every size and count limit, in one place.
 //! - [`validate`]: checks a request against the limits before it is proposed.
 //! - [`mvcc`]: the MVCC key space (etcd semantics), the deterministic state machine.
+//! - [`lock`]: locks, elections and fencing tokens on the key space.
 //! - [`watch`]: the watch hub: watchers fed from applied changes, caught up from history.
 //! - [`node`]: the consensus node around raft-rs, the state machine, and proposal
 //!   and read tracking.
@@ -15,6 +16,7 @@ pub mod error;
 pub mod lease;
 pub mod lease_clock;
 pub mod limits;
+pub mod lock;
 pub mod mvcc;
 pub mod node;
 pub mod validate;

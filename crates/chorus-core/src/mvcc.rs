@@ -420,6 +420,17 @@ impl MvccStore {
         self.range_at(request, self.revision, self.revision)
     }
 
+    /// The live key under `prefix` created first (lowest create revision): the
+    /// holder of a lock or the leader of an election named by that prefix.
+    pub fn first_created_under(&self, prefix: &[u8]) -> Option<KeyValue> {
+        let range_end = prefix_range_end(prefix);
+        let range = KeyRange::new(prefix, &range_end);
+        self.live_in(range, self.revision)
+            .into_iter()
+            .min_by_key(|found| found.entry.create_revision)
+            .map(|found| found.entry.to_key_value(found.key))
+    }
+
     /// Puts one key.
     pub fn put(&mut self, request: &PutRequest, write_set: &mut WriteSet) -> Result<PutResponse, KvError> {
         self.write(write_set, |store, batch, write_set| store.put_in(request, batch, write_set))

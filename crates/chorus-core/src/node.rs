@@ -43,7 +43,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use chorus_proto::chorus::v1::{command::Op, Command, MemberAttributes};
+use chorus_proto::chorus::v1::{command::Op, fenced_write, Command, FencedWrite, MemberAttributes};
 use chorus_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeResponse, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantResponse,
     LeaseRevokeRequest, LeaseRevokeResponse, PutResponse, TxnResponse,
@@ -724,17 +724,34 @@ impl Node {
                 .check_txn(&request)
                 .and_then(|()| self.mvcc.txn(&request, writes))
                 .map(OpResponse::Txn),
+            Op::Fenced(request) => return self.apply_fenced(request),
             other => return self.apply_other(other),
         };
         self.leases.observe(&self.pending_writes.changes[changes_before..]);
         result
     }
 
+    /// A key-space write guarded by a fence: checked against the lock's holder
+    /// at this point of the log, then applied as the unfenced write would be.
+    fn apply_fenced(&mut self, request: FencedWrite) -> Result<OpResponse, KvError> {
+        let fence = request.fence.unwrap_or_default();
+        crate::lock::check_fence(&self.mvcc, &fence)?;
+        let op = match request.write {
+            Some(fenced_write::Write::Put(put)) => Op::Put(put),
+            Some(fenced_write::Write::DeleteRange(delete)) => Op::DeleteRange(delete),
+            Some(fenced_write::Write::Txn(txn)) => Op::Txn(txn),
+            None => return Err(KvError::InvalidArgument("fenced write has no operation".into())),
+        };
+        self.apply_op(op)
+    }
+
     /// Commands other than key-space writes.
     fn apply_other(&mut self, op: Op) -> Result<OpResponse, KvError> {
         let writes = &mut self.pending_writes;
         match op {
-            Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) => unreachable!("applied by apply_op"),
+            Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) => {
+                unreachable!("applied by apply_op")
+            }
             Op::Compaction(request) => self.mvcc.compact(&request, writes).map(OpResponse::Compaction),
             Op::LeaseGrant(request) => {
                 let response = self.leases.grant(&request, &mut self.pending_leases)?;

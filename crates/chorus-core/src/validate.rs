@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
+use chorus_proto::chorus::v1::{fenced_write, Fence, FencedWrite};
 use chorus_proto::etcdserverpb::compare::{CompareResult, CompareTarget};
 use chorus_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use chorus_proto::etcdserverpb::request_op::Request;
@@ -49,6 +50,35 @@ pub fn validate_txn(request: &TxnRequest, limits: &Limits) -> Result<(), KvError
     // top-level branch is checked on its own: only one of them will run.
     check_intervals(&request.success)?;
     check_intervals(&request.failure)?;
+    Ok(())
+}
+
+/// Checks a fenced write: the fence (a lock name and a positive token) and the
+/// write it guards, by the same rules as the unfenced write.
+pub fn validate_fenced(request: &FencedWrite, limits: &Limits) -> Result<(), KvError> {
+    let fence =
+        request.fence.as_ref().ok_or_else(|| KvError::InvalidArgument("fence is not provided".into()))?;
+    validate_fence(fence, limits)?;
+    match &request.write {
+        Some(fenced_write::Write::Put(put)) => validate_put(put, limits),
+        Some(fenced_write::Write::DeleteRange(delete)) => validate_delete_range(delete, limits),
+        Some(fenced_write::Write::Txn(txn)) => validate_txn(txn, limits),
+        None => Err(KvError::InvalidArgument("fenced write has no operation".into())),
+    }
+}
+
+/// Checks a fence: a lock name that could be a key, and a token that could be a revision.
+pub fn validate_fence(fence: &Fence, limits: &Limits) -> Result<(), KvError> {
+    if fence.lock.is_empty() {
+        return Err(KvError::InvalidArgument("fence lock name is not provided".into()));
+    }
+    check_key_bytes(&fence.lock, limits)?;
+    if fence.token <= 0 {
+        return Err(KvError::InvalidArgument(format!(
+            "fence token must be a positive revision, got {}",
+            fence.token
+        )));
+    }
     Ok(())
 }
 

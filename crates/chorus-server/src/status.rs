@@ -48,6 +48,7 @@ pub fn kv_code(error: &KvError) -> Code {
         KvError::LeaseExists => Code::FailedPrecondition,
         KvError::LeaseTtlTooLarge { .. } => Code::OutOfRange,
         KvError::TooManyLeases { .. } | KvError::TooManyLeaseKeys { .. } => Code::ResourceExhausted,
+        KvError::FenceStale { .. } => Code::FailedPrecondition,
         KvError::Corrupt(_) => Code::DataLoss,
     }
 }
