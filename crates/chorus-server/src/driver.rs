@@ -621,6 +621,14 @@ impl NodeHandle {
         self.inputs.send(input).await.map_err(|_| RequestError::Stopped)
     }
 
+    /// Hands a watch-stream input to the driver without waiting: gives the input
+    /// back if the queue is full (or the driver stopped).
+    pub fn try_watch_input(&self, input: Input) -> Result<(), Input> {
+        self.inputs.try_send(input).map_err(|error| match error {
+            mpsc::error::TrySendError::Full(input) | mpsc::error::TrySendError::Closed(input) => input,
+        })
+    }
+
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {
         self.ask(|reply| Input::Status { reply }).await
     }

@@ -18,15 +18,19 @@ use chorus_core::limits::{GRPC_MESSAGE_OVERHEAD_BYTES, PEER_QUEUE_MESSAGES_MAX};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chorus_core::node::{Node, NodeConfig};
+use chorus_proto::chorus::v1::fenced_kv_server::FencedKvServer;
 use chorus_proto::chorus::v1::MemberAttributes;
 use chorus_proto::etcdserverpb::cluster_server::ClusterServer;
 use chorus_proto::etcdserverpb::kv_server::KvServer;
 use chorus_proto::etcdserverpb::lease_server::LeaseServer;
 use chorus_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use chorus_proto::etcdserverpb::watch_server::WatchServer;
+use chorus_proto::v3electionpb::election_server::ElectionServer;
+use chorus_proto::v3lockpb::lock_server::LockServer;
 use chorus_storage::{DiskStorage, Identity, StorageError};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -35,8 +39,10 @@ use tonic::transport::server::TcpIncoming;
 pub use config::{ClusterState, ConfigError, ServerConfig};
 
 use crate::api::cluster::{ClusterService, ConfiguredMember};
-use crate::api::kv::KvService;
+use crate::api::election::ElectionService;
+use crate::api::kv::{FencedKvService, KvService};
 use crate::api::lease::LeaseService;
+use crate::api::lock::LockService;
 use crate::api::maintenance::MaintenanceService;
 use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
@@ -140,8 +146,12 @@ pub async fn serve(
     let configured = configured_members(&config, &member_ids);
     let message_bytes_max = (config.limits.request_bytes_max + GRPC_MESSAGE_OVERHEAD_BYTES) as usize;
     for listener in client_listeners {
-        let kv = KvServer::new(KvService::new(handle.clone(), config.limits.clone()))
-            .max_decoding_message_size(message_bytes_max);
+        let kv_service = Arc::new(KvService::new(handle.clone(), config.limits.clone()));
+        let kv = KvServer::from_arc(kv_service.clone()).max_decoding_message_size(message_bytes_max);
+        let fenced_kv =
+            FencedKvServer::new(FencedKvService(kv_service)).max_decoding_message_size(message_bytes_max);
+        let lock = LockServer::new(LockService::new(handle.clone(), config.limits.clone()));
+        let election = ElectionServer::new(ElectionService::new(handle.clone(), config.limits.clone()));
         let maintenance = MaintenanceServer::new(MaintenanceService::new(handle.clone(), ids));
         let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
         let watch = WatchServer::new(WatchService::new(handle.clone()));
@@ -152,7 +162,10 @@ pub async fn serve(
             .add_service(maintenance)
             .add_service(cluster)
             .add_service(watch)
-            .add_service(lease);
+            .add_service(lease)
+            .add_service(fenced_kv)
+            .add_service(lock)
+            .add_service(election);
         servers.push(tokio::spawn(
             router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
         ));

@@ -3,8 +3,11 @@
 //! the driver through a [`NodeHandle`](crate::driver::NodeHandle).
 
 pub mod cluster;
+pub mod election;
+pub mod key_watch;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod maintenance;
 pub mod watch;
 
