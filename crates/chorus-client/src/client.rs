@@ -64,7 +64,7 @@ impl Default for ClientOptions {
 
 /// Whether a request may be sent again after a failure that leaves its fate unknown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum RetryPolicy {
+pub(crate) enum RetryPolicy {
     /// Reads change nothing: retry on any `Unavailable` or transport failure.
     Read,
     /// Writes may have been applied even when the answer was lost: retry only when the request
@@ -76,22 +76,22 @@ enum RetryPolicy {
 /// choice of current endpoint.
 #[derive(Clone, Debug)]
 pub struct Client {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
-struct Shared {
-    endpoints: Vec<EndpointChannel>,
+pub(crate) struct Shared {
+    pub(crate) endpoints: Vec<EndpointChannel>,
     /// Index into `endpoints` of the endpoint requests go to first; moved forward when that
     /// endpoint fails.
-    current_index: AtomicUsize,
+    pub(crate) current_index: AtomicUsize,
     options: ClientOptions,
 }
 
 #[derive(Debug)]
-struct EndpointChannel {
-    address: EndpointAddress,
-    channel: Channel,
+pub(crate) struct EndpointChannel {
+    pub(crate) address: EndpointAddress,
+    pub(crate) channel: Channel,
 }
 
 impl Client {
@@ -223,7 +223,12 @@ impl Client {
 
     /// Sends `message` through `rpc` to the current endpoint, moving to the next endpoint and
     /// retrying as `policy` allows, until an answer, a final error or the deadline.
-    async fn call<M, R, F, Fut>(&self, policy: RetryPolicy, message: M, rpc: F) -> Result<R, ClientError>
+    pub(crate) async fn call<M, R, F, Fut>(
+        &self,
+        policy: RetryPolicy,
+        message: M,
+        rpc: F,
+    ) -> Result<R, ClientError>
     where
         M: Clone,
         F: Fn(Channel, tonic::Request<M>) -> Fut,
@@ -304,7 +309,7 @@ impl Client {
 
     /// Makes the endpoint after `failed_index` current, unless another call already moved on
     /// (so that concurrent failures of one endpoint skip it once, not once per call).
-    fn move_past(&self, failed_index: usize) {
+    pub(crate) fn move_past(&self, failed_index: usize) {
         let next_index = (failed_index + 1) % self.shared.endpoints.len();
         let _ = self.shared.current_index.compare_exchange(
             failed_index,
@@ -379,7 +384,7 @@ fn kv_client(channel: Channel) -> KvClient<Channel> {
 
 /// A failure that says the endpoint cannot serve is `Unavailable`; anything else is the
 /// server's answer.
-fn classify(endpoint: &str, status: Status) -> ClientError {
+pub(crate) fn classify(endpoint: &str, status: Status) -> ClientError {
     let endpoint = endpoint.to_string();
     if is_endpoint_failure(&status) {
         ClientError::Unavailable { endpoint, status }

@@ -29,11 +29,13 @@
 //! [`proto`] so callers build requests with the same version of the generated code.
 
 mod client;
+mod coord;
 mod endpoint;
 mod error;
 mod range;
 
 pub use chorus_proto as proto;
 pub use client::{Client, ClientOptions};
+pub use coord::{FenceGuard, LockGuard, Session, SharedFenceGuard, StaleToken};
 pub use error::ClientError;
 pub use range::prefix_range_end;

@@ -18,6 +18,7 @@ use std::io::{BufRead, Read, Write};
 use std::time::Duration;
 
 use base64::Engine as _;
+use chorus_client::proto::chorus::v1::Fence;
 use chorus_client::proto::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionResponse, Compare, DeleteRangeRequest,
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader,
@@ -104,13 +105,13 @@ pub enum WriteOut {
 #[derive(clap::Subcommand, Debug, Clone)]
 pub enum ClientCommand {
     /// Puts the given key into the store
-    Put(PutArgs),
+    Put(FencedArgs<PutArgs>),
     /// Gets the key or a range of keys
     Get(GetArgs),
     /// Removes the specified key or range of keys [key, range_end)
-    Del(DelArgs),
+    Del(FencedArgs<DelArgs>),
     /// Runs compares and requests read from standard input as one transaction
-    Txn(TxnArgs),
+    Txn(FencedArgs<TxnArgs>),
     /// Prints the status of every endpoint
     Status,
     /// Compacts the event history
@@ -137,6 +138,39 @@ pub struct PutArgs {
     /// Update the key using its current lease
     #[arg(long)]
     ignore_lease: bool,
+}
+
+/// A write command with an optional fence.
+#[derive(clap::Args, Debug, Clone)]
+pub struct FencedArgs<T: clap::Args> {
+    #[command(flatten)]
+    args: T,
+    /// Apply the write only while LOCK is held at TOKEN (LOCK:TOKEN, e.g. from `chorus lock`);
+    /// a stale fence fails with the lock's current token. Inside `chorus lock --exec` it is set
+    /// for you through CHORUS_FENCE
+    #[arg(long, env = "CHORUS_FENCE", value_name = "LOCK:TOKEN")]
+    fence: Option<String>,
+}
+
+/// Parses `LOCK:TOKEN` (split at the last colon). An empty value means no fence.
+pub fn parse_fence(text: &str) -> Result<Option<Fence>, CommandError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let malformed =
+        || CommandError::Usage(format!("--fence must be LOCK:TOKEN with a positive token, not {text:?}"));
+    let (lock, token) = text.rsplit_once(':').ok_or_else(malformed)?;
+    let token: i64 = token.parse().map_err(|_| malformed())?;
+    if lock.is_empty() || token <= 0 {
+        return Err(malformed());
+    }
+    Ok(Some(Fence { lock: lock.as_bytes().to_vec(), token }))
+}
+
+impl<T: clap::Args> FencedArgs<T> {
+    fn fence(&self) -> Result<Option<Fence>, CommandError> {
+        self.fence.as_deref().map_or(Ok(None), parse_fence)
+    }
 }
 
 /// `get KEY [RANGE_END]`.
@@ -241,7 +275,7 @@ pub struct CompactArgs {
 
 /// Why a command failed, which decides the exit code.
 #[derive(Debug)]
-enum CommandError {
+pub enum CommandError {
     /// Bad usage (a flag combination, an unparsable txn line): exit 2.
     Usage(String),
     /// The cluster answered with an error, or could not be reached: exit 1.
@@ -303,16 +337,25 @@ async fn execute(global: &GlobalOpts, command: ClientCommand) -> Result<(), Comm
         ));
     }
     match command {
-        ClientCommand::Put(args) => put(global, args).await,
+        ClientCommand::Put(args) => {
+            let fence = args.fence()?;
+            put(global, args.args, fence).await
+        }
         ClientCommand::Get(args) => get(global, args).await,
-        ClientCommand::Del(args) => del(global, args).await,
-        ClientCommand::Txn(args) => txn(global, args).await,
+        ClientCommand::Del(args) => {
+            let fence = args.fence()?;
+            del(global, args.args, fence).await
+        }
+        ClientCommand::Txn(args) => {
+            let fence = args.fence()?;
+            txn(global, args.args, fence).await
+        }
         ClientCommand::Status => status(global).await,
         ClientCommand::Compact(args) => compact(global, args).await,
     }
 }
 
-async fn connect(global: &GlobalOpts) -> Result<Client, CommandError> {
+pub(crate) async fn connect(global: &GlobalOpts) -> Result<Client, CommandError> {
     let options = ClientOptions {
         dial_timeout: global.dial_timeout,
         request_timeout: global.command_timeout,
@@ -321,7 +364,7 @@ async fn connect(global: &GlobalOpts) -> Result<Client, CommandError> {
     Ok(Client::connect(&global.endpoints, options).await?)
 }
 
-async fn put(global: &GlobalOpts, args: PutArgs) -> Result<(), CommandError> {
+async fn put(global: &GlobalOpts, args: PutArgs, fence: Option<Fence>) -> Result<(), CommandError> {
     let value = match (&args.value, args.ignore_value) {
         (Some(_), true) => {
             return Err(CommandError::Usage(
@@ -341,7 +384,11 @@ async fn put(global: &GlobalOpts, args: PutArgs) -> Result<(), CommandError> {
         }
     };
     let request = put_request(&args, value);
-    let response = connect(global).await?.put_with(request).await?;
+    let client = connect(global).await?;
+    let response = match fence {
+        Some(fence) => client.put_fenced(request, fence).await?,
+        None => client.put_with(request).await?,
+    };
     emit(global.write_out, &PutJson::from(&response), |out| print_put(out, &response))
 }
 
@@ -353,13 +400,17 @@ async fn get(global: &GlobalOpts, args: GetArgs) -> Result<(), CommandError> {
     })
 }
 
-async fn del(global: &GlobalOpts, args: DelArgs) -> Result<(), CommandError> {
+async fn del(global: &GlobalOpts, args: DelArgs, fence: Option<Fence>) -> Result<(), CommandError> {
     let request = delete_request(&args).map_err(CommandError::Usage)?;
-    let response = connect(global).await?.delete(request).await?;
+    let client = connect(global).await?;
+    let response = match fence {
+        Some(fence) => client.delete_fenced(request, fence).await?,
+        None => client.delete(request).await?,
+    };
     emit(global.write_out, &DeleteJson::from(&response), |out| print_delete(out, &response))
 }
 
-async fn txn(global: &GlobalOpts, args: TxnArgs) -> Result<(), CommandError> {
+async fn txn(global: &GlobalOpts, args: TxnArgs, fence: Option<Fence>) -> Result<(), CommandError> {
     let interactive = args.interactive;
     let request = tokio::task::spawn_blocking(move || {
         let mut input = std::io::stdin().lock().take(STDIN_BYTES_MAX);
@@ -372,7 +423,11 @@ async fn txn(global: &GlobalOpts, args: TxnArgs) -> Result<(), CommandError> {
     })
     .await
     .map_err(|error| CommandError::Io(format!("reading the transaction: {error}")))??;
-    let response = connect(global).await?.txn(request).await?;
+    let client = connect(global).await?;
+    let response = match fence {
+        Some(fence) => client.txn_fenced(request, fence).await?,
+        None => client.txn(request).await?,
+    };
     emit(global.write_out, &TxnJson::from(&response), |out| print_txn(out, &response))
 }
 
@@ -444,7 +499,7 @@ async fn read_stdin_all() -> Result<Vec<u8>, CommandError> {
 
 /// Prints the response: as JSON with `-w json`, else with `simple`. A closed standard output
 /// (as with `| head`) is not an error worth reporting.
-fn emit<T: Serialize>(
+pub(crate) fn emit<T: Serialize>(
     write_out: WriteOut,
     json: &T,
     simple: impl FnOnce(&mut Vec<u8>),
@@ -560,7 +615,7 @@ fn parse_lease_id(text: &str) -> Result<i64, String> {
 /// decimal numbers each followed by a unit (`ns`, `us`, `ms`, `s`, `m`, `h`), as in `5s`,
 /// `500ms`, `1m30s`. Written here because it is twenty lines and no dependency we have parses
 /// this format.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return Err("empty duration".to_string());

@@ -2,10 +2,12 @@
 //!
 //! - `chorus serve ...`: one member of a cluster, with etcd's flags;
 //! - `chorus dev`: a local three-member cluster for development;
-//! - `chorus put|get|del|txn|status|compact ...`: a client, like etcdctl.
+//! - `chorus put|get|del|txn|status|compact ...`: a client, like etcdctl;
+//! - `chorus lock|elect NAME [-- CMD]`: hold a lock or leadership, optionally while a command runs.
 
 mod bench_cmd;
 mod client_cmd;
+mod coord_cmd;
 mod serve_cmd;
 
 use clap::Parser;
@@ -34,6 +36,11 @@ enum Command {
     Dev(serve_cmd::DevArgs),
     /// Load-test a cluster through the public etcd v3 API (works against etcd too).
     Bench(bench_cmd::BenchArgs),
+    /// Acquire a lock and hold it until interrupted, or while running a command (`-- CMD`)
+    Lock(coord_cmd::LockArgs),
+    /// Campaign in an election and lead until interrupted, or while running a command; or
+    /// observe it (`--listen`)
+    Elect(coord_cmd::ElectArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -65,6 +72,8 @@ fn main() {
             },
             Command::Client(command) => return client_cmd::run(&cli.global, command).await,
             Command::Bench(args) => return bench_cmd::run(&cli.global, args).await,
+            Command::Lock(args) => return coord_cmd::run_lock(&cli.global, args).await,
+            Command::Elect(args) => return coord_cmd::run_elect(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,
