@@ -623,9 +623,11 @@ impl NodeHandle {
 
     /// Hands a watch-stream input to the driver without waiting: gives the input
     /// back if the queue is full (or the driver stopped).
-    pub fn try_watch_input(&self, input: Input) -> Result<(), Input> {
+    pub fn try_watch_input(&self, input: Input) -> Result<(), Box<Input>> {
         self.inputs.try_send(input).map_err(|error| match error {
-            mpsc::error::TrySendError::Full(input) | mpsc::error::TrySendError::Closed(input) => input,
+            mpsc::error::TrySendError::Full(input) | mpsc::error::TrySendError::Closed(input) => {
+                Box::new(input)
+            }
         })
     }
 

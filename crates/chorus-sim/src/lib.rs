@@ -10,6 +10,7 @@
 
 pub mod checker;
 pub mod lease_workload;
+pub mod lock_workload;
 pub mod options;
 pub mod watch_workload;
 pub mod world;

@@ -83,6 +83,7 @@ fn bug_name(bug: Bug) -> &'static str {
         Bug::StaleReads => "stale-reads",
         Bug::AckBeforeFsync => "ack-before-fsync",
         Bug::LeaseAckWithoutRenew => "lease-ack-without-renew",
+        Bug::UnfencedLock => "unfenced-lock",
     }
 }
 

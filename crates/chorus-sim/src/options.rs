@@ -14,6 +14,8 @@ pub enum Bug {
     AckBeforeFsync,
     /// Lease keep-alives are acknowledged without renewing the lease.
     LeaseAckWithoutRenew,
+    /// Lock clients write without a fence, as with etcd's locks.
+    UnfencedLock,
 }
 
 impl std::str::FromStr for Bug {
@@ -23,8 +25,9 @@ impl std::str::FromStr for Bug {
             "stale-reads" => Ok(Bug::StaleReads),
             "ack-before-fsync" => Ok(Bug::AckBeforeFsync),
             "lease-ack-without-renew" => Ok(Bug::LeaseAckWithoutRenew),
+            "unfenced-lock" => Ok(Bug::UnfencedLock),
             other => Err(format!(
-                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew"
+                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew, unfenced-lock"
             )),
         }
     }
@@ -112,6 +115,7 @@ impl SimOptions {
             Some(Bug::StaleReads) => options.serializable_get_percent = 0,
             // Early expiry is only promised against a clock that does not leap.
             Some(Bug::LeaseAckWithoutRenew) => options.tick_bursts = false,
+            Some(Bug::UnfencedLock) => {}
             None => {}
         }
         options

@@ -30,6 +30,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
 use crate::lease_workload::{LeaseClient, Phase, KEYS_PER_LEASE, LEASE_TTL_S};
+use crate::lock_workload::{CoordResult, LockClient};
 use crate::options::{Bug, SimOptions};
 use crate::watch_workload::{SimSink, WatchClient};
 
@@ -112,6 +113,12 @@ enum Event {
         client: usize,
         request: u64,
     },
+    LockStep(usize),
+    LockAnswer {
+        client: usize,
+        request: u64,
+        result: CoordResult,
+    },
 }
 
 /// A lease client's proposal: (client, request id, and for a keep-alive's renewal
@@ -167,6 +174,8 @@ struct Running {
     /// Lease client proposals: seq to (lease client, request id).
     /// For a keep-alive's renewal record: the TTL to answer and when it was sent.
     lease_proposals: BTreeMap<u64, LeaseProposal>,
+    /// Lock client proposals: seq to (lock client, request id).
+    lock_proposals: BTreeMap<u64, (usize, u64)>,
     /// This boot's watch hub; its streams die with the process.
     watches: WatchHub<SimSink>,
     boot: u64,
@@ -225,12 +234,17 @@ pub struct World {
     next_stream: u64,
     lease_clients: Vec<LeaseClient>,
     next_lease_request: u64,
+    lock_clients: Vec<LockClient>,
+    next_lock_request: u64,
+    /// The lock workload's own random stream, so that it does not shift the others'.
+    lock_rng: ChaCha8Rng,
     /// The highest applied index two seconds before the end (see `check_convergence`).
     convergence_mark: u64,
 }
 
 impl World {
     pub fn new(options: SimOptions) -> World {
+        let lock_rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x10c4_10c4);
         let rng = ChaCha8Rng::seed_from_u64(options.seed);
         let nodes = (0..options.nodes_count)
             .map(|i| {
@@ -277,6 +291,9 @@ impl World {
             next_stream: 1,
             lease_clients: Vec::new(),
             next_lease_request: 1,
+            lock_clients: Vec::new(),
+            next_lock_request: 1,
+            lock_rng,
             convergence_mark: 0,
         }
     }
@@ -297,6 +314,12 @@ impl World {
             self.lease_clients.push(LeaseClient::new(id, keep_alives, revoke));
             let start = self.rng.random_range(0..5_000_000);
             self.schedule(start, Event::LeaseStep(l));
+        }
+        let fenced = self.options.bug != Some(Bug::UnfencedLock);
+        for c in 0..2 + (self.options.seed % 2) as usize {
+            self.lock_clients.push(LockClient::new(c, fenced, (c as i64 + 1) << 40));
+            let start = self.lock_rng.random_range(0..2_000_000);
+            self.schedule(start, Event::LockStep(c));
         }
         let watchers_count = 1 + (self.options.seed % 2) as usize;
         for w in 0..watchers_count {
@@ -323,6 +346,7 @@ impl World {
         self.check_convergence();
         self.check_watchers();
         self.check_leases();
+        self.check_locks();
         self.report()
     }
 
@@ -401,6 +425,8 @@ impl World {
             Event::LeaseAnswer { client, request, sent_us, result } => {
                 self.lease_answer(client, request, sent_us, result)
             }
+            Event::LockStep(c) => self.lock_step(c),
+            Event::LockAnswer { client, request, result } => self.lock_answer(client, request, result),
             Event::LeaseTimeout { client, request } => {
                 if self.lease_clients[client].request_in_flight == Some(request) {
                     self.lease_clients[client].request_in_flight = None;
@@ -444,6 +470,7 @@ impl World {
             serializable_revision_max: 0,
             watches: WatchHub::default(),
             lease_proposals: BTreeMap::new(),
+            lock_proposals: BTreeMap::new(),
             boot: opened_boot,
         });
         self.run_cycles(i);
@@ -582,6 +609,12 @@ impl World {
             self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
         }
         let running = self.nodes[i].running.as_mut().expect("running");
+        let lock_failed: Vec<(usize, u64)> =
+            std::mem::take(&mut running.lock_proposals).into_values().collect();
+        for (client, request) in lock_failed {
+            self.schedule(100, Event::LockAnswer { client, request, result: CoordResult::Unknown });
+        }
+        let running = self.nodes[i].running.as_mut().expect("running");
         let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals).into_values().collect();
         for (client, op_id) in failed {
             self.schedule(100, Event::Answer { client, op_id, answer: Answer::Unknown });
@@ -682,6 +715,11 @@ impl World {
                 };
                 let sent_us = renewal.map_or(0, |(_, sent)| sent);
                 self.schedule(delay_us + 100, Event::LeaseAnswer { client, request, sent_us, result });
+                continue;
+            }
+            if let Some((client, request)) = running.lock_proposals.remove(&reply.seq) {
+                let result = CoordResult::Applied(reply.result);
+                self.schedule(delay_us + 100, Event::LockAnswer { client, request, result });
                 continue;
             }
             let Some((client, op_id)) = running.proposals.remove(&reply.seq) else {
@@ -1263,6 +1301,73 @@ impl World {
         let store = running.node.mvcc().clone();
         let left = running.node.lease_ids();
         for violation in crate::lease_workload::check(&self.lease_clients, &store, &left, self.now_us) {
+            self.violation(violation);
+        }
+    }
+
+    // ---- lock clients -------------------------------------------------------
+
+    fn lock_step(&mut self, c: usize) {
+        let client = &mut self.lock_clients[c];
+        if client.request_in_flight.is_some() || client.stopped {
+            return;
+        }
+        if self.now_us >= self.options.fault_phase_us {
+            client.stopped = true;
+            return;
+        }
+        let op = client.op();
+        let request = self.next_lock_request;
+        self.next_lock_request += 1;
+        self.lock_clients[c].request_in_flight = Some(request);
+        let timeout = self.options.client_timeout_us;
+        self.schedule(timeout, Event::LockAnswer { client: c, request, result: CoordResult::Unknown });
+        let node = self.lock_rng.random_range(0..self.nodes.len());
+        let paused = self.nodes[node].paused;
+        let Some(running) = self.nodes[node].running.as_mut().filter(|_| !paused) else {
+            self.schedule(200, Event::LockAnswer { client: c, request, result: CoordResult::Failed });
+            return;
+        };
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        match running.node.propose(seq, op) {
+            Ok(()) => {
+                running.lock_proposals.insert(seq, (c, request));
+            }
+            Err(_) => {
+                self.schedule(100, Event::LockAnswer { client: c, request, result: CoordResult::Failed });
+            }
+        }
+        self.after_input(node);
+    }
+
+    fn lock_answer(&mut self, c: usize, request: u64, result: CoordResult) {
+        if self.lock_clients[c].request_in_flight != Some(request) {
+            return;
+        }
+        self.lock_clients[c].request_in_flight = None;
+        // The pause inside the critical section: now and then longer than the TTL.
+        let pause_us = if self.lock_rng.random_bool(0.2) {
+            self.lock_rng.random_range(6_000_000..8_000_000)
+        } else {
+            self.lock_rng.random_range(0..100_000)
+        };
+        let now = self.now_us;
+        let delay = self.lock_clients[c].answer(result, now, pause_us);
+        self.mix(&[7, now, c as u64, request]);
+        self.schedule(delay, Event::LockStep(c));
+    }
+
+    fn check_locks(&mut self) {
+        let Some(running) = self.nodes[0].running.as_ref() else { return };
+        let store = running.node.mvcc().clone();
+        let acquisitions: usize = self.lock_clients.iter().map(|c| c.acquisitions.len()).sum();
+        let acked: usize = self.lock_clients.iter().map(|c| c.acked.len()).sum();
+        let stale: u64 = self.lock_clients.iter().map(|c| c.stale_rejections).sum();
+        self.note(format!(
+            "locks: {acquisitions} acquisitions, {acked} acknowledged increments, {stale} stale fenced writes refused"
+        ));
+        for violation in crate::lock_workload::check(&self.lock_clients, &store) {
             self.violation(violation);
         }
     }

@@ -91,3 +91,11 @@ fn acknowledging_lease_keep_alives_without_renewing_is_caught() {
     eprintln!("lease-ack-without-renew caught at seed {seed}: {}", violations[0]);
     assert!(violations.iter().any(|v| v.contains("gone")), "{violations:?}");
 }
+
+#[test]
+fn unfenced_lock_writes_lose_updates_and_are_caught() {
+    let (seed, violations) =
+        first_seed_catching(Bug::UnfencedLock).expect("stale writes of paused lock holders went unnoticed");
+    eprintln!("unfenced-lock caught at seed {seed}: {}", violations[0]);
+    assert!(violations.iter().any(|v| v.contains("lost update")), "{violations:?}");
+}

@@ -320,9 +320,9 @@ async fn chorus_elect_exec_standby_takes_over_within_the_ttl_and_never_overlaps(
     let takeover = killed_at.elapsed();
     println!("standby started {} ms after the primary was killed (TTL {ttl_s} s)", takeover.as_millis());
     // The lease runs from the primary's last keep-alive, sent every third of the TTL.
-    let earliest = Duration::from_millis(ttl_s as u64 * 1000 * 2 / 3) - Duration::from_millis(100);
+    let earliest = Duration::from_millis(ttl_s * 1000 * 2 / 3) - Duration::from_millis(100);
     assert!(takeover >= earliest, "took over {takeover:?} after the kill, before the lease could expire");
-    assert!(takeover <= Duration::from_secs(ttl_s as u64 + 5), "took {takeover:?}");
+    assert!(takeover <= Duration::from_secs(ttl_s + 5), "took {takeover:?}");
     let lines: Vec<String> = read(&trace).lines().map(str::to_string).collect();
     let token = |line: &str| line.rsplit('-').next().unwrap().parse::<i64>().unwrap();
     assert_eq!(lines.len(), 2, "{lines:?}");

@@ -181,7 +181,7 @@ async fn observe(
                 if event.r#type == EventType::Delete as i32 || kv.create_revision != leader_revision {
                     break 'leader;
                 }
-                let response = LeaderResponse { header: header.clone(), kv: Some(kv) };
+                let response = LeaderResponse { header, kv: Some(kv) };
                 if sender.send(Ok(response)).await.is_err() {
                     return Ok(());
                 }

@@ -82,7 +82,7 @@ impl Drop for KeyWatch {
         // Closing must not wait in a destructor; a full input queue gets a task.
         if let Err(error) = node.try_watch_input(close) {
             tokio::spawn(async move {
-                let _ = node.watch_input(error).await;
+                let _ = node.watch_input(*error).await;
             });
         }
     }
