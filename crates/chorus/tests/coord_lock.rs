@@ -450,3 +450,115 @@ async fn lost_updates_under_pauses_happen_without_fencing_and_never_with_it() {
     );
     assert_eq!(value, acked, "with fenced writes every acknowledged increment is in the counter");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lock_election_and_fence_requests_get_precise_errors_and_change_nothing() {
+    use chorus_proto::chorus::v1::FencedTxnRequest;
+    use chorus_proto::v3electionpb::election_client::ElectionClient;
+    use chorus_proto::v3electionpb::{CampaignRequest, LeaderRequest, ProclaimRequest, ResignRequest};
+    use chorus_proto::v3lockpb::lock_client::LockClient;
+    use chorus_proto::v3lockpb::LockRequest;
+    use tonic::Code;
+
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut etcd = cluster.client().await;
+    let lease = etcd.lease_grant(30, None).await.unwrap().id();
+    let revision = etcd.get("x", None).await.unwrap().header().unwrap().revision();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.endpoint(1)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut locks = LockClient::new(channel.clone());
+    let mut elections = ElectionClient::new(channel.clone());
+    let mut fenced = FencedKvClient::new(channel);
+    let huge = vec![b'n'; 70_000];
+
+    let lock = |name: &[u8], lease: i64| LockRequest { name: name.to_vec(), lease };
+    let cases: Vec<(&str, Code, Result<(), tonic::Status>)> = vec![
+        ("lock without a name", Code::InvalidArgument, locks.lock(lock(b"", lease)).await.map(drop)),
+        ("lock without a lease", Code::InvalidArgument, locks.lock(lock(b"l", 0)).await.map(drop)),
+        ("lock with a huge name", Code::InvalidArgument, locks.lock(lock(&huge, lease)).await.map(drop)),
+        ("lock with an unknown lease", Code::NotFound, locks.lock(lock(b"l", 0x5eed)).await.map(drop)),
+        (
+            "campaign with a huge value",
+            Code::InvalidArgument,
+            elections
+                .campaign(CampaignRequest { name: b"e".to_vec(), lease, value: vec![0; 2 << 20] })
+                .await
+                .map(drop),
+        ),
+        (
+            "proclaim without a leader key",
+            Code::InvalidArgument,
+            elections.proclaim(ProclaimRequest { leader: None, value: b"v".to_vec() }).await.map(drop),
+        ),
+        (
+            "resign without a leader key",
+            Code::InvalidArgument,
+            elections.resign(ResignRequest { leader: None }).await.map(drop),
+        ),
+        (
+            "leader of no name",
+            Code::InvalidArgument,
+            elections.leader(LeaderRequest { name: Vec::new() }).await.map(drop),
+        ),
+        (
+            "leader of nobody",
+            Code::NotFound,
+            elections.leader(LeaderRequest { name: b"nobody".to_vec() }).await.map(drop),
+        ),
+        (
+            "fenced put without a fence",
+            Code::InvalidArgument,
+            fenced
+                .put(FencedPutRequest { fence: None, request: Some(PutRequest::default()) })
+                .await
+                .map(drop),
+        ),
+        (
+            "fence with token 0",
+            Code::InvalidArgument,
+            fenced
+                .put(FencedPutRequest {
+                    fence: Some(Fence { lock: b"l".to_vec(), token: 0 }),
+                    request: Some(PutRequest { key: b"k".to_vec(), ..Default::default() }),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "fence without a lock name",
+            Code::InvalidArgument,
+            fenced
+                .txn(FencedTxnRequest {
+                    fence: Some(Fence { lock: Vec::new(), token: 3 }),
+                    request: Some(Default::default()),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "fenced put with an empty key",
+            Code::InvalidArgument,
+            fenced
+                .put(FencedPutRequest {
+                    fence: Some(Fence { lock: b"l".to_vec(), token: 3 }),
+                    request: Some(PutRequest::default()),
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (what, code, result) in cases {
+        let status = result.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(!status.message().is_empty(), "{what}");
+        println!("{what}: {:?} {}", status.code(), status.message());
+    }
+    let after = etcd.get("x", None).await.unwrap().header().unwrap().revision();
+    assert_eq!(after, revision, "a refused request changed the store");
+    let keys = etcd.get("", Some(etcd_client::GetOptions::new().with_all_keys())).await.unwrap();
+    assert_eq!(keys.count(), 0, "no contender key was left behind");
+}
