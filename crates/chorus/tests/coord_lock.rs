@@ -562,3 +562,45 @@ async fn bad_lock_election_and_fence_requests_get_precise_errors_and_change_noth
     let keys = etcd.get("", Some(etcd_client::GetOptions::new().with_all_keys())).await.unwrap();
     assert_eq!(keys.count(), 0, "no contender key was left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chorus_lock_exec_exits_with_the_command_and_stops_it_when_the_lock_is_lost() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let endpoints = cluster.endpoints().join(",");
+    let dir = cluster.dir.path();
+
+    // The command's status is the supervisor's, and the lock is released after it.
+    let output = chorus(&endpoints).args(["lock", "job", "--", "sh", "-c", "exit 7"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(7), "{output:?}");
+    let mut etcd = cluster.client().await;
+    let held = etcd.get("job/", Some(etcd_client::GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(held.count(), 0, "the lock was released");
+
+    // The lease is revoked under a running command that ignores SIGTERM: the
+    // supervisor notices, sends SIGTERM, then SIGKILL after the grace period.
+    let lease_file = dir.join("lease");
+    let script = format!("trap '' TERM; echo $CHORUS_LEASE > {}; exec sleep 600", lease_file.display());
+    let mut command = chorus(&endpoints);
+    command.args(["lock", "job", "--ttl", "5", "--grace", "1s", "--", "sh", "-c", &script]);
+    let mut supervisor = spawn_group(command, &dir.join("supervisor.log"));
+    assert!(wait_for(&lease_file, "\n", Duration::from_secs(10)), "{}", read(&dir.join("supervisor.log")));
+    let lease = i64::from_str_radix(read(&lease_file).trim(), 16).unwrap();
+    let revoked_at = Instant::now();
+    etcd.lease_revoke(lease).await.unwrap();
+    let status = loop {
+        if let Some(status) = supervisor.try_wait().unwrap() {
+            break status;
+        }
+        assert!(revoked_at.elapsed() < Duration::from_secs(15), "the supervisor never stopped its command");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "supervisor exited {:?} {} ms after the revoke",
+        status.code(),
+        revoked_at.elapsed().as_millis()
+    );
+    // `exec sleep` ignores SIGTERM (inherited), so SIGKILL ended it: 128 + 9.
+    assert_eq!(status.code(), Some(137), "{}", read(&dir.join("supervisor.log")));
+    assert!(read(&dir.join("supervisor.log")).contains("lost job"), "{}", read(&dir.join("supervisor.log")));
+}
