@@ -160,10 +160,7 @@ pub fn router(s: &Services, limits: GatewayLimits) -> Router {
         .route("/v3/maintenance/hash", unary!(limits, s.maintenance, Maintenance::hash))
         .route("/v3/maintenance/hashkv", unary!(limits, s.maintenance, Maintenance::hash_kv))
         .route("/v3/maintenance/snapshot", server_stream!(limits, s.maintenance, Maintenance::snapshot))
-        .route(
-            "/v3/maintenance/transfer-leadership",
-            unary!(limits, s.maintenance, Maintenance::move_leader),
-        )
+        .route("/v3/maintenance/transfer-leadership", unary!(limits, s.maintenance, Maintenance::move_leader))
         .route("/v3/maintenance/downgrade", unary!(limits, s.maintenance, Maintenance::downgrade))
 }
 
@@ -192,13 +189,18 @@ async fn health(kv: Arc<KvService>) -> HttpResponse {
     match Kv::range(&*kv, tonic::Request::new(request)).await {
         Ok(_) => json_body(StatusCode::OK, r#"{"health":"true","reason":""}"#.into()),
         Err(status) => {
-            let body = serde_json::json!({"health": "false", "reason": format!("RANGE ERROR:{}", status.message())});
+            let body =
+                serde_json::json!({"health": "false", "reason": format!("RANGE ERROR:{}", status.message())});
             json_body(StatusCode::SERVICE_UNAVAILABLE, body.to_string().into())
         }
     }
 }
 
-async fn unary_call<Req, Resp, F, Fut>(limits: GatewayLimits, request: HttpRequest<Body>, call: F) -> HttpResponse
+async fn unary_call<Req, Resp, F, Fut>(
+    limits: GatewayLimits,
+    request: HttpRequest<Body>,
+    call: F,
+) -> HttpResponse
 where
     Req: DeserializeOwned + prost::Message + Default,
     Resp: Serialize + Send + 'static,
@@ -306,10 +308,7 @@ where
     let body = match Limited::new(request.into_body(), limits.body_bytes_max).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => {
-            return Err(too_large(format!(
-                "request body larger than max ({} bytes)",
-                limits.body_bytes_max
-            )))
+            return Err(too_large(format!("request body larger than max ({} bytes)", limits.body_bytes_max)))
         }
         Err(error) => {
             return Err(plain_error(
@@ -322,7 +321,11 @@ where
     let mut messages = Vec::new();
     for message in serde_json::Deserializer::from_slice(&body).into_iter::<Req>() {
         let message = message.map_err(|error| {
-            plain_error(StatusCode::BAD_REQUEST, Code::InvalidArgument, &format!("invalid JSON request: {error}"))
+            plain_error(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                &format!("invalid JSON request: {error}"),
+            )
         })?;
         let len = message.encoded_len();
         if len > limits.message_bytes_max {

@@ -11,11 +11,11 @@ use chorus_proto::etcdserverpb::kv_client::KvClient;
 use chorus_proto::etcdserverpb::lease_client::LeaseClient;
 use chorus_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use chorus_proto::etcdserverpb::{
-    compare, request_op, AlarmRequest, AuthStatusRequest, Compare, CompactionRequest, DefragmentRequest,
+    compare, request_op, AlarmRequest, AuthStatusRequest, CompactionRequest, Compare, DefragmentRequest,
     DeleteRangeRequest, DowngradeRequest, HashKvRequest, HashRequest, LeaseGrantRequest,
-    LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest,
-    MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, MemberUpdateRequest,
-    MoveLeaderRequest, PutRequest, RangeRequest, RequestOp, SnapshotRequest, StatusRequest, TxnRequest,
+    LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, MemberAddRequest,
+    MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, MemberUpdateRequest, MoveLeaderRequest,
+    PutRequest, RangeRequest, RequestOp, SnapshotRequest, StatusRequest, TxnRequest,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -261,7 +261,8 @@ async fn every_path_answers_as_grpc_does() {
     assert!(gone.into_inner().kvs.is_empty());
     // Deleting nothing: the same answer (no `deleted` field: zero values are left out).
     let none = DeleteRangeRequest { key: b"gw/none".to_vec(), ..Default::default() };
-    let body = same_as_grpc(&addr, "/v3/kv/deleterange", &none, kv.delete_range(none.clone()).await, &[]).await;
+    let body =
+        same_as_grpc(&addr, "/v3/kv/deleterange", &none, kv.delete_range(none.clone()).await, &[]).await;
     assert!(body.get("deleted").is_none(), "{body}");
 
     let compact = CompactionRequest { revision: put_revision, physical: false };
@@ -271,19 +272,19 @@ async fn every_path_answers_as_grpc_does() {
     let body = same_as_grpc(&addr, "/v3/kv/range", &old, kv.range(old.clone()).await, &[]).await;
     assert_eq!(body["message"], json!("etcdserver: mvcc: required revision has been compacted"));
     let again = CompactionRequest { revision: put_revision - 1, physical: false };
-    same_as_grpc(&addr, "/v3/kv/compaction", &again, kv.compact(again.clone()).await, &[]).await;
+    same_as_grpc(&addr, "/v3/kv/compaction", &again, kv.compact(again).await, &[]).await;
 
     // Lease.
     let (status, granted) = post(&addr, "/v3/lease/grant", &json!({"TTL": "30"})).await;
     assert_eq!(status, 200, "{granted}");
     let id: i64 = granted["ID"].as_str().unwrap().parse().unwrap();
     assert_eq!(granted["TTL"], json!("30"));
-    let put = PutRequest { key: b"gw/leased".to_vec(), value: b"x".to_vec(), lease: id, ..Default::default() };
+    let put =
+        PutRequest { key: b"gw/leased".to_vec(), value: b"x".to_vec(), lease: id, ..Default::default() };
     assert_eq!(post(&addr, "/v3/kv/put", &json_of(&put)).await.0, 200);
     let ttl = LeaseTimeToLiveRequest { id, keys: true };
     for path in ["/v3/lease/timetolive", "/v3/kv/lease/timetolive"] {
-        let body =
-            same_as_grpc(&addr, path, &ttl, lease.lease_time_to_live(ttl.clone()).await, &["TTL"]).await;
+        let body = same_as_grpc(&addr, path, &ttl, lease.lease_time_to_live(ttl).await, &["TTL"]).await;
         assert_eq!(body["keys"], json!([b64(b"gw/leased")]));
         assert_eq!(body["grantedTTL"], json!("30"));
     }
@@ -301,7 +302,10 @@ async fn every_path_answers_as_grpc_does() {
     let leased = kv.range(RangeRequest { key: b"gw/leased".to_vec(), ..Default::default() }).await.unwrap();
     assert!(leased.into_inner().kvs.is_empty(), "revoking deletes the lease's keys");
     let body = same_as_grpc(&addr, "/v3/lease/revoke", &revoke, lease.lease_revoke(revoke).await, &[]).await;
-    assert_eq!((body["code"].clone(), body["error"].clone()), (json!(5), json!("etcdserver: requested lease not found")));
+    assert_eq!(
+        (body["code"].clone(), body["error"].clone()),
+        (json!(5), json!("etcdserver: requested lease not found"))
+    );
     let grant = LeaseGrantRequest { ttl: 10, id: 0 };
     let (status, _) = post(&addr, "/v3/lease/grant", &json_of(&grant)).await;
     assert_eq!(status, 200);
@@ -311,7 +315,8 @@ async fn every_path_answers_as_grpc_does() {
 
     // Cluster.
     let list = MemberListRequest { linearizable: false };
-    let body = same_as_grpc(&addr, "/v3/cluster/member/list", &list, members.member_list(list).await, &[]).await;
+    let body =
+        same_as_grpc(&addr, "/v3/cluster/member/list", &list, members.member_list(list).await, &[]).await;
     assert_eq!(body["members"].as_array().unwrap().len(), 3, "{body}");
     let add = MemberAddRequest { peer_ur_ls: vec!["http://127.0.0.1:1".into()], is_learner: false };
     same_as_grpc(&addr, "/v3/cluster/member/add", &add, members.member_add(add.clone()).await, &[]).await;
@@ -328,10 +333,11 @@ async fn every_path_answers_as_grpc_does() {
     let volatile = ["raftIndex", "raftAppliedIndex", "dbSize", "dbSizeInUse", "raftTerm"];
     let status = StatusRequest {};
     let body =
-        same_as_grpc(&addr, "/v3/maintenance/status", &status, maintenance.status(status).await, &volatile).await;
+        same_as_grpc(&addr, "/v3/maintenance/status", &status, maintenance.status(status).await, &volatile)
+            .await;
     assert_eq!(body["version"], json!("3.5.0"));
     let alarm = AlarmRequest::default();
-    same_as_grpc(&addr, "/v3/maintenance/alarm", &alarm, maintenance.alarm(alarm.clone()).await, &[]).await;
+    same_as_grpc(&addr, "/v3/maintenance/alarm", &alarm, maintenance.alarm(alarm).await, &[]).await;
     let defragment = DefragmentRequest {};
     let answer = maintenance.defragment(defragment).await;
     same_as_grpc(&addr, "/v3/maintenance/defragment", &defragment, answer, &[]).await;
@@ -404,7 +410,9 @@ async fn watch_streams_events_while_open_and_keep_alive_of_an_expired_lease_has_
     }
     assert_ne!(watch_ids[0], watch_ids[1]);
 
-    for (key, value) in [(&b"w/key"[..], &b"v1"[..]), (b"w/p/x", b"v2"), (b"w/other", b"no"), (b"w/p/x", b"v3")] {
+    for (key, value) in
+        [(&b"w/key"[..], &b"v1"[..]), (b"w/p/x", b"v2"), (b"w/other", b"no"), (b"w/p/x", b"v3")]
+    {
         let put = PutRequest { key: key.to_vec(), value: value.to_vec(), ..Default::default() };
         kv.put(put).await.unwrap();
         if key == b"w/other" {
@@ -412,13 +420,15 @@ async fn watch_streams_events_while_open_and_keep_alive_of_an_expired_lease_has_
         }
         // The event arrives on the still-open stream.
         let started = Instant::now();
-        let event = next_chunk(&mut stream, &mut buffer, LIMIT).await.expect("an event while the stream is open");
+        let event =
+            next_chunk(&mut stream, &mut buffer, LIMIT).await.expect("an event while the stream is open");
         eprintln!("watch event over HTTP {} ms after the put", started.elapsed().as_millis());
         let events = event["result"]["events"].as_array().unwrap_or_else(|| panic!("{event}"));
         assert_eq!(events.len(), 1, "{event}");
         let expected_id = if key == b"w/key" { &watch_ids[0] } else { &watch_ids[1] };
         assert_eq!(&event["result"]["watch_id"], expected_id, "{event}");
-        let now = kv.range(RangeRequest { key: key.to_vec(), ..Default::default() }).await.unwrap().into_inner();
+        let now =
+            kv.range(RangeRequest { key: key.to_vec(), ..Default::default() }).await.unwrap().into_inner();
         assert_eq!(events[0]["kv"], json_of(&now.kvs[0]), "the event's kv is the key as gRPC reads it");
         if value == b"v3" {
             assert_eq!(events[0]["prev_kv"]["value"], json!(b64(b"v2")));
@@ -470,11 +480,35 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         ("malformed JSON", "/v3/kv/put", r#"{"key": "YQ==", "value""#.into(), 400, "invalid JSON request"),
         ("wrong type", "/v3/kv/put", r#"{"key": "YQ==", "lease": true}"#.into(), 400, "invalid JSON request"),
         ("wrong type of key", "/v3/kv/put", r#"{"key": 5}"#.into(), 400, "invalid JSON request"),
-        ("bad base64", "/v3/kv/put", r#"{"key": "not base64!", "value": "YQ=="}"#.into(), 400, "invalid JSON request"),
-        ("unknown enum", "/v3/kv/range", r#"{"key": "YQ==", "sort_order": "SIDEWAYS"}"#.into(), 400, "invalid JSON"),
+        (
+            "bad base64",
+            "/v3/kv/put",
+            r#"{"key": "not base64!", "value": "YQ=="}"#.into(),
+            400,
+            "invalid JSON request",
+        ),
+        (
+            "unknown enum",
+            "/v3/kv/range",
+            r#"{"key": "YQ==", "sort_order": "SIDEWAYS"}"#.into(),
+            400,
+            "invalid JSON",
+        ),
         ("not an object", "/v3/kv/txn", "[1, 2]".into(), 400, "invalid JSON request"),
-        ("two requests to a unary rpc", "/v3/kv/put", r#"{"key":"YQ=="}{"key":"Yg=="}"#.into(), 400, "more than 1"),
-        ("body over the limit", "/v3/kv/put", format!(r#"{{"key": "YQ==", "value": "{big}"}}"#), 413, "larger than max"),
+        (
+            "two requests to a unary rpc",
+            "/v3/kv/put",
+            r#"{"key":"YQ=="}{"key":"Yg=="}"#.into(),
+            400,
+            "more than 1",
+        ),
+        (
+            "body over the limit",
+            "/v3/kv/put",
+            format!(r#"{{"key": "YQ==", "value": "{big}"}}"#),
+            413,
+            "larger than max",
+        ),
         (
             "request over --max-request-bytes",
             "/v3/kv/put",
@@ -482,8 +516,20 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             400,
             "etcdserver: request is too large",
         ),
-        ("malformed watch", "/v3/watch", r#"{"create_request": {"key": 1}}"#.into(), 400, "invalid JSON request"),
-        ("malformed txn in a watch body", "/v3/watch", r#"{"create_request": {}} {"#.into(), 400, "invalid JSON"),
+        (
+            "malformed watch",
+            "/v3/watch",
+            r#"{"create_request": {"key": 1}}"#.into(),
+            400,
+            "invalid JSON request",
+        ),
+        (
+            "malformed txn in a watch body",
+            "/v3/watch",
+            r#"{"create_request": {}} {"#.into(),
+            400,
+            "invalid JSON",
+        ),
     ];
     for (what, path, body, status, message) in cases {
         let (got_status, got) = call(&addr, "POST", path, body).await;
