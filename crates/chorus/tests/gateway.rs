@@ -63,6 +63,29 @@ async fn send(addr: &str, method: &str, path: &str, body: impl Into<Bytes>) -> h
     tokio::time::timeout(LIMIT, sender.send_request(request)).await.expect("answer in time").expect("answer")
 }
 
+/// A unary call over HTTP/2 without TLS (h2c, prior knowledge), as gRPC uses the port.
+async fn post_h2(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let request = hyper::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = tokio::time::timeout(LIMIT, sender.send_request(request))
+        .await
+        .expect("answer in time")
+        .expect("answer");
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&bytes).expect("JSON"))
+}
+
 /// A unary call: status and JSON body.
 async fn call(addr: &str, method: &str, path: &str, body: impl Into<Bytes>) -> (u16, Value) {
     let response = send(addr, method, path, body).await;
@@ -199,6 +222,9 @@ async fn every_path_answers_as_grpc_does() {
     assert_eq!(range["kvs"][0]["value"], json!(b64(b"1")));
     assert_eq!(range["kvs"][0]["mod_revision"], json!(put_revision.to_string()), "64-bit ints as strings");
     assert_eq!(range["count"], json!("1"));
+    let (status, over_h2) = post_h2(&addr, "/v3/kv/range", &json_of(&request)).await;
+    assert_eq!(status, 200, "{over_h2}");
+    assert_eq!(over_h2["kvs"], range["kvs"], "the same answer over HTTP/2");
     // The request in grpc-gateway's other accepted shapes: numbers for int64, enum numbers.
     let (status, sorted) = post(
         &addr,
