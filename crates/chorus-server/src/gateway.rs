@@ -127,7 +127,7 @@ macro_rules! bidi {
 /// The gateway's routes, with etcd's paths (rpc.proto's `google.api.http` options).
 pub fn router(s: &Services, limits: GatewayLimits) -> Router {
     let kv = s.kv.clone();
-    Router::new()
+    let router = Router::new()
         .route("/version", get(|| async { json_body(StatusCode::OK, VERSION_JSON.into()) }))
         .route("/health", get(move || health(kv.clone())))
         // KV
@@ -161,8 +161,36 @@ pub fn router(s: &Services, limits: GatewayLimits) -> Router {
         .route("/v3/maintenance/hashkv", unary!(limits, s.maintenance, Maintenance::hash_kv))
         .route("/v3/maintenance/snapshot", server_stream!(limits, s.maintenance, Maintenance::snapshot))
         .route("/v3/maintenance/transfer-leadership", unary!(limits, s.maintenance, Maintenance::move_leader))
-        .route("/v3/maintenance/downgrade", unary!(limits, s.maintenance, Maintenance::downgrade))
+        .route("/v3/maintenance/downgrade", unary!(limits, s.maintenance, Maintenance::downgrade));
+    // Auth is not served over gRPC either: its paths answer Unimplemented, not 404.
+    AUTH_PATHS.iter().fold(router, |router, path| {
+        router.route(
+            path,
+            post(|| async { status_error(&crate::api::not_yet("Auth")) }).fallback(method_not_allowed),
+        )
+    })
 }
+
+/// etcd's Auth service paths (rpc.proto).
+const AUTH_PATHS: [&str; 17] = [
+    "/v3/auth/enable",
+    "/v3/auth/disable",
+    "/v3/auth/status",
+    "/v3/auth/authenticate",
+    "/v3/auth/user/add",
+    "/v3/auth/user/get",
+    "/v3/auth/user/list",
+    "/v3/auth/user/delete",
+    "/v3/auth/user/changepw",
+    "/v3/auth/user/grant",
+    "/v3/auth/user/revoke",
+    "/v3/auth/role/add",
+    "/v3/auth/role/get",
+    "/v3/auth/role/list",
+    "/v3/auth/role/delete",
+    "/v3/auth/role/grant",
+    "/v3/auth/role/revoke",
+];
 
 /// The answer for a path no route serves: a gRPC `Unimplemented` for gRPC requests
 /// (what tonic answers), grpc-gateway's 404 for everything else.

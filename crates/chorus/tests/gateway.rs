@@ -392,6 +392,12 @@ async fn every_path_answers_as_grpc_does() {
     assert_eq!((status, body["code"].clone()), (405, json!(12)));
     let auth = AuthClient::new(grpc.clone()).auth_status(AuthStatusRequest {}).await;
     assert_eq!(auth.unwrap_err().code(), Code::Unimplemented);
+    let (status, body) = post(&addr, "/v3/auth/status", &json!({})).await;
+    assert_eq!(
+        (status, body["code"].clone()),
+        (501, json!(12)),
+        "Auth answers Unimplemented as on gRPC: {body}"
+    );
 
     // Without a quorum the member cannot serve a linearizable read: /health says so.
     let survivor = (leader + 1) % 3;
