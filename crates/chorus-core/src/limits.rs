@@ -117,6 +117,14 @@ pub const PEER_BATCH_MESSAGES_MAX: usize = 256;
 pub const PEER_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Lease keep-alive responses buffered per stream between a member and its client.
 pub const KEEP_ALIVE_RESPONSES_MAX: usize = 64;
+/// The HTTP/JSON gateway accepts a body this many times the gRPC message limit
+/// (`request_bytes_max + GRPC_MESSAGE_OVERHEAD_BYTES`): base64 makes bytes 4/3 as
+/// long and JSON adds field names and quoting. The decoded messages are then held
+/// to the gRPC message limit itself, so JSON cannot get more through than gRPC.
+pub const GATEWAY_BODY_EXPANSION: u64 = 2;
+/// JSON request messages one gateway call may carry (a body of concatenated
+/// `/v3/watch` or `/v3/lease/keepalive` requests).
+pub const GATEWAY_STREAM_REQUESTS_MAX: usize = 1024;
 
 #[cfg(test)]
 mod tests {

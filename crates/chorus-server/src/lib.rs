@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod driver;
+pub mod gateway;
 mod raft_log;
 pub mod status;
 pub mod transport;
@@ -145,20 +146,28 @@ pub async fn serve(
     drop(input_tx);
     let configured = configured_members(&config, &member_ids);
     let message_bytes_max = (config.limits.request_bytes_max + GRPC_MESSAGE_OVERHEAD_BYTES) as usize;
+    let gateway_limits = gateway::GatewayLimits::new(message_bytes_max);
     for listener in client_listeners {
-        let kv_service = Arc::new(KvService::new(handle.clone(), config.limits.clone()));
-        let kv = KvServer::from_arc(kv_service.clone()).max_decoding_message_size(message_bytes_max);
-        let fenced_kv =
-            FencedKvServer::new(FencedKvService(kv_service)).max_decoding_message_size(message_bytes_max);
-        let lock = LockServer::new(LockService::new(handle.clone(), config.limits.clone()));
-        let election = ElectionServer::new(ElectionService::new(handle.clone(), config.limits.clone()));
-        let maintenance = MaintenanceServer::new(MaintenanceService::new(handle.clone(), ids));
-        let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
-        let watch = WatchServer::new(WatchService::new(handle.clone()));
-        let lease = LeaseServer::new(LeaseService::new(handle.clone(), &peer_addrs));
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(kv)
+        // One set of service objects serves both gRPC and the HTTP/JSON gateway.
+        let services = gateway::Services {
+            kv: Arc::new(KvService::new(handle.clone(), config.limits.clone())),
+            watch: Arc::new(WatchService::new(handle.clone())),
+            lease: Arc::new(LeaseService::new(handle.clone(), &peer_addrs)),
+            cluster: Arc::new(ClusterService::new(handle.clone(), ids, configured.clone())),
+            maintenance: Arc::new(MaintenanceService::new(handle.clone(), ids)),
+            lock: Arc::new(LockService::new(handle.clone(), config.limits.clone())),
+            election: Arc::new(ElectionService::new(handle.clone(), config.limits.clone())),
+        };
+        let kv = KvServer::from_arc(services.kv.clone()).max_decoding_message_size(message_bytes_max);
+        let fenced_kv = FencedKvServer::new(FencedKvService(services.kv.clone()))
+            .max_decoding_message_size(message_bytes_max);
+        let maintenance = MaintenanceServer::from_arc(services.maintenance.clone());
+        let cluster = ClusterServer::from_arc(services.cluster.clone());
+        let watch = WatchServer::from_arc(services.watch.clone());
+        let lease = LeaseServer::from_arc(services.lease.clone());
+        let lock = LockServer::from_arc(services.lock.clone());
+        let election = ElectionServer::from_arc(services.election.clone());
+        let grpc = tonic::service::Routes::new(kv)
             .add_service(maintenance)
             .add_service(cluster)
             .add_service(watch)
@@ -166,6 +175,15 @@ pub async fn serve(
             .add_service(fenced_kv)
             .add_service(lock)
             .add_service(election);
+        // gRPC and the gateway on one listener: HTTP/2 (gRPC, JSON) and HTTP/1.1 (JSON).
+        let routes = grpc
+            .into_axum_router()
+            .merge(gateway::router(&services, gateway_limits))
+            .fallback(gateway::fallback);
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .accept_http1(true)
+            .add_routes(routes.into());
         servers.push(tokio::spawn(
             router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
         ));
