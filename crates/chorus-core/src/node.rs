@@ -457,7 +457,10 @@ impl Node {
             return Err(LeaseCallError::NotLeader);
         }
         let Some(lease) = self.leases.get(id) else { return Ok((-1, 0, Vec::new())) };
-        let remaining = self.lease_clock.remaining_s(id).unwrap_or(lease.granted_ttl_s);
+        // The leader's deadline carries a tick of rounding and, after a leader change,
+        // the grace; neither is the client's business: never report more than granted.
+        let remaining =
+            self.lease_clock.remaining_s(id).unwrap_or(lease.granted_ttl_s).min(lease.granted_ttl_s);
         Ok((remaining, lease.granted_ttl_s, lease.keys.iter().cloned().collect()))
     }
 

@@ -44,9 +44,9 @@ use tokio::sync::oneshot;
 use tonic::{Code, Status, Streaming};
 
 use crate::api::cluster::ClusterService;
+use crate::api::election::ElectionService;
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
-use crate::api::election::ElectionService;
 use crate::api::lock::LockService;
 use crate::api::maintenance::MaintenanceService;
 use crate::api::watch::WatchService;
@@ -256,7 +256,9 @@ where
         Err(response) => return response,
     };
     let mut grpc_request = tonic::Request::new(message);
-    if let Some(fence) = fence.and_then(|value| tonic::metadata::MetadataValue::try_from(value.as_bytes()).ok()) {
+    if let Some(fence) =
+        fence.and_then(|value| tonic::metadata::MetadataValue::try_from(value.as_bytes()).ok())
+    {
         grpc_request.metadata_mut().insert(crate::api::kv::FENCE_METADATA_KEY, fence);
     }
     match call(grpc_request).await {

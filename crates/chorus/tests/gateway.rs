@@ -604,11 +604,8 @@ async fn lock_election_and_fences_over_http() {
     let (status, locked) = post(&addr, "/v3/lock/lock", &json!({"name": b64(b"res"), "lease": lease})).await;
     assert_eq!(status, 200, "{locked}");
     let key = locked["key"].as_str().unwrap().to_string();
-    let range = kv
-        .range(RangeRequest { key: base64_decode(&key), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let range =
+        kv.range(RangeRequest { key: base64_decode(&key), ..Default::default() }).await.unwrap().into_inner();
     let token = range.kvs[0].create_revision;
 
     // A fenced put over HTTP: the current token applies, a stale one is refused with
@@ -634,7 +631,8 @@ async fn lock_election_and_fences_over_http() {
     // Election: campaign, leader (same as gRPC), proclaim, resign, no leader.
     let name = b64(b"pool");
     let (status, campaign) =
-        post(&addr, "/v3/election/campaign", &json!({"name": name, "lease": lease, "value": b64(b"one")})).await;
+        post(&addr, "/v3/election/campaign", &json!({"name": name, "lease": lease, "value": b64(b"one")}))
+            .await;
     assert_eq!(status, 200, "{campaign}");
     let leader_key = campaign["leader"].clone();
     let (status, answer) = post(&addr, "/v3/election/leader", &json!({"name": name})).await;
