@@ -11,12 +11,15 @@
 //! - [`node`]: the consensus node around raft-rs, the state machine, and proposal
 //!   and read tracking.
 
+pub mod barrier;
+pub mod coord;
 pub mod error;
 pub mod lease;
 pub mod lease_clock;
 pub mod limits;
 pub mod mvcc;
 pub mod node;
+pub mod queue;
 pub mod validate;
 pub mod watch;
 
