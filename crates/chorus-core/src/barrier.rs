@@ -120,6 +120,8 @@ pub enum Action {
     Passed(Tripped),
     /// Leave is done: every participant has left.
     Left { revision: i64 },
+    /// The participant's lease ended (its key is gone) before the barrier tripped.
+    Lost(String),
     /// The deadline passed without the barrier tripping (or emptying); an
     /// entering participant has been withdrawn.
     TimedOut(String),
@@ -214,6 +216,14 @@ impl Enter {
         let state = interpret_state(&self.name, &response);
         if let Some(trip) = &state.trip {
             return Action::Passed(tripped(trip));
+        }
+        let own = participant_key(&self.name, self.lease);
+        if !state.participants.iter().any(|kv| kv.key == own) {
+            return Action::Lost(format!(
+                "barrier {:?}: this participant's lease {:x} ended before the barrier tripped, so it left \
+                 the barrier",
+                self.name, self.lease
+            ));
         }
         if state.participants.len() < self.count as usize {
             return Action::Wait { revision: state.revision };
@@ -410,6 +420,13 @@ mod tests {
         leave.start_over();
         assert!(matches!(leave.on_range(state(vec![trip], 14)), Action::Write(_)));
         assert!(matches!(leave.on_txn(TxnResponse::default()), Action::Left { .. }));
+    }
+
+    #[test]
+    fn a_participant_whose_key_is_gone_has_lost() {
+        let mut enter = Enter::new("b", 2, 7).unwrap();
+        enter.start_over();
+        assert!(matches!(enter.on_range(state(vec![participant(9, 4)], 5)), Action::Lost(_)));
     }
 
     #[test]

@@ -34,13 +34,17 @@ use tonic::transport::server::TcpIncoming;
 
 pub use config::{ClusterState, ConfigError, ServerConfig};
 
+use crate::api::barrier::BarrierService;
 use crate::api::cluster::{ClusterService, ConfiguredMember};
 use crate::api::kv::KvService;
 use crate::api::lease::LeaseService;
 use crate::api::maintenance::MaintenanceService;
+use crate::api::queue::QueueService;
 use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
 use crate::transport::{PeerLink, PeerService};
+use chorus_proto::chorus::v1::barrier_server::BarrierServer;
+use chorus_proto::chorus::v1::queue_server::QueueServer;
 
 /// Why a member could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -146,13 +150,18 @@ pub async fn serve(
         let cluster = ClusterServer::new(ClusterService::new(handle.clone(), ids, configured.clone()));
         let watch = WatchServer::new(WatchService::new(handle.clone()));
         let lease = LeaseServer::new(LeaseService::new(handle.clone(), &peer_addrs));
+        let queue = QueueServer::new(QueueService::new(handle.clone(), config.limits.clone()))
+            .max_decoding_message_size(message_bytes_max);
+        let barrier = BarrierServer::new(BarrierService::new(handle.clone(), config.limits.clone()));
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(kv)
             .add_service(maintenance)
             .add_service(cluster)
             .add_service(watch)
-            .add_service(lease);
+            .add_service(lease)
+            .add_service(queue)
+            .add_service(barrier);
         servers.push(tokio::spawn(
             router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
         ));

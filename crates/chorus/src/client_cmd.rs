@@ -548,7 +548,7 @@ fn key_range(
     }
 }
 
-fn parse_lease_id(text: &str) -> Result<i64, String> {
+pub(crate) fn parse_lease_id(text: &str) -> Result<i64, String> {
     let digits = text.strip_prefix("0x").unwrap_or(text);
     u64::from_str_radix(digits, 16)
         // Lease IDs are printed as unsigned hex; the wire field is a signed 64-bit integer.
@@ -560,7 +560,7 @@ fn parse_lease_id(text: &str) -> Result<i64, String> {
 /// decimal numbers each followed by a unit (`ns`, `us`, `ms`, `s`, `m`, `h`), as in `5s`,
 /// `500ms`, `1m30s`. Written here because it is twenty lines and no dependency we have parses
 /// this format.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut rest = text.trim();
     if rest.is_empty() {
         return Err("empty duration".to_string());

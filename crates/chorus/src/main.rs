@@ -6,6 +6,7 @@
 
 mod bench_cmd;
 mod client_cmd;
+mod coord_cmd;
 mod serve_cmd;
 
 use clap::Parser;
@@ -34,6 +35,10 @@ enum Command {
     Dev(serve_cmd::DevArgs),
     /// Load-test a cluster through the public etcd v3 API (works against etcd too).
     Bench(bench_cmd::BenchArgs),
+    /// Work queues: push, pop, ack, nack, len, peek (chorus.v1.Queue)
+    Queue(coord_cmd::QueueArgs),
+    /// Barriers: enter, leave (chorus.v1.Barrier)
+    Barrier(coord_cmd::BarrierArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -65,6 +70,8 @@ fn main() {
             },
             Command::Client(command) => return client_cmd::run(&cli.global, command).await,
             Command::Bench(args) => return bench_cmd::run(&cli.global, args).await,
+            Command::Queue(args) => return coord_cmd::run_queue(&cli.global, args).await,
+            Command::Barrier(args) => return coord_cmd::run_barrier(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,
