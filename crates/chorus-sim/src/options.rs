@@ -14,6 +14,8 @@ pub enum Bug {
     AckBeforeFsync,
     /// Lease keep-alives are acknowledged without renewing the lease.
     LeaseAckWithoutRenew,
+    /// Queue acks delete the message without checking the claim token.
+    QueueAckWithoutToken,
 }
 
 impl std::str::FromStr for Bug {
@@ -23,8 +25,10 @@ impl std::str::FromStr for Bug {
             "stale-reads" => Ok(Bug::StaleReads),
             "ack-before-fsync" => Ok(Bug::AckBeforeFsync),
             "lease-ack-without-renew" => Ok(Bug::LeaseAckWithoutRenew),
+            "queue-ack-without-token" => Ok(Bug::QueueAckWithoutToken),
             other => Err(format!(
-                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew"
+                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew, \
+                 queue-ack-without-token"
             )),
         }
     }
@@ -112,7 +116,7 @@ impl SimOptions {
             Some(Bug::StaleReads) => options.serializable_get_percent = 0,
             // Early expiry is only promised against a clock that does not leap.
             Some(Bug::LeaseAckWithoutRenew) => options.tick_bursts = false,
-            None => {}
+            Some(Bug::QueueAckWithoutToken) | None => {}
         }
         options
     }

@@ -29,6 +29,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
+use crate::coord_workload::{CoordClient, CoordResult, Want};
 use crate::lease_workload::{LeaseClient, Phase, KEYS_PER_LEASE, LEASE_TTL_S};
 use crate::options::{Bug, SimOptions};
 use crate::watch_workload::{SimSink, WatchClient};
@@ -112,6 +113,12 @@ enum Event {
         client: usize,
         request: u64,
     },
+    CoordStep(usize),
+    CoordAnswer {
+        client: usize,
+        request: u64,
+        result: CoordResult,
+    },
 }
 
 /// A lease client's proposal: (client, request id, and for a keep-alive's renewal
@@ -167,6 +174,8 @@ struct Running {
     /// Lease client proposals: seq to (lease client, request id).
     /// For a keep-alive's renewal record: the TTL to answer and when it was sent.
     lease_proposals: BTreeMap<u64, LeaseProposal>,
+    /// Queue and barrier client proposals: seq to (coordination client, request id).
+    coord_proposals: BTreeMap<u64, (usize, u64)>,
     /// This boot's watch hub; its streams die with the process.
     watches: WatchHub<SimSink>,
     boot: u64,
@@ -225,6 +234,8 @@ pub struct World {
     next_stream: u64,
     lease_clients: Vec<LeaseClient>,
     next_lease_request: u64,
+    /// Queue and barrier clients, with the request each has in flight.
+    coord_clients: Vec<(CoordClient, Option<u64>)>,
     /// The highest applied index two seconds before the end (see `check_convergence`).
     convergence_mark: u64,
 }
@@ -277,6 +288,7 @@ impl World {
             next_stream: 1,
             lease_clients: Vec::new(),
             next_lease_request: 1,
+            coord_clients: Vec::new(),
             convergence_mark: 0,
         }
     }
@@ -297,6 +309,13 @@ impl World {
             self.lease_clients.push(LeaseClient::new(id, keep_alives, revoke));
             let start = self.rng.random_range(0..5_000_000);
             self.schedule(start, Event::LeaseStep(l));
+        }
+        self.coord_clients = crate::coord_workload::clients(&self.options, &mut self.rng)
+            .into_iter()
+            .map(|client| (client, None))
+            .collect();
+        for c in 0..self.coord_clients.len() {
+            self.schedule(1_000 + c as u64, Event::CoordStep(c));
         }
         let watchers_count = 1 + (self.options.seed % 2) as usize;
         for w in 0..watchers_count {
@@ -323,6 +342,7 @@ impl World {
         self.check_convergence();
         self.check_watchers();
         self.check_leases();
+        self.check_coord();
         self.report()
     }
 
@@ -401,6 +421,8 @@ impl World {
             Event::LeaseAnswer { client, request, sent_us, result } => {
                 self.lease_answer(client, request, sent_us, result)
             }
+            Event::CoordStep(c) => self.coord_step(c),
+            Event::CoordAnswer { client, request, result } => self.coord_answer(client, request, result),
             Event::LeaseTimeout { client, request } => {
                 if self.lease_clients[client].request_in_flight == Some(request) {
                     self.lease_clients[client].request_in_flight = None;
@@ -444,6 +466,7 @@ impl World {
             serializable_revision_max: 0,
             watches: WatchHub::default(),
             lease_proposals: BTreeMap::new(),
+            coord_proposals: BTreeMap::new(),
             boot: opened_boot,
         });
         self.run_cycles(i);
@@ -582,6 +605,12 @@ impl World {
             self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
         }
         let running = self.nodes[i].running.as_mut().expect("running");
+        let coord_unknown: Vec<(usize, u64)> =
+            std::mem::take(&mut running.coord_proposals).into_values().collect();
+        for (client, request) in coord_unknown {
+            self.schedule(100, Event::CoordAnswer { client, request, result: CoordResult::Unknown });
+        }
+        let running = self.nodes[i].running.as_mut().expect("running");
         let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals).into_values().collect();
         for (client, op_id) in failed {
             self.schedule(100, Event::Answer { client, op_id, answer: Answer::Unknown });
@@ -672,6 +701,14 @@ impl World {
     fn answer_replies(&mut self, i: usize, replies: Vec<Reply>, delay_us: u64) {
         for reply in replies {
             let running = self.nodes[i].running.as_mut().expect("running");
+            if let Some((client, request)) = running.coord_proposals.remove(&reply.seq) {
+                let result = match reply.result {
+                    Ok(response) => CoordResult::Done(response),
+                    Err(error) => CoordResult::Rejected(error),
+                };
+                self.schedule(delay_us + 100, Event::CoordAnswer { client, request, result });
+                continue;
+            }
             if let Some((client, request, renewal)) = running.lease_proposals.remove(&reply.seq) {
                 let result = match (reply.result, renewal) {
                     (Ok(_), Some((ttl, _))) => LeaseResult::Ttl(ttl),
@@ -1263,6 +1300,76 @@ impl World {
         let store = running.node.mvcc().clone();
         let left = running.node.lease_ids();
         for violation in crate::lease_workload::check(&self.lease_clients, &store, &left, self.now_us) {
+            self.violation(violation);
+        }
+    }
+
+    // ---- queue and barrier clients -----------------------------------------
+
+    fn coord_step(&mut self, c: usize) {
+        if self.coord_clients[c].1.is_some() {
+            return;
+        }
+        let now = self.now_us;
+        let op = match self.coord_clients[c].0.next(now, &mut self.rng) {
+            Want::Done => return,
+            Want::Sleep(us) => return self.schedule(us.max(1), Event::CoordStep(c)),
+            Want::Propose(op) => op,
+        };
+        let request = self.next_lease_request;
+        self.next_lease_request += 1;
+        self.coord_clients[c].1 = Some(request);
+        // No answer in time (a crashed member): the outcome is unknown.
+        let timeout = Event::CoordAnswer { client: c, request, result: CoordResult::Unknown };
+        self.schedule(self.options.client_timeout_us, timeout);
+        let node = self.rng.random_range(0..self.nodes.len());
+        let paused = self.nodes[node].paused;
+        let Some(running) = self.nodes[node].running.as_mut().filter(|_| !paused) else {
+            self.schedule(200, Event::CoordAnswer { client: c, request, result: CoordResult::Failed });
+            return;
+        };
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        match running.node.propose(seq, op) {
+            Ok(()) => {
+                running.coord_proposals.insert(seq, (c, request));
+            }
+            Err(_) => {
+                self.schedule(100, Event::CoordAnswer { client: c, request, result: CoordResult::Failed })
+            }
+        }
+        self.after_input(node);
+    }
+
+    fn coord_answer(&mut self, c: usize, request: u64, result: CoordResult) {
+        if self.coord_clients[c].1 != Some(request) {
+            return;
+        }
+        self.coord_clients[c].1 = None;
+        self.mix(&[6, self.now_us, c as u64, request]);
+        let now = self.now_us;
+        self.coord_clients[c].0.answer(result, now, &mut self.rng);
+        self.schedule(1_000, Event::CoordStep(c));
+    }
+
+    fn check_coord(&mut self) {
+        let Some(running) = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.running.as_ref())
+            .max_by_key(|r| r.node.status().applied_index)
+        else {
+            return;
+        };
+        let store = running.node.mvcc().clone();
+        let clients: Vec<&CoordClient> = self.coord_clients.iter().map(|(client, _)| client).collect();
+        let violations = crate::coord_workload::check(&clients, &store);
+        let [enqueued, delivered, settled, stale, passes, timeouts] = crate::coord_workload::counts(&clients);
+        self.note(format!(
+            "coord: {enqueued} enqueues acknowledged, {delivered} deliveries, {settled} acks/nacks accepted, \
+             {stale} stale refused, {passes} barrier passes, {timeouts} barrier timeouts"
+        ));
+        for violation in violations {
             self.violation(violation);
         }
     }
