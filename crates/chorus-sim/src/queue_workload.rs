@@ -137,6 +137,14 @@ impl Consumer {
         }
     }
 
+    /// The message of an ack sent and not answered yet.
+    pub fn ack_in_flight(&self) -> Option<u64> {
+        match &self.state {
+            State::Settling { message, fate: Fate::Ack } => Some(message.id),
+            _ => None,
+        }
+    }
+
     fn start_dequeue(&mut self, now_us: u64) {
         if now_us >= self.lease_granted_us + LEASE_USE_US {
             self.state = State::NeedLease;
@@ -346,7 +354,9 @@ pub fn check(producers: &[&Producer], consumers: &[&Consumer], store: &MvccStore
             .range(&chorus_proto::etcdserverpb::RangeRequest { key, ..Default::default() })
             .is_ok_and(|r| r.count > 0)
     };
-    let maybe_acked: BTreeSet<u64> = consumers.iter().flat_map(|c| c.maybe_acked.iter().copied()).collect();
+    // Acks with an unknown outcome, and acks still unanswered when the run ended.
+    let maybe_acked: BTreeSet<u64> =
+        consumers.iter().flat_map(|c| c.maybe_acked.iter().copied().chain(c.ack_in_flight())).collect();
     for producer in producers {
         for id in &producer.acknowledged {
             let accounted = acked.contains(id)
