@@ -443,12 +443,6 @@ impl Dequeue {
     }
 }
 
-/// Reads what [`peek`] needs: the claims, then [`candidates_request`], then the message.
-/// (Peek is read-only; the server runs these three reads in order.)
-pub fn peek_candidate(candidates: &RangeResponse, claims: &RangeResponse) -> Option<Candidate> {
-    next_unclaimed(candidates, claims)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
