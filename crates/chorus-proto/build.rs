@@ -17,6 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/v3electionpb/v3election.proto",
         "proto/chorus/v1/raft.proto",
         "proto/chorus/v1/fence.proto",
+        "proto/chorus/v1/coord.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -12,6 +12,8 @@
 //! - [`node`]: the consensus node around raft-rs, the state machine, and proposal
 //!   and read tracking.
 
+pub mod barrier;
+pub mod coord;
 pub mod error;
 pub mod lease;
 pub mod lease_clock;
@@ -19,6 +21,7 @@ pub mod limits;
 pub mod lock;
 pub mod mvcc;
 pub mod node;
+pub mod queue;
 pub mod validate;
 pub mod watch;
 

@@ -126,6 +126,32 @@ pub const GATEWAY_BODY_EXPANSION: u64 = 2;
 /// `/v3/watch` or `/v3/lease/keepalive` requests).
 pub const GATEWAY_STREAM_REQUESTS_MAX: usize = 1024;
 
+/// The longest queue or barrier name. Names become part of every key the queue or
+/// barrier writes (under `\x00chorus/`), so they count against the key limit.
+pub const COORD_NAME_BYTES_MAX: usize = 200;
+/// The largest queue message payload (1 MiB): below the request limit, so a
+/// message plus its key always fits one request, and a dead-lettered message can
+/// be moved in one txn.
+pub const QUEUE_PAYLOAD_BYTES_MAX: usize = 1_048_576;
+/// Messages one queue may hold (claimed ones included). Every dequeue ranges over
+/// the queue's keys (sorted by create revision), so this bounds its cost. Checked
+/// before the enqueue is proposed: concurrent enqueues may pass it by at most
+/// their number.
+pub const QUEUE_LENGTH_MAX: u64 = 10_000;
+/// Deliveries of one message before it is moved to the dead-letter queue, when
+/// neither the request says otherwise.
+pub const QUEUE_MAX_DELIVERIES_DEFAULT: u32 = 5;
+/// The most deliveries a request may allow before dead-lettering.
+pub const QUEUE_MAX_DELIVERIES_MAX: u32 = 1_000;
+/// The longest a Dequeue, barrier Enter or Leave may wait (1 hour).
+pub const COORD_WAIT_MS_MAX: i64 = 3_600_000;
+/// Participants of one barrier. The trip is one txn comparing every counted
+/// participant's key, so this must stay below [`TXN_OPS_MAX_DEFAULT`].
+pub const BARRIER_PARTICIPANTS_MAX: u32 = 100;
+/// A blocked Dequeue, Enter or Leave looks again at least this often even without a
+/// watch event (a safety net: the watch is what wakes it normally).
+pub const COORD_RECHECK_MS: u64 = 1_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,6 +92,15 @@ pub enum Input {
     },
 }
 
+/// Watch stream ids, unique in the member (one hub serves every listener, the
+/// gateway and the server's own internal watches).
+static NEXT_WATCH_STREAM: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A fresh watch stream id.
+pub fn next_watch_stream() -> u64 {
+    NEXT_WATCH_STREAM.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// A watch stream's bounded response channel, as the watch hub's sink.
 pub struct ChannelSink(pub mpsc::Sender<Result<WatchResponse, tonic::Status>>);
 

@@ -39,15 +39,19 @@ use tonic::transport::server::TcpIncoming;
 
 pub use config::{ClusterState, ConfigError, ServerConfig};
 
+use crate::api::barrier::BarrierService;
 use crate::api::cluster::{ClusterService, ConfiguredMember};
 use crate::api::election::ElectionService;
 use crate::api::kv::{FencedKvService, KvService};
 use crate::api::lease::LeaseService;
 use crate::api::lock::LockService;
 use crate::api::maintenance::MaintenanceService;
+use crate::api::queue::QueueService;
 use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
 use crate::transport::{PeerLink, PeerService};
+use chorus_proto::chorus::v1::barrier_server::BarrierServer;
+use chorus_proto::chorus::v1::queue_server::QueueServer;
 
 /// Why a member could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +171,9 @@ pub async fn serve(
         let lease = LeaseServer::from_arc(services.lease.clone());
         let lock = LockServer::from_arc(services.lock.clone());
         let election = ElectionServer::from_arc(services.election.clone());
+        let queue = QueueServer::new(QueueService::new(handle.clone(), config.limits.clone()))
+            .max_decoding_message_size(message_bytes_max);
+        let barrier = BarrierServer::new(BarrierService::new(handle.clone(), config.limits.clone()));
         let grpc = tonic::service::Routes::new(kv)
             .add_service(maintenance)
             .add_service(cluster)
@@ -174,7 +181,9 @@ pub async fn serve(
             .add_service(lease)
             .add_service(fenced_kv)
             .add_service(lock)
-            .add_service(election);
+            .add_service(election)
+            .add_service(queue)
+            .add_service(barrier);
         // gRPC and the gateway on one listener: HTTP/2 (gRPC, JSON) and HTTP/1.1 (JSON).
         let routes = grpc
             .into_axum_router()

@@ -70,3 +70,15 @@ impl From<RequestError> for Status {
 pub fn invalid(error: KvError) -> Status {
     RequestError::Kv(error).into()
 }
+
+/// The status for a failed queue or barrier call (`chorus.v1.Queue`, `Barrier`).
+pub fn coord_status(error: chorus_core::coord::CoordError) -> Status {
+    use chorus_core::coord::CoordError;
+    let code = match &error {
+        CoordError::InvalidArgument(_) => Code::InvalidArgument,
+        CoordError::ResourceExhausted(_) => Code::ResourceExhausted,
+        CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
+        CoordError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+    };
+    Status::new(code, error.to_string())
+}

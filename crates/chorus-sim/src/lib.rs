@@ -8,10 +8,13 @@
 //! New capabilities (leases, watches, locks, queues) add their workload to the
 //! world and their checker under [`checker`], leaving the others alone.
 
+pub mod barrier_workload;
 pub mod checker;
+pub mod coord_workload;
 pub mod lease_workload;
 pub mod lock_workload;
 pub mod options;
+pub mod queue_workload;
 pub mod watch_workload;
 pub mod world;
 

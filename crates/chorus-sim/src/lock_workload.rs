@@ -35,7 +35,7 @@ pub const LOCK_TTL_S: i64 = 5;
 
 /// The answer to one of a lock client's proposals.
 #[derive(Debug, Clone)]
-pub enum CoordResult {
+pub enum LockResult {
     Applied(Result<OpResponse, KvError>),
     /// Definitely not applied (no leader, node down).
     Failed,
@@ -125,15 +125,15 @@ impl LockClient {
 
     /// Takes an answer; returns the pause before the next step, in microseconds,
     /// given `long_pause_us` to use if this is the critical section's pause.
-    pub fn answer(&mut self, result: CoordResult, now_us: u64, pause_us: u64) -> u64 {
+    pub fn answer(&mut self, result: LockResult, now_us: u64, pause_us: u64) -> u64 {
         let response = match result {
-            CoordResult::Applied(Ok(response)) => response,
-            CoordResult::Applied(Err(KvError::FenceStale { .. })) => {
+            LockResult::Applied(Ok(response)) => response,
+            LockResult::Applied(Err(KvError::FenceStale { .. })) => {
                 self.stale_rejections += 1;
                 self.step = Step::Release;
                 return 1_000;
             }
-            CoordResult::Applied(Err(_)) | CoordResult::Failed => {
+            LockResult::Applied(Err(_)) | LockResult::Failed => {
                 // Nothing happened (e.g. the lease expired under an Enter): go on
                 // from a fresh lease unless the step is a plain retry.
                 if matches!(self.step, Step::Enter) {
@@ -141,7 +141,7 @@ impl LockClient {
                 }
                 return 100_000;
             }
-            CoordResult::Unknown => {
+            LockResult::Unknown => {
                 // Start over: whatever happened, a fresh lease and key are safe.
                 self.step = if self.token > 0 { Step::Release } else { Step::Grant };
                 return 100_000;

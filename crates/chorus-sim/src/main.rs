@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     start: u64,
     /// Switch on a deliberate bug (stale-reads, ack-before-fsync,
-    /// lease-ack-without-renew) to test the checkers.
+    /// lease-ack-without-renew, queue-ack-without-token) to test the checkers.
     #[arg(long)]
     bug: Option<Bug>,
 }
@@ -84,6 +84,7 @@ fn bug_name(bug: Bug) -> &'static str {
         Bug::AckBeforeFsync => "ack-before-fsync",
         Bug::LeaseAckWithoutRenew => "lease-ack-without-renew",
         Bug::UnfencedLock => "unfenced-lock",
+        Bug::QueueAckWithoutToken => "queue-ack-without-token",
     }
 }
 

@@ -16,6 +16,8 @@ pub enum Bug {
     LeaseAckWithoutRenew,
     /// Lock clients write without a fence, as with etcd's locks.
     UnfencedLock,
+    /// Queue acks delete the message without checking the claim token.
+    QueueAckWithoutToken,
 }
 
 impl std::str::FromStr for Bug {
@@ -26,8 +28,10 @@ impl std::str::FromStr for Bug {
             "ack-before-fsync" => Ok(Bug::AckBeforeFsync),
             "lease-ack-without-renew" => Ok(Bug::LeaseAckWithoutRenew),
             "unfenced-lock" => Ok(Bug::UnfencedLock),
+            "queue-ack-without-token" => Ok(Bug::QueueAckWithoutToken),
             other => Err(format!(
-                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew, unfenced-lock"
+                "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew, \
+                 unfenced-lock, queue-ack-without-token"
             )),
         }
     }
@@ -115,8 +119,7 @@ impl SimOptions {
             Some(Bug::StaleReads) => options.serializable_get_percent = 0,
             // Early expiry is only promised against a clock that does not leap.
             Some(Bug::LeaseAckWithoutRenew) => options.tick_bursts = false,
-            Some(Bug::UnfencedLock) => {}
-            None => {}
+            Some(Bug::UnfencedLock) | Some(Bug::QueueAckWithoutToken) | None => {}
         }
         options
     }

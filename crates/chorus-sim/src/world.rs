@@ -29,8 +29,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::checker::linearizability::{KvOp, KvOutcome, Operation};
+use crate::coord_workload::{CoordClient, CoordResult, Want};
 use crate::lease_workload::{LeaseClient, Phase, KEYS_PER_LEASE, LEASE_TTL_S};
-use crate::lock_workload::{CoordResult, LockClient};
+use crate::lock_workload::{LockClient, LockResult};
 use crate::options::{Bug, SimOptions};
 use crate::watch_workload::{SimSink, WatchClient};
 
@@ -117,6 +118,12 @@ enum Event {
     LockAnswer {
         client: usize,
         request: u64,
+        result: LockResult,
+    },
+    CoordStep(usize),
+    CoordAnswer {
+        client: usize,
+        request: u64,
         result: CoordResult,
     },
 }
@@ -174,6 +181,8 @@ struct Running {
     /// Lease client proposals: seq to (lease client, request id).
     /// For a keep-alive's renewal record: the TTL to answer and when it was sent.
     lease_proposals: BTreeMap<u64, LeaseProposal>,
+    /// Queue and barrier client proposals: seq to (coordination client, request id).
+    coord_proposals: BTreeMap<u64, (usize, u64)>,
     /// Lock client proposals: seq to (lock client, request id).
     lock_proposals: BTreeMap<u64, (usize, u64)>,
     /// This boot's watch hub; its streams die with the process.
@@ -234,6 +243,8 @@ pub struct World {
     next_stream: u64,
     lease_clients: Vec<LeaseClient>,
     next_lease_request: u64,
+    /// Queue and barrier clients, with the request each has in flight.
+    coord_clients: Vec<(CoordClient, Option<u64>)>,
     lock_clients: Vec<LockClient>,
     next_lock_request: u64,
     /// The lock workload's own random stream, so that it does not shift the others'.
@@ -291,6 +302,7 @@ impl World {
             next_stream: 1,
             lease_clients: Vec::new(),
             next_lease_request: 1,
+            coord_clients: Vec::new(),
             lock_clients: Vec::new(),
             next_lock_request: 1,
             lock_rng,
@@ -314,6 +326,13 @@ impl World {
             self.lease_clients.push(LeaseClient::new(id, keep_alives, revoke));
             let start = self.rng.random_range(0..5_000_000);
             self.schedule(start, Event::LeaseStep(l));
+        }
+        self.coord_clients = crate::coord_workload::clients(&self.options, &mut self.rng)
+            .into_iter()
+            .map(|client| (client, None))
+            .collect();
+        for c in 0..self.coord_clients.len() {
+            self.schedule(1_000 + c as u64, Event::CoordStep(c));
         }
         let fenced = self.options.bug != Some(Bug::UnfencedLock);
         for c in 0..2 + (self.options.seed % 2) as usize {
@@ -346,6 +365,7 @@ impl World {
         self.check_convergence();
         self.check_watchers();
         self.check_leases();
+        self.check_coord();
         self.check_locks();
         self.report()
     }
@@ -427,6 +447,8 @@ impl World {
             }
             Event::LockStep(c) => self.lock_step(c),
             Event::LockAnswer { client, request, result } => self.lock_answer(client, request, result),
+            Event::CoordStep(c) => self.coord_step(c),
+            Event::CoordAnswer { client, request, result } => self.coord_answer(client, request, result),
             Event::LeaseTimeout { client, request } => {
                 if self.lease_clients[client].request_in_flight == Some(request) {
                     self.lease_clients[client].request_in_flight = None;
@@ -470,6 +492,7 @@ impl World {
             serializable_revision_max: 0,
             watches: WatchHub::default(),
             lease_proposals: BTreeMap::new(),
+            coord_proposals: BTreeMap::new(),
             lock_proposals: BTreeMap::new(),
             boot: opened_boot,
         });
@@ -612,7 +635,13 @@ impl World {
         let lock_failed: Vec<(usize, u64)> =
             std::mem::take(&mut running.lock_proposals).into_values().collect();
         for (client, request) in lock_failed {
-            self.schedule(100, Event::LockAnswer { client, request, result: CoordResult::Unknown });
+            self.schedule(100, Event::LockAnswer { client, request, result: LockResult::Unknown });
+        }
+        let running = self.nodes[i].running.as_mut().expect("running");
+        let coord_unknown: Vec<(usize, u64)> =
+            std::mem::take(&mut running.coord_proposals).into_values().collect();
+        for (client, request) in coord_unknown {
+            self.schedule(100, Event::CoordAnswer { client, request, result: CoordResult::Unknown });
         }
         let running = self.nodes[i].running.as_mut().expect("running");
         let failed: Vec<(usize, u64)> = std::mem::take(&mut running.proposals).into_values().collect();
@@ -705,6 +734,19 @@ impl World {
     fn answer_replies(&mut self, i: usize, replies: Vec<Reply>, delay_us: u64) {
         for reply in replies {
             let running = self.nodes[i].running.as_mut().expect("running");
+            if let Some((client, request)) = running.lock_proposals.remove(&reply.seq) {
+                let result = LockResult::Applied(reply.result);
+                self.schedule(delay_us + 100, Event::LockAnswer { client, request, result });
+                continue;
+            }
+            if let Some((client, request)) = running.coord_proposals.remove(&reply.seq) {
+                let result = match reply.result {
+                    Ok(response) => CoordResult::Done(response),
+                    Err(error) => CoordResult::Rejected(error),
+                };
+                self.schedule(delay_us + 100, Event::CoordAnswer { client, request, result });
+                continue;
+            }
             if let Some((client, request, renewal)) = running.lease_proposals.remove(&reply.seq) {
                 let result = match (reply.result, renewal) {
                     (Ok(_), Some((ttl, _))) => LeaseResult::Ttl(ttl),
@@ -715,11 +757,6 @@ impl World {
                 };
                 let sent_us = renewal.map_or(0, |(_, sent)| sent);
                 self.schedule(delay_us + 100, Event::LeaseAnswer { client, request, sent_us, result });
-                continue;
-            }
-            if let Some((client, request)) = running.lock_proposals.remove(&reply.seq) {
-                let result = CoordResult::Applied(reply.result);
-                self.schedule(delay_us + 100, Event::LockAnswer { client, request, result });
                 continue;
             }
             let Some((client, op_id)) = running.proposals.remove(&reply.seq) else {
@@ -1321,11 +1358,11 @@ impl World {
         self.next_lock_request += 1;
         self.lock_clients[c].request_in_flight = Some(request);
         let timeout = self.options.client_timeout_us;
-        self.schedule(timeout, Event::LockAnswer { client: c, request, result: CoordResult::Unknown });
+        self.schedule(timeout, Event::LockAnswer { client: c, request, result: LockResult::Unknown });
         let node = self.lock_rng.random_range(0..self.nodes.len());
         let paused = self.nodes[node].paused;
         let Some(running) = self.nodes[node].running.as_mut().filter(|_| !paused) else {
-            self.schedule(200, Event::LockAnswer { client: c, request, result: CoordResult::Failed });
+            self.schedule(200, Event::LockAnswer { client: c, request, result: LockResult::Failed });
             return;
         };
         let seq = running.next_seq;
@@ -1335,13 +1372,13 @@ impl World {
                 running.lock_proposals.insert(seq, (c, request));
             }
             Err(_) => {
-                self.schedule(100, Event::LockAnswer { client: c, request, result: CoordResult::Failed });
+                self.schedule(100, Event::LockAnswer { client: c, request, result: LockResult::Failed });
             }
         }
         self.after_input(node);
     }
 
-    fn lock_answer(&mut self, c: usize, request: u64, result: CoordResult) {
+    fn lock_answer(&mut self, c: usize, request: u64, result: LockResult) {
         if self.lock_clients[c].request_in_flight != Some(request) {
             return;
         }
@@ -1368,6 +1405,76 @@ impl World {
             "locks: {acquisitions} acquisitions, {acked} acknowledged increments, {stale} stale fenced writes refused"
         ));
         for violation in crate::lock_workload::check(&self.lock_clients, &store) {
+            self.violation(violation);
+        }
+    }
+
+    // ---- queue and barrier clients -----------------------------------------
+
+    fn coord_step(&mut self, c: usize) {
+        if self.coord_clients[c].1.is_some() {
+            return;
+        }
+        let now = self.now_us;
+        let op = match self.coord_clients[c].0.next(now, &mut self.rng) {
+            Want::Done => return,
+            Want::Sleep(us) => return self.schedule(us.max(1), Event::CoordStep(c)),
+            Want::Propose(op) => op,
+        };
+        let request = self.next_lease_request;
+        self.next_lease_request += 1;
+        self.coord_clients[c].1 = Some(request);
+        // No answer in time (a crashed member): the outcome is unknown.
+        let timeout = Event::CoordAnswer { client: c, request, result: CoordResult::Unknown };
+        self.schedule(self.options.client_timeout_us, timeout);
+        let node = self.rng.random_range(0..self.nodes.len());
+        let paused = self.nodes[node].paused;
+        let Some(running) = self.nodes[node].running.as_mut().filter(|_| !paused) else {
+            self.schedule(200, Event::CoordAnswer { client: c, request, result: CoordResult::Failed });
+            return;
+        };
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        match running.node.propose(seq, op) {
+            Ok(()) => {
+                running.coord_proposals.insert(seq, (c, request));
+            }
+            Err(_) => {
+                self.schedule(100, Event::CoordAnswer { client: c, request, result: CoordResult::Failed })
+            }
+        }
+        self.after_input(node);
+    }
+
+    fn coord_answer(&mut self, c: usize, request: u64, result: CoordResult) {
+        if self.coord_clients[c].1 != Some(request) {
+            return;
+        }
+        self.coord_clients[c].1 = None;
+        self.mix(&[6, self.now_us, c as u64, request]);
+        let now = self.now_us;
+        self.coord_clients[c].0.answer(result, now, &mut self.rng);
+        self.schedule(1_000, Event::CoordStep(c));
+    }
+
+    fn check_coord(&mut self) {
+        let Some(running) = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.running.as_ref())
+            .max_by_key(|r| r.node.status().applied_index)
+        else {
+            return;
+        };
+        let store = running.node.mvcc().clone();
+        let clients: Vec<&CoordClient> = self.coord_clients.iter().map(|(client, _)| client).collect();
+        let violations = crate::coord_workload::check(&clients, &store);
+        let [enqueued, delivered, settled, stale, passes, timeouts] = crate::coord_workload::counts(&clients);
+        self.note(format!(
+            "coord: {enqueued} enqueues acknowledged, {delivered} deliveries, {settled} acks/nacks accepted, \
+             {stale} stale refused, {passes} barrier passes, {timeouts} barrier timeouts"
+        ));
+        for violation in violations {
             self.violation(violation);
         }
     }

@@ -603,7 +603,7 @@ fn key_range(
     }
 }
 
-fn parse_lease_id(text: &str) -> Result<i64, String> {
+pub(crate) fn parse_lease_id(text: &str) -> Result<i64, String> {
     let digits = text.strip_prefix("0x").unwrap_or(text);
     u64::from_str_radix(digits, 16)
         // Lease IDs are printed as unsigned hex; the wire field is a signed 64-bit integer.

@@ -8,6 +8,7 @@
 mod bench_cmd;
 mod client_cmd;
 mod coord_cmd;
+mod queue_cmd;
 mod serve_cmd;
 
 use clap::Parser;
@@ -41,6 +42,10 @@ enum Command {
     /// Campaign in an election and lead until interrupted, or while running a command; or
     /// observe it (`--listen`)
     Elect(coord_cmd::ElectArgs),
+    /// Work queues: push, pop, ack, nack, len, peek (chorus.v1.Queue)
+    Queue(queue_cmd::QueueArgs),
+    /// Barriers: enter, leave (chorus.v1.Barrier)
+    Barrier(queue_cmd::BarrierArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -74,6 +79,8 @@ fn main() {
             Command::Bench(args) => return bench_cmd::run(&cli.global, args).await,
             Command::Lock(args) => return coord_cmd::run_lock(&cli.global, args).await,
             Command::Elect(args) => return coord_cmd::run_elect(&cli.global, args).await,
+            Command::Queue(args) => return queue_cmd::run_queue(&cli.global, args).await,
+            Command::Barrier(args) => return queue_cmd::run_barrier(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,

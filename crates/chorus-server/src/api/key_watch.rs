@@ -1,8 +1,6 @@
 //! A watcher the server keeps for itself (for the Lock and Election services, which
 //! wait for a key to go): a watch stream on the driver's watch hub, like a
-//! client's, with stream ids from a range clients' streams never reach.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! client's, with a stream id from the member's one counter.
 
 use chorus_core::limits::WATCH_STREAM_RESPONSES_MAX;
 use chorus_proto::etcdserverpb::{ResponseHeader, WatchCreateRequest, WatchResponse};
@@ -11,9 +9,6 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::driver::{ChannelSink, Input, NodeHandle};
-
-/// Internal stream ids start here; client streams count up from 1.
-static NEXT_STREAM: AtomicU64 = AtomicU64::new(1 << 62);
 
 pub struct KeyWatch {
     node: NodeHandle,
@@ -33,7 +28,7 @@ pub enum WatchEnd {
 impl KeyWatch {
     /// Opens a stream and creates one watcher on it.
     pub async fn open(node: &NodeHandle, request: WatchCreateRequest) -> Result<KeyWatch, Status> {
-        let stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        let stream = crate::driver::next_watch_stream();
         let (sender, responses) = mpsc::channel(WATCH_STREAM_RESPONSES_MAX);
         node.watch_input(Input::WatchOpen { stream, sink: ChannelSink(sender) }).await?;
         let watch = KeyWatch { node: node.clone(), stream, responses };

@@ -3,7 +3,6 @@
 //! watch hub through a bounded channel.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use chorus_core::limits::WATCH_STREAM_RESPONSES_MAX;
 use chorus_proto::etcdserverpb::watch_request::RequestUnion;
@@ -18,12 +17,11 @@ use crate::driver::{ChannelSink, Input, NodeHandle};
 
 pub struct WatchService {
     node: NodeHandle,
-    next_stream: AtomicU64,
 }
 
 impl WatchService {
     pub fn new(node: NodeHandle) -> WatchService {
-        WatchService { node, next_stream: AtomicU64::new(1) }
+        WatchService { node }
     }
 }
 
@@ -37,7 +35,7 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<WatchStream>, Status> {
-        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stream = crate::driver::next_watch_stream();
         let (responses, receiver) = mpsc::channel(WATCH_STREAM_RESPONSES_MAX);
         self.node.watch_input(Input::WatchOpen { stream, sink: ChannelSink(responses.clone()) }).await?;
         let node = self.node.clone();
