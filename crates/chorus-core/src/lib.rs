@@ -12,6 +12,7 @@
 //!   and read tracking.
 
 pub mod error;
+pub mod health;
 pub mod lease;
 pub mod lease_clock;
 pub mod limits;
