@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/v3lockpb/v3lock.proto",
         "proto/v3electionpb/v3election.proto",
         "proto/chorus/v1/raft.proto",
+        "proto/chorus/v1/health.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

@@ -6,6 +6,7 @@
 
 mod bench_cmd;
 mod client_cmd;
+mod cluster_cmd;
 mod serve_cmd;
 
 use clap::Parser;
@@ -34,6 +35,8 @@ enum Command {
     Dev(serve_cmd::DevArgs),
     /// Load-test a cluster through the public etcd v3 API (works against etcd too).
     Bench(bench_cmd::BenchArgs),
+    /// Cluster-wide views: `chorus cluster health` (every member's diagnosis of every peer).
+    Cluster(cluster_cmd::ClusterArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -65,6 +68,7 @@ fn main() {
             },
             Command::Client(command) => return client_cmd::run(&cli.global, command).await,
             Command::Bench(args) => return bench_cmd::run(&cli.global, args).await,
+            Command::Cluster(args) => return cluster_cmd::run(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,

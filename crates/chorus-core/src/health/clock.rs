@@ -2,12 +2,15 @@
 //!
 //! A ping carries the sender's wall clock at sending; the peer answers with its own
 //! wall clock. The answer was read somewhere inside the round trip, so the peer's
-//! offset is `peer_wall - (sent_wall + rtt / 2)` with an error of at most `rtt / 2`
+//! offset is `peer_wall - (sent_wall + rtt / 2)` with an error of at most `rtt / 2` (plus 1 ms: clocks are read in whole ms)
 //! (round trip measured on the sender's monotonic clock). Of the last few samples,
 //! the one with the shortest round trip has the tightest bound and is the one used,
 //! as NTP's clock filter does.
 
 use std::collections::VecDeque;
+
+/// The resolution of the clock readings (whole milliseconds).
+const CLOCK_RESOLUTION_MS: f64 = 1.0;
 
 /// One sample, or the current estimate.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,7 +47,9 @@ impl ClockEstimator {
         if self.samples.len() >= self.samples_max {
             self.samples.pop_front();
         }
-        self.samples.push_back(ClockOffset { offset_ms, bound_ms: half });
+        // Both clocks are read in whole ms: the bound is widened by that resolution.
+        let bound_ms = half + CLOCK_RESOLUTION_MS;
+        self.samples.push_back(ClockOffset { offset_ms, bound_ms });
     }
 
     /// The sample with the tightest bound among the recent ones.
