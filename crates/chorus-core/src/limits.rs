@@ -151,6 +151,8 @@ pub const HEALTH_PROBE_TIMEOUT_MS_MAX: u64 = 60_000;
 pub const HEALTH_SLOW_RTT_FACTOR: f64 = 4.0;
 /// ... and at least this many ms above it (so that 0.1 ms becoming 0.5 ms is not "slow").
 pub const HEALTH_SLOW_RTT_MARGIN_MS: f64 = 20.0;
+/// Probe rounds in a row that must reach nobody before a link failure is called node-down.
+pub const HEALTH_PROBE_ROUNDS_TO_OVERTURN: u32 = 2;
 /// Round trips that make up "recent" for the slow check.
 pub const HEALTH_RTT_RECENT_SAMPLES: usize = 5;
 /// Round trips needed in the window before a peer can be called slow by its round trips.

@@ -9,6 +9,7 @@
 //! world and their checker under [`checker`], leaving the others alone.
 
 pub mod checker;
+pub mod health_world;
 pub mod lease_workload;
 pub mod options;
 pub mod watch_workload;

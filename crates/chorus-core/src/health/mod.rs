@@ -21,7 +21,9 @@
 //! - **node-down**: no helper reached it within `probe_timeout_ms` (or there was no
 //!   helper to ask: then it is down, or we are the one isolated). While phi stays
 //!   above the threshold, a new probe round starts every `probe_timeout_ms`, so a
-//!   link failure that becomes a crash (or the reverse) is noticed.
+//!   link failure that becomes a crash (or the reverse) is noticed; a link failure
+//!   becomes node-down only after 2 rounds in a row reach nobody
+//!   (`limits::HEALTH_PROBE_ROUNDS_TO_OVERTURN`), so one lost probe does not flap it.
 //! - as soon as a pong brings phi back under the threshold, the probe is dropped and
 //!   the peer is healthy (or slow) again.
 //!
@@ -41,7 +43,7 @@ use crate::limits::{
     HEALTH_MAX_CLOCK_SKEW_MS_DEFAULT, HEALTH_PHI_ACCEPTABLE_PAUSE_MS_DEFAULT,
     HEALTH_PHI_MIN_STD_DEVIATION_MS_DEFAULT, HEALTH_PHI_SLOW_THRESHOLD_DEFAULT, HEALTH_PHI_THRESHOLD_DEFAULT,
     HEALTH_PHI_THRESHOLD_MAX, HEALTH_PHI_WINDOW_SAMPLES_DEFAULT, HEALTH_PHI_WINDOW_SAMPLES_MAX,
-    HEALTH_PROBE_TIMEOUT_MS_DEFAULT, HEALTH_PROBE_TIMEOUT_MS_MAX, HEALTH_RTT_RECENT_SAMPLES,
+    HEALTH_PROBE_ROUNDS_TO_OVERTURN, HEALTH_PROBE_TIMEOUT_MS_DEFAULT, HEALTH_PROBE_TIMEOUT_MS_MAX, HEALTH_RTT_RECENT_SAMPLES,
     HEALTH_RTT_WINDOW_SAMPLES, HEALTH_SLOW_RTT_FACTOR, HEALTH_SLOW_RTT_MARGIN_MS, HEALTH_SLOW_RTT_SAMPLES_MIN,
 };
 use clock::{ClockEstimator, ClockOffset};
@@ -239,6 +241,8 @@ struct PeerState {
     clock_alarm: bool,
     diagnosis: Diagnosis,
     probe: Option<ProbeRound>,
+    /// Probe rounds in a row that reached nobody.
+    rounds_unreached: u32,
 }
 
 /// The health of every peer, as seen from one member.
@@ -267,6 +271,7 @@ impl HealthMonitor {
                     clock_alarm: false,
                     diagnosis: Diagnosis::Healthy,
                     probe: None,
+                    rounds_unreached: 0,
                 };
                 (peer, state)
             })
@@ -391,6 +396,7 @@ impl HealthMonitor {
         let phi = state.detector.phi(now_ms);
         let next = if phi < config.phi_threshold {
             state.probe = None;
+            state.rounds_unreached = 0;
             if phi >= config.phi_slow_threshold || rtt_is_slow(&state.rtts_ms) {
                 Diagnosis::Slow
             } else {
@@ -419,16 +425,29 @@ impl HealthMonitor {
             if !probe.concluded && now_ms >= probe.started_ms + config.probe_timeout_ms {
                 probe.pending.clear(); // helpers that did not answer in time count as "not reached"
             }
-            if probe.reached_by.is_some() {
+            if !probe.concluded && (probe.reached_by.is_some() || probe.pending.is_empty()) {
                 probe.concluded = true;
+                if probe.reached_by.is_some() {
+                    state.rounds_unreached = 0;
+                } else {
+                    state.rounds_unreached += 1;
+                }
+            }
+            if !probe.concluded {
+                match state.diagnosis {
+                    // Keep the last conclusion while a new round runs.
+                    Diagnosis::LinkFailure | Diagnosis::NodeDown => state.diagnosis,
+                    _ => Diagnosis::Suspected,
+                }
+            } else if probe.reached_by.is_some() {
                 Diagnosis::LinkFailure
-            } else if probe.pending.is_empty() {
-                probe.concluded = true;
-                Diagnosis::NodeDown
-            } else if matches!(state.diagnosis, Diagnosis::LinkFailure | Diagnosis::NodeDown) {
-                state.diagnosis // keep the last conclusion while a new round runs
+            } else if state.diagnosis == Diagnosis::LinkFailure
+                && state.rounds_unreached < HEALTH_PROBE_ROUNDS_TO_OVERTURN
+            {
+                // One lost probe does not turn a known link failure into a crash.
+                Diagnosis::LinkFailure
             } else {
-                Diagnosis::Suspected
+                Diagnosis::NodeDown
             }
         };
         if next != state.diagnosis {

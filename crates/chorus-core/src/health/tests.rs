@@ -182,6 +182,28 @@ fn a_peer_nobody_reaches_is_down_and_goes_through_suspected() {
 }
 
 #[test]
+fn a_link_failure_becomes_node_down_only_after_two_unreached_rounds() {
+    let mut monitor = HealthMonitor::new(A, [A, B, C], HealthConfig::default(), 0);
+    let mut now = 0;
+    drive(&mut monitor, &mut now, 3_000, &[B, C], &|_, _| None);
+    drive(&mut monitor, &mut now, 2_000, &[C], &|_, _| Some(true));
+    assert_eq!(monitor.diagnosis(B), Some(Diagnosis::LinkFailure));
+    // Now C no longer reaches B either (B crashed after the link failed). Rounds start
+    // every probe timeout (1 s): the first unreached round keeps the link failure.
+    let effects = drive(&mut monitor, &mut now, 4_000, &[C], &|_, _| Some(false));
+    let changes: Vec<(Diagnosis, Diagnosis)> = effects
+        .iter()
+        .filter_map(|e| match e {
+            HealthEffect::DiagnosisChanged { peer: B, from, to, .. } => Some((*from, *to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(changes, vec![(Diagnosis::LinkFailure, Diagnosis::NodeDown)]);
+    let asked = effects.iter().filter(|e| matches!(e, HealthEffect::AskProbe { target: B, .. })).count();
+    assert!(asked >= 2, "{asked} probe rounds");
+}
+
+#[test]
 fn suspicion_takes_as_long_as_phi_says() {
     // Two members: no helper to ask, so B goes straight to node-down when phi reaches 8.
     let mut monitor = HealthMonitor::new(A, [A, B], HealthConfig::default(), 0);
