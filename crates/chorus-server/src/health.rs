@@ -249,7 +249,7 @@ pub async fn run(health: Arc<Health>, mut stop: watch::Receiver<bool>) {
         let effects = health.lock().on_tick(now, wall_ms());
         health.perform(effects);
         ticks_count += 1;
-        if ticks_count % 10 == 0 {
+        if ticks_count.is_multiple_of(10) {
             health.update_metrics(now);
         }
     }
@@ -287,7 +287,8 @@ impl PeerHealth for PeerHealthService {
                 ping.to_id, self.health.member_id
             )));
         }
-        let core_ping = Ping { seq: ping.seq, sent_mono_ms: ping.sent_mono_ms, sent_wall_ms: ping.sent_wall_ms };
+        let core_ping =
+            Ping { seq: ping.seq, sent_mono_ms: ping.sent_mono_ms, sent_wall_ms: ping.sent_wall_ms };
         let pong = answer_ping(&core_ping, wall_ms());
         Ok(Response::new(pb::Pong {
             from_id: self.health.member_id,
@@ -304,7 +305,10 @@ impl PeerHealth for PeerHealthService {
         let limit_ms = self.health.lock().config().probe_timeout_ms;
         let timeout = Duration::from_millis(probe.timeout_ms.clamp(1, limit_ms));
         let Some(mut client) = self.health.clients.get(&probe.target_id).cloned() else {
-            return Err(Status::invalid_argument(format!("{:016x} is not a peer of this member", probe.target_id)));
+            return Err(Status::invalid_argument(format!(
+                "{:016x} is not a peer of this member",
+                probe.target_id
+            )));
         };
         let ping = pb::Ping {
             cluster_id: self.health.cluster_id,
@@ -335,7 +339,10 @@ impl DiagnosticsService {
 
 #[tonic::async_trait]
 impl Diagnostics for DiagnosticsService {
-    async fn health(&self, _request: Request<pb::HealthRequest>) -> Result<Response<pb::HealthResponse>, Status> {
+    async fn health(
+        &self,
+        _request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
         let now = self.health.now_ms();
         let (reports, config) = {
             let monitor = self.health.lock();

@@ -115,8 +115,9 @@ pub async fn serve(
     let watch_progress_ticks =
         (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
-    let driver = Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
-        .with_metrics(metrics.clone());
+    let driver =
+        Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
+            .with_metrics(metrics.clone());
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())
@@ -252,8 +253,14 @@ fn start_health(
             (member_ids[name], (name.clone(), config::url_to_addr(&urls[0]).expect("validated URL")))
         })
         .collect();
-    let health =
-        health::Health::new(cluster_id, member_id, config.name.clone(), &peers, config.health.clone(), metrics);
+    let health = health::Health::new(
+        cluster_id,
+        member_id,
+        config.name.clone(),
+        &peers,
+        config.health.clone(),
+        metrics,
+    );
     tokio::spawn(health::run(health.clone(), stop.clone()));
     health
 }
@@ -269,8 +276,13 @@ fn start_metrics(
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let (ready_tx, ready_rx) = watch::channel(Err("starting".to_string()));
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
-    let mut tasks =
-        vec![tokio::spawn(metrics::run_status_poller(metrics.clone(), handle, ready_tx, interval, stop.clone()))];
+    let mut tasks = vec![tokio::spawn(metrics::run_status_poller(
+        metrics.clone(),
+        handle,
+        ready_tx,
+        interval,
+        stop.clone(),
+    ))];
     for (listener, addr) in listeners {
         tracing::info!(member = %config.name, metrics = %addr, "serving metrics and health over HTTP");
         let (metrics, ready, stop) = (metrics.clone(), ready_rx.clone(), stop.clone());

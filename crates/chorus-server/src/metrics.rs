@@ -99,7 +99,11 @@ impl Metrics {
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
         r.register("raft_is_leader", "1 if this member leads", m.raft_is_leader.clone());
         r.register("raft_has_leader", "1 if this member knows a leader", m.raft_has_leader.clone());
-        r.register("raft_leader_changes", "Leader changes seen by this member", m.raft_leader_changes.clone());
+        r.register(
+            "raft_leader_changes",
+            "Leader changes seen by this member",
+            m.raft_leader_changes.clone(),
+        );
         r.register("raft_commit_index", "Raft commit index", m.raft_commit_index.clone());
         r.register("raft_applied_index", "Raft applied index", m.raft_applied_index.clone());
         r.register(
@@ -145,7 +149,11 @@ impl Metrics {
             "Diagnosis changes of each peer, by the diagnosis entered",
             m.peer_diagnosis_changes.clone(),
         );
-        r.register("clock_skew_alarms", "Peers whose clock skew alarm is raised", m.clock_skew_alarms.clone());
+        r.register(
+            "clock_skew_alarms",
+            "Peers whose clock skew alarm is raised",
+            m.clock_skew_alarms.clone(),
+        );
         r.register("db_size_bytes", "Size of the database file", m.db_size_bytes.clone());
         r.register("watchers", "Watchers open on this member", m.watchers.clone());
         r.register("leases", "Leases in the replicated state", m.leases.clone());
@@ -216,7 +224,8 @@ pub async fn run_status_poller(
         if let Ok(Ok(leases)) = tokio::time::timeout(Duration::from_secs(2), node.lease_leases()).await {
             metrics.leases.set(leases.leases.len() as i64);
         }
-        let readiness = if raft.leader_id == raft::INVALID_ID { Err("no leader".to_string()) } else { Ok(()) };
+        let readiness =
+            if raft.leader_id == raft::INVALID_ID { Err("no leader".to_string()) } else { Ok(()) };
         let _ = ready.send(readiness);
     }
 }
@@ -308,7 +317,8 @@ where
         // grow the label set without bound.
         let path = request.uri().path();
         let known = path.starts_with("/etcdserverpb.") || path.starts_with("/chorus.v1.");
-        let candidate = vec![("method".to_string(), path.trim_start_matches('/').chars().take(64).collect::<String>())];
+        let candidate =
+            vec![("method".to_string(), path.trim_start_matches('/').chars().take(64).collect::<String>())];
         let admitted = known && {
             let mut seen = self.metrics.grpc_methods_seen.lock().unwrap_or_else(|p| p.into_inner());
             seen.contains(&candidate[0].1) || {
@@ -319,20 +329,13 @@ where
                 room
             }
         };
-        let labels = if admitted {
-            candidate
-        } else {
-            vec![("method".to_string(), "other".to_string())]
-        };
+        let labels = if admitted { candidate } else { vec![("method".to_string(), "other".to_string())] };
         let metrics = self.metrics.clone();
         let started = Instant::now();
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
-            metrics
-                .grpc_request_duration
-                .get_or_create(&labels)
-                .observe(started.elapsed().as_secs_f64());
+            metrics.grpc_request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
             result
         })
     }

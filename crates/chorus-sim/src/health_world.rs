@@ -244,7 +244,8 @@ impl HealthWorld {
                 let ping = Ping { seq: 0, sent_mono_ms: self.mono_ms(to), sent_wall_ms: self.wall_ms(to) };
                 for attempt in 0..PROBE_PING_TRIES {
                     let event = Event::Ping { to: target, from: to, ping, probe_for: Some((from, round)) };
-                    let delay = attempt * PROBE_PING_RETRY_US + self.rng.random_range(100..=self.delay_us_max);
+                    let delay =
+                        attempt * PROBE_PING_RETRY_US + self.rng.random_range(100..=self.delay_us_max);
                     let lost = self.rng.random_range(0..1_000_000) < self.loss_per_million;
                     if !self.cut.contains(&(to, target)) && !lost {
                         self.schedule(delay, event);
@@ -253,7 +254,8 @@ impl HealthWorld {
             }
             Event::ProbeAnswer { to, from, target, round } => {
                 let now = self.mono_ms(to);
-                let effects = self.nodes[to].monitor.on_probe_result(from as u64, target as u64, round, true, now);
+                let effects =
+                    self.nodes[to].monitor.on_probe_result(from as u64, target as u64, round, true, now);
                 self.perform(to, effects);
             }
         }

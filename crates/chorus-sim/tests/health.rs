@@ -40,11 +40,8 @@ fn scenario(seed: u64) -> u64 {
     assert_eq!(world.diagnosis(C, B), Diagnosis::Healthy, "seed {seed}: C's view of B");
     assert_eq!(world.diagnosis(A, C), Diagnosis::Healthy, "seed {seed}");
     assert_eq!(world.diagnosis(B, C), Diagnosis::Healthy, "seed {seed}");
-    let wrongly_down = world
-        .transitions
-        .iter()
-        .filter(|t| t.at_us >= cut_at && t.to == Diagnosis::NodeDown)
-        .count();
+    let wrongly_down =
+        world.transitions.iter().filter(|t| t.at_us >= cut_at && t.to == Diagnosis::NodeDown).count();
     assert_eq!(wrongly_down, 0, "seed {seed}: a cut link was taken for a dead node");
 
     // Heal: back to healthy.
@@ -107,4 +104,3 @@ fn a_node_cut_off_from_everyone_is_down_for_all() {
     assert_eq!(world.diagnosis(A, C), Diagnosis::NodeDown);
     assert_eq!(world.diagnosis(B, C), Diagnosis::Healthy);
 }
-

@@ -142,8 +142,8 @@ fn print_table(answers: &[Answer], unpublished: &[String]) {
                     name_of(answers, r.leader_id)
                 );
                 println!(
-                    "  {:<12} {:<9} {:>7} {:>9} {:>9} {:>22} {:<12} {}",
-                    "PEER", "REACHABLE", "PHI", "RTT-P50", "RTT-P99", "CLOCK-OFFSET", "DIAGNOSIS", "CLOCK-ALARM"
+                    "  {:<12} {:<9} {:>7} {:>9} {:>9} {:>22} {:<12} CLOCK-ALARM",
+                    "PEER", "REACHABLE", "PHI", "RTT-P50", "RTT-P99", "CLOCK-OFFSET", "DIAGNOSIS"
                 );
                 for p in &r.peers {
                     let rtt = |v: f64| if p.has_rtt { format!("{v:.2}ms") } else { "-".into() };

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Run one member of a chorus cluster.
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Start a local three-member cluster (ports 2379/22379/32379) for development.
     Dev(serve_cmd::DevArgs),
     /// Load-test a cluster through the public etcd v3 API (works against etcd too).
@@ -59,7 +59,7 @@ fn main() {
     let code = runtime.block_on(async move {
         let result = match cli.command {
             Command::Serve(args) => match init_logging(&cli.log_format, "info") {
-                Ok(()) => serve_cmd::run_serve(args).await,
+                Ok(()) => serve_cmd::run_serve(*args).await,
                 Err(error) => Err(error),
             },
             Command::Dev(args) => match init_logging(&cli.log_format, "warn") {

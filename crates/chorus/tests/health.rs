@@ -45,7 +45,13 @@ async fn diagnosis(cluster: &Cluster, observer: usize, peer: &str) -> Option<Str
 }
 
 /// Polls until every member in `observers` gives `peer` one of `wanted`; returns the time it took.
-async fn wait_diagnosis(cluster: &Cluster, observers: &[usize], peer: &str, wanted: &[&str], limit: Duration) -> Duration {
+async fn wait_diagnosis(
+    cluster: &Cluster,
+    observers: &[usize],
+    peer: &str,
+    wanted: &[&str],
+    limit: Duration,
+) -> Duration {
     let start = Instant::now();
     loop {
         let mut all = true;
@@ -102,13 +108,18 @@ async fn a_paused_member_is_suspected_and_recovers_and_metrics_parse() {
         for field in ["rtt_ms_p50", "rtt_ms_p99", "clock_offset_ms", "clock_offset_bound_ms"] {
             assert!(row[field].as_f64().is_some(), "{field} in {row}");
         }
-        assert!(row["clock_offset_ms"].as_f64().unwrap().abs() <= row["clock_offset_bound_ms"].as_f64().unwrap() + 50.0);
+        assert!(
+            row["clock_offset_ms"].as_f64().unwrap().abs()
+                <= row["clock_offset_bound_ms"].as_f64().unwrap() + 50.0
+        );
     }
 
     // The gauges are refreshed every heartbeat interval: wait (bounded) for the puts.
     let start = Instant::now();
     while !http_get(cluster.members[leader].metrics_port, "/metrics").1.lines().any(|l| {
-        l.strip_prefix("chorus_raft_applied_index ").and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 20.0)
+        l.strip_prefix("chorus_raft_applied_index ")
+            .and_then(|v| v.parse::<f64>().ok())
+            .is_some_and(|v| v >= 20.0)
     }) {
         assert!(start.elapsed() < Duration::from_secs(10), "applied index gauge never reached 20");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -128,7 +139,8 @@ async fn a_paused_member_is_suspected_and_recovers_and_metrics_parse() {
     )
     .await;
     println!("detection after SIGSTOP: {} ms (both other members)", detected.as_millis());
-    let down = wait_diagnosis(&cluster, &others, &names[paused], &["node-down"], Duration::from_secs(20)).await;
+    let down =
+        wait_diagnosis(&cluster, &others, &names[paused], &["node-down"], Duration::from_secs(20)).await;
     println!("node-down after SIGSTOP: {} ms more", down.as_millis());
 
     // The CLI reports the stopped member without hanging.
@@ -137,13 +149,16 @@ async fn a_paused_member_is_suspected_and_recovers_and_metrics_parse() {
     assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
     let stopped_endpoint = cluster.endpoint(paused);
     assert!(
-        rows.iter().any(|r| r["node_reachable"] == false && r["node"].as_str().unwrap().contains(&stopped_endpoint)),
+        rows.iter()
+            .any(|r| r["node_reachable"] == false && r["node"].as_str().unwrap().contains(&stopped_endpoint)),
         "{rows:?}"
     );
     assert!(rows.iter().any(|r| r["peer"] == names[paused].as_str() && r["diagnosis"] == "node-down"));
 
     cluster.signal(paused, "CONT");
-    let recovered = wait_diagnosis(&cluster, &others, &names[paused], &["healthy", "slow"], Duration::from_secs(20)).await;
+    let recovered =
+        wait_diagnosis(&cluster, &others, &names[paused], &["healthy", "slow"], Duration::from_secs(20))
+            .await;
     println!("healthy again {} ms after SIGCONT", recovered.as_millis());
     let log = std::fs::read_to_string(&cluster.members[others[0]].log_path).unwrap();
     assert!(log.contains("peer diagnosis changed"), "no diagnosis-change log line");

@@ -43,8 +43,9 @@ use crate::limits::{
     HEALTH_MAX_CLOCK_SKEW_MS_DEFAULT, HEALTH_PHI_ACCEPTABLE_PAUSE_MS_DEFAULT,
     HEALTH_PHI_MIN_STD_DEVIATION_MS_DEFAULT, HEALTH_PHI_SLOW_THRESHOLD_DEFAULT, HEALTH_PHI_THRESHOLD_DEFAULT,
     HEALTH_PHI_THRESHOLD_MAX, HEALTH_PHI_WINDOW_SAMPLES_DEFAULT, HEALTH_PHI_WINDOW_SAMPLES_MAX,
-    HEALTH_PROBE_ROUNDS_TO_OVERTURN, HEALTH_PROBE_TIMEOUT_MS_DEFAULT, HEALTH_PROBE_TIMEOUT_MS_MAX, HEALTH_RTT_RECENT_SAMPLES,
-    HEALTH_RTT_WINDOW_SAMPLES, HEALTH_SLOW_RTT_FACTOR, HEALTH_SLOW_RTT_MARGIN_MS, HEALTH_SLOW_RTT_SAMPLES_MIN,
+    HEALTH_PROBE_ROUNDS_TO_OVERTURN, HEALTH_PROBE_TIMEOUT_MS_DEFAULT, HEALTH_PROBE_TIMEOUT_MS_MAX,
+    HEALTH_RTT_RECENT_SAMPLES, HEALTH_RTT_WINDOW_SAMPLES, HEALTH_SLOW_RTT_FACTOR, HEALTH_SLOW_RTT_MARGIN_MS,
+    HEALTH_SLOW_RTT_SAMPLES_MIN,
 };
 use clock::{ClockEstimator, ClockOffset};
 use phi::{PhiConfig, PhiDetector};
@@ -86,7 +87,9 @@ impl HealthConfig {
                 self.heartbeat_interval_ms
             ));
         }
-        if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0 && self.phi_threshold <= HEALTH_PHI_THRESHOLD_MAX)
+        if !(self.phi_threshold.is_finite()
+            && self.phi_threshold > 0.0
+            && self.phi_threshold <= HEALTH_PHI_THRESHOLD_MAX)
         {
             return Err(format!(
                 "--phi-threshold must be above 0 and at most {HEALTH_PHI_THRESHOLD_MAX}, not {}",
@@ -117,7 +120,8 @@ impl HealthConfig {
                 self.phi_acceptable_pause_ms
             ));
         }
-        if self.probe_timeout_ms < self.heartbeat_interval_ms || self.probe_timeout_ms > HEALTH_PROBE_TIMEOUT_MS_MAX
+        if self.probe_timeout_ms < self.heartbeat_interval_ms
+            || self.probe_timeout_ms > HEALTH_PROBE_TIMEOUT_MS_MAX
         {
             return Err(format!(
                 "--probe-timeout must be between --health-heartbeat-interval ({} ms) and {HEALTH_PROBE_TIMEOUT_MS_MAX} ms, not {}",
@@ -201,12 +205,28 @@ pub fn answer_ping(ping: &Ping, now_wall_ms: i64) -> Pong {
 /// What the caller must do, or report.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HealthEffect {
-    SendPing { to: u64, ping: Ping },
+    SendPing {
+        to: u64,
+        ping: Ping,
+    },
     /// Ask `helper` to ping `target` and tell us, as [`HealthMonitor::on_probe_result`]
     /// with the same `round`, whether it got an answer.
-    AskProbe { helper: u64, target: u64, round: u64 },
-    DiagnosisChanged { peer: u64, from: Diagnosis, to: Diagnosis, phi: f64 },
-    ClockAlarm { peer: u64, offset: ClockOffset, raised: bool },
+    AskProbe {
+        helper: u64,
+        target: u64,
+        round: u64,
+    },
+    DiagnosisChanged {
+        peer: u64,
+        from: Diagnosis,
+        to: Diagnosis,
+        phi: f64,
+    },
+    ClockAlarm {
+        peer: u64,
+        offset: ClockOffset,
+        raised: bool,
+    },
 }
 
 /// One peer as seen from this member, for the API, CLI and metrics.
@@ -259,7 +279,12 @@ pub struct HealthMonitor {
 impl HealthMonitor {
     /// A monitor for `self_id` watching `peers` (ids other than `self_id`), started
     /// at monotonic time `now_ms`.
-    pub fn new(self_id: u64, peers: impl IntoIterator<Item = u64>, config: HealthConfig, now_ms: u64) -> Self {
+    pub fn new(
+        self_id: u64,
+        peers: impl IntoIterator<Item = u64>,
+        config: HealthConfig,
+        now_ms: u64,
+    ) -> Self {
         let peers = peers
             .into_iter()
             .filter(|&peer| peer != self_id)

@@ -57,7 +57,10 @@ fn phi_crosses_8_when_analytically_expected_with_the_minimum_deviation() {
     // is used; the mean is 100 ms + 500 ms of acceptable pause.
     let expected_ms = 600.0 + 100.0 * y_at_phi_8(); // 1122.6 ms
     let crossed_ms = (first_ms_with_phi_8(&detector, now) - now) as f64;
-    assert!((crossed_ms - expected_ms).abs() <= 2.0, "phi crossed 8 after {crossed_ms} ms, expected {expected_ms}");
+    assert!(
+        (crossed_ms - expected_ms).abs() <= 2.0,
+        "phi crossed 8 after {crossed_ms} ms, expected {expected_ms}"
+    );
     assert!((expected_ms - 1122.6).abs() < 0.1);
     // And the detector is monotonic in elapsed time.
     assert!(detector.phi(now + 700) < detector.phi(now + 900));
@@ -74,7 +77,10 @@ fn phi_crosses_8_when_analytically_expected_with_the_measured_deviation() {
     assert!((detector.std_deviation_ms() - 50.0).abs() < 0.5);
     let expected_ms = 600.0 + 50.0 * y_at_phi_8(); // 861.3 ms
     let crossed_ms = (first_ms_with_phi_8(&detector, now) - now) as f64;
-    assert!((crossed_ms - expected_ms).abs() <= 2.0, "phi crossed 8 after {crossed_ms} ms, expected {expected_ms}");
+    assert!(
+        (crossed_ms - expected_ms).abs() <= 2.0,
+        "phi crossed 8 after {crossed_ms} ms, expected {expected_ms}"
+    );
 }
 
 #[test]
@@ -213,7 +219,8 @@ fn suspicion_takes_as_long_as_phi_says() {
     while now < 10_000 {
         now += 1;
         let effects = monitor.on_tick(now, 0);
-        if effects.iter().any(|e| matches!(e, HealthEffect::DiagnosisChanged { to: Diagnosis::NodeDown, .. })) {
+        if effects.iter().any(|e| matches!(e, HealthEffect::DiagnosisChanged { to: Diagnosis::NodeDown, .. }))
+        {
             silent_ms_at_detection = Some(monitor.report(now)[0].last_heard_ms_ago);
             break;
         }

@@ -105,7 +105,8 @@ impl Cluster {
     /// Sends `signal` (e.g. "STOP", "CONT") to member `i`'s process.
     pub fn signal(&self, i: usize, signal: &str) {
         let child = self.members[i].child.as_ref().expect("member is running");
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
         assert!(status.success(), "kill -{signal} failed");
     }
 
