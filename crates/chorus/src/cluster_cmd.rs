@@ -32,6 +32,8 @@ pub enum ClusterCommand {
 /// One member asked, by endpoint.
 struct Answer {
     endpoint: String,
+    /// The member's name, when MemberList gave it.
+    name: Option<String>,
     result: Result<HealthResponse, String>,
 }
 
@@ -73,7 +75,7 @@ async fn members(global: &GlobalOpts) -> BTreeMap<String, Vec<String>> {
     BTreeMap::new()
 }
 
-async fn ask(endpoint: String, dial: Duration, timeout: Duration) -> Answer {
+async fn ask(endpoint: String, name: Option<String>, dial: Duration, timeout: Duration) -> Answer {
     let result = async {
         let channel = connect(&endpoint, dial).await?;
         let mut client = DiagnosticsClient::new(channel);
@@ -85,7 +87,7 @@ async fn ask(endpoint: String, dial: Duration, timeout: Duration) -> Answer {
         }
     }
     .await;
-    Answer { endpoint, result }
+    Answer { endpoint, name, result }
 }
 
 async fn health(global: &GlobalOpts) -> i32 {
@@ -100,7 +102,16 @@ async fn health(global: &GlobalOpts) -> i32 {
     }
     let unpublished: Vec<String> =
         members.iter().filter(|(_, urls)| urls.is_empty()).map(|(name, _)| name.clone()).collect();
-    let asks = endpoints.into_iter().map(|e| ask(e, global.dial_timeout, global.command_timeout));
+    let name_of_endpoint = |endpoint: &str| {
+        members
+            .iter()
+            .find(|(_, urls)| urls.first().is_some_and(|u| url(u) == url(endpoint)))
+            .map(|(n, _)| n.clone())
+    };
+    let asks = endpoints.into_iter().map(|e| {
+        let name = name_of_endpoint(&e);
+        ask(e, name, global.dial_timeout, global.command_timeout)
+    });
     let answers = futures::future::join_all(asks).await;
     match global.write_out {
         WriteOut::Json => print_json(&answers, &unpublished),
@@ -129,7 +140,11 @@ fn name_of(answers: &[Answer], id: u64) -> String {
 fn print_table(answers: &[Answer], unpublished: &[String]) {
     for answer in answers {
         match &answer.result {
-            Err(error) => println!("{} ({}): UNREACHABLE: {error}\n", answer.endpoint, answer.endpoint),
+            Err(error) => println!(
+                "{} ({}): UNREACHABLE: {error}\n",
+                answer.name.as_deref().unwrap_or("?"),
+                answer.endpoint
+            ),
             Ok(r) => {
                 println!(
                     "{} ({}): {} term {} commit {} applied {} leader {}",
@@ -178,7 +193,7 @@ fn print_json(answers: &[Answer], unpublished: &[String]) {
     for answer in answers {
         match &answer.result {
             Err(error) => rows.push(json!({
-                "node": answer.endpoint,
+                "node": answer.name.clone().unwrap_or_else(|| answer.endpoint.clone()),
                 "endpoint": answer.endpoint,
                 "node_reachable": false,
                 "error": error,

@@ -149,8 +149,9 @@ async fn a_paused_member_is_suspected_and_recovers_and_metrics_parse() {
     assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
     let stopped_endpoint = cluster.endpoint(paused);
     assert!(
-        rows.iter()
-            .any(|r| r["node_reachable"] == false && r["node"].as_str().unwrap().contains(&stopped_endpoint)),
+        rows.iter().any(|r| r["node_reachable"] == false
+            && r["node"] == names[paused].as_str()
+            && r["endpoint"].as_str().unwrap().contains(&stopped_endpoint)),
         "{rows:?}"
     );
     assert!(rows.iter().any(|r| r["peer"] == names[paused].as_str() && r["diagnosis"] == "node-down"));
