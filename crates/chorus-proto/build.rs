@@ -18,6 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/chorus/v1/raft.proto",
         "proto/chorus/v1/fence.proto",
         "proto/chorus/v1/coord.proto",
+        "proto/chorus/v1/health.proto",
     ];
     for file in files {
         println!("cargo:rerun-if-changed={file}");

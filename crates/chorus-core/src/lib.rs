@@ -15,6 +15,7 @@
 pub mod barrier;
 pub mod coord;
 pub mod error;
+pub mod health;
 pub mod lease;
 pub mod lease_clock;
 pub mod limits;

@@ -152,6 +152,46 @@ pub const BARRIER_PARTICIPANTS_MAX: u32 = 100;
 /// watch event (a safety net: the watch is what wakes it normally).
 pub const COORD_RECHECK_MS: u64 = 1_000;
 
+// Failure detection and clock monitoring (chorus-core `health`). Defaults of the
+// `chorus serve` flags of the same names; see `health::HealthConfig`.
+
+/// Default time between two health heartbeats to each peer (`--health-heartbeat-interval`).
+pub const HEALTH_HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 100;
+/// Default phi above which a peer is suspected (`--phi-threshold`), as Cassandra and Akka.
+pub const HEALTH_PHI_THRESHOLD_DEFAULT: f64 = 8.0;
+/// Default phi from which a peer that is not suspected is called slow (`--phi-slow-threshold`).
+pub const HEALTH_PHI_SLOW_THRESHOLD_DEFAULT: f64 = 3.0;
+/// Default number of inter-arrival times the detector remembers per peer (`--phi-window`).
+pub const HEALTH_PHI_WINDOW_SAMPLES_DEFAULT: u32 = 100;
+/// Default floor of the standard deviation of inter-arrival times (`--phi-min-std-deviation`).
+pub const HEALTH_PHI_MIN_STD_DEVIATION_MS_DEFAULT: u64 = 100;
+/// Default pause tolerated on top of the mean inter-arrival time (`--phi-acceptable-pause`).
+pub const HEALTH_PHI_ACCEPTABLE_PAUSE_MS_DEFAULT: u64 = 500;
+/// Default time an indirect probe waits for its helpers (`--probe-timeout`).
+pub const HEALTH_PROBE_TIMEOUT_MS_DEFAULT: u64 = 1000;
+/// Default wall-clock offset (beyond its error bound) that raises an alarm (`--max-clock-skew`).
+pub const HEALTH_MAX_CLOCK_SKEW_MS_DEFAULT: u64 = 500;
+/// Round-trip times remembered per peer for the p50/p99 and the slow check.
+pub const HEALTH_RTT_WINDOW_SAMPLES: usize = 100;
+/// Clock samples remembered per peer; the one with the shortest round trip is used.
+pub const HEALTH_CLOCK_WINDOW_SAMPLES: usize = 8;
+/// Bounds the health flags are validated against.
+pub const HEALTH_HEARTBEAT_INTERVAL_MS_MAX: u64 = 10_000;
+pub const HEALTH_PHI_WINDOW_SAMPLES_MAX: u32 = 10_000;
+pub const HEALTH_PHI_THRESHOLD_MAX: f64 = 100.0;
+pub const HEALTH_PROBE_TIMEOUT_MS_MAX: u64 = 60_000;
+/// A peer is slow when the median of its last [`HEALTH_RTT_RECENT_SAMPLES`] round trips
+/// is this many times the median of its window...
+pub const HEALTH_SLOW_RTT_FACTOR: f64 = 4.0;
+/// ... and at least this many ms above it (so that 0.1 ms becoming 0.5 ms is not "slow").
+pub const HEALTH_SLOW_RTT_MARGIN_MS: f64 = 20.0;
+/// Probe rounds in a row that must reach nobody before a link failure is called node-down.
+pub const HEALTH_PROBE_ROUNDS_TO_OVERTURN: u32 = 2;
+/// Round trips that make up "recent" for the slow check.
+pub const HEALTH_RTT_RECENT_SAMPLES: usize = 5;
+/// Round trips needed in the window before a peer can be called slow by its round trips.
+pub const HEALTH_SLOW_RTT_SAMPLES_MIN: usize = 20;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,6 +41,11 @@ pub struct ServerConfig {
     /// is told the current revision (etcd's default is ten minutes).
     pub watch_progress_notify_interval_ms: u64,
     pub limits: Limits,
+    /// `--listen-metrics-urls`: where `/metrics`, `/livez`, `/readyz` and `/health`
+    /// are served, as `host:port` (none: not served).
+    pub listen_metrics_addrs: Vec<String>,
+    /// The failure detector's and clock monitor's parameters.
+    pub health: chorus_core::health::HealthConfig,
 }
 
 /// A configuration that cannot work, with a message that says how to fix it.
@@ -85,6 +90,7 @@ impl ServerConfig {
         if self.request_timeout_ms == 0 {
             return fail("--request-timeout must be positive".into());
         }
+        self.health.validate().map_err(ConfigError)?;
         if self.initial_cluster_state == ClusterState::Existing {
             return fail(
                 "--initial-cluster-state existing (joining a running cluster) needs membership \

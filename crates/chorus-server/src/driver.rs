@@ -188,6 +188,8 @@ pub struct Driver {
     watches: WatchHub<ChannelSink>,
     /// Ticks between progress notifications to idle watchers that asked for them.
     watch_progress_ticks: u64,
+    /// Where the durable writes' durations go (`with_metrics`).
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl Driver {
@@ -220,7 +222,14 @@ impl Driver {
             leader_seen: (raft::INVALID_ID, 0),
             watches: WatchHub::default(),
             watch_progress_ticks,
+            metrics: None,
         }
+    }
+
+    /// Records the duration of every durable (fsynced) write in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Driver {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Runs until every sender of the input channel is gone.
@@ -475,7 +484,12 @@ impl Driver {
         // 2. send-early
         self.send(cycle.messages);
         // 3. persist
-        if let Err(error) = self.storage.persist(&cycle.persist) {
+        let persist_started = Instant::now();
+        let persisted = self.storage.persist(&cycle.persist);
+        if let (Some(metrics), true) = (&self.metrics, cycle.persist.must_sync) {
+            metrics.disk_fsync_duration.observe(persist_started.elapsed().as_secs_f64());
+        }
+        if let Err(error) = persisted {
             // The node cannot go on without its disk: continuing could acknowledge
             // writes that are not durable. Stop the whole process.
             tracing::error!(%error, "storage write failed; stopping");
@@ -585,11 +599,18 @@ impl Driver {
 pub struct NodeHandle {
     inputs: mpsc::Sender<Input>,
     request_timeout: Duration,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl NodeHandle {
     pub fn new(inputs: mpsc::Sender<Input>, request_timeout: Duration) -> NodeHandle {
-        NodeHandle { inputs, request_timeout }
+        NodeHandle { inputs, request_timeout, metrics: None }
+    }
+
+    /// Counts proposals committed and failed in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> NodeHandle {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// How long a request may wait for the cluster.
@@ -602,7 +623,14 @@ impl NodeHandle {
         let deadline = Instant::now() + self.request_timeout;
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Propose { op, deadline, reply }, deadline).await?;
-        Self::await_answer(answer, deadline).await
+        let result = Self::await_answer(answer, deadline).await;
+        if let Some(metrics) = &self.metrics {
+            match &result {
+                Ok(_) => metrics.proposals_committed.inc(),
+                Err(_) => metrics.proposals_failed.inc(),
+            };
+        }
+        result
     }
 
     /// Serves a range read (linearizable unless the request is serializable).

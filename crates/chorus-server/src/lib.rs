@@ -10,6 +10,8 @@ pub mod api;
 pub mod config;
 pub mod driver;
 pub mod gateway;
+pub mod health;
+pub mod metrics;
 mod raft_log;
 pub mod status;
 pub mod transport;
@@ -96,6 +98,9 @@ pub async fn serve(
     let client_listeners = bind_all(&config.listen_client_addrs).await?;
     let peer_listeners = bind_all(&config.listen_peer_addrs).await?;
     let client_addrs: Vec<SocketAddr> = client_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let metrics_listeners = metrics::bind(&config.listen_metrics_addrs)
+        .await
+        .map_err(|(addr, error)| ServerError::Bind { addr, error })?;
 
     let member_ids = config.member_ids();
     let node_config = NodeConfig {
@@ -120,8 +125,10 @@ pub async fn serve(
     };
     let watch_progress_ticks =
         (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
+    let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let driver =
-        Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks);
+        Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
+            .with_metrics(metrics.clone());
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())
@@ -132,17 +139,22 @@ pub async fn serve(
         stop_rx.clone(),
     ));
 
-    let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms));
+    let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms))
+        .with_metrics(metrics.clone());
     let peer_addrs: BTreeMap<u64, String> = config
         .initial_cluster
         .iter()
         .map(|(name, urls)| (member_ids[name], config::url_to_addr(&urls[0]).expect("validated URL")))
         .collect();
+    let health = start_health(&config, &member_ids, cluster_id, member_id, metrics.clone(), &stop_rx);
     let mut servers = Vec::new();
     for listener in peer_listeners {
         let service =
             PeerService::new(cluster_id, member_id, input_tx.clone(), handle.clone(), stop_rx.clone());
-        let router = tonic::transport::Server::builder().tcp_nodelay(true).add_service(service);
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service)
+            .add_service(health::PeerHealthService::new_server(health.clone()));
         servers.push(tokio::spawn(
             router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
         ));
@@ -174,7 +186,9 @@ pub async fn serve(
         let queue = QueueServer::new(QueueService::new(handle.clone(), config.limits.clone()))
             .max_decoding_message_size(message_bytes_max);
         let barrier = BarrierServer::new(BarrierService::new(handle.clone(), config.limits.clone()));
+        let diagnostics = health::DiagnosticsService::new_server(health.clone(), handle.clone());
         let grpc = tonic::service::Routes::new(kv)
+            .add_service(diagnostics)
             .add_service(maintenance)
             .add_service(cluster)
             .add_service(watch)
@@ -192,11 +206,13 @@ pub async fn serve(
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .accept_http1(true)
+            .layer(metrics::GrpcMetricsLayer(metrics.clone()))
             .add_routes(routes.into());
         servers.push(tokio::spawn(
             router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
         ));
     }
+    let metrics_tasks = start_metrics(metrics_listeners, metrics, handle.clone(), &config, &stop_rx);
     drop(handle);
     on_ready(client_addrs);
 
@@ -210,6 +226,9 @@ pub async fn serve(
         }
     }
     let _ = ticker.await;
+    for task in metrics_tasks {
+        let _ = task.await;
+    }
     // Every sender is gone once the servers and ticker have stopped; the driver
     // finishes its last cycle and returns.
     tokio::task::spawn_blocking(move || driver_thread.join())
@@ -255,6 +274,65 @@ fn start_peer_senders(
         peers.insert(peer_id, tx);
     }
     peers
+}
+
+/// Starts the failure detector's task; returns what the peer and diagnostics
+/// services share with it.
+fn start_health(
+    config: &ServerConfig,
+    member_ids: &BTreeMap<String, u64>,
+    cluster_id: u64,
+    member_id: u64,
+    metrics: std::sync::Arc<metrics::Metrics>,
+    stop: &watch::Receiver<bool>,
+) -> std::sync::Arc<health::Health> {
+    let peers = config
+        .initial_cluster
+        .iter()
+        .map(|(name, urls)| {
+            (member_ids[name], (name.clone(), config::url_to_addr(&urls[0]).expect("validated URL")))
+        })
+        .collect();
+    let health = health::Health::new(
+        cluster_id,
+        member_id,
+        config.name.clone(),
+        &peers,
+        config.health.clone(),
+        metrics,
+    );
+    tokio::spawn(health::run(health.clone(), stop.clone()));
+    health
+}
+
+/// Starts the status poller (Raft gauges, leader-change log lines, readiness) and
+/// the HTTP servers on the metrics listeners.
+fn start_metrics(
+    listeners: Vec<(TcpListener, SocketAddr)>,
+    metrics: std::sync::Arc<metrics::Metrics>,
+    handle: NodeHandle,
+    config: &ServerConfig,
+    stop: &watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (ready_tx, ready_rx) = watch::channel(Err("starting".to_string()));
+    let interval = Duration::from_millis(config.heartbeat_interval_ms);
+    let mut tasks = vec![tokio::spawn(metrics::run_status_poller(
+        metrics.clone(),
+        handle,
+        ready_tx,
+        interval,
+        stop.clone(),
+    ))];
+    for (listener, addr) in listeners {
+        tracing::info!(member = %config.name, metrics = %addr, "serving metrics and health over HTTP");
+        let (metrics, ready, stop) = (metrics.clone(), ready_rx.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = metrics::serve_http(listener, metrics, ready, stop).await {
+                tracing::error!(%error, "metrics HTTP server failed");
+            }
+        }));
+    }
+    tasks
 }
 
 fn configured_members(

@@ -11,6 +11,7 @@
 pub mod barrier_workload;
 pub mod checker;
 pub mod coord_workload;
+pub mod health_world;
 pub mod lease_workload;
 pub mod lock_workload;
 pub mod options;

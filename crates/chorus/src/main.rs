@@ -7,6 +7,7 @@
 
 mod bench_cmd;
 mod client_cmd;
+mod cluster_cmd;
 mod coord_cmd;
 mod queue_cmd;
 mod serve_cmd;
@@ -32,7 +33,7 @@ struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Run one member of a chorus cluster.
-    Serve(serve_cmd::ServeArgs),
+    Serve(Box<serve_cmd::ServeArgs>),
     /// Start a local three-member cluster (ports 2379/22379/32379) for development.
     Dev(serve_cmd::DevArgs),
     /// Load-test a cluster through the public etcd v3 API (works against etcd too).
@@ -46,6 +47,8 @@ enum Command {
     Queue(queue_cmd::QueueArgs),
     /// Barriers: enter, leave (chorus.v1.Barrier)
     Barrier(queue_cmd::BarrierArgs),
+    /// Cluster-wide views: `chorus cluster health` (every member's diagnosis of every peer).
+    Cluster(cluster_cmd::ClusterArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -68,7 +71,7 @@ fn main() {
     let code = runtime.block_on(async move {
         let result = match cli.command {
             Command::Serve(args) => match init_logging(&cli.log_format, "info") {
-                Ok(()) => serve_cmd::run_serve(args).await,
+                Ok(()) => serve_cmd::run_serve(*args).await,
                 Err(error) => Err(error),
             },
             Command::Dev(args) => match init_logging(&cli.log_format, "warn") {
@@ -81,6 +84,7 @@ fn main() {
             Command::Elect(args) => return coord_cmd::run_elect(&cli.global, args).await,
             Command::Queue(args) => return queue_cmd::run_queue(&cli.global, args).await,
             Command::Barrier(args) => return queue_cmd::run_barrier(&cli.global, args).await,
+            Command::Cluster(args) => return cluster_cmd::run(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,

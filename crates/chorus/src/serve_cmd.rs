@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use chorus_core::limits::Limits;
+use chorus_core::limits::{self, Limits};
 use chorus_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use chorus_proto::etcdserverpb::StatusRequest;
 use chorus_server::config::{parse_initial_cluster, split_urls, url_to_addr};
@@ -63,6 +63,33 @@ pub struct ServeArgs {
     /// Most operations in each branch of a txn.
     #[arg(long, env = "CHORUS_MAX_TXN_OPS", default_value_t = chorus_core::limits::TXN_OPS_MAX_DEFAULT)]
     pub max_txn_ops: u64,
+    /// URLs to serve /metrics, /livez, /readyz and /health on (comma separated; none by default).
+    #[arg(long, env = "CHORUS_LISTEN_METRICS_URLS", default_value = "")]
+    pub listen_metrics_urls: String,
+    /// Time between two failure-detector heartbeats to each peer, in milliseconds.
+    #[arg(long, env = "CHORUS_HEALTH_HEARTBEAT_INTERVAL", default_value_t = limits::HEALTH_HEARTBEAT_INTERVAL_MS_DEFAULT)]
+    pub health_heartbeat_interval: u64,
+    /// Phi from which a peer is suspected (and probed through the others).
+    #[arg(long, env = "CHORUS_PHI_THRESHOLD", default_value_t = limits::HEALTH_PHI_THRESHOLD_DEFAULT)]
+    pub phi_threshold: f64,
+    /// Phi from which a peer not yet suspected is reported slow.
+    #[arg(long, env = "CHORUS_PHI_SLOW_THRESHOLD", default_value_t = limits::HEALTH_PHI_SLOW_THRESHOLD_DEFAULT)]
+    pub phi_slow_threshold: f64,
+    /// Inter-arrival times the phi detector remembers per peer.
+    #[arg(long, env = "CHORUS_PHI_WINDOW", default_value_t = limits::HEALTH_PHI_WINDOW_SAMPLES_DEFAULT)]
+    pub phi_window: u32,
+    /// Floor of the inter-arrival standard deviation, in milliseconds.
+    #[arg(long, env = "CHORUS_PHI_MIN_STD_DEVIATION", default_value_t = limits::HEALTH_PHI_MIN_STD_DEVIATION_MS_DEFAULT)]
+    pub phi_min_std_deviation: u64,
+    /// Pause tolerated on top of the mean inter-arrival time, in milliseconds.
+    #[arg(long, env = "CHORUS_PHI_ACCEPTABLE_PAUSE", default_value_t = limits::HEALTH_PHI_ACCEPTABLE_PAUSE_MS_DEFAULT)]
+    pub phi_acceptable_pause: u64,
+    /// How long an indirect probe (and a heartbeat) may take, in milliseconds.
+    #[arg(long, env = "CHORUS_PROBE_TIMEOUT", default_value_t = limits::HEALTH_PROBE_TIMEOUT_MS_DEFAULT)]
+    pub probe_timeout: u64,
+    /// Wall-clock offset to a peer (beyond its error bound) that raises an alarm, in milliseconds.
+    #[arg(long, env = "CHORUS_MAX_CLOCK_SKEW", default_value_t = limits::HEALTH_MAX_CLOCK_SKEW_MS_DEFAULT)]
+    pub max_clock_skew: u64,
 }
 
 impl ServeArgs {
@@ -96,6 +123,17 @@ impl ServeArgs {
             request_timeout_ms: self.request_timeout,
             watch_progress_notify_interval_ms: self.watch_progress_notify_interval,
             limits,
+            listen_metrics_addrs: addrs(&self.listen_metrics_urls)?,
+            health: chorus_core::health::HealthConfig {
+                heartbeat_interval_ms: self.health_heartbeat_interval,
+                phi_threshold: self.phi_threshold,
+                phi_slow_threshold: self.phi_slow_threshold,
+                phi_window_samples: self.phi_window,
+                phi_min_std_deviation_ms: self.phi_min_std_deviation,
+                phi_acceptable_pause_ms: self.phi_acceptable_pause,
+                probe_timeout_ms: self.probe_timeout,
+                max_clock_skew_ms: self.max_clock_skew,
+            },
         })
     }
 }
@@ -134,6 +172,7 @@ fn dev_members(base_port: u16) -> anyhow::Result<Vec<(String, u16, u16)>> {
         .map(|(i, offset)| {
             let client = u16::try_from(u32::from(base_port) + offset).context("--base-port too large")?;
             let peer = client.checked_add(1).context("--base-port too large")?;
+            client.checked_add(2).context("--base-port too large")?; // metrics port
             Ok((format!("node{}", i + 1), client, peer))
         })
         .collect()
@@ -162,6 +201,15 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             watch_progress_notify_interval: 600_000,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
             max_txn_ops: chorus_core::limits::TXN_OPS_MAX_DEFAULT,
+            listen_metrics_urls: format!("http://127.0.0.1:{}", client + 2),
+            health_heartbeat_interval: limits::HEALTH_HEARTBEAT_INTERVAL_MS_DEFAULT,
+            phi_threshold: limits::HEALTH_PHI_THRESHOLD_DEFAULT,
+            phi_slow_threshold: limits::HEALTH_PHI_SLOW_THRESHOLD_DEFAULT,
+            phi_window: limits::HEALTH_PHI_WINDOW_SAMPLES_DEFAULT,
+            phi_min_std_deviation: limits::HEALTH_PHI_MIN_STD_DEVIATION_MS_DEFAULT,
+            phi_acceptable_pause: limits::HEALTH_PHI_ACCEPTABLE_PAUSE_MS_DEFAULT,
+            probe_timeout: limits::HEALTH_PROBE_TIMEOUT_MS_DEFAULT,
+            max_clock_skew: limits::HEALTH_MAX_CLOCK_SKEW_MS_DEFAULT,
         };
         let config = serve.to_config()?;
         let mut stop = stop_rx.clone();
@@ -173,8 +221,10 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
     let endpoints: Vec<String> = members.iter().map(|(_, client, _)| format!("127.0.0.1:{client}")).collect();
     println!("chorus dev: three members, data under {}", args.data_dir.display());
     for ((name, client, peer), endpoint) in members.iter().zip(&endpoints) {
-        println!("  {name}: client http://{endpoint}  peer http://127.0.0.1:{peer}");
-        let _ = client;
+        println!(
+            "  {name}: client http://{endpoint}  peer http://127.0.0.1:{peer}  metrics http://127.0.0.1:{}/metrics",
+            client + 2
+        );
     }
     let ready = tokio::select! {
         ready = wait_for_leader(&endpoints, Duration::from_secs(30)) => ready,

@@ -14,6 +14,7 @@ pub struct Member {
     pub name: String,
     pub client_port: u16,
     pub peer_port: u16,
+    pub metrics_port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
@@ -44,6 +45,7 @@ impl Cluster {
                     name,
                     client_port: free_port(),
                     peer_port: free_port(),
+                    metrics_port: free_port(),
                     child: None,
                 }
             })
@@ -81,6 +83,7 @@ impl Cluster {
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", member.peer_port)])
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", "chorus-test"])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", member.metrics_port)])
             .args(&self.extra_args)
             .env("CHORUS_LOG", "info,raft=info")
             .stdin(Stdio::null())
@@ -97,6 +100,14 @@ impl Cluster {
             child.kill().unwrap(); // SIGKILL on Unix
             child.wait().unwrap();
         }
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT") to member `i`'s process.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let child = self.members[i].child.as_ref().expect("member is running");
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     pub fn is_running(&self, i: usize) -> bool {
