@@ -28,8 +28,30 @@ pub struct Cluster {
 }
 
 /// A free loopback port (bound and released; good enough for tests on one machine).
+///
+/// Ports come from below Linux's ephemeral range (32768 and up): a port the kernel
+/// picked for `bind(0)` is also where it puts the source ports of outgoing
+/// connections, and members connect to each other while others are still
+/// starting, so an ephemeral pick could be taken before its member binds it.
+/// Each test process walks its own stretch of 10000..32000 (seeded by its pid).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 impl Cluster {
