@@ -791,22 +791,32 @@ async fn keep_alive_client(
     let mut client = LeaseClient::new(channel);
     let grant = LeaseGrantRequest { ttl: KEEPALIVE_LEASE_TTL_S, id: 0 };
     let id = client.lease_grant(grant).await.map_err(|s| status_error("lease grant", &s))?.into_inner().id;
+    let mut latencies = new_histogram();
+    if count == 0 || Instant::now() >= deadline {
+        return Ok(latencies);
+    }
+    // The first keep-alive is queued before the stream is opened: etcd (grpc-go) sends the
+    // response headers only with its first answer, so waiting for them before sending
+    // anything would wait until the command timeout.
     let (requests, request_stream) = tokio::sync::mpsc::channel(1);
+    let mut sent = Instant::now();
+    requests.send(LeaseKeepAliveRequest { id }).await.map_err(|_| "keep-alive stream closed".to_string())?;
     let response = client
         .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(request_stream))
         .await
         .map_err(|s| status_error("lease keep-alive", &s))?;
     let mut responses = response.into_inner();
-    let mut latencies = new_histogram();
-    for _ in 0..count {
-        if Instant::now() >= deadline {
-            break;
+    for index in 0..count {
+        if index > 0 {
+            if Instant::now() >= deadline {
+                break;
+            }
+            sent = Instant::now();
+            requests
+                .send(LeaseKeepAliveRequest { id })
+                .await
+                .map_err(|_| "keep-alive stream closed".to_string())?;
         }
-        let sent = Instant::now();
-        requests
-            .send(LeaseKeepAliveRequest { id })
-            .await
-            .map_err(|_| "keep-alive stream closed".to_string())?;
         match tokio::time::timeout_at(deadline, responses.message()).await {
             Ok(Ok(Some(answer))) if answer.ttl > 0 => {
                 let _ = latencies.record(sent.elapsed().as_micros().min(u128::from(LATENCY_US_MAX)) as u64);
