@@ -54,8 +54,8 @@ const KEY_SIZE_BYTES_MAX: u32 = 64 * 1024;
 const VALUE_SIZE_BYTES_MAX: u32 = 1024 * 1024;
 /// Longest `--duration-max`.
 const DURATION_MAX_LIMIT: Duration = Duration::from_secs(24 * 3600);
-/// Every key starts with this, so a person can find the benchmark's keys and delete them
-/// (`chorus del --prefix bench/`).
+/// Every key starts with this unless `--key-prefix` says otherwise, so a person can find the
+/// benchmark's keys and delete them (`chorus del --prefix bench/`).
 const KEY_PREFIX: &str = "bench/";
 /// Workers that put the keys that reads will read, when `--clients` is smaller: filling the
 /// key space one put at a time would take longer than the measurement.
@@ -94,6 +94,10 @@ pub struct BenchArgs {
     /// Distinct keys used (reads pre-populate all of them)
     #[arg(long, default_value_t = 1_000)]
     key_space: u64,
+    /// Every key starts with this (counted in --key-size); a new prefix gives a run a fresh key
+    /// space on a cluster that earlier runs wrote to
+    #[arg(long, default_value = KEY_PREFIX)]
+    key_prefix: String,
     /// Use keys in order (operation number modulo --key-space) instead of at random
     #[arg(long)]
     sequential_keys: bool,
@@ -272,7 +276,7 @@ fn plan_from_args(args: &BenchArgs) -> Result<Plan, String> {
     if !(0.0..=1.0).contains(&args.read_ratio) {
         return Err(format!("--read-ratio must be between 0 and 1, not {}", args.read_ratio));
     }
-    let keys = KeyGenerator::new(args.key_size, args.key_space, args.sequential_keys)?;
+    let keys = KeyGenerator::new(&args.key_prefix, args.key_size, args.key_space, args.sequential_keys)?;
     let now = Instant::now();
     Ok(Plan {
         workload: args.workload,
@@ -329,6 +333,8 @@ fn check_populated(outcome: &PhaseOutcome) -> Result<(), BenchError> {
 /// every request of a workload costs the same to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct KeyGenerator {
+    /// What every key starts with.
+    prefix: String,
     key_size_bytes: usize,
     /// Distinct keys: key numbers run from 0 to `key_space - 1`.
     key_space: u64,
@@ -339,16 +345,17 @@ struct KeyGenerator {
 impl KeyGenerator {
     /// Refuses a key size too small to hold the prefix and the largest key number, since
     /// truncating would make distinct key numbers collide.
-    fn new(key_size_bytes: u32, key_space: u64, sequential: bool) -> Result<Self, String> {
+    fn new(prefix: &str, key_size_bytes: u32, key_space: u64, sequential: bool) -> Result<Self, String> {
         let digits = (key_space.max(1) - 1).to_string().len();
-        let needed = KEY_PREFIX.len() + digits;
+        let needed = prefix.len() + digits;
         if (key_size_bytes as usize) < needed || key_size_bytes > KEY_SIZE_BYTES_MAX {
             return Err(format!(
-                "--key-size must be between {needed} (\"{KEY_PREFIX}\" and {digits} digits for \
+                "--key-size must be between {needed} (\"{prefix}\" and {digits} digits for \
                  --key-space {key_space}) and {KEY_SIZE_BYTES_MAX}, not {key_size_bytes}"
             ));
         }
-        Ok(KeyGenerator { key_size_bytes: key_size_bytes as usize, key_space, sequential })
+        let prefix = prefix.to_string();
+        Ok(KeyGenerator { prefix, key_size_bytes: key_size_bytes as usize, key_space, sequential })
     }
 
     fn key_number(&self, op_index: u64, rng: &mut StdRng) -> u64 {
@@ -360,8 +367,8 @@ impl KeyGenerator {
     }
 
     fn key(&self, key_number: u64) -> Vec<u8> {
-        let width = self.key_size_bytes - KEY_PREFIX.len();
-        format!("{KEY_PREFIX}{key_number:0width$}").into_bytes()
+        let width = self.key_size_bytes - self.prefix.len();
+        format!("{}{key_number:0width$}", self.prefix).into_bytes()
     }
 }
 
@@ -784,22 +791,32 @@ async fn keep_alive_client(
     let mut client = LeaseClient::new(channel);
     let grant = LeaseGrantRequest { ttl: KEEPALIVE_LEASE_TTL_S, id: 0 };
     let id = client.lease_grant(grant).await.map_err(|s| status_error("lease grant", &s))?.into_inner().id;
+    let mut latencies = new_histogram();
+    if count == 0 || Instant::now() >= deadline {
+        return Ok(latencies);
+    }
+    // The first keep-alive is queued before the stream is opened: etcd (grpc-go) sends the
+    // response headers only with its first answer, so waiting for them before sending
+    // anything would wait until the command timeout.
     let (requests, request_stream) = tokio::sync::mpsc::channel(1);
+    let mut sent = Instant::now();
+    requests.send(LeaseKeepAliveRequest { id }).await.map_err(|_| "keep-alive stream closed".to_string())?;
     let response = client
         .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(request_stream))
         .await
         .map_err(|s| status_error("lease keep-alive", &s))?;
     let mut responses = response.into_inner();
-    let mut latencies = new_histogram();
-    for _ in 0..count {
-        if Instant::now() >= deadline {
-            break;
+    for index in 0..count {
+        if index > 0 {
+            if Instant::now() >= deadline {
+                break;
+            }
+            sent = Instant::now();
+            requests
+                .send(LeaseKeepAliveRequest { id })
+                .await
+                .map_err(|_| "keep-alive stream closed".to_string())?;
         }
-        let sent = Instant::now();
-        requests
-            .send(LeaseKeepAliveRequest { id })
-            .await
-            .map_err(|_| "keep-alive stream closed".to_string())?;
         match tokio::time::timeout_at(deadline, responses.message()).await {
             Ok(Ok(Some(answer))) if answer.ttl > 0 => {
                 let _ = latencies.record(sent.elapsed().as_micros().min(u128::from(LATENCY_US_MAX)) as u64);
@@ -840,7 +857,7 @@ async fn execute_watch(global: &GlobalOpts, args: &BenchArgs) -> Result<(), Benc
             })?;
         channels.push(channel);
     }
-    let key = format!("bench/watch/{}", std::process::id()).into_bytes();
+    let key = format!("{}watch/{}", args.key_prefix, std::process::id()).into_bytes();
     let deadline = Instant::now() + args.duration_max;
     let (created_tx, mut created_rx) = tokio::sync::mpsc::channel::<()>(args.clients as usize);
     let mut watchers = Vec::new();
@@ -994,6 +1011,7 @@ mod tests {
         assert_eq!((args.clients, args.conns, args.total), (1, 1, 10_000));
         assert_eq!(args.duration_max, Duration::from_secs(60));
         assert_eq!((args.key_size, args.val_size, args.key_space), (32, 256, 1_000));
+        assert_eq!(args.key_prefix, "bench/");
         assert!(!args.sequential_keys);
         assert_eq!(args.rate, 0);
         assert_eq!(args.consistency, Consistency::Linearizable);
@@ -1057,18 +1075,22 @@ mod tests {
 
     #[test]
     fn keys_have_the_prefix_and_exactly_the_key_size() {
-        let keys = KeyGenerator::new(32, 1_000, false).unwrap();
+        let keys = KeyGenerator::new(KEY_PREFIX, 32, 1_000, false).unwrap();
         assert_eq!(keys.key(7), b"bench/00000000000000000000000007".to_vec());
         assert_eq!(keys.key(999).len(), 32);
-        let smallest = KeyGenerator::new(9, 1_000, false).unwrap();
+        let smallest = KeyGenerator::new(KEY_PREFIX, 9, 1_000, false).unwrap();
         assert_eq!(smallest.key(999), b"bench/999".to_vec());
-        assert!(KeyGenerator::new(8, 1_000, false).is_err());
-        assert!(KeyGenerator::new(7, 1, true).is_ok(), "key space 1 needs one digit");
+        assert!(KeyGenerator::new(KEY_PREFIX, 8, 1_000, false).is_err());
+        assert!(KeyGenerator::new(KEY_PREFIX, 7, 1, true).is_ok(), "key space 1 needs one digit");
+        let custom = KeyGenerator::new("cmp/r2/put64/", 32, 1_000, false).unwrap();
+        assert_eq!(custom.key(5), b"cmp/r2/put64/0000000000000000005".to_vec());
+        let error = KeyGenerator::new("a-very-long-prefix-for-32-bytes/", 32, 1_000, false).unwrap_err();
+        assert!(error.contains("a-very-long-prefix-for-32-bytes/"), "{error}");
     }
 
     #[test]
     fn sequential_keys_wrap_around_the_key_space() {
-        let keys = KeyGenerator::new(32, 3, true).unwrap();
+        let keys = KeyGenerator::new(KEY_PREFIX, 32, 3, true).unwrap();
         let mut rng = StdRng::seed_from_u64(0);
         let numbers: Vec<u64> = (0..7).map(|op_index| keys.key_number(op_index, &mut rng)).collect();
         assert_eq!(numbers, [0, 1, 2, 0, 1, 2, 0]);
@@ -1076,7 +1098,7 @@ mod tests {
 
     #[test]
     fn random_keys_stay_in_the_key_space_cover_it_and_repeat_per_seed() {
-        let keys = KeyGenerator::new(32, 10, false).unwrap();
+        let keys = KeyGenerator::new(KEY_PREFIX, 32, 10, false).unwrap();
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             (0..1_000).map(|op_index| keys.key_number(op_index, &mut rng)).collect::<Vec<u64>>()
