@@ -15,10 +15,10 @@ use chorus_core::node::OpResponse;
 use chorus_core::validate;
 use chorus_proto::chorus::v1::command::Op;
 use chorus_proto::etcdserverpb::{TxnRequest, TxnResponse, WatchCreateRequest};
-use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::driver::{ChannelSink, Input, NodeHandle};
+use crate::api::key_watch::KeyWatch;
+use crate::driver::NodeHandle;
 use crate::status::invalid;
 
 /// Proposes one txn built by chorus-core, checked against the limits like a client's.
@@ -39,23 +39,6 @@ pub(crate) fn deadline_after(timeout_ms: i64) -> Instant {
     Instant::now() + Duration::from_millis(timeout_ms.max(0) as u64)
 }
 
-/// Closes the internal watch stream however the wait ends (the call may be
-/// cancelled by its client while waiting).
-struct StreamGuard {
-    node: NodeHandle,
-    stream: u64,
-}
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        let node = self.node.clone();
-        let stream = self.stream;
-        tokio::spawn(async move {
-            let _ = node.watch_input(Input::WatchClose { stream }).await;
-        });
-    }
-}
-
 /// Returns when a key in `[key, range_end)` changes after `revision`, at the
 /// deadline, or after `COORD_RECHECK_MS`, whichever comes first.
 pub(crate) async fn wait_for_change(
@@ -65,18 +48,9 @@ pub(crate) async fn wait_for_change(
     deadline: Instant,
 ) -> Result<(), Status> {
     let until = deadline.min(Instant::now() + Duration::from_millis(COORD_RECHECK_MS));
-    let stream = crate::driver::next_watch_stream();
-    let (sender, mut responses) = mpsc::channel(4);
-    node.watch_input(Input::WatchOpen { stream, sink: ChannelSink(sender) }).await?;
-    let _guard = StreamGuard { node: node.clone(), stream };
     let request = WatchCreateRequest { key, range_end, start_revision: revision + 1, ..Default::default() };
-    node.watch_input(Input::WatchCreate { stream, request }).await?;
-    loop {
-        match tokio::time::timeout_at(until.into(), responses.recv()).await {
-            // The creation answer and progress notifications carry no events.
-            Ok(Some(Ok(response)))
-                if response.events.is_empty() && !response.canceled && response.compact_revision == 0 => {}
-            Ok(_) | Err(_) => return Ok(()),
-        }
-    }
+    let mut watch = KeyWatch::open(node, request).await?;
+    // Events, a compaction, a failed stream or the recheck timer: look again either way.
+    let _ = tokio::time::timeout_at(until.into(), watch.next_events()).await;
+    Ok(())
 }
