@@ -192,6 +192,10 @@ pub const HEALTH_RTT_RECENT_SAMPLES: usize = 5;
 /// Round trips needed in the window before a peer can be called slow by its round trips.
 pub const HEALTH_SLOW_RTT_SAMPLES_MIN: usize = 20;
 
+/// How long a stopping member waits for client streams (watches, keep-alives) to
+/// close before it cuts them: graceful shutdown must not wait on a client forever.
+pub const SHUTDOWN_DRAIN_MS: u64 = 2_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ mod raft_log;
 pub mod status;
 pub mod transport;
 
-use chorus_core::limits::DRIVER_QUEUE_INPUTS_MAX;
+use chorus_core::limits::{DRIVER_QUEUE_INPUTS_MAX, SHUTDOWN_DRAIN_MS};
 use chorus_core::limits::{GRPC_MESSAGE_OVERHEAD_BYTES, PEER_QUEUE_MESSAGES_MAX};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -220,9 +220,17 @@ pub async fn serve(
     tracing::info!(member = %config.name, "stopping");
     let _ = stop_tx.send(true);
     let mut failure = None;
-    for server in servers {
-        if let Ok(Err(error)) = server.await {
-            failure = Some(ServerError::Grpc(error.to_string()));
+    // Graceful shutdown waits for open streams (a watch, a keep-alive) to end, which
+    // a client may never do: give them a bound, then cut them.
+    let drain_deadline = tokio::time::Instant::now() + Duration::from_millis(SHUTDOWN_DRAIN_MS);
+    for mut server in servers {
+        match tokio::time::timeout_at(drain_deadline, &mut server).await {
+            Ok(Ok(Err(error))) => failure = Some(ServerError::Grpc(error.to_string())),
+            Ok(_) => {}
+            Err(_) => {
+                tracing::info!(member = %config.name, "closing streams still open after {SHUTDOWN_DRAIN_MS} ms");
+                server.abort();
+            }
         }
     }
     let _ = ticker.await;
@@ -230,11 +238,15 @@ pub async fn serve(
         let _ = task.await;
     }
     // Every sender is gone once the servers and ticker have stopped; the driver
-    // finishes its last cycle and returns.
-    tokio::task::spawn_blocking(move || driver_thread.join())
-        .await
-        .expect("join task")
-        .expect("driver thread panicked");
+    // finishes its last cycle and returns. A connection cut after the drain bound
+    // may still hold a sender until the process exits: then the driver is left to
+    // the exit. That is safe: everything acknowledged was fsynced by its cycle, and
+    // a redb commit is atomic (the same as a SIGKILL, which the tests exercise).
+    let join = tokio::task::spawn_blocking(move || driver_thread.join());
+    match tokio::time::timeout(Duration::from_millis(SHUTDOWN_DRAIN_MS), join).await {
+        Ok(joined) => joined.expect("join task").expect("driver thread panicked"),
+        Err(_) => tracing::info!(member = %config.name, "leaving the driver to the process exit"),
+    }
     failure.map_or(Ok(()), Err)
 }
 
