@@ -23,6 +23,7 @@ pub mod lock;
 pub mod mvcc;
 pub mod node;
 pub mod queue;
+pub mod snapshot;
 pub mod validate;
 pub mod watch;
 

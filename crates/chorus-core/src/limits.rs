@@ -209,3 +209,21 @@ mod tests {
         assert_eq!(limits.txn_ops_max, 128);
     }
 }
+
+/// Default of `--snapshot-count`: the log is compacted once it holds more applied
+/// entries than this. Every entry stays in memory until compacted; etcd's default
+/// is 100,000, ours is smaller to bound that memory.
+pub const LOG_ENTRIES_MAX_DEFAULT: u64 = 10_000;
+/// Default of `--snapshot-catchup-entries`: applied entries kept behind a
+/// compaction for members that are only slightly behind (etcd's is 5,000).
+pub const LOG_CATCHUP_ENTRIES_DEFAULT: u64 = 5_000;
+/// The largest `--snapshot-count`, and the most catch-up entries.
+pub const LOG_ENTRIES_MAX_MAX: u64 = 10_000_000;
+/// A snapshot sent to a member that has not caught up after this long is sent
+/// again (the transport reports a broken stream sooner).
+pub const SNAPSHOT_RETRY_MS: u64 = 60_000;
+/// Bytes per piece of a snapshot in flight between members.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
+/// The largest snapshot a member accepts from a peer (well above the default
+/// backend quota of 8 GiB).
+pub const SNAPSHOT_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;

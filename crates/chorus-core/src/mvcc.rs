@@ -394,6 +394,20 @@ impl MvccStore {
     /// big-endian each). Equal on every member that applied the same log, and
     /// computable from the persisted records alone.
     pub fn state_hash(&self) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        for (rev_key, value) in self.records() {
+            hasher.update(&rev_key);
+            hasher.update(&(value.len() as u32).to_be_bytes());
+            hasher.update(&value);
+        }
+        hasher.update(&self.revision.to_be_bytes());
+        hasher.update(&self.compact_revision.to_be_bytes());
+        hasher.finalize()
+    }
+
+    /// Every record held, in [`RevKey`] order, as storage persists them (the input
+    /// [`MvccStore::restore`] takes back).
+    pub fn records(&self) -> Vec<(RevKey, Vec<u8>)> {
         let mut records: Vec<(RevKey, &[u8], &Entry)> = self
             .keys
             .iter()
@@ -403,16 +417,7 @@ impl MvccStore {
             })
             .collect();
         records.sort_unstable_by_key(|record| record.0);
-        let mut hasher = crc32fast::Hasher::new();
-        for (rev_key, key, entry) in records {
-            let value = entry.to_key_value(key).encode_to_vec();
-            hasher.update(&rev_key);
-            hasher.update(&(value.len() as u32).to_be_bytes());
-            hasher.update(&value);
-        }
-        hasher.update(&self.revision.to_be_bytes());
-        hasher.update(&self.compact_revision.to_be_bytes());
-        hasher.finalize()
+        records.into_iter().map(|(rev_key, key, entry)| (rev_key, entry.to_key_value(key).encode_to_vec())).collect()
     }
 
     /// Reads keys at the current revision or an older one. Changes nothing.

@@ -43,7 +43,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use chorus_proto::chorus::v1::{command::Op, fenced_write, Command, FencedWrite, MemberAttributes};
+use chorus_proto::chorus::v1::{command::Op, fenced_write, Command, FencedWrite, MemberAttributes, StateImage};
 use chorus_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeResponse, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantResponse,
     LeaseRevokeRequest, LeaseRevokeResponse, PutResponse, TxnResponse,
@@ -83,6 +83,33 @@ pub struct NodeConfig {
     pub boot_id: u64,
     /// The length of a tick on the driver's monotonic clock, for lease timers.
     pub tick_ms: u64,
+    /// The log is compacted once it holds more than this many applied entries
+    /// (etcd's `--snapshot-count`).
+    pub log_entries_max: u64,
+    /// Applied entries kept behind a compaction, so that a member only slightly
+    /// behind catches up from the log rather than from a snapshot.
+    pub log_catchup_entries: u64,
+    /// A snapshot sent to a member that has not caught up after this many ticks is
+    /// counted as failed, and sent again.
+    pub snapshot_retry_ticks: u64,
+}
+
+impl NodeConfig {
+    /// A configuration with chorus's defaults for everything but the identity.
+    pub fn with_defaults(id: u64, initial_voters: Vec<u64>, tick_ms: u64) -> NodeConfig {
+        NodeConfig {
+            id,
+            initial_voters,
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            seed: id,
+            boot_id: 1,
+            tick_ms,
+            log_entries_max: crate::limits::LOG_ENTRIES_MAX_DEFAULT,
+            log_catchup_entries: crate::limits::LOG_CATCHUP_ENTRIES_DEFAULT,
+            snapshot_retry_ticks: crate::limits::SNAPSHOT_RETRY_MS / tick_ms.max(1),
+        }
+    }
 }
 
 /// What storage hands back at start-up: everything the node persisted.
@@ -90,8 +117,10 @@ pub struct NodeConfig {
 pub struct Recovered {
     pub hard_state: HardState,
     pub conf_state: ConfState,
-    /// Log entries in index order, starting at index 1 (no log compaction yet).
+    /// Log entries in index order, starting right after `log_snapshot`'s index.
     pub entries: Vec<Entry>,
+    /// (index, term) of the last entry compacted away, (0, 0) when none was.
+    pub log_snapshot: (u64, u64),
     pub applied_index: u64,
     pub mvcc: MvccStore,
     pub members: BTreeMap<u64, MemberAttributes>,
@@ -170,6 +199,11 @@ pub struct PersistBatch {
     /// The batch must be on disk (fsync) before the cycle finishes: it holds log
     /// entries or a changed vote or term.
     pub must_sync: bool,
+    /// A snapshot installed in this cycle: storage replaces the whole state with
+    /// it (every table, and the log) BEFORE applying the rest of the batch.
+    pub install: Option<Box<StateImage>>,
+    /// (index, term): log entries up to this index are compacted away.
+    pub log_compacted_to: Option<(u64, u64)>,
 }
 
 /// The first half of a cycle: see the module documentation for what to do with it.
@@ -180,6 +214,9 @@ pub struct Cycle {
     pub replies: Vec<Reply>,
     /// Read contexts whose read index this node has now applied.
     pub reads_ready: Vec<u64>,
+    /// The state was replaced by a snapshot from the leader: watchers must catch
+    /// up from the store's history rather than from this cycle's changes.
+    pub snapshot_installed: bool,
 }
 
 /// The second half of a cycle.
@@ -202,26 +239,67 @@ pub struct NodeStatus {
     pub last_index: u64,
 }
 
-/// raft-rs's view of the log: the whole log in memory, mirrored from storage.
+/// raft-rs's view of the log: the uncompacted log in memory, mirrored from storage.
 ///
-/// Keeping it in memory keeps raft-rs's reads free of IO. The log is never compacted
-/// yet, so it grows with every write; log compaction and snapshots are a later step.
+/// Keeping it in memory keeps raft-rs's reads free of IO; compaction keeps it
+/// bounded (see [`NodeConfig::log_entries_max`]).
 #[derive(Debug, Default)]
 pub struct LogStore {
     hard_state: HardState,
     conf_state: ConfState,
-    /// Index of the first entry in `entries` (1 while the log is uncompacted).
+    /// Index of the first entry in `entries`.
     first_index: u64,
+    /// The term of the entry at `first_index - 1`, the last one compacted away
+    /// (0 when nothing was).
+    snapshot_term: u64,
     entries: VecDeque<Entry>,
+    /// The latest snapshot built for a member that needs compacted entries.
+    prepared: Option<Snapshot>,
+    /// raft-rs asked for a snapshot that is not prepared yet.
+    snapshot_wanted: std::cell::Cell<bool>,
 }
 
 impl LogStore {
-    fn new(hard_state: HardState, conf_state: ConfState, entries: Vec<Entry>) -> LogStore {
-        let first_index = entries.first().map_or(1, |e| e.index);
+    fn new(
+        hard_state: HardState,
+        conf_state: ConfState,
+        entries: Vec<Entry>,
+        (snapshot_index, snapshot_term): (u64, u64),
+    ) -> LogStore {
+        let first_index = snapshot_index + 1;
         for (offset, entry) in entries.iter().enumerate() {
             assert_eq!(entry.index, first_index + offset as u64, "log has a gap");
         }
-        LogStore { hard_state, conf_state, first_index, entries: entries.into() }
+        LogStore {
+            hard_state,
+            conf_state,
+            first_index,
+            snapshot_term,
+            entries: entries.into(),
+            prepared: None,
+            snapshot_wanted: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Drops the entries up to `index` (which must be held); returns its term.
+    fn compact(&mut self, index: u64) -> u64 {
+        assert!(index >= self.first_index && index <= self.last_index_value(), "compact outside the log");
+        let drop_count = (index + 1 - self.first_index) as usize;
+        let term = self.entries[drop_count - 1].term;
+        self.entries.drain(..drop_count);
+        self.first_index = index + 1;
+        self.snapshot_term = term;
+        term
+    }
+
+    /// Replaces the log by an installed snapshot's position.
+    fn apply_snapshot(&mut self, index: u64, term: u64, conf_state: ConfState) {
+        self.entries.clear();
+        self.first_index = index + 1;
+        self.snapshot_term = term;
+        self.conf_state = conf_state;
+        self.hard_state.commit = self.hard_state.commit.max(index);
+        self.prepared = None;
     }
 
     fn last_index_value(&self) -> u64 {
@@ -271,7 +349,7 @@ impl raft::Storage for LogStore {
 
     fn term(&self, index: u64) -> raft::Result<u64> {
         if index == self.first_index - 1 {
-            return Ok(0);
+            return Ok(self.snapshot_term);
         }
         if index < self.first_index {
             return Err(raft::Error::Store(raft::StorageError::Compacted));
@@ -290,10 +368,22 @@ impl raft::Storage for LogStore {
         Ok(self.last_index_value())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The log is never compacted, so raft-rs never needs a snapshot to catch a
-        // follower up. Saying "not yet" keeps raft-rs retrying harmlessly.
-        Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Building an image needs the state machine, which this store does not
+        // hold: say "not yet" (raft-rs asks again on the follower's next answer)
+        // and let the node build one after this step.
+        match &self.prepared {
+            Some(snapshot)
+                if snapshot.get_metadata().index >= request_index
+                    && snapshot.get_metadata().index + 1 >= self.first_index =>
+            {
+                Ok(snapshot.clone())
+            }
+            _ => {
+                self.snapshot_wanted.set(true);
+                Err(raft::Error::Store(raft::StorageError::SnapshotTemporarilyUnavailable))
+            }
+        }
     }
 }
 
@@ -322,6 +412,22 @@ pub struct Node {
     pending_proposals_forgotten: Vec<(u64, u64)>,
     pending_leases: LeaseWrites,
     pending_conf_state: Option<ConfState>,
+    /// Log compaction not yet handed to storage: (index, term).
+    pending_log_compaction: Option<(u64, u64)>,
+    /// The log must be compacted up to this applied index at the next persist (a
+    /// member joined: it must be caught up by a snapshot, never from index 1,
+    /// where the log does not hold the initial configuration).
+    compact_through: Option<u64>,
+    log_entries_max: u64,
+    log_catchup_entries: u64,
+    snapshot_retry_ticks: u64,
+    tick_ms: u64,
+    /// Ticks since start; times snapshots in flight.
+    ticks: u64,
+    /// Members sent a snapshot, and the tick it was sent.
+    snapshots_in_flight: BTreeMap<u64, u64>,
+    /// The tick the prepared snapshot was built.
+    prepared_at_tick: u64,
     /// The Ready between `begin_cycle` and `finish_cycle`.
     in_cycle: Option<raft::Ready>,
 }
@@ -342,7 +448,7 @@ impl Node {
         // index in the hard state may have been written in an earlier transaction.
         // Everything applied was committed, so the commit index is at least that.
         hard_state.commit = hard_state.commit.max(recovered.applied_index);
-        let store = LogStore::new(hard_state, conf_state, recovered.entries);
+        let store = LogStore::new(hard_state, conf_state, recovered.entries, recovered.log_snapshot);
         let raft_config = raft::Config {
             id: config.id,
             election_tick: config.election_ticks,
@@ -380,6 +486,15 @@ impl Node {
             pending_proposals_forgotten: Vec::new(),
             pending_leases: LeaseWrites::default(),
             pending_conf_state: None,
+            pending_log_compaction: None,
+            compact_through: None,
+            log_entries_max: config.log_entries_max.max(1),
+            log_catchup_entries: config.log_catchup_entries,
+            snapshot_retry_ticks: config.snapshot_retry_ticks.max(1),
+            tick_ms: config.tick_ms,
+            ticks: 0,
+            snapshots_in_flight: BTreeMap::new(),
+            prepared_at_tick: 0,
             in_cycle: None,
         };
         node.reseed_election_timeout();
@@ -391,8 +506,49 @@ impl Node {
         assert!(self.in_cycle.is_none(), "tick during a cycle");
         self.raw.tick();
         self.lease_clock.tick();
+        self.ticks += 1;
         self.reseed_election_timeout();
         self.propose_lease_work();
+        self.retry_snapshots();
+    }
+
+    /// A snapshot whose member has not caught up in time is counted as failed, so
+    /// raft-rs sends another (raft-rs itself would wait for it forever). A member
+    /// that caught up is forgotten. The prepared snapshot is dropped once nobody
+    /// needs it, to give back its memory.
+    fn retry_snapshots(&mut self) {
+        let now = self.ticks;
+        let retry_ticks = self.snapshot_retry_ticks;
+        let mut failed = Vec::new();
+        self.snapshots_in_flight.retain(|&to, &mut sent| {
+            let sending = self
+                .raw
+                .raft
+                .prs()
+                .get(to)
+                .is_some_and(|p| p.state == raft::ProgressState::Snapshot);
+            if sending && now - sent >= retry_ticks {
+                failed.push(to);
+            }
+            sending && now - sent < retry_ticks
+        });
+        for to in failed {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+        }
+        let idle = self.snapshots_in_flight.is_empty() && now - self.prepared_at_tick >= retry_ticks;
+        if idle && self.raw.store().prepared.is_some() {
+            self.raw.mut_store().prepared = None;
+        }
+    }
+
+    /// The transport's word on a snapshot it carried: on failure raft-rs sends
+    /// another without waiting for [`NodeConfig::snapshot_retry_ticks`].
+    pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
+        assert!(self.in_cycle.is_none(), "report_snapshot during a cycle");
+        if !delivered {
+            self.snapshots_in_flight.remove(&to);
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+        }
     }
 
     /// The leader's lease duties on each tick: revoke expired leases (rate-limited)
@@ -511,6 +667,8 @@ impl Node {
     /// Whether a cycle has anything to do.
     pub fn has_work(&self) -> bool {
         self.raw.has_ready()
+            || self.raw.store().snapshot_wanted.get()
+            || self.compact_through.is_some()
             || !self.pending_writes.is_empty()
             || !self.pending_members.is_empty()
             || !self.pending_leases.is_empty()
@@ -521,16 +679,22 @@ impl Node {
     pub fn begin_cycle(&mut self) -> Cycle {
         assert!(self.in_cycle.is_none(), "cycle already begun");
         let mut cycle = Cycle::default();
+        if self.raw.store().snapshot_wanted.replace(false) {
+            self.prepare_snapshot();
+        }
         if !self.raw.has_ready() {
             cycle.persist = self.take_persist_batch(Vec::new(), false);
             return cycle;
         }
         let mut ready = self.raw.ready();
-        assert!(
-            ready.snapshot().is_empty(),
-            "raft produced a snapshot, but chorus never compacts its log yet"
-        );
+        let install = if ready.snapshot().is_empty() {
+            None
+        } else {
+            cycle.snapshot_installed = true;
+            Some(Box::new(self.install_snapshot(ready.snapshot())))
+        };
         cycle.messages = ready.take_messages();
+        self.note_snapshots_sent(&cycle.messages);
         let committed = ready.take_committed_entries();
         cycle.replies = self.apply_entries(committed);
         if let Some(hard_state) = ready.hs() {
@@ -543,10 +707,80 @@ impl Node {
             self.reads_waiting.push((ctx, read_state.index));
         }
         cycle.reads_ready = self.take_reads_ready();
-        let must_sync = ready.must_sync() || !entries.is_empty();
+        let must_sync = ready.must_sync() || !entries.is_empty() || install.is_some();
         cycle.persist = self.take_persist_batch(entries, must_sync);
+        cycle.persist.install = install;
         self.in_cycle = Some(ready);
         cycle
+    }
+
+    /// Remembers the snapshots the leader is sending, to retry them in time.
+    fn note_snapshots_sent(&mut self, messages: &[Message]) {
+        for message in messages {
+            if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.snapshots_in_flight.insert(message.to, self.ticks);
+            }
+        }
+    }
+
+    /// The image of the applied state, as raft's snapshot of the applied index.
+    fn prepare_snapshot(&mut self) {
+        let index = self.applied_index;
+        let term = raft::Storage::term(self.raw.store(), index).expect("the applied entry's term is known");
+        let conf_state = self.conf_state();
+        let image = self.image();
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(image.encode_to_vec().into());
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(conf_state);
+        self.raw.mut_store().prepared = Some(snapshot);
+        self.prepared_at_tick = self.ticks;
+    }
+
+    /// The image of the applied state (see [`crate::snapshot`]).
+    pub fn image(&self) -> StateImage {
+        let index = self.applied_index;
+        let term = raft::Storage::term(self.raw.store(), index).unwrap_or(0);
+        crate::snapshot::build(crate::snapshot::ImageSource {
+            applied_index: index,
+            applied_term: term,
+            conf_state: &self.conf_state(),
+            mvcc: &self.mvcc,
+            leases: &self.leases,
+            members: &self.members,
+            applied_proposals: &self.applied_proposals,
+        })
+    }
+
+    /// Replaces the whole state by a snapshot from the leader. Everything not yet
+    /// persisted is from before the snapshot's index, and is dropped: storage
+    /// replaces every table with the image in this cycle's transaction.
+    fn install_snapshot(&mut self, snapshot: &Snapshot) -> StateImage {
+        let metadata = snapshot.get_metadata();
+        let image = StateImage::decode(snapshot.get_data())
+            .unwrap_or_else(|e| panic!("snapshot at index {} does not decode: {e}", metadata.index));
+        let state = crate::snapshot::restore(&image)
+            .unwrap_or_else(|e| panic!("snapshot at index {} is unusable: {e}", metadata.index));
+        assert_eq!(state.applied_index, metadata.index, "snapshot image and metadata disagree");
+        self.mvcc = state.mvcc;
+        self.leases = state.leases;
+        self.members = state.members;
+        self.applied_proposals = state.applied_proposals;
+        self.lease_clock = LeaseClock::new(self.tick_ms, self.election_ticks as u64);
+        self.applied_index = metadata.index;
+        self.pending_writes = WriteSet::default();
+        self.pending_members.clear();
+        self.pending_proposals_applied.clear();
+        self.pending_proposals_forgotten.clear();
+        self.pending_leases = LeaseWrites::default();
+        self.pending_conf_state = None;
+        self.pending_log_compaction = None;
+        self.compact_through = None;
+        let conf_state = metadata.get_conf_state().clone();
+        self.raw.mut_store().apply_snapshot(metadata.index, metadata.term, conf_state);
+        image
     }
 
     /// Step 4 of a cycle: the batch of [`Node::begin_cycle`] is persisted.
@@ -614,7 +848,28 @@ impl Node {
         (self.boot_id << 40) | seq
     }
 
+    /// Compacts the log when it holds too many applied entries, or up to a
+    /// conf change that added a member.
+    fn maybe_compact(&mut self) {
+        let first = self.raw.store().first_index;
+        let applied = self.applied_index;
+        let mut to = None;
+        if applied + 1 > first && applied + 1 - first > self.log_entries_max {
+            to = Some(applied.saturating_sub(self.log_catchup_entries));
+        }
+        if let Some(through) = self.compact_through.take() {
+            to = to.max(Some(through.min(applied)));
+        }
+        let Some(to) = to else { return };
+        if to < first {
+            return;
+        }
+        let term = self.raw.mut_store().compact(to);
+        self.pending_log_compaction = Some((to, term));
+    }
+
     fn take_persist_batch(&mut self, entries: Vec<Entry>, must_sync: bool) -> PersistBatch {
+        self.maybe_compact();
         PersistBatch {
             entries,
             hard_state: self.raw.store().hard_state.clone(),
@@ -626,6 +881,8 @@ impl Node {
             leases: std::mem::take(&mut self.pending_leases),
             applied_index: self.applied_index,
             must_sync,
+            install: None,
+            log_compacted_to: self.pending_log_compaction.take(),
         }
     }
 
@@ -659,12 +916,12 @@ impl Node {
                 EntryType::EntryConfChange => {
                     let mut change = ConfChange::default();
                     change.merge_from_bytes(&entry.data).expect("corrupt conf change entry");
-                    self.apply_conf_change(&change);
+                    self.apply_conf_change(&change, entry.index);
                 }
                 EntryType::EntryConfChangeV2 => {
                     let mut change = ConfChangeV2::default();
                     change.merge_from_bytes(&entry.data).expect("corrupt conf change entry");
-                    self.apply_conf_change(&change);
+                    self.apply_conf_change(&change, entry.index);
                 }
             }
             self.applied_index = entry.index;
@@ -672,10 +929,18 @@ impl Node {
         replies
     }
 
-    fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI) {
+    fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI, index: u64) {
+        let before = conf_members(&self.conf_state());
         // A change raft-rs refuses (for example one that leaves no voter) is a
         // committed no-op on every member alike, so skipping it stays deterministic.
         if let Ok(conf_state) = self.raw.apply_conf_change(change) {
+            // A member new to the configuration starts with an empty log, and the
+            // log does not hold the initial configuration (it is bootstrapped, not
+            // logged): every member compacts through this entry, so the newcomer
+            // can only be caught up by a snapshot, which carries the configuration.
+            if conf_members(&conf_state).difference(&before).next().is_some() {
+                self.compact_through = Some(index);
+            }
             self.raw.mut_store().conf_state = conf_state.clone();
             self.pending_conf_state = Some(conf_state);
         }
@@ -799,6 +1064,12 @@ impl Node {
         let jitter = self.rng.random_range(0..self.election_ticks);
         self.raw.raft.set_randomized_election_timeout(self.election_ticks + jitter);
     }
+}
+
+/// Every member a configuration names: voters (incoming and outgoing) and learners.
+fn conf_members(conf_state: &ConfState) -> BTreeSet<u64> {
+    let ids = conf_state.voters.iter().chain(&conf_state.voters_outgoing);
+    ids.chain(&conf_state.learners).chain(&conf_state.learners_next).copied().collect()
 }
 
 #[cfg(test)]

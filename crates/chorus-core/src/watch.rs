@@ -196,6 +196,14 @@ impl<S: WatchSink> WatchHub<S> {
         }
     }
 
+    /// The state jumped (a snapshot from the leader replaced it): every watcher
+    /// catches up from the store's history at the next [`WatchHub::sync`].
+    pub fn resync_all(&mut self) {
+        for watcher in self.watchers.values_mut() {
+            watcher.synced = false;
+        }
+    }
+
     /// Hands newly applied changes (in revision order, up to the header's
     /// revision) to every synced watcher they concern.
     pub fn notify(&mut self, changes: &[Change], header: ResponseHeader) {

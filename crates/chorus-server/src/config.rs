@@ -40,6 +40,10 @@ pub struct ServerConfig {
     /// How often a watcher that asked for progress notifications and saw no event
     /// is told the current revision (etcd's default is ten minutes).
     pub watch_progress_notify_interval_ms: u64,
+    /// `--snapshot-count`: applied log entries held before the log is compacted.
+    pub snapshot_count: u64,
+    /// `--snapshot-catchup-entries`: entries kept behind a compaction.
+    pub snapshot_catchup_entries: u64,
     pub limits: Limits,
     /// `--listen-metrics-urls`: where `/metrics`, `/livez`, `/readyz` and `/health`
     /// are served, as `host:port` (none: not served).
@@ -89,6 +93,13 @@ impl ServerConfig {
         }
         if self.request_timeout_ms == 0 {
             return fail("--request-timeout must be positive".into());
+        }
+        let log_max = chorus_core::limits::LOG_ENTRIES_MAX_MAX;
+        if self.snapshot_count == 0 || self.snapshot_count > log_max {
+            return fail(format!("--snapshot-count must be between 1 and {log_max}"));
+        }
+        if self.snapshot_catchup_entries > log_max {
+            return fail(format!("--snapshot-catchup-entries must be at most {log_max}"));
         }
         self.health.validate().map_err(ConfigError)?;
         if self.initial_cluster_state == ClusterState::Existing {

@@ -90,6 +90,10 @@ pub enum Input {
     LeaseLeases {
         reply: oneshot::Sender<LeaseLeasesResponse>,
     },
+    /// The transport could not deliver a snapshot to member `to`.
+    SnapshotFailed {
+        to: u64,
+    },
 }
 
 /// Watch stream ids, unique in the member (one hub serves every listener, the
@@ -293,6 +297,7 @@ impl Driver {
             }
             Input::WatchClose { stream } => self.watches.close_stream(stream),
             Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
+            Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
             Input::LeaseTimeToLive { id, keys, reply } => {
                 let header = Some(self.header());
                 let result = self.node.lease_time_to_live(id).map(|(ttl, granted_ttl, lease_keys)| {
@@ -497,7 +502,11 @@ impl Driver {
             std::process::exit(70);
         }
         // Watchers see what is now applied and written.
-        if !cycle.persist.writes.changes.is_empty() {
+        if cycle.snapshot_installed {
+            let header = self.header();
+            self.watches.resync_all();
+            self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+        } else if !cycle.persist.writes.changes.is_empty() {
             let header = self.header();
             self.watches.notify(&cycle.persist.writes.changes, header);
         }

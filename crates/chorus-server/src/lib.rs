@@ -111,13 +111,16 @@ pub async fn serve(
         seed: member_id ^ opened.boot_count,
         boot_id: opened.boot_count,
         tick_ms: config.heartbeat_interval_ms,
+        log_entries_max: config.snapshot_count,
+        log_catchup_entries: config.snapshot_catchup_entries,
+        snapshot_retry_ticks: chorus_core::limits::SNAPSHOT_RETRY_MS / config.heartbeat_interval_ms,
     };
     let node = Node::new(&node_config, opened.recovered, &raft_log::logger(&config.name))
         .map_err(|e| ServerError::Raft(e.to_string()))?;
 
     let (input_tx, input_rx) = mpsc::channel(DRIVER_QUEUE_INPUTS_MAX);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let peers = start_peer_senders(&config, &member_ids, cluster_id, member_id);
+    let peers = start_peer_senders(&config, &member_ids, cluster_id, member_id, &input_tx);
     let own_attributes = MemberAttributes {
         member_id,
         name: config.name.clone(),
@@ -272,6 +275,7 @@ fn start_peer_senders(
     member_ids: &BTreeMap<String, u64>,
     cluster_id: u64,
     member_id: u64,
+    driver: &mpsc::Sender<Input>,
 ) -> HashMap<u64, mpsc::Sender<raft::prelude::Message>> {
     let mut peers = HashMap::new();
     for (name, urls) in &config.initial_cluster {
@@ -282,7 +286,7 @@ fn start_peer_senders(
         let addr = config::url_to_addr(&urls[0]).expect("validated URL");
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
         let link = PeerLink { cluster_id, from_id: member_id, to_id: peer_id, addr };
-        tokio::spawn(transport::run_peer_sender(link, rx));
+        tokio::spawn(transport::run_peer_sender(link, rx, driver.downgrade()));
         peers.insert(peer_id, tx);
     }
     peers

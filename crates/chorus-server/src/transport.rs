@@ -9,20 +9,30 @@
 //!
 //! Messages are dropped, never queued without bound, when a peer is slow or gone:
 //! raft retransmits whatever matters.
+//!
+//! A raft snapshot message (the whole state, for a member that needs entries the
+//! leader has compacted away) does not travel in a batch: it is streamed on its own
+//! `InstallSnapshot` call in pieces of [`SNAPSHOT_CHUNK_BYTES`], the last carrying
+//! the SHA-256 of the whole. The receiver hands it to raft only once it is whole
+//! and its hash matches; a broken stream is reported to the leader's driver, and
+//! raft sends the snapshot again from the start. Heartbeats and appends keep
+//! flowing on the batch stream meanwhile.
 
 use chorus_core::limits::PEER_BATCH_BYTES_MAX;
 use chorus_core::limits::PEER_BATCH_MESSAGES_MAX;
+use chorus_core::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
+use sha2::{Digest, Sha256};
 use std::time::Duration;
 
 use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::chorus::v1::peer_server::{Peer, PeerServer};
-use chorus_proto::chorus::v1::{RaftAck, RaftBatch};
+use chorus_proto::chorus::v1::{RaftAck, RaftBatch, SnapshotChunk};
 use chorus_proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use futures::StreamExt;
 use protobuf::Message as _;
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -95,6 +105,69 @@ impl Peer for PeerService {
         Ok(Response::new(RaftAck {}))
     }
 
+    async fn install_snapshot(
+        &self,
+        request: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<RaftAck>, Status> {
+        let mut stream = request.into_inner();
+        let mut stop = self.stop.clone();
+        let mut bytes: Vec<u8> = Vec::new();
+        let mut expected: Option<(u64, u64)> = None;
+        loop {
+            let chunk = tokio::select! {
+                chunk = stream.next() => chunk,
+                _ = stop.wait_for(|stopped| *stopped) => return Err(Status::unavailable("member is stopping")),
+            };
+            let Some(chunk) = chunk else {
+                return Err(Status::aborted("snapshot stream ended before the snapshot was whole"));
+            };
+            let chunk = chunk?;
+            if chunk.cluster_id != self.cluster_id || chunk.to_id != self.member_id {
+                return Err(Status::failed_precondition(format!(
+                    "snapshot is for member {:016x} of cluster {:016x}; this is {:016x} of {:016x}",
+                    chunk.to_id, chunk.cluster_id, self.member_id, self.cluster_id
+                )));
+            }
+            let (from, total) = *expected.get_or_insert((chunk.from_id, chunk.total_bytes));
+            if chunk.from_id != from || chunk.total_bytes != total {
+                return Err(Status::invalid_argument("snapshot chunks disagree on sender or size"));
+            }
+            if total > SNAPSHOT_BYTES_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot of {total} bytes is larger than the {SNAPSHOT_BYTES_MAX} bytes a member accepts"
+                )));
+            }
+            if bytes.is_empty() {
+                bytes.reserve_exact(total as usize);
+            }
+            if bytes.len() as u64 + chunk.data.len() as u64 > total {
+                return Err(Status::invalid_argument("snapshot chunks exceed the announced size"));
+            }
+            bytes.extend_from_slice(&chunk.data);
+            if (bytes.len() as u64) < total {
+                continue;
+            }
+            if Sha256::digest(&bytes).as_slice() != chunk.sha256.as_slice() {
+                return Err(Status::data_loss("snapshot's SHA-256 does not match: discarded"));
+            }
+            let message = Message::parse_from_bytes(&bytes)
+                .map_err(|e| Status::invalid_argument(format!("undecodable snapshot message: {e}")))?;
+            if message.get_msg_type() != MessageType::MsgSnapshot || message.from != from {
+                return Err(Status::invalid_argument("not a snapshot message from the sender"));
+            }
+            tracing::info!(
+                from = %format!("{from:016x}"),
+                index = message.get_snapshot().get_metadata().index,
+                bytes = total,
+                "received a snapshot"
+            );
+            if self.inputs.send(Input::Peer(vec![message])).await.is_err() {
+                return Err(Status::unavailable("member is stopping"));
+            }
+            return Ok(Response::new(RaftAck {}));
+        }
+    }
+
     /// A keep-alive forwarded by a member that does not lead. Answered only if this
     /// member leads (never forwarded twice).
     async fn lease_keep_alive(
@@ -131,21 +204,27 @@ pub struct PeerLink {
 }
 
 /// Sends everything from `queue` to the peer, reconnecting with backoff when the
-/// stream breaks. Ends when the queue's sender is dropped.
-pub async fn run_peer_sender(link: PeerLink, mut queue: mpsc::Receiver<Message>) {
+/// stream breaks. Ends when the queue's sender is dropped. A snapshot that cannot
+/// be delivered is reported to `driver`.
+pub async fn run_peer_sender(link: PeerLink, mut queue: mpsc::Receiver<Message>, driver: mpsc::WeakSender<Input>) {
     let mut delay = RECONNECT_DELAY_MIN;
+    let snapshots = SnapshotSender { link: link.clone(), driver, in_flight: Default::default() };
     loop {
         match connect(&link).await {
             Ok(client) => {
                 delay = RECONNECT_DELAY_MIN;
-                if !stream_batches(&link, client, &mut queue).await {
+                if !stream_batches(&link, client, &mut queue, &snapshots).await {
                     return;
                 }
             }
             Err(error) => tracing::debug!(peer = %link.addr, %error, "peer connect failed"),
         }
         // While disconnected, drop what is queued: it is stale by the time we return.
-        while queue.try_recv().is_ok() {}
+        while let Ok(message) = queue.try_recv() {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                snapshots.failed().await;
+            }
+        }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(RECONNECT_DELAY_MAX);
     }
@@ -165,11 +244,13 @@ async fn connect(link: &PeerLink) -> Result<PeerClient<tonic::transport::Channel
 /// (returns false).
 async fn stream_batches(
     link: &PeerLink,
-    mut client: PeerClient<tonic::transport::Channel>,
+    client: PeerClient<tonic::transport::Channel>,
     queue: &mut mpsc::Receiver<Message>,
+    snapshots: &SnapshotSender,
 ) -> bool {
     let (batches, stream) = mpsc::channel::<RaftBatch>(16);
-    let mut call = tokio::spawn(async move { client.send(ReceiverStream::new(stream)).await });
+    let mut batch_client = client.clone();
+    let mut call = tokio::spawn(async move { batch_client.send(ReceiverStream::new(stream)).await });
     loop {
         let first = tokio::select! {
             message = queue.recv() => match message {
@@ -178,20 +259,98 @@ async fn stream_batches(
             },
             _ = &mut call => return true,
         };
-        let mut batch = RaftBatch {
-            cluster_id: link.cluster_id,
-            from_id: link.from_id,
-            to_id: link.to_id,
-            messages: vec![first.write_to_bytes().expect("encode raft message")],
-        };
-        while batch.messages.len() < PEER_BATCH_MESSAGES_MAX {
-            match queue.try_recv() {
-                Ok(message) => batch.messages.push(message.write_to_bytes().expect("encode raft message")),
-                Err(_) => break,
+        let mut batch =
+            RaftBatch { cluster_id: link.cluster_id, from_id: link.from_id, to_id: link.to_id, messages: vec![] };
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                snapshots.start(client.clone(), message).await;
+            } else {
+                batch.messages.push(message.write_to_bytes().expect("encode raft message"));
             }
+            if batch.messages.len() < PEER_BATCH_MESSAGES_MAX {
+                next = queue.try_recv().ok();
+            }
+        }
+        if batch.messages.is_empty() {
+            continue;
         }
         if batches.send(batch).await.is_err() {
             return true;
         }
     }
+}
+
+/// Streams snapshot messages to one peer, one at a time.
+struct SnapshotSender {
+    link: PeerLink,
+    /// Weak, so that the sender does not keep the driver alive at shutdown.
+    driver: mpsc::WeakSender<Input>,
+    in_flight: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SnapshotSender {
+    /// Starts streaming `message` on its own call, unless one is already under way
+    /// (then this one is reported failed: raft sends a fresh one later).
+    async fn start(&self, mut client: PeerClient<tonic::transport::Channel>, message: Message) {
+        use std::sync::atomic::Ordering;
+        if self.in_flight.swap(true, Ordering::AcqRel) {
+            self.failed().await;
+            return;
+        }
+        let (link, driver, in_flight) = (self.link.clone(), self.driver.clone(), self.in_flight.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let index = message.get_snapshot().get_metadata().index;
+            let bytes = message.write_to_bytes().expect("encode snapshot message");
+            let total = bytes.len();
+            let result = client.install_snapshot(snapshot_chunks(&link, bytes)).await;
+            in_flight.store(false, Ordering::Release);
+            match result {
+                Ok(_) => {
+                    let seconds = started.elapsed().as_secs_f64();
+                    tracing::info!(
+                        to = %format!("{:016x}", link.to_id),
+                        index,
+                        bytes = total,
+                        mb_per_s = format!("{:.1}", total as f64 / 1e6 / seconds.max(1e-9)),
+                        "sent a snapshot"
+                    );
+                }
+                Err(status) => {
+                    tracing::warn!(to = %format!("{:016x}", link.to_id), index, %status, "snapshot not delivered");
+                    if let Some(driver) = driver.upgrade() {
+                        let _ = driver.send(Input::SnapshotFailed { to: link.to_id }).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn failed(&self) {
+        if let Some(driver) = self.driver.upgrade() {
+            let _ = driver.send(Input::SnapshotFailed { to: self.link.to_id }).await;
+        }
+    }
+}
+
+/// The pieces of an encoded snapshot message, the last one with the SHA-256.
+fn snapshot_chunks(link: &PeerLink, bytes: Vec<u8>) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
+    let total_bytes = bytes.len() as u64;
+    let sha256 = Sha256::digest(&bytes).to_vec();
+    let (cluster_id, from_id, to_id) = (link.cluster_id, link.from_id, link.to_id);
+    let pieces = bytes.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
+    futures::stream::iter((0..pieces).map(move |piece| {
+        let start = piece * SNAPSHOT_CHUNK_BYTES;
+        let end = (start + SNAPSHOT_CHUNK_BYTES).min(bytes.len());
+        let last = piece + 1 == pieces;
+        SnapshotChunk {
+            cluster_id,
+            from_id,
+            to_id,
+            total_bytes,
+            data: bytes[start..end].to_vec(),
+            sha256: if last { sha256.clone() } else { Vec::new() },
+        }
+    }))
 }

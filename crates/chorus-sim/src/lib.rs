@@ -43,13 +43,14 @@ pub fn run_seed(seed: u64, bug: Option<Bug>) -> SeedOutcome {
     let history = &report.history;
     let ops_unknown = history.iter().filter(|o| o.return_us.is_none()).count();
     let summary = format!(
-        "seed {seed}: {} nodes, {} ops ({} acknowledged, {} unknown), {} leader terms, {} crashes, {} events, trace {:016x}",
+        "seed {seed}: {} nodes, {} ops ({} acknowledged, {} unknown), {} leader terms, {} crashes, {} snapshots installed, {} events, trace {:016x}",
         options.nodes_count,
         history.len(),
         history.len() - ops_unknown,
         ops_unknown,
         report.leader_changes,
         report.crashes,
+        report.snapshots_installed,
         report.events_count,
         report.trace_hash
     );

@@ -37,6 +37,8 @@ use crate::watch_workload::{SimSink, WatchClient};
 
 const CLUSTER_ID: u64 = 0xc1u64;
 const ELECTION_TICKS: usize = 10;
+/// A snapshot lost in the network is sent again after this many ticks.
+const SNAPSHOT_RETRY_TICKS: u64 = 20;
 /// Read-index requests unanswered for this many ticks are asked again.
 const READ_RETRY_TICKS: u64 = 3;
 /// The most events one run may process: a bound against a livelock in the world.
@@ -214,6 +216,8 @@ pub struct RunReport {
     pub events_count: u64,
     pub leader_changes: u64,
     pub crashes: u64,
+    /// Snapshots installed by members that needed compacted entries.
+    pub snapshots_installed: u64,
 }
 
 pub struct World {
@@ -239,6 +243,7 @@ pub struct World {
     events_count: u64,
     leader_changes: u64,
     crashes: u64,
+    snapshots_installed: u64,
     watch_clients: Vec<WatchClient>,
     next_stream: u64,
     lease_clients: Vec<LeaseClient>,
@@ -295,6 +300,7 @@ impl World {
             trace_hash: 0xcbf2_9ce4_8422_2325,
             leaders_by_term: BTreeMap::new(),
             committed: BTreeMap::new(),
+            snapshots_installed: 0,
             events_count: 0,
             leader_changes: 0,
             crashes: 0,
@@ -380,6 +386,7 @@ impl World {
             events_count: self.events_count,
             leader_changes: self.leader_changes,
             crashes: self.crashes,
+            snapshots_installed: self.snapshots_installed,
         }
     }
 
@@ -474,6 +481,9 @@ impl World {
             seed: self.options.seed ^ opened.boot_count,
             boot_id: opened.boot_count,
             tick_ms: self.options.tick_us / 1000,
+            log_entries_max: self.options.log_entries_max,
+            log_catchup_entries: self.options.log_catchup_entries,
+            snapshot_retry_ticks: SNAPSHOT_RETRY_TICKS,
         };
         let applied = opened.recovered.applied_index;
         let opened_boot = opened.boot_count;
@@ -717,7 +727,13 @@ impl World {
             let early = cycle.messages;
             running.storage.persist(&cycle.persist).expect("simulated disk write");
             let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
-            running.watches.notify(&cycle.persist.writes.changes, header);
+            if cycle.snapshot_installed {
+                running.watches.resync_all();
+                running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+                self.snapshots_installed += 1;
+            } else {
+                running.watches.notify(&cycle.persist.writes.changes, header);
+            }
             let finished = running.node.finish_cycle();
             let fsync_us = self.rng.random_range(self.options.fsync_min_us..=self.options.fsync_max_us);
             self.send_all(i, early, 0);

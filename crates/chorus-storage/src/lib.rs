@@ -15,7 +15,14 @@
 //!
 //! `meta` holds `format_version`, `cluster_id`, `member_id`, `boot_count` (each a
 //! big-endian `u64`), `hard_state` and `conf_state` (raft-rs protobuf), and
-//! `applied_index` and `compact_revision` (big-endian `u64` / `i64`).
+//! `applied_index` and `compact_revision` (big-endian `u64` / `i64`), and
+//! `log_snapshot_index` and `log_snapshot_term` (big-endian `u64`): the index and
+//! term of the last log entry compacted away (absent when none was).
+//!
+//! Log compaction deletes the `raft_log` rows up to an applied index, in the same
+//! transaction that records that index as applied. Installing a snapshot from the
+//! leader replaces every table but `meta` with the snapshot's image, and empties
+//! the log, in ONE transaction: a crash leaves either the old state or the new.
 //!
 //! Every cycle of the node is written by [`DiskStorage::persist`] in ONE write
 //! transaction: appended log entries, hard state, conf state, the state machine's
@@ -37,7 +44,7 @@ use std::path::{Path, PathBuf};
 
 use chorus_core::mvcc::MvccStore;
 use chorus_core::node::{PersistBatch, Recovered};
-use chorus_proto::chorus::v1::MemberAttributes;
+use chorus_proto::chorus::v1::{MemberAttributes, StateImage};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState};
@@ -164,8 +171,17 @@ impl DiskStorage {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         let durability = if batch.must_sync { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(|e| self.io(e))?;
+        if let Some(image) = &batch.install {
+            self.write_image(&txn, image)?;
+        }
         {
             let mut log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
+            if let Some((index, term)) = batch.log_compacted_to {
+                log.retain_in(..=index, |_, _| false).map_err(|e| self.io(e))?;
+                let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+                meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
+                meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
+            }
             if let Some(first) = batch.entries.first() {
                 log.retain_in(first.index.., |_, _| false).map_err(|e| self.io(e))?;
             }
@@ -212,6 +228,65 @@ impl DiskStorage {
             for id in &batch.leases.removes {
                 leases.remove(*id).map_err(|e| self.io(e))?;
             }
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Replaces the whole replicated state with `image`, inside `txn`: every table
+    /// but `meta` is emptied and refilled, the log is emptied, and `meta` records
+    /// the image's applied index as the applied index and the log's start.
+    fn write_image(&self, txn: &redb::WriteTransaction, image: &StateImage) -> Result<(), StorageError> {
+        let kv_records = chorus_core::snapshot::kv_records(image).map_err(|e| self.io(e))?;
+        let conf_state =
+            ConfState::parse_from_bytes(&image.conf_state).map_err(|e| self.io(format!("conf state: {e}")))?;
+        let mut log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
+        log.retain(|_, _| false).map_err(|e| self.io(e))?;
+        let mut kv = txn.open_table(KV).map_err(|e| self.io(e))?;
+        kv.retain(|_, _| false).map_err(|e| self.io(e))?;
+        for (key, value) in &kv_records {
+            kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))?;
+        }
+        let mut members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
+        members.retain(|_, _| false).map_err(|e| self.io(e))?;
+        for member in &image.members {
+            members.insert(member.member_id, member.encode_to_vec().as_slice()).map_err(|e| self.io(e))?;
+        }
+        let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
+        proposals.retain(|_, _| false).map_err(|e| self.io(e))?;
+        for proposal in &image.applied_proposals {
+            proposals.insert((proposal.proposer_id, proposal.tag), ()).map_err(|e| self.io(e))?;
+        }
+        let mut leases = txn.open_table(LEASES).map_err(|e| self.io(e))?;
+        leases.retain(|_, _| false).map_err(|e| self.io(e))?;
+        for lease in &image.leases {
+            leases.insert(lease.id, lease.record.as_slice()).map_err(|e| self.io(e))?;
+        }
+        let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        let conf_state = conf_state.write_to_bytes().expect("encode conf state");
+        let writes: [(&str, &[u8]); 5] = [
+            ("conf_state", &conf_state),
+            ("applied_index", &image.applied_index.to_be_bytes()),
+            ("compact_revision", &image.compact_revision.to_be_bytes()),
+            ("log_snapshot_index", &image.applied_index.to_be_bytes()),
+            ("log_snapshot_term", &image.applied_term.to_be_bytes()),
+        ];
+        for (name, value) in writes {
+            meta.insert(name, value).map_err(|e| self.io(e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `image` as the whole state of a fresh data directory, with `hard_state`:
+    /// what `chorus snapshot restore` does to bootstrap a member of a new cluster
+    /// from a backup. Durable when it returns.
+    pub fn bootstrap_from_image(&mut self, image: &StateImage, hard_state: &HardState) -> Result<(), StorageError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+        self.write_image(&txn, image)?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let bytes = hard_state.write_to_bytes().expect("encode hard state");
+            meta.insert("hard_state", bytes.as_slice()).map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))
     }
@@ -315,8 +390,30 @@ impl DiskStorage {
             }
             None => 0,
         };
+        let read_u64 = |name: &str| -> Result<u64, StorageError> {
+            match meta_bytes(name)? {
+                Some(bytes) => decode_u64(&bytes).ok_or_else(|| self.corrupt(format!("meta {name} is malformed"))),
+                None => Ok(0),
+            }
+        };
+        recovered.log_snapshot = (read_u64("log_snapshot_index")?, read_u64("log_snapshot_term")?);
         recovered.entries = self.read_log(&txn)?;
-        let last_index = recovered.entries.last().map_or(0, |e| e.index);
+        let snapshot_index = recovered.log_snapshot.0;
+        if let Some(first) = recovered.entries.first() {
+            if first.index != snapshot_index + 1 {
+                return Err(self.corrupt(format!(
+                    "the log starts at index {}, but entries up to {snapshot_index} were compacted",
+                    first.index
+                )));
+            }
+        }
+        let last_index = recovered.entries.last().map_or(snapshot_index, |e| e.index);
+        if recovered.applied_index < snapshot_index {
+            return Err(self.corrupt(format!(
+                "applied index {} is before the compacted log's start {snapshot_index}",
+                recovered.applied_index
+            )));
+        }
         if recovered.applied_index > last_index || recovered.hard_state.commit > last_index {
             return Err(self.corrupt(format!(
                 "applied index {} or commit index {} is past the last log entry {last_index}",

@@ -57,6 +57,13 @@ pub struct ServeArgs {
     /// current revision, in milliseconds (etcd's default: ten minutes).
     #[arg(long, env = "CHORUS_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value_t = 600_000)]
     pub watch_progress_notify_interval: u64,
+    /// Applied raft log entries kept before the log is compacted (etcd's flag).
+    #[arg(long, env = "CHORUS_SNAPSHOT_COUNT", default_value_t = limits::LOG_ENTRIES_MAX_DEFAULT)]
+    pub snapshot_count: u64,
+    /// Entries kept behind a compaction, for members slightly behind to catch up
+    /// from the log instead of a snapshot.
+    #[arg(long, env = "CHORUS_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = limits::LOG_CATCHUP_ENTRIES_DEFAULT)]
+    pub snapshot_catchup_entries: u64,
     /// Largest client request accepted, in bytes.
     #[arg(long, env = "CHORUS_MAX_REQUEST_BYTES", default_value_t = chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT)]
     pub max_request_bytes: u64,
@@ -122,6 +129,8 @@ impl ServeArgs {
             election_timeout_ms: self.election_timeout,
             request_timeout_ms: self.request_timeout,
             watch_progress_notify_interval_ms: self.watch_progress_notify_interval,
+            snapshot_count: self.snapshot_count,
+            snapshot_catchup_entries: self.snapshot_catchup_entries,
             limits,
             listen_metrics_addrs: addrs(&self.listen_metrics_urls)?,
             health: chorus_core::health::HealthConfig {

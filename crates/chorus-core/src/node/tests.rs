@@ -22,6 +22,9 @@ fn config(id: u64) -> NodeConfig {
         seed: 7,
         boot_id: 1,
         tick_ms: 100,
+        log_entries_max: 1_000_000,
+        log_catchup_entries: 0,
+        snapshot_retry_ticks: 30,
     }
 }
 
