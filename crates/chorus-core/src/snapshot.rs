@@ -5,10 +5,21 @@
 //!
 //! # Backup file format
 //!
-//! `chorus snapshot save` and `Maintenance.Snapshot` produce the encoded image
-//! followed by the 32-byte SHA-256 of the encoded image, as etcd appends a
-//! SHA-256 to its snapshot stream. [`decode_backup`] checks the hash before it
-//! trusts a byte.
+//! `chorus snapshot save` and `Maintenance.Snapshot` produce:
+//!
+//! | bytes | content |
+//! | --- | --- |
+//! | 8 | the magic `CHORUSSN` |
+//! | 8 | the encoded image's length, big-endian |
+//! | length | the encoded `StateImage` |
+//! | to a multiple of 512 | zeros |
+//! | 32 | the SHA-256 of everything before it |
+//!
+//! The padding and the trailer are etcd's own convention (its snapshot stream is
+//! a database file of whole 512-byte sectors followed by a SHA-256, and
+//! `etcdctl snapshot save` refuses a stream whose length is not so), so etcdctl
+//! saves chorus backups too. [`decode_backup`] checks the hash before it trusts a
+//! byte.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,6 +34,10 @@ use crate::mvcc::{MvccStore, RevKey};
 
 /// The length of the SHA-256 trailer of a backup file.
 pub const BACKUP_HASH_BYTES: usize = 32;
+/// The first bytes of every backup file.
+pub const BACKUP_MAGIC: &[u8; 8] = b"CHORUSSN";
+/// The body of a backup file is padded to a multiple of this (etcd's sector size).
+pub const BACKUP_ALIGN_BYTES: usize = 512;
 
 /// The replicated state decoded from an image, ready to replace a node's.
 #[derive(Debug)]
@@ -43,6 +58,8 @@ pub enum ImageError {
     TooShort(usize),
     #[error("the snapshot's SHA-256 does not match its contents: the file is damaged or truncated")]
     HashMismatch,
+    #[error("not a chorus snapshot (it does not start with {:?})", String::from_utf8_lossy(BACKUP_MAGIC))]
+    NotChorus,
     #[error("the snapshot does not decode: {0}")]
     Undecodable(String),
     #[error("the snapshot is inconsistent: {0}")]
@@ -126,9 +143,15 @@ pub fn restore(image: &StateImage) -> Result<RestoredState, ImageError> {
     })
 }
 
-/// Encodes an image as a backup file: the image, then its SHA-256.
+/// Encodes an image as a backup file (see the module documentation).
 pub fn encode_backup(image: &StateImage) -> Vec<u8> {
-    let mut bytes = image.encode_to_vec();
+    let length = image.encoded_len();
+    let body_bytes = (16 + length).div_ceil(BACKUP_ALIGN_BYTES) * BACKUP_ALIGN_BYTES;
+    let mut bytes = Vec::with_capacity(body_bytes + BACKUP_HASH_BYTES);
+    bytes.extend_from_slice(BACKUP_MAGIC);
+    bytes.extend_from_slice(&(length as u64).to_be_bytes());
+    image.encode(&mut bytes).expect("a Vec grows as needed");
+    bytes.resize(body_bytes, 0);
     let hash = Sha256::digest(&bytes);
     bytes.extend_from_slice(&hash);
     bytes
@@ -143,7 +166,23 @@ pub fn decode_backup(bytes: &[u8]) -> Result<StateImage, ImageError> {
     if Sha256::digest(body).as_slice() != hash {
         return Err(ImageError::HashMismatch);
     }
-    StateImage::decode(body).map_err(|e| ImageError::Undecodable(e.to_string()))
+    decode_body(body)
+}
+
+/// Decodes a backup file's body (everything before the hash), unchecked.
+pub fn decode_body(body: &[u8]) -> Result<StateImage, ImageError> {
+    if body.len() < 16 {
+        return Err(ImageError::TooShort(body.len()));
+    }
+    if &body[..8] != BACKUP_MAGIC {
+        return Err(ImageError::NotChorus);
+    }
+    let length = u64::from_be_bytes(body[8..16].try_into().expect("8 bytes"));
+    let image = usize::try_from(length)
+        .ok()
+        .and_then(|length| body.get(16..16usize.checked_add(length)?))
+        .ok_or_else(|| ImageError::Inconsistent(format!("the image's length {length} runs past the file")))?;
+    StateImage::decode(image).map_err(|e| ImageError::Undecodable(e.to_string()))
 }
 
 #[cfg(test)]
@@ -198,11 +237,12 @@ mod tests {
             applied_proposals: &BTreeMap::new(),
         });
         let mut bytes = encode_backup(&image);
+        assert_eq!(bytes.len() % BACKUP_ALIGN_BYTES, BACKUP_HASH_BYTES, "etcdctl's length check");
         assert_eq!(decode_backup(&bytes).expect("intact"), image);
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0x40;
         assert_eq!(decode_backup(&bytes), Err(ImageError::HashMismatch));
-        assert_eq!(decode_backup(&bytes[..10]), Err(ImageError::HashMismatch));
+        assert_eq!(decode_backup(&bytes[..40]), Err(ImageError::HashMismatch));
         assert_eq!(decode_backup(&bytes[..5]), Err(ImageError::TooShort(5)));
     }
 }

@@ -127,13 +127,7 @@ impl ServerConfig {
 
     /// The cluster's id: a hash of its initial members' ids.
     pub fn cluster_id(&self) -> u64 {
-        let mut ids: Vec<u64> = self.member_ids().into_values().collect();
-        ids.sort_unstable();
-        let mut hasher = Sha256::new();
-        for id in ids {
-            hasher.update(id.to_be_bytes());
-        }
-        nonzero_u64(&hasher.finalize())
+        cluster_id(self.member_ids().into_values())
     }
 
     pub fn election_ticks(&self) -> usize {
@@ -180,7 +174,19 @@ pub fn split_urls(text: &str) -> Vec<String> {
     text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
-fn member_id(peer_urls: &[String], token: &str) -> u64 {
+/// A cluster's id: a hash of its initial members' ids (in any order).
+pub fn cluster_id(member_ids: impl IntoIterator<Item = u64>) -> u64 {
+    let mut ids: Vec<u64> = member_ids.into_iter().collect();
+    ids.sort_unstable();
+    let mut hasher = Sha256::new();
+    for id in ids {
+        hasher.update(id.to_be_bytes());
+    }
+    nonzero_u64(&hasher.finalize())
+}
+
+/// A member's id, derived as etcd does from its peer URLs and the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
     let mut urls = peer_urls.to_vec();
     urls.sort();
     let mut hasher = Sha256::new();

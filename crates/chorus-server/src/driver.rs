@@ -90,6 +90,10 @@ pub enum Input {
     LeaseLeases {
         reply: oneshot::Sender<LeaseLeasesResponse>,
     },
+    /// The image of the applied state (a consistent backup), with its header.
+    Image {
+        reply: oneshot::Sender<(chorus_proto::chorus::v1::StateImage, ResponseHeader)>,
+    },
     /// The transport could not deliver a snapshot to member `to`.
     SnapshotFailed {
         to: u64,
@@ -298,6 +302,9 @@ impl Driver {
             Input::WatchClose { stream } => self.watches.close_stream(stream),
             Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
             Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
+            Input::Image { reply } => {
+                let _ = reply.send((self.node.image(), self.header()));
+            }
             Input::LeaseTimeToLive { id, keys, reply } => {
                 let header = Some(self.header());
                 let result = self.node.lease_time_to_live(id).map(|(ttl, granted_ttl, lease_keys)| {
@@ -675,6 +682,11 @@ impl NodeHandle {
                 Box::new(input)
             }
         })
+    }
+
+    /// The image of this member's applied state, and the header at it.
+    pub async fn image(&self) -> Result<(chorus_proto::chorus::v1::StateImage, ResponseHeader), RequestError> {
+        self.ask(|reply| Input::Image { reply }).await
     }
 
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {

@@ -7,6 +7,7 @@
 //! talks to anyone.
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod driver;
 pub mod gateway;

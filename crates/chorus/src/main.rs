@@ -11,6 +11,7 @@ mod cluster_cmd;
 mod coord_cmd;
 mod queue_cmd;
 mod serve_cmd;
+mod snapshot_cmd;
 
 use clap::Parser;
 
@@ -49,6 +50,8 @@ enum Command {
     Barrier(queue_cmd::BarrierArgs),
     /// Cluster-wide views: `chorus cluster health` (every member's diagnosis of every peer).
     Cluster(cluster_cmd::ClusterArgs),
+    /// Backups: `save FILE` from a member, `status FILE`, `restore FILE` into a new member's data directory
+    Snapshot(snapshot_cmd::SnapshotArgs),
     #[command(flatten)]
     Client(client_cmd::ClientCommand),
 }
@@ -85,6 +88,7 @@ fn main() {
             Command::Queue(args) => return queue_cmd::run_queue(&cli.global, args).await,
             Command::Barrier(args) => return queue_cmd::run_barrier(&cli.global, args).await,
             Command::Cluster(args) => return cluster_cmd::run(&cli.global, args).await,
+            Command::Snapshot(args) => return snapshot_cmd::run(&cli.global, args).await,
         };
         match result {
             Ok(()) => 0,

@@ -208,6 +208,8 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             election_timeout: 1000,
             request_timeout: 5000,
             watch_progress_notify_interval: 600_000,
+            snapshot_count: limits::LOG_ENTRIES_MAX_DEFAULT,
+            snapshot_catchup_entries: limits::LOG_CATCHUP_ENTRIES_DEFAULT,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
             max_txn_ops: chorus_core::limits::TXN_OPS_MAX_DEFAULT,
             listen_metrics_urls: format!("http://127.0.0.1:{}", client + 2),

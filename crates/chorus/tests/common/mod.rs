@@ -57,6 +57,17 @@ pub fn free_port() -> u16 {
 impl Cluster {
     /// Starts `size` members with the given extra `chorus serve` flags.
     pub fn start(size: usize, extra_args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::prepare(size);
+        cluster.extra_args = extra_args.iter().map(|s| s.to_string()).collect();
+        for i in 0..size {
+            cluster.restart(i);
+        }
+        cluster
+    }
+
+    /// Chooses ports and directories for `size` members without starting any
+    /// (start each with [`Cluster::restart`]).
+    pub fn prepare(size: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let members: Vec<Member> = (1..=size)
             .map(|i| {
@@ -77,16 +88,12 @@ impl Cluster {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = Cluster {
-            dir,
-            members,
-            initial_cluster,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-        };
-        for i in 0..size {
-            cluster.restart(i);
-        }
-        cluster
+        Cluster { dir, members, initial_cluster, extra_args: Vec::new() }
+    }
+
+    /// The `--initial-cluster` the members start with.
+    pub fn initial_cluster(&self) -> String {
+        self.initial_cluster.clone()
     }
 
     /// Starts member `i` (again), appending to its log file.
