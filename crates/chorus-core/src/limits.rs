@@ -227,3 +227,6 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 /// The largest snapshot a member accepts from a peer (well above the default
 /// backend quota of 8 GiB).
 pub const SNAPSHOT_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
+/// A leader keeps log entries its live followers still need, up to this many
+/// times `--snapshot-count` (beyond that it compacts anyway).
+pub const LOG_HELD_FOR_FOLLOWERS_FACTOR: u64 = 4;

@@ -59,7 +59,7 @@ use crate::error::KvError;
 use crate::lease::{LeaseStore, LeaseWrites};
 use crate::lease_clock::LeaseClock;
 use crate::limits::{
-    LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX,
+    LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LOG_HELD_FOR_FOLLOWERS_FACTOR, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX,
 };
 use crate::mvcc::{MvccStore, WriteSet};
 
@@ -92,6 +92,12 @@ pub struct NodeConfig {
     /// A snapshot sent to a member that has not caught up after this many ticks is
     /// counted as failed, and sent again.
     pub snapshot_retry_ticks: u64,
+    /// The node builds the snapshots raft asks for itself, from its in-memory state,
+    /// during a cycle (the simulator). Otherwise the driver sees
+    /// [`Node::take_snapshot_request`], builds one from storage on another thread,
+    /// and hands it over with [`Node::offer_snapshot`], so the member does not
+    /// stall while a large state is copied.
+    pub inline_snapshots: bool,
 }
 
 impl NodeConfig {
@@ -108,6 +114,7 @@ impl NodeConfig {
             log_entries_max: crate::limits::LOG_ENTRIES_MAX_DEFAULT,
             log_catchup_entries: crate::limits::LOG_CATCHUP_ENTRIES_DEFAULT,
             snapshot_retry_ticks: crate::limits::SNAPSHOT_RETRY_MS / tick_ms.max(1),
+            inline_snapshots: true,
         }
     }
 }
@@ -421,6 +428,7 @@ pub struct Node {
     log_entries_max: u64,
     log_catchup_entries: u64,
     snapshot_retry_ticks: u64,
+    inline_snapshots: bool,
     tick_ms: u64,
     /// Ticks since start; times snapshots in flight.
     ticks: u64,
@@ -440,8 +448,13 @@ impl Node {
         logger: &slog::Logger,
     ) -> Result<Node, raft::Error> {
         let mut conf_state = recovered.conf_state;
-        if conf_state.voters.is_empty() && conf_state.learners.is_empty() {
+        // A new cluster's configuration is bootstrapped, not logged: store it with
+        // the first persist, so storage alone always knows the configuration (the
+        // snapshots built from storage carry it).
+        let mut bootstrapped_conf_state = None;
+        if conf_state.voters.is_empty() && conf_state.learners.is_empty() && !config.initial_voters.is_empty() {
             conf_state.voters = config.initial_voters.clone();
+            bootstrapped_conf_state = Some(conf_state.clone());
         }
         let mut hard_state = recovered.hard_state;
         // The applied index is persisted with the data it produced, but the commit
@@ -485,12 +498,13 @@ impl Node {
             pending_proposals_applied: Vec::new(),
             pending_proposals_forgotten: Vec::new(),
             pending_leases: LeaseWrites::default(),
-            pending_conf_state: None,
+            pending_conf_state: bootstrapped_conf_state,
             pending_log_compaction: None,
             compact_through: None,
             log_entries_max: config.log_entries_max.max(1),
             log_catchup_entries: config.log_catchup_entries,
             snapshot_retry_ticks: config.snapshot_retry_ticks.max(1),
+            inline_snapshots: config.inline_snapshots,
             tick_ms: config.tick_ms,
             ticks: 0,
             snapshots_in_flight: BTreeMap::new(),
@@ -667,7 +681,7 @@ impl Node {
     /// Whether a cycle has anything to do.
     pub fn has_work(&self) -> bool {
         self.raw.has_ready()
-            || self.raw.store().snapshot_wanted.get()
+            || (self.inline_snapshots && self.raw.store().snapshot_wanted.get())
             || self.compact_through.is_some()
             || !self.pending_writes.is_empty()
             || !self.pending_members.is_empty()
@@ -679,7 +693,7 @@ impl Node {
     pub fn begin_cycle(&mut self) -> Cycle {
         assert!(self.in_cycle.is_none(), "cycle already begun");
         let mut cycle = Cycle::default();
-        if self.raw.store().snapshot_wanted.replace(false) {
+        if self.inline_snapshots && self.raw.store().snapshot_wanted.replace(false) {
             self.prepare_snapshot();
         }
         if !self.raw.has_ready() {
@@ -731,6 +745,26 @@ impl Node {
         let image = self.image();
         let mut snapshot = Snapshot::default();
         snapshot.set_data(image.encode_to_vec().into());
+        let metadata = snapshot.mut_metadata();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(conf_state);
+        self.raw.mut_store().prepared = Some(snapshot);
+        self.prepared_at_tick = self.ticks;
+    }
+
+    /// Whether raft asked for a snapshot it does not have (and forgets the ask):
+    /// the driver then builds one and offers it (see [`NodeConfig::inline_snapshots`]).
+    pub fn take_snapshot_request(&mut self) -> bool {
+        self.raw.store().snapshot_wanted.replace(false)
+    }
+
+    /// A snapshot built outside the node: the encoded image of the state at
+    /// `index` (in term `term`, with configuration `conf_state`). Kept for raft to
+    /// send; raft asks again if it is already too old.
+    pub fn offer_snapshot(&mut self, data: Vec<u8>, index: u64, term: u64, conf_state: ConfState) {
+        let mut snapshot = Snapshot::default();
+        snapshot.set_data(data.into());
         let metadata = snapshot.mut_metadata();
         metadata.index = index;
         metadata.term = term;
@@ -854,9 +888,31 @@ impl Node {
         let first = self.raw.store().first_index;
         let applied = self.applied_index;
         let mut to = None;
-        if applied + 1 > first && applied + 1 - first > self.log_entries_max {
-            to = Some(applied.saturating_sub(self.log_catchup_entries));
+        let held = (applied + 1).saturating_sub(first);
+        if held > self.log_entries_max {
+            let mut by_count = applied.saturating_sub(self.log_catchup_entries);
+            // A leader keeps what its live followers still need (one being sent a
+            // snapshot needs what follows the snapshot), or a member slower to
+            // install a snapshot than the log moves would never catch up; up to a
+            // bound, so a stuck follower cannot pin the log in memory.
+            let leading = self.raw.raft.state == StateRole::Leader;
+            if leading && held <= LOG_HELD_FOR_FOLLOWERS_FACTOR * self.log_entries_max {
+                let own = self.raw.raft.id;
+                let needed = self
+                    .raw
+                    .raft
+                    .prs()
+                    .iter()
+                    .filter(|(id, p)| **id != own && (p.recent_active || p.state == raft::ProgressState::Snapshot))
+                    .map(|(_, p)| if p.state == raft::ProgressState::Snapshot { p.pending_snapshot } else { p.matched })
+                    .min();
+                if let Some(needed) = needed {
+                    by_count = by_count.min(needed);
+                }
+            }
+            to = Some(by_count);
         }
+        // Not held back for anyone: the newcomer must get a snapshot.
         if let Some(through) = self.compact_through.take() {
             to = to.max(Some(through.min(applied)));
         }

@@ -94,6 +94,13 @@ pub enum Input {
     Image {
         reply: oneshot::Sender<(chorus_proto::chorus::v1::StateImage, ResponseHeader)>,
     },
+    /// A snapshot built from storage on the builder thread.
+    SnapshotBuilt {
+        data: Vec<u8>,
+        index: u64,
+        term: u64,
+        conf_state: ConfState,
+    },
     /// The transport could not deliver a snapshot to member `to`.
     SnapshotFailed {
         to: u64,
@@ -198,6 +205,9 @@ pub struct Driver {
     watch_progress_ticks: u64,
     /// Where the durable writes' durations go (`with_metrics`).
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    /// The driver's own input, for the snapshot builder thread to answer on.
+    snapshot_answers: Option<mpsc::WeakSender<Input>>,
+    snapshot_building: bool,
 }
 
 impl Driver {
@@ -231,6 +241,51 @@ impl Driver {
             watches: WatchHub::default(),
             watch_progress_ticks,
             metrics: None,
+            snapshot_answers: None,
+            snapshot_building: false,
+        }
+    }
+
+    /// Builds the snapshots raft asks for on a thread of their own, from storage,
+    /// answering on `inputs` (the node must not build them inline).
+    pub fn with_snapshot_builder(mut self, inputs: mpsc::WeakSender<Input>) -> Driver {
+        self.snapshot_answers = Some(inputs);
+        self
+    }
+
+    /// Starts building a snapshot if raft asked for one and none is being built.
+    fn build_snapshot_if_asked(&mut self) {
+        if !self.node.take_snapshot_request() || self.snapshot_building {
+            return;
+        }
+        let Some(answers) = self.snapshot_answers.clone() else { return };
+        let reader = self.storage.image_reader();
+        self.snapshot_building = true;
+        let spawned = std::thread::Builder::new().name("chorus-snapshot".into()).spawn(move || {
+            let started = Instant::now();
+            let built = reader.read().and_then(|image| {
+                let conf_state = protobuf::Message::parse_from_bytes(&image.conf_state).map_err(|e| {
+                    chorus_storage::StorageError::Io { path: "conf_state".into(), detail: format!("{e}") }
+                })?;
+                let (index, term) = (image.applied_index, image.applied_term);
+                Ok((prost::Message::encode_to_vec(&image), index, term, conf_state))
+            });
+            let input = match built {
+                Ok((data, index, term, conf_state)) => {
+                    tracing::info!(index, bytes = data.len(), build_ms = started.elapsed().as_millis() as u64, "built a snapshot");
+                    Input::SnapshotBuilt { data, index, term, conf_state }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "could not build a snapshot; raft will ask again");
+                    Input::SnapshotBuilt { data: Vec::new(), index: 0, term: 0, conf_state: ConfState::default() }
+                }
+            };
+            if let Some(answers) = answers.upgrade() {
+                let _ = answers.blocking_send(input);
+            }
+        });
+        if spawned.is_err() {
+            self.snapshot_building = false;
         }
     }
 
@@ -254,6 +309,7 @@ impl Driver {
             while self.node.has_work() {
                 self.cycle();
             }
+            self.build_snapshot_if_asked();
         }
         tracing::info!("node driver stopped");
     }
@@ -302,6 +358,12 @@ impl Driver {
             Input::WatchClose { stream } => self.watches.close_stream(stream),
             Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
             Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
+            Input::SnapshotBuilt { data, index, term, conf_state } => {
+                self.snapshot_building = false;
+                if !data.is_empty() {
+                    self.node.offer_snapshot(data, index, term, conf_state);
+                }
+            }
             Input::Image { reply } => {
                 let _ = reply.send((self.node.image(), self.header()));
             }

@@ -115,6 +115,7 @@ pub async fn serve(
         log_entries_max: config.snapshot_count,
         log_catchup_entries: config.snapshot_catchup_entries,
         snapshot_retry_ticks: chorus_core::limits::SNAPSHOT_RETRY_MS / config.heartbeat_interval_ms,
+        inline_snapshots: false,
     };
     let node = Node::new(&node_config, opened.recovered, &raft_log::logger(&config.name))
         .map_err(|e| ServerError::Raft(e.to_string()))?;
@@ -132,7 +133,8 @@ pub async fn serve(
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let driver =
         Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
-            .with_metrics(metrics.clone());
+            .with_metrics(metrics.clone())
+            .with_snapshot_builder(input_tx.downgrade());
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())

@@ -147,11 +147,17 @@ impl Peer for PeerService {
             if (bytes.len() as u64) < total {
                 continue;
             }
-            if Sha256::digest(&bytes).as_slice() != chunk.sha256.as_slice() {
-                return Err(Status::data_loss("snapshot's SHA-256 does not match: discarded"));
-            }
-            let message = Message::parse_from_bytes(&bytes)
-                .map_err(|e| Status::invalid_argument(format!("undecodable snapshot message: {e}")))?;
+            // Hashing and parsing a large snapshot takes a while: not on a runtime thread.
+            let expected_hash = chunk.sha256;
+            let message = tokio::task::spawn_blocking(move || {
+                if Sha256::digest(&bytes).as_slice() != expected_hash.as_slice() {
+                    return Err(Status::data_loss("snapshot's SHA-256 does not match: discarded"));
+                }
+                Message::parse_from_bytes(&bytes)
+                    .map_err(|e| Status::invalid_argument(format!("undecodable snapshot message: {e}")))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("snapshot check failed: {e}")))??;
             if message.get_msg_type() != MessageType::MsgSnapshot || message.from != from {
                 return Err(Status::invalid_argument("not a snapshot message from the sender"));
             }
@@ -302,9 +308,19 @@ impl SnapshotSender {
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let index = message.get_snapshot().get_metadata().index;
-            let bytes = message.write_to_bytes().expect("encode snapshot message");
+            // Encoding and hashing a large snapshot takes a while: not on a runtime thread.
+            let encoded = tokio::task::spawn_blocking(move || {
+                let bytes = message.write_to_bytes().expect("encode snapshot message");
+                let sha256 = Sha256::digest(&bytes).to_vec();
+                (bytes, sha256)
+            })
+            .await;
+            let Ok((bytes, sha256)) = encoded else {
+                in_flight.store(false, Ordering::Release);
+                return;
+            };
             let total = bytes.len();
-            let result = client.install_snapshot(snapshot_chunks(&link, bytes)).await;
+            let result = client.install_snapshot(snapshot_chunks(&link, bytes, sha256)).await;
             in_flight.store(false, Ordering::Release);
             match result {
                 Ok(_) => {
@@ -335,9 +351,12 @@ impl SnapshotSender {
 }
 
 /// The pieces of an encoded snapshot message, the last one with the SHA-256.
-fn snapshot_chunks(link: &PeerLink, bytes: Vec<u8>) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
+fn snapshot_chunks(
+    link: &PeerLink,
+    bytes: Vec<u8>,
+    sha256: Vec<u8>,
+) -> impl futures::Stream<Item = SnapshotChunk> + Send + 'static {
     let total_bytes = bytes.len() as u64;
-    let sha256 = Sha256::digest(&bytes).to_vec();
     let (cluster_id, from_id, to_id) = (link.cluster_id, link.from_id, link.to_id);
     let pieces = bytes.len().div_ceil(SNAPSHOT_CHUNK_BYTES).max(1);
     futures::stream::iter((0..pieces).map(move |piece| {

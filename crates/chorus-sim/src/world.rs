@@ -484,6 +484,7 @@ impl World {
             log_entries_max: self.options.log_entries_max,
             log_catchup_entries: self.options.log_catchup_entries,
             snapshot_retry_ticks: SNAPSHOT_RETRY_TICKS,
+            inline_snapshots: true,
         };
         let applied = opened.recovered.applied_index;
         let opened_boot = opened.boot_count;

@@ -100,7 +100,8 @@ pub enum StorageError {
 
 /// A node's storage: one redb database.
 pub struct DiskStorage {
-    db: Database,
+    /// Shared with [`ImageReader`]s, which read images on other threads.
+    db: std::sync::Arc<Database>,
     /// Names the database in error messages: the file's path, or the label given to
     /// [`DiskStorage::open_with_backend`] (such as `sim://node2`).
     path: PathBuf,
@@ -135,7 +136,7 @@ impl DiskStorage {
         let path = member_dir.join(DB_FILE_NAME);
         let created = !path.exists();
         let db = open_database(&path, created)?;
-        DiskStorage { db, path, size: SizeSource::File }.finish_open(identity, created)
+        DiskStorage { db: db.into(), path, size: SizeSource::File }.finish_open(identity, created)
     }
 
     /// Opens (or, when `backend` is empty, creates) the database on `backend` for
@@ -155,7 +156,7 @@ impl DiskStorage {
         let size = SizeSource::Backend(Box::new(backend.clone()));
         let db = redb::Builder::new().create_with_backend(backend);
         let db = db.map_err(|error| database_error(&path, error))?;
-        DiskStorage { db, path, size }.finish_open(identity, length_bytes == 0)
+        DiskStorage { db: db.into(), path, size }.finish_open(identity, length_bytes == 0)
     }
 
     /// The part of opening that is the same for every backend: check (or record) the
@@ -289,6 +290,12 @@ impl DiskStorage {
             meta.insert("hard_state", bytes.as_slice()).map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// A handle that reads images of the last committed state on another thread,
+    /// while this storage goes on writing (redb's read transactions are snapshots).
+    pub fn image_reader(&self) -> ImageReader {
+        ImageReader { db: self.db.clone(), path: self.path.clone() }
     }
 
     /// The database's size on disk, in bytes (0 when it cannot be read).
@@ -515,3 +522,66 @@ fn database_error(path: &Path, error: redb::DatabaseError) -> StorageError {
 
 #[cfg(test)]
 mod tests;
+
+/// Reads images of a member's committed state without blocking its writer.
+#[derive(Clone)]
+pub struct ImageReader {
+    db: std::sync::Arc<Database>,
+    path: PathBuf,
+}
+
+impl ImageReader {
+    /// The image of the state as of the last committed transaction: its applied
+    /// index, that entry's term, the conf state and every table, all from one read
+    /// transaction, so they agree with each other.
+    pub fn read(&self) -> Result<StateImage, StorageError> {
+        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
+        let txn = self.db.begin_read().map_err(|e| io(&e))?;
+        let meta = txn.open_table(META).map_err(|e| io(&e))?;
+        let meta_u64 = |name: &str| -> Result<u64, StorageError> {
+            let value = meta.get(name).map_err(|e| io(&e))?;
+            Ok(value.and_then(|v| decode_u64(v.value())).unwrap_or(0))
+        };
+        let applied_index = meta_u64("applied_index")?;
+        let compact_revision = meta_u64("compact_revision")? as i64;
+        let (snapshot_index, snapshot_term) = (meta_u64("log_snapshot_index")?, meta_u64("log_snapshot_term")?);
+        let conf_state = meta.get("conf_state").map_err(|e| io(&e))?.map(|v| v.value().to_vec());
+        let conf_state = conf_state.ok_or_else(|| io(&"no configuration stored yet"))?;
+        let log = txn.open_table(RAFT_LOG).map_err(|e| io(&e))?;
+        let applied_term = if applied_index == snapshot_index {
+            snapshot_term
+        } else {
+            let entry = log.get(applied_index).map_err(|e| io(&e))?.ok_or_else(|| StorageError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("the applied entry {applied_index} is not in the log"),
+            })?;
+            Entry::parse_from_bytes(entry.value()).map_err(|e| io(&e))?.term
+        };
+        let mut image = StateImage { applied_index, applied_term, conf_state, compact_revision, ..Default::default() };
+        let kv = txn.open_table(KV).map_err(|e| io(&e))?;
+        for item in kv.iter().map_err(|e| io(&e))? {
+            let (key, value) = item.map_err(|e| io(&e))?;
+            image.kv.push(chorus_proto::chorus::v1::KvRecord {
+                rev_key: key.value().to_vec(),
+                value: value.value().to_vec(),
+            });
+        }
+        let leases = txn.open_table(LEASES).map_err(|e| io(&e))?;
+        for item in leases.iter().map_err(|e| io(&e))? {
+            let (id, record) = item.map_err(|e| io(&e))?;
+            image.leases.push(chorus_proto::chorus::v1::LeaseRecord { id: id.value(), record: record.value().to_vec() });
+        }
+        let members = txn.open_table(MEMBERS).map_err(|e| io(&e))?;
+        for item in members.iter().map_err(|e| io(&e))? {
+            let (_, value) = item.map_err(|e| io(&e))?;
+            image.members.push(MemberAttributes::decode(value.value()).map_err(|e| io(&e))?);
+        }
+        let proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| io(&e))?;
+        for item in proposals.iter().map_err(|e| io(&e))? {
+            let (key, _) = item.map_err(|e| io(&e))?;
+            let (proposer_id, tag) = key.value();
+            image.applied_proposals.push(chorus_proto::chorus::v1::AppliedProposal { proposer_id, tag });
+        }
+        Ok(image)
+    }
+}
