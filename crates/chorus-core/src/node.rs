@@ -155,6 +155,9 @@ pub enum ProposeError {
     /// raft-rs refused it for another reason (for example a leader transfer).
     #[error("etcdserver: proposal dropped: {0}")]
     Dropped(String),
+    /// This member was removed from the cluster.
+    #[error("etcdserver: the member has been permanently removed from the cluster")]
+    Removed,
 }
 
 /// The result of applying one command, for the client that proposed it.
@@ -436,6 +439,10 @@ pub struct Node {
     snapshots_in_flight: BTreeMap<u64, u64>,
     /// The tick the prepared snapshot was built.
     prepared_at_tick: u64,
+    /// This member applied its own removal from the configuration: it no longer
+    /// takes part in consensus (raft-rs must not be stepped any more: a removed
+    /// leader would panic looking for its own progress).
+    removed: bool,
     /// The Ready between `begin_cycle` and `finish_cycle`.
     in_cycle: Option<raft::Ready>,
 }
@@ -509,8 +516,13 @@ impl Node {
             ticks: 0,
             snapshots_in_flight: BTreeMap::new(),
             prepared_at_tick: 0,
+            removed: false,
             in_cycle: None,
         };
+        // A member that stored a configuration without itself was removed; a joiner
+        // (no configuration yet) is not.
+        let conf = conf_members(&node.raw.store().conf_state);
+        node.removed = !conf.is_empty() && !conf.contains(&config.id);
         node.reseed_election_timeout();
         Ok(node)
     }
@@ -518,6 +530,9 @@ impl Node {
     /// Advances raft's logical clock by one tick.
     pub fn tick(&mut self) {
         assert!(self.in_cycle.is_none(), "tick during a cycle");
+        if self.removed {
+            return;
+        }
         self.raw.tick();
         self.lease_clock.tick();
         self.ticks += 1;
@@ -643,6 +658,9 @@ impl Node {
     /// configuration are ignored (raft-rs reports them as `StepPeerNotFound`).
     pub fn step(&mut self, message: Message) {
         assert!(self.in_cycle.is_none(), "step during a cycle");
+        if self.removed {
+            return;
+        }
         // Every error here is a message raft-rs chose to drop (from a removed peer,
         // a local message, a stale term): raft tolerates lost messages.
         let _ = self.raw.step(message);
@@ -655,6 +673,9 @@ impl Node {
     /// driver times such proposals out).
     pub fn propose(&mut self, seq: u64, op: Op) -> Result<(), ProposeError> {
         assert!(self.in_cycle.is_none(), "propose during a cycle");
+        if self.removed {
+            return Err(ProposeError::Removed);
+        }
         if self.raw.raft.leader_id == raft::INVALID_ID {
             return Err(ProposeError::NoLeader);
         }
@@ -669,18 +690,38 @@ impl Node {
         }
     }
 
+    /// Proposes a configuration change (the simulator's membership changes; the
+    /// server's go through the Cluster service). Nobody is answered: the caller
+    /// watches [`Node::conf_state`]. raft-rs turns a change proposed while
+    /// another is pending into an empty entry.
+    pub fn propose_conf_change_unanswered(&mut self, change: ConfChangeV2) -> Result<(), ProposeError> {
+        assert!(self.in_cycle.is_none(), "propose during a cycle");
+        if self.removed {
+            return Err(ProposeError::Removed);
+        }
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return Err(ProposeError::NoLeader);
+        }
+        let result = self.raw.propose_conf_change(Vec::new(), change);
+        self.reseed_election_timeout();
+        result.map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
     /// Asks for a read index for the context `ctx`; once this node has applied up to
     /// it, `ctx` is listed in `reads_ready` and reads of it may be served locally.
     /// If no leader answers, nothing comes back: the driver asks again or times out.
     pub fn read_index(&mut self, ctx: u64) {
         assert!(self.in_cycle.is_none(), "read_index during a cycle");
+        if self.removed {
+            return;
+        }
         self.raw.read_index(ctx.to_be_bytes().to_vec());
         self.reseed_election_timeout();
     }
 
     /// Whether a cycle has anything to do.
     pub fn has_work(&self) -> bool {
-        self.raw.has_ready()
+        (!self.removed && self.raw.has_ready())
             || (self.inline_snapshots && self.raw.store().snapshot_wanted.get())
             || self.compact_through.is_some()
             || !self.pending_writes.is_empty()
@@ -696,7 +737,7 @@ impl Node {
         if self.inline_snapshots && self.raw.store().snapshot_wanted.replace(false) {
             self.prepare_snapshot();
         }
-        if !self.raw.has_ready() {
+        if self.removed || !self.raw.has_ready() {
             cycle.persist = self.take_persist_batch(Vec::new(), false);
             return cycle;
         }
@@ -871,6 +912,21 @@ impl Node {
         store.entries.get(offset as usize).map(|e| (e.term, e.data.as_ref()))
     }
 
+    /// Whether this member applied its own removal from the configuration.
+    pub fn is_removed(&self) -> bool {
+        self.removed
+    }
+
+    /// Asks the leader (this node) to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, to: u64) {
+        assert!(self.in_cycle.is_none(), "transfer during a cycle");
+        if self.removed {
+            return;
+        }
+        self.raw.transfer_leader(to);
+        self.reseed_election_timeout();
+    }
+
     /// Starts an election now (tests and leader transfer).
     pub fn campaign(&mut self) {
         let _ = self.raw.campaign();
@@ -987,6 +1043,26 @@ impl Node {
 
     fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI, index: u64) {
         let before = conf_members(&self.conf_state());
+        let own = self.raw.raft.id;
+        let removes_self = change
+            .as_v2()
+            .changes
+            .iter()
+            .any(|c| c.node_id == own && c.get_change_type() == raft::prelude::ConfChangeType::RemoveNode);
+        if removes_self && before.contains(&own) {
+            // This member leaves. raft-rs is not told (a leader that applied its own
+            // removal panics on its next step, looking for its own progress): the
+            // node stops taking part, and stores the configuration without itself,
+            // so it knows it was removed after a restart too.
+            let mut conf_state = self.conf_state();
+            for ids in [&mut conf_state.voters, &mut conf_state.learners, &mut conf_state.voters_outgoing] {
+                ids.retain(|id| *id != own);
+            }
+            self.removed = true;
+            self.raw.mut_store().conf_state = conf_state.clone();
+            self.pending_conf_state = Some(conf_state);
+            return;
+        }
         // A change raft-rs refuses (for example one that leaves no voter) is a
         // committed no-op on every member alike, so skipping it stays deterministic.
         if let Ok(conf_state) = self.raw.apply_conf_change(change) {

@@ -28,6 +28,7 @@ impl From<ProposeError> for RequestError {
         match error {
             ProposeError::NoLeader => RequestError::NoLeader,
             ProposeError::Dropped(_) => RequestError::NoLeader,
+            ProposeError::Removed => RequestError::NoLeader,
         }
     }
 }

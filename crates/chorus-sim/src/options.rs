@@ -77,6 +77,10 @@ pub struct SimOptions {
     /// behind. Small, so that members behind are caught up by snapshots often.
     pub log_entries_max: u64,
     pub log_catchup_entries: u64,
+    /// Membership changes during the fault phase: a spare node joins as a learner,
+    /// is promoted, and then a voter (perhaps the leader) is removed and becomes
+    /// the next spare, with a new id and an empty disk.
+    pub membership_changes: bool,
 }
 
 impl SimOptions {
@@ -114,12 +118,14 @@ impl SimOptions {
             serializable_get_percent: rng.random_range(0..=30),
             log_entries_max: 0,
             log_catchup_entries: 0,
+            membership_changes: false,
         };
         // Drawn from a stream of their own, so that adding them left every other
         // option of a seed as it was (the kept regression seeds replay unchanged).
         let mut log_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x10c_c0a7);
         options.log_entries_max = log_rng.random_range(16..=256);
         options.log_catchup_entries = log_rng.random_range(0..=16);
+        options.membership_changes = log_rng.random_bool(0.5);
         match bug {
             // Lost fsyncs only show when a majority loses its unsynced state at once.
             Some(Bug::AckBeforeFsync) => {
@@ -149,6 +155,7 @@ impl SimOptions {
             (self.pauses, "pauses"),
             (self.tick_bursts, "tick-bursts"),
             (self.fsync_max_us > 2_000, "slow-disk"),
+            (self.membership_changes, "membership"),
         ];
         for (on, name) in flags {
             if on {

@@ -23,7 +23,7 @@ use chorus_proto::etcdserverpb::{
 };
 use chorus_storage::sim_disk::SimDisk;
 use chorus_storage::{DiskStorage, Identity};
-use raft::prelude::Message;
+use raft::prelude::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Message};
 use raft::StateRole;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -95,6 +95,8 @@ enum Event {
     Fault,
     HealCut(Vec<(usize, usize)>),
     Restart(usize),
+    /// The next step of the membership workload.
+    Membership,
     Resume(usize),
     EndFaultPhase,
     StopClients,
@@ -194,6 +196,11 @@ struct Running {
 
 struct SimNode {
     id: u64,
+    /// In the configuration (or joining it): runs, crashes and restarts. A spare
+    /// waiting to join, or a removed node, does not.
+    in_cluster: bool,
+    /// Started with the initial configuration (a joiner starts with none).
+    founder: bool,
     disk: SimDisk,
     running: Option<Running>,
     paused: bool,
@@ -256,10 +263,17 @@ pub struct World {
     lock_rng: ChaCha8Rng,
     /// The highest applied index two seconds before the end (see `check_convergence`).
     convergence_mark: u64,
+    /// Membership changes: their own random stream, the next fresh node id, the
+    /// node being removed, and how many changes were seen applied.
+    membership_rng: ChaCha8Rng,
+    next_node_id: u64,
+    removing: Option<usize>,
+    pub(crate) membership_changes_applied: u64,
 }
 
 impl World {
     pub fn new(options: SimOptions) -> World {
+        let (options_seed, options_nodes_count) = (options.seed, options.nodes_count);
         let lock_rng = ChaCha8Rng::seed_from_u64(options.seed ^ 0x10c4_10c4);
         let rng = ChaCha8Rng::seed_from_u64(options.seed);
         let nodes = (0..options.nodes_count)
@@ -269,6 +283,8 @@ impl World {
                 disk.set_sync_is_noop(options.bug == Some(Bug::AckBeforeFsync));
                 SimNode {
                     id: i as u64 + 1,
+                    in_cluster: true,
+                    founder: true,
                     disk,
                     running: None,
                     paused: false,
@@ -276,7 +292,20 @@ impl World {
                     tick_us: (options.tick_us as i64 * (1000 + drift) / 1000) as u64,
                 }
             })
-            .collect();
+            .collect::<Vec<SimNode>>();
+        let mut nodes = nodes;
+        if options.membership_changes {
+            nodes.push(SimNode {
+                id: options.nodes_count as u64 + 1,
+                in_cluster: false,
+                founder: false,
+                disk: SimDisk::new(),
+                running: None,
+                paused: false,
+                queued: Vec::new(),
+                tick_us: options.tick_us,
+            });
+        }
         let keys = (0..options.keys_count).map(|k| format!("key{k}").into_bytes()).collect();
         let clients = (0..options.clients_count)
             .map(|_| Client { in_flight: None, ops_count: 0, stopped: false })
@@ -312,6 +341,10 @@ impl World {
             lock_clients: Vec::new(),
             next_lock_request: 1,
             lock_rng,
+            membership_rng: ChaCha8Rng::seed_from_u64(options_seed ^ 0x3e3b_e125),
+            next_node_id: options_nodes_count as u64 + 2,
+            removing: None,
+            membership_changes_applied: 0,
             convergence_mark: 0,
         }
     }
@@ -320,7 +353,9 @@ impl World {
     /// the way; the history is checked by the caller.
     pub fn run(mut self) -> RunReport {
         for i in 0..self.nodes.len() {
-            self.start_node(i);
+            if self.nodes[i].in_cluster {
+                self.start_node(i);
+            }
             let first_tick = self.rng.random_range(0..self.nodes[i].tick_us);
             self.schedule(first_tick, Event::Tick(i));
         }
@@ -356,6 +391,10 @@ impl World {
             self.schedule(start, Event::ClientNext(c));
         }
         self.schedule_fault();
+        if self.options.membership_changes {
+            let first = self.membership_rng.random_range(1_000_000..4_000_000);
+            self.schedule(first, Event::Membership);
+        }
         self.schedule(self.options.fault_phase_us, Event::EndFaultPhase);
         let end_us = self.options.fault_phase_us + self.options.quiet_phase_us;
         self.schedule(end_us - 2_000_000, Event::ConvergenceMark);
@@ -433,6 +472,7 @@ impl World {
                 self.note("links healed".into());
             }
             Event::Restart(i) => self.restart_node(i),
+            Event::Membership => self.membership_step(),
             Event::Resume(i) => self.resume_node(i),
             Event::EndFaultPhase => self.end_fault_phase(),
             Event::StopClients => {
@@ -475,7 +515,7 @@ impl World {
             .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
         let config = NodeConfig {
             id: node.id,
-            initial_voters: (1..=self.options.nodes_count as u64).collect(),
+            initial_voters: if node.founder { (1..=self.options.nodes_count as u64).collect() } else { Vec::new() },
             election_ticks: ELECTION_TICKS,
             heartbeat_ticks: 1,
             seed: self.options.seed ^ opened.boot_count,
@@ -527,7 +567,7 @@ impl World {
     }
 
     fn restart_node(&mut self, i: usize) {
-        if self.nodes[i].running.is_some() {
+        if self.nodes[i].running.is_some() || !self.nodes[i].in_cluster {
             return;
         }
         let id = self.nodes[i].id;
@@ -838,7 +878,7 @@ impl World {
 
     fn send_all(&mut self, from: usize, messages: Vec<Message>, extra_us: u64) {
         for message in messages {
-            let to = (message.to - 1) as usize;
+            let Some(to) = self.index_of(message.to) else { continue };
             if self.cut.contains(&(from, to)) {
                 continue;
             }
@@ -1286,10 +1326,11 @@ impl World {
                 }
                 Err(_) => {
                     let leader = running.node.status().leader_id;
-                    if leader == 0 || self.cut.contains(&(target, (leader - 1) as usize)) {
+                    let Some(leader) = self.index_of(leader) else { break };
+                    if self.cut.contains(&(target, leader)) {
                         break;
                     }
-                    target = (leader - 1) as usize;
+                    target = leader;
                 }
             }
         }
@@ -1493,13 +1534,124 @@ impl World {
     /// converged history by it. (Members at one index hold one state, which
     /// `check_convergence` checks; one may still trail by the last entries at the
     /// very end, and a watcher on a member ahead of it has seen those entries.)
+    /// The index of the node with raft id `id`.
+    fn index_of(&self, id: u64) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// One step of the membership workload, every few seconds of the fault phase,
+    /// through whichever node leads: add the spare as a learner (it starts with an
+    /// empty disk and no configuration, and must be caught up by a snapshot),
+    /// promote it, then remove a voter (the leader a third of the time), which
+    /// then becomes the spare with a fresh id and disk. Each step looks at the
+    /// leader's applied configuration first, so a lost proposal is simply made
+    /// again.
+    fn membership_step(&mut self) {
+        // After the fault phase, only a change under way is finished.
+        let under_way = self.removing.is_some() || self.nodes.iter().any(|n| n.in_cluster && !n.founder);
+        if !self.faults_on && !under_way {
+            return;
+        }
+        let next = self.membership_rng.random_range(1_000_000..4_000_000);
+        self.schedule(if self.faults_on { next } else { 300_000 }, Event::Membership);
+        // The leader of the highest term (a removed node is inert, and may still
+        // believe it leads).
+        let leader = (0..self.nodes.len())
+            .filter(|&i| {
+                !self.nodes[i].paused
+                    && self.nodes[i].running.as_ref().is_some_and(|r| {
+                        !r.node.is_removed() && r.node.status().role == StateRole::Leader
+                    })
+            })
+            .max_by_key(|&i| self.nodes[i].running.as_ref().map_or(0, |r| r.node.status().term));
+        let Some(leader) = leader else { return };
+        let conf = self.nodes[leader].running.as_ref().expect("leader runs").node.conf_state();
+        if !conf.voters_outgoing.is_empty() {
+            return; // a joint configuration is still being left
+        }
+        let in_conf = |id: u64| conf.voters.contains(&id) || conf.learners.contains(&id);
+        // A node whose removal is applied stops, and becomes the spare.
+        if let Some(removed) = self.removing {
+            if in_conf(self.nodes[removed].id) {
+                return self.propose_change(leader, ConfChangeType::RemoveNode, removed);
+            }
+            self.removing = None;
+            self.membership_changes_applied += 1;
+            self.crash_node(removed);
+            let old_id = self.nodes[removed].id;
+            let node = &mut self.nodes[removed];
+            node.in_cluster = false;
+            node.founder = false;
+            node.disk = SimDisk::new();
+            node.disk.set_sync_is_noop(self.options.bug == Some(Bug::AckBeforeFsync));
+            node.id = self.next_node_id;
+            self.next_node_id += 1;
+            self.note(format!("node {old_id} removed; its slot comes back as spare node {}", self.nodes[removed].id));
+            return;
+        }
+        let spare = (0..self.nodes.len()).find(|&i| !self.nodes[i].in_cluster);
+        if let (Some(spare), true) = (spare, self.faults_on) {
+            // Add the spare as a learner, and start it empty.
+            self.nodes[spare].in_cluster = true;
+            self.note(format!("add node {} as a learner", self.nodes[spare].id));
+            self.start_node(spare);
+            return self.propose_change(leader, ConfChangeType::AddLearnerNode, spare);
+        }
+        let joiner = (0..self.nodes.len()).find(|&i| conf.learners.contains(&self.nodes[i].id));
+        if let Some(joiner) = joiner {
+            self.note(format!("promote node {}", self.nodes[joiner].id));
+            return self.propose_change(leader, ConfChangeType::AddNode, joiner);
+        }
+        let unjoined = (0..self.nodes.len()).find(|&i| self.nodes[i].in_cluster && !in_conf(self.nodes[i].id));
+        if let Some(unjoined) = unjoined {
+            // The learner's addition was lost: propose it again.
+            return self.propose_change(leader, ConfChangeType::AddLearnerNode, unjoined);
+        }
+        if !self.faults_on {
+            // Settled: every node that joined is a voter now.
+            for node in self.nodes.iter_mut().filter(|n| n.in_cluster) {
+                node.founder = true;
+            }
+            return;
+        }
+        // Every node is a voter: remove one, the leader a third of the time.
+        let victim = if self.membership_rng.random_ratio(1, 3) {
+            leader
+        } else {
+            self.membership_rng.random_range(0..self.nodes.len())
+        };
+        self.removing = Some(victim);
+        if victim == leader && self.membership_rng.random_bool(0.5) {
+            // As the server does: hand leadership over first, remove next step.
+            let voters: Vec<u64> = conf.voters.iter().copied().filter(|id| *id != self.nodes[leader].id).collect();
+            let to = voters[self.membership_rng.random_range(0..voters.len())];
+            self.note(format!("remove node {}: transfer its leadership to node {to} first", self.nodes[victim].id));
+            let running = self.nodes[leader].running.as_mut().expect("leader runs");
+            running.node.transfer_leader(to);
+            return self.after_input(leader);
+        }
+        self.note(format!("remove node {}", self.nodes[victim].id));
+        self.propose_change(leader, ConfChangeType::RemoveNode, victim);
+    }
+
+    fn propose_change(&mut self, leader: usize, kind: ConfChangeType, target: usize) {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(kind);
+        single.node_id = self.nodes[target].id;
+        let mut change = ConfChangeV2::default();
+        change.set_changes(vec![single].into());
+        let running = self.nodes[leader].running.as_mut().expect("leader runs");
+        let _ = running.node.propose_conf_change_unanswered(change);
+        self.after_input(leader);
+    }
+
     fn most_applied(&self) -> Option<&Running> {
         self.nodes.iter().filter_map(|n| n.running.as_ref()).max_by_key(|r| r.node.status().applied_index)
     }
 
     fn check_convergence(&mut self) {
         let mut states = Vec::new();
-        for node in &self.nodes {
+        for node in self.nodes.iter().filter(|n| n.in_cluster) {
             match node.running.as_ref() {
                 Some(r) => states.push((node.id, r.node.status().applied_index, r.node.mvcc().state_hash())),
                 None => {

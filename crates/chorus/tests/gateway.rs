@@ -371,13 +371,27 @@ async fn every_path_answers_as_grpc_does() {
     same_as_grpc(&addr, "/v3/maintenance/hash", &hash, maintenance.hash(hash).await, &[]).await;
     let hash_kv = HashKvRequest { revision: 0 };
     same_as_grpc(&addr, "/v3/maintenance/hashkv", &hash_kv, maintenance.hash_kv(hash_kv).await, &[]).await;
-    let snapshot = SnapshotRequest {};
-    match maintenance.snapshot(snapshot).await {
-        Err(status) => {
-            same_as_grpc::<_, ()>(&addr, "/v3/maintenance/snapshot", &snapshot, Err(status), &[]).await;
-        }
-        Ok(_) => panic!("chorus serves Maintenance.Snapshot now: check its chunks here"),
+    // A backup over gRPC and over HTTP: pieces that count down to zero remaining
+    // bytes and join into a backup file with a good SHA-256, of the same revision.
+    let mut grpc_backup = Vec::new();
+    let mut pieces = maintenance.snapshot(SnapshotRequest {}).await.expect("snapshot").into_inner();
+    while let Some(piece) = pieces.message().await.expect("snapshot piece") {
+        grpc_backup.extend_from_slice(&piece.blob);
     }
+    let grpc_image = chorus_core::snapshot::decode_backup(&grpc_backup).expect("a whole backup over gRPC");
+    let chunks = all_chunks(&addr, "/v3/maintenance/snapshot", "{}".to_string()).await;
+    let mut http_backup = Vec::new();
+    for chunk in &chunks {
+        let blob = chunk["result"]["blob"].as_str().unwrap_or_else(|| panic!("{chunk}"));
+        use base64::Engine;
+        http_backup.extend(base64::engine::general_purpose::STANDARD.decode(blob).expect("base64 blob"));
+    }
+    // The last piece has no bytes remaining (a zero is left out of the JSON, as every default is).
+    let remaining = &chunks.last().unwrap()["result"]["remaining_bytes"];
+    assert!(remaining.is_null() || remaining == &json!("0"), "{remaining}");
+    let http_image = chorus_core::snapshot::decode_backup(&http_backup).expect("a whole backup over HTTP");
+    assert_eq!(http_image.compact_revision, grpc_image.compact_revision);
+    assert_eq!(http_image.kv, grpc_image.kv, "both backups hold the same key space");
     let move_leader = MoveLeaderRequest { target_id: 12345 };
     let answer = maintenance.move_leader(move_leader).await;
     same_as_grpc(&addr, "/v3/maintenance/transfer-leadership", &move_leader, answer, &[]).await;
