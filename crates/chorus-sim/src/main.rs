@@ -25,7 +25,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     start: u64,
     /// Switch on a deliberate bug (stale-reads, ack-before-fsync,
-    /// lease-ack-without-renew, queue-ack-without-token) to test the checkers.
+    /// lease-ack-without-renew, unfenced-lock, queue-ack-without-token,
+    /// snapshot-drops-record) to test the checkers.
     #[arg(long)]
     bug: Option<Bug>,
 }
@@ -85,6 +86,7 @@ fn bug_name(bug: Bug) -> &'static str {
         Bug::LeaseAckWithoutRenew => "lease-ack-without-renew",
         Bug::UnfencedLock => "unfenced-lock",
         Bug::QueueAckWithoutToken => "queue-ack-without-token",
+        Bug::SnapshotDropsRecord => "snapshot-drops-record",
     }
 }
 

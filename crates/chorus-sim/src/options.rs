@@ -18,6 +18,9 @@ pub enum Bug {
     UnfencedLock,
     /// Queue acks delete the message without checking the claim token.
     QueueAckWithoutToken,
+    /// Snapshots lose the newest key-space record on their way to a member (a
+    /// snapshot builder that misses the last write).
+    SnapshotDropsRecord,
 }
 
 impl std::str::FromStr for Bug {
@@ -29,9 +32,10 @@ impl std::str::FromStr for Bug {
             "lease-ack-without-renew" => Ok(Bug::LeaseAckWithoutRenew),
             "unfenced-lock" => Ok(Bug::UnfencedLock),
             "queue-ack-without-token" => Ok(Bug::QueueAckWithoutToken),
+            "snapshot-drops-record" => Ok(Bug::SnapshotDropsRecord),
             other => Err(format!(
                 "unknown bug {other:?}; known: stale-reads, ack-before-fsync, lease-ack-without-renew, \
-                 unfenced-lock, queue-ack-without-token"
+                 unfenced-lock, queue-ack-without-token, snapshot-drops-record"
             )),
         }
     }
@@ -136,6 +140,8 @@ impl SimOptions {
             Some(Bug::StaleReads) => options.serializable_get_percent = 0,
             // Early expiry is only promised against a clock that does not leap.
             Some(Bug::LeaseAckWithoutRenew) => options.tick_bursts = false,
+            // Snapshots are needed most when members fall far behind.
+            Some(Bug::SnapshotDropsRecord) => options.crashes = true,
             Some(Bug::UnfencedLock) | Some(Bug::QueueAckWithoutToken) | None => {}
         }
         options

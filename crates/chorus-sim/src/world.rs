@@ -877,7 +877,12 @@ impl World {
     }
 
     fn send_all(&mut self, from: usize, messages: Vec<Message>, extra_us: u64) {
-        for message in messages {
+        for mut message in messages {
+            if self.options.bug == Some(Bug::SnapshotDropsRecord)
+                && message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot
+            {
+                drop_newest_record(&mut message);
+            }
             let Some(to) = self.index_of(message.to) else { continue };
             if self.cut.contains(&(from, to)) {
                 continue;
@@ -1676,6 +1681,16 @@ impl World {
                 break;
             }
         }
+    }
+}
+
+/// The `snapshot-drops-record` bug: the snapshot's newest key-space record is lost.
+fn drop_newest_record(message: &mut Message) {
+    use prost::Message as _;
+    let snapshot = message.mut_snapshot();
+    let mut image = chorus_proto::chorus::v1::StateImage::decode(snapshot.get_data()).expect("an image");
+    if image.kv.pop().is_some() {
+        snapshot.set_data(image.encode_to_vec().into());
     }
 }
 
