@@ -405,6 +405,32 @@ impl MvccStore {
         hasher.finalize()
     }
 
+    /// etcd's `HashKV`: a CRC-32 over every record held whose revision is at or
+    /// below `revision` (0: the current one), each as its revision key, its
+    /// value's length as 4 bytes big-endian and its value, in [`RevKey`] order.
+    /// Members that applied the same log agree on it at any revision both hold.
+    /// Returns the hash and the revision it covers.
+    pub fn hash_kv(&self, revision: i64) -> Result<(u32, i64), KvError> {
+        let at = if revision <= 0 { self.revision } else { revision };
+        if at > self.revision {
+            return Err(KvError::FutureRevision { current_revision: self.revision });
+        }
+        if at < self.compact_revision {
+            return Err(KvError::Compacted { compact_revision: self.compact_revision });
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        for (rev_key, value) in self.records() {
+            let main = i64::from_be_bytes(rev_key[..8].try_into().expect("8 bytes"));
+            if main > at {
+                break;
+            }
+            hasher.update(&rev_key);
+            hasher.update(&(value.len() as u32).to_be_bytes());
+            hasher.update(&value);
+        }
+        Ok((hasher.finalize(), at))
+    }
+
     /// Every record held, in [`RevKey`] order, as storage persists them (the input
     /// [`MvccStore::restore`] takes back).
     pub fn records(&self) -> Vec<(RevKey, Vec<u8>)> {

@@ -90,10 +90,6 @@ pub enum Input {
     LeaseLeases {
         reply: oneshot::Sender<LeaseLeasesResponse>,
     },
-    /// The image of the applied state (a consistent backup), with its header.
-    Image {
-        reply: oneshot::Sender<(chorus_proto::chorus::v1::StateImage, ResponseHeader)>,
-    },
     /// A snapshot built from storage on the builder thread.
     SnapshotBuilt {
         data: Vec<u8>,
@@ -363,9 +359,6 @@ impl Driver {
                 if !data.is_empty() {
                     self.node.offer_snapshot(data, index, term, conf_state);
                 }
-            }
-            Input::Image { reply } => {
-                let _ = reply.send((self.node.image(), self.header()));
             }
             Input::LeaseTimeToLive { id, keys, reply } => {
                 let header = Some(self.header());
@@ -744,11 +737,6 @@ impl NodeHandle {
                 Box::new(input)
             }
         })
-    }
-
-    /// The image of this member's applied state, and the header at it.
-    pub async fn image(&self) -> Result<(chorus_proto::chorus::v1::StateImage, ResponseHeader), RequestError> {
-        self.ask(|reply| Input::Image { reply }).await
     }
 
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {

@@ -131,6 +131,7 @@ pub async fn serve(
     let watch_progress_ticks =
         (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
+    let image_reader = opened.storage.image_reader();
     let driver =
         Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
             .with_metrics(metrics.clone())
@@ -176,7 +177,7 @@ pub async fn serve(
             watch: Arc::new(WatchService::new(handle.clone())),
             lease: Arc::new(LeaseService::new(handle.clone(), &peer_addrs)),
             cluster: Arc::new(ClusterService::new(handle.clone(), ids, configured.clone())),
-            maintenance: Arc::new(MaintenanceService::new(handle.clone(), ids)),
+            maintenance: Arc::new(MaintenanceService::new(handle.clone(), ids, image_reader.clone())),
             lock: Arc::new(LockService::new(handle.clone(), config.limits.clone())),
             election: Arc::new(ElectionService::new(handle.clone(), config.limits.clone())),
         };

@@ -530,7 +530,52 @@ pub struct ImageReader {
     path: PathBuf,
 }
 
+/// What [`ImageReader::hash_kv`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvHash {
+    pub hash: u32,
+    /// The revision the hash covers.
+    pub hash_revision: i64,
+    pub compact_revision: i64,
+    /// The store's revision when it was read.
+    pub current_revision: i64,
+}
+
 impl ImageReader {
+    /// etcd's `HashKV` at `revision` (0: the current one), computed from the last
+    /// committed state exactly as `MvccStore::hash_kv` computes it from memory,
+    /// without holding up the writer.
+    pub fn hash_kv(&self, revision: i64) -> Result<Result<KvHash, chorus_core::KvError>, StorageError> {
+        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
+        let txn = self.db.begin_read().map_err(|e| io(&e))?;
+        let meta = txn.open_table(META).map_err(|e| io(&e))?;
+        let compact_revision =
+            meta.get("compact_revision").map_err(|e| io(&e))?.and_then(|v| decode_u64(v.value())).unwrap_or(0) as i64;
+        let kv = txn.open_table(KV).map_err(|e| io(&e))?;
+        let main_of = |key: &[u8]| i64::from_be_bytes(key[..8].try_into().expect("revision keys are 17 bytes"));
+        let last = kv.last().map_err(|e| io(&e))?;
+        let current_revision = last.map_or(compact_revision.max(1), |(key, _)| main_of(key.value()).max(compact_revision));
+        let at = if revision <= 0 { current_revision } else { revision };
+        if at > current_revision {
+            return Ok(Err(chorus_core::KvError::FutureRevision { current_revision }));
+        }
+        if at < compact_revision {
+            return Ok(Err(chorus_core::KvError::Compacted { compact_revision }));
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        for item in kv.iter().map_err(|e| io(&e))? {
+            let (key, value) = item.map_err(|e| io(&e))?;
+            let (key, value) = (key.value(), value.value());
+            if main_of(key) > at {
+                break;
+            }
+            hasher.update(key);
+            hasher.update(&(value.len() as u32).to_be_bytes());
+            hasher.update(value);
+        }
+        Ok(Ok(KvHash { hash: hasher.finalize(), hash_revision: at, compact_revision, current_revision }))
+    }
+
     /// The image of the state as of the last committed transaction: its applied
     /// index, that entry's term, the conf state and every table, all from one read
     /// transaction, so they agree with each other.

@@ -32,6 +32,30 @@ async fn key_space(cluster: &Cluster, i: usize, revision: i64) -> Vec<(Vec<u8>, 
         .collect()
 }
 
+/// `Maintenance.HashKV` of member `i` at `revision`.
+async fn hash_kv(cluster: &Cluster, i: usize, revision: i64) -> u32 {
+    let client = cluster.client_of(i).await;
+    client.maintenance_client().hash_kv(revision).await.expect("hashkv").hash()
+}
+
+/// `etcdctl endpoint hashkv` of every member: (endpoint, hash) pairs.
+fn etcdctl_hashkv(cluster: &Cluster, revision: i64) -> Vec<(String, u64)> {
+    let output = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &cluster.endpoints().join(","), "endpoint", "hashkv", "-w", "json"])
+        .args(["--rev", &revision.to_string()])
+        .output()
+        .expect("run etcdctl");
+    assert!(output.status.success(), "etcdctl endpoint hashkv: {}", String::from_utf8_lossy(&output.stderr));
+    let answers: serde_json::Value = serde_json::from_slice(&output.stdout).expect("hashkv json");
+    answers
+        .as_array()
+        .expect("one answer per endpoint")
+        .iter()
+        .map(|a| (a["Endpoint"].as_str().unwrap().to_string(), a["HashKV"]["hash"].as_u64().unwrap()))
+        .collect()
+}
+
 fn chorus(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_chorus")).args(args).output().expect("run chorus")
 }
@@ -97,6 +121,11 @@ async fn a_member_away_during_50000_writes_is_caught_up_by_a_snapshot() {
     assert_eq!(expected.len(), 5000, "every key of the key space was written");
     let caught_up = key_space(&cluster, away, revision).await;
     assert!(caught_up == expected, "the member caught up by a snapshot holds a different key space");
+    let leader_hash = hash_kv(&cluster, leader, revision).await;
+    assert_eq!(hash_kv(&cluster, away, revision).await, leader_hash, "HashKV of the caught-up member");
+    let hashes = etcdctl_hashkv(&cluster, revision);
+    assert_eq!(hashes.len(), 3);
+    assert!(hashes.iter().all(|(_, hash)| *hash == leader_hash as u64), "etcdctl endpoint hashkv: {hashes:?}");
 
     // It keeps up from the log afterwards, and survives a restart from its
     // compacted log (the snapshot was installed durably).
@@ -137,6 +166,7 @@ async fn a_backup_saved_under_load_restores_into_a_new_cluster() {
     assert_eq!(status["revision"].as_i64(), Some(revision), "status: {status}");
     assert_eq!(status["totalSize"].as_u64(), Some(std::fs::metadata(&file).unwrap().len()));
     let expected = key_space(&cluster, 0, revision).await;
+    let expected_hash = hash_kv(&cluster, 0, revision).await;
     assert_eq!(status["totalKey"].as_u64(), Some(expected.len() as u64));
     assert!(expected.len() > 100, "the backup was taken under load: {} keys", expected.len());
 
@@ -190,6 +220,7 @@ async fn a_backup_saved_under_load_restores_into_a_new_cluster() {
         wait_revision(&restored, i, revision, Duration::from_secs(15)).await;
         let holds = key_space(&restored, i, 0).await;
         assert!(holds == expected, "restored member {i} holds a different key space than the backup's revision");
+        assert_eq!(hash_kv(&restored, i, revision).await, expected_hash, "HashKV of restored member {i}");
     }
     // The lease came along, and the new cluster takes writes.
     let mut new_client = restored.client().await;
@@ -221,6 +252,16 @@ async fn etcdctl_snapshot_save_and_damaged_backups() {
     let fields: Vec<&str> = line.trim().split(", ").collect();
     assert_eq!(fields[1], "51", "revision in {line:?}");
     assert_eq!(fields[2], "50", "key count in {line:?}");
+
+    // HashKV at a revision not reached yet, or compacted away, is refused as etcd does.
+    let mut maintenance = client.maintenance_client();
+    let future = maintenance.hash_kv(1000).await.expect_err("a future revision");
+    assert!(future.to_string().contains("required revision is a future revision"), "{future}");
+    client.compact(40, None).await.expect("compact");
+    let compacted = maintenance.hash_kv(20).await.expect_err("a compacted revision");
+    assert!(compacted.to_string().contains("required revision has been compacted"), "{compacted}");
+    let at_compaction = maintenance.hash_kv(40).await.expect("hashkv at the compact revision");
+    assert_eq!(at_compaction.compact_version(), 40);
 
     // One flipped byte: status and restore both refuse it, and restore writes nothing.
     let mut bytes = std::fs::read(&file).unwrap();

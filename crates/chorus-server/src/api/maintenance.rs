@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::not_yet;
 use crate::driver::{DriverStatus, HeaderIds, NodeHandle};
+use chorus_storage::{ImageReader, KvHash};
 
 /// The etcd API version chorus speaks, reported by `Status` (etcdctl prints it).
 pub const ETCD_API_VERSION: &str = "3.5.0";
@@ -23,11 +24,24 @@ pub const ETCD_API_VERSION: &str = "3.5.0";
 pub struct MaintenanceService {
     node: NodeHandle,
     ids: HeaderIds,
+    /// Reads the committed state on blocking threads: backups and hashes never
+    /// hold up the member's driver.
+    reader: ImageReader,
 }
 
 impl MaintenanceService {
-    pub fn new(node: NodeHandle, ids: HeaderIds) -> MaintenanceService {
-        MaintenanceService { node, ids }
+    pub fn new(node: NodeHandle, ids: HeaderIds, reader: ImageReader) -> MaintenanceService {
+        MaintenanceService { node, ids, reader }
+    }
+
+    /// HashKV at `revision`, from storage, on a blocking thread.
+    async fn kv_hash(&self, revision: i64) -> Result<KvHash, Status> {
+        let reader = self.reader.clone();
+        let hashed = tokio::task::spawn_blocking(move || reader.hash_kv(revision))
+            .await
+            .map_err(|e| Status::internal(format!("hashing failed: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        hashed.map_err(|e| crate::status::RequestError::Kv(e).into())
     }
 }
 
@@ -80,12 +94,28 @@ impl Maintenance for MaintenanceService {
         Err(not_yet("Maintenance.Defragment"))
     }
 
+    /// chorus's `Hash` is `HashKV` at the current revision: the replicated key
+    /// space is the state members must agree on (etcd hashes its whole bbolt file,
+    /// which holds member-local data too).
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        Err(not_yet("Maintenance.Hash"))
+        let hashed = self.kv_hash(0).await?;
+        let status = self.node.status().await?;
+        let mut header = header(self.ids, &status);
+        header.revision = hashed.current_revision;
+        Ok(Response::new(HashResponse { header: Some(header), hash: hashed.hash }))
     }
 
-    async fn hash_kv(&self, _: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        Err(not_yet("Maintenance.HashKV"))
+    async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let hashed = self.kv_hash(request.into_inner().revision).await?;
+        let status = self.node.status().await?;
+        let mut header = header(self.ids, &status);
+        header.revision = hashed.current_revision;
+        Ok(Response::new(HashKvResponse {
+            header: Some(header),
+            hash: hashed.hash,
+            compact_revision: hashed.compact_revision,
+            hash_revision: hashed.hash_revision,
+        }))
     }
 
     type SnapshotStream = SnapshotStream;
@@ -93,11 +123,21 @@ impl Maintenance for MaintenanceService {
     /// A consistent backup: the image of this member's applied state followed by
     /// its SHA-256 (see `chorus_core::snapshot`), in pieces with the bytes left.
     async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
-        let (image, header) = self.node.image().await?;
+        let status = self.node.status().await?;
         let started = std::time::Instant::now();
-        let bytes = tokio::task::spawn_blocking(move || chorus_core::snapshot::encode_backup(&image))
-            .await
-            .map_err(|e| Status::internal(format!("snapshot encoding failed: {e}")))?;
+        let reader = self.reader.clone();
+        let (bytes, revision) = tokio::task::spawn_blocking(move || {
+            let image = reader.read()?;
+            let revision = chorus_core::snapshot::restore(&image)
+                .map(|state| state.mvcc.revision())
+                .map_err(|e| chorus_storage::StorageError::Io { path: "image".into(), detail: e.to_string() })?;
+            Ok::<_, chorus_storage::StorageError>((chorus_core::snapshot::encode_backup(&image), revision))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("snapshot failed: {e}")))?
+        .map_err(|e| Status::internal(format!("snapshot failed: {e}")))?;
+        let mut header = header(self.ids, &status);
+        header.revision = revision;
         tracing::info!(
             revision = header.revision,
             bytes = bytes.len(),
