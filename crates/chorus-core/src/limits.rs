@@ -230,3 +230,6 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
 /// A leader keeps log entries its live followers still need, up to this many
 /// times `--snapshot-count` (beyond that it compacts anyway).
 pub const LOG_HELD_FOR_FOLLOWERS_FACTOR: u64 = 4;
+/// A learner whose log is within this many entries of the leader's is promoted
+/// (with `--auto-promote-learners`, the default).
+pub const LEARNER_PROMOTE_LAG_ENTRIES: u64 = 100;

@@ -169,6 +169,8 @@ pub enum OpResponse {
     Compaction(CompactionResponse),
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
+    /// A membership change applied: the configuration after it.
+    ConfChange(ConfState),
     /// Checkpoints and member attributes: internal, nobody waits for them.
     Internal,
 }
@@ -197,6 +199,8 @@ pub struct PersistBatch {
     pub writes: WriteSet,
     /// Members whose published attributes changed since the last persist.
     pub members: Vec<MemberAttributes>,
+    /// Members removed from the table since the last persist.
+    pub members_removed: Vec<u64>,
     /// (proposer, proposal tag) of every command applied since the last persist,
     /// and those forgotten to bound the memory: the state machine applies a
     /// proposal once even if the log holds it twice, across restarts too.
@@ -418,6 +422,7 @@ pub struct Node {
     /// The state machine's changes not yet handed to storage.
     pending_writes: WriteSet,
     pending_members: Vec<MemberAttributes>,
+    pending_members_removed: Vec<u64>,
     pending_proposals_applied: Vec<(u64, u64)>,
     pending_proposals_forgotten: Vec<(u64, u64)>,
     pending_leases: LeaseWrites,
@@ -502,6 +507,7 @@ impl Node {
             reads_waiting: Vec::new(),
             pending_writes: WriteSet::default(),
             pending_members: Vec::new(),
+            pending_members_removed: Vec::new(),
             pending_proposals_applied: Vec::new(),
             pending_proposals_forgotten: Vec::new(),
             pending_leases: LeaseWrites::default(),
@@ -726,6 +732,7 @@ impl Node {
             || self.compact_through.is_some()
             || !self.pending_writes.is_empty()
             || !self.pending_members.is_empty()
+            || !self.pending_members_removed.is_empty()
             || !self.pending_leases.is_empty()
             || self.pending_conf_state.is_some()
     }
@@ -847,6 +854,7 @@ impl Node {
         self.applied_index = metadata.index;
         self.pending_writes = WriteSet::default();
         self.pending_members.clear();
+        self.pending_members_removed.clear();
         self.pending_proposals_applied.clear();
         self.pending_proposals_forgotten.clear();
         self.pending_leases = LeaseWrites::default();
@@ -910,6 +918,124 @@ impl Node {
         let store = self.raw.store();
         let offset = index.checked_sub(store.first_index)?;
         store.entries.get(offset as usize).map(|e| (e.term, e.data.as_ref()))
+    }
+
+    /// Proposes a membership change for a client: `member` (its id and peer URLs)
+    /// rides in the entry's context, so every member records the peer URLs of a
+    /// member added, and the proposer is answered with [`OpResponse::ConfChange`]
+    /// once it applies the entry. The caller must check
+    /// [`Node::conf_change_pending`] first: raft-rs silently turns a second
+    /// pending change into an empty entry, which would never be answered.
+    pub fn propose_conf_change(
+        &mut self,
+        seq: u64,
+        change: ConfChangeV2,
+        member: MemberAttributes,
+    ) -> Result<(), ProposeError> {
+        assert!(self.in_cycle.is_none(), "propose during a cycle");
+        if self.removed {
+            return Err(ProposeError::Removed);
+        }
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            return Err(ProposeError::NoLeader);
+        }
+        let context = Command {
+            proposer_id: self.raw.raft.id,
+            proposal_seq: self.proposal_tag(seq),
+            op: Some(Op::PublishMember(member)),
+        };
+        // In the change itself (raft-rs's own context argument goes to the entry,
+        // where apply does not look).
+        let mut change = change;
+        change.context = context.encode_to_vec().into();
+        let result = self.raw.propose_conf_change(Vec::new(), change);
+        self.reseed_election_timeout();
+        result.map_err(|e| ProposeError::Dropped(e.to_string()))
+    }
+
+    /// On the leader: whether a membership change is proposed and not applied yet.
+    pub fn conf_change_pending(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader && self.raw.raft.has_pending_conf()
+    }
+
+    /// On the leader: the learners whose log is within `lag_max` entries of its
+    /// own and that answered recently (ready to be promoted).
+    pub fn learners_caught_up(&self, lag_max: u64) -> Vec<u64> {
+        if self.raw.raft.state != StateRole::Leader || self.removed {
+            return Vec::new();
+        }
+        let last = self.raw.raft.raft_log.last_index();
+        let learners = self.conf_state().learners;
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, p)| learners.contains(id) && p.recent_active && p.matched + lag_max >= last)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// On the leader: the voters that answered recently (itself included), or
+    /// None elsewhere.
+    pub fn active_voters(&self) -> Option<BTreeSet<u64>> {
+        if self.raw.raft.state != StateRole::Leader {
+            return None;
+        }
+        let voters = self.conf_state().voters;
+        let own = self.raw.raft.id;
+        let prs = self.raw.raft.prs();
+        Some(
+            voters
+                .into_iter()
+                .filter(|id| *id == own || prs.get(*id).is_some_and(|p| p.recent_active))
+                .collect(),
+        )
+    }
+
+    /// On the leader: the voter (not itself) whose log matches most of its own.
+    pub fn most_caught_up_voter(&self) -> Option<u64> {
+        if self.raw.raft.state != StateRole::Leader {
+            return None;
+        }
+        let own = self.raw.raft.id;
+        let voters = self.conf_state().voters;
+        let prs = self.raw.raft.prs();
+        voters.into_iter().filter(|id| *id != own).max_by_key(|id| prs.get(*id).map_or(0, |p| p.matched))
+    }
+
+    /// Records the peer URLs a membership change carries (all members alike) and
+    /// answers its proposer.
+    fn apply_member_change(&mut self, change: &ConfChangeV2, index: u64) -> Option<Reply> {
+        if change.context.is_empty() {
+            return None;
+        }
+        let command = Command::decode(&change.context[..])
+            .unwrap_or_else(|e| panic!("corrupt conf change context at index {index}: {e}"));
+        let Some(Op::PublishMember(member)) = command.op else { return None };
+        for single in change.get_changes() {
+            match single.get_change_type() {
+                raft::prelude::ConfChangeType::RemoveNode => {
+                    if self.members.remove(&single.node_id).is_some() {
+                        self.pending_members_removed.push(single.node_id);
+                    }
+                }
+                _ if single.node_id == member.member_id && !member.peer_urls.is_empty() => {
+                    let entry = self.members.entry(member.member_id).or_insert_with(|| MemberAttributes {
+                        member_id: member.member_id,
+                        ..Default::default()
+                    });
+                    entry.peer_urls = member.peer_urls.clone();
+                    self.pending_members.push(entry.clone());
+                }
+                _ => {}
+            }
+        }
+        let ours = command.proposer_id == self.raw.raft.id && command.proposal_seq >> 40 == self.boot_id;
+        ours.then(|| Reply {
+            seq: command.proposal_seq & ((1 << 40) - 1),
+            result: Ok(OpResponse::ConfChange(self.conf_state())),
+            index,
+        })
     }
 
     /// Whether this member applied its own removal from the configuration.
@@ -988,6 +1114,7 @@ impl Node {
             conf_state: self.pending_conf_state.take(),
             writes: std::mem::take(&mut self.pending_writes),
             members: std::mem::take(&mut self.pending_members),
+            members_removed: std::mem::take(&mut self.pending_members_removed),
             proposals_applied: std::mem::take(&mut self.pending_proposals_applied),
             proposals_forgotten: std::mem::take(&mut self.pending_proposals_forgotten),
             leases: std::mem::take(&mut self.pending_leases),
@@ -1034,6 +1161,9 @@ impl Node {
                     let mut change = ConfChangeV2::default();
                     change.merge_from_bytes(&entry.data).expect("corrupt conf change entry");
                     self.apply_conf_change(&change, entry.index);
+                    if let Some(reply) = self.apply_member_change(&change, entry.index) {
+                        replies.push(reply);
+                    }
                 }
             }
             self.applied_index = entry.index;
@@ -1168,9 +1298,28 @@ impl Node {
                 self.leases.checkpoint(&request, &mut self.pending_leases)?;
                 Ok(OpResponse::Internal)
             }
-            Op::PublishMember(attributes) => {
+            Op::PublishMember(mut attributes) => {
+                // A member publishes its name and client URLs; the peer URLs a
+                // conf change recorded stay unless it names its own.
+                if attributes.peer_urls.is_empty() {
+                    let known = self.members.get(&attributes.member_id);
+                    attributes.peer_urls = known.map(|m| m.peer_urls.clone()).unwrap_or_default();
+                }
                 self.members.insert(attributes.member_id, attributes.clone());
                 self.pending_members.push(attributes);
+                Ok(OpResponse::Internal)
+            }
+            Op::UpdatePeerUrls(update) => {
+                let conf = conf_members(&self.conf_state());
+                if !conf.contains(&update.member_id) {
+                    return Err(KvError::InvalidArgument("member not found".into()));
+                }
+                let member = self.members.entry(update.member_id).or_insert_with(|| MemberAttributes {
+                    member_id: update.member_id,
+                    ..Default::default()
+                });
+                member.peer_urls = update.peer_urls;
+                self.pending_members.push(member.clone());
                 Ok(OpResponse::Internal)
             }
         }

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     /// How often a watcher that asked for progress notifications and saw no event
     /// is told the current revision (etcd's default is ten minutes).
     pub watch_progress_notify_interval_ms: u64,
+    /// The leader promotes learners whose log caught up (etcd needs a manual
+    /// MemberPromote).
+    pub auto_promote_learners: bool,
     /// `--snapshot-count`: applied log entries held before the log is compacted.
     pub snapshot_count: u64,
     /// `--snapshot-catchup-entries`: entries kept behind a compaction.
@@ -102,13 +105,6 @@ impl ServerConfig {
             return fail(format!("--snapshot-catchup-entries must be at most {log_max}"));
         }
         self.health.validate().map_err(ConfigError)?;
-        if self.initial_cluster_state == ClusterState::Existing {
-            return fail(
-                "--initial-cluster-state existing (joining a running cluster) needs membership \
-                 changes, which chorus does not support yet"
-                    .into(),
-            );
-        }
         Ok(())
     }
 

@@ -97,6 +97,21 @@ pub enum Input {
         term: u64,
         conf_state: ConfState,
     },
+    /// A membership change (the Cluster service): answered with
+    /// [`OpResponse::ConfChange`] once applied here.
+    ConfChange {
+        change: raft::prelude::ConfChangeV2,
+        member: MemberAttributes,
+        deadline: Instant,
+        reply: ProposeReply,
+    },
+    /// Hand leadership to `to` (this member must lead).
+    TransferLeader {
+        to: u64,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    /// A peer refused this member's messages: it was removed from the cluster.
+    RemovedFromCluster,
     /// The transport could not deliver a snapshot to member `to`.
     SnapshotFailed {
         to: u64,
@@ -134,6 +149,12 @@ pub struct DriverStatus {
     pub conf_state: ConfState,
     pub members: BTreeMap<u64, MemberAttributes>,
     pub watchers_count: u64,
+    /// On the leader: the voters that answered recently; None elsewhere.
+    pub active_voters: Option<std::collections::BTreeSet<u64>>,
+    /// On the leader: learners within reach of its log.
+    pub learners_caught_up: Vec<u64>,
+    /// On the leader: the voter whose log matches most of its own.
+    pub most_caught_up_voter: Option<u64>,
 }
 
 /// Fixed facts the driver stamps into every response header.
@@ -204,7 +225,26 @@ pub struct Driver {
     /// The driver's own input, for the snapshot builder thread to answer on.
     snapshot_answers: Option<mpsc::WeakSender<Input>>,
     snapshot_building: bool,
+    /// The client's membership change in flight, if any.
+    conf_change_seq: Option<u64>,
+    /// Starts a sender to a member added to the configuration (its id and
+    /// `host:port`); None in tests with a fixed membership.
+    peer_starter: Option<PeerStarter>,
+    /// The leader promotes learners that caught up.
+    auto_promote_learners: bool,
+    /// Shared with the peer service, which refuses their messages.
+    removed_members: crate::transport::RemovedMembers,
 }
+
+/// A removed member stops, as etcd's does: it can no longer take part.
+fn stop_removed() -> ! {
+    tracing::error!("this member has been permanently removed from the cluster; stopping");
+    eprintln!("chorus: the member has been permanently removed from the cluster");
+    std::process::exit(0);
+}
+
+/// Starts a peer sender task for (member id, `host:port`) and returns its queue.
+pub type PeerStarter = Box<dyn Fn(u64, String) -> mpsc::Sender<Message> + Send>;
 
 impl Driver {
     pub fn new(
@@ -239,6 +279,79 @@ impl Driver {
             metrics: None,
             snapshot_answers: None,
             snapshot_building: false,
+            conf_change_seq: None,
+            peer_starter: None,
+            auto_promote_learners: false,
+            removed_members: Default::default(),
+        }
+    }
+
+    /// Follows membership changes: starts a sender to every member added (once its
+    /// peer URLs are known) and stops the sender of every member removed; and, if
+    /// `auto_promote_learners`, promotes learners that caught up, on the leader.
+    pub fn with_membership(
+        mut self,
+        peer_starter: PeerStarter,
+        auto_promote_learners: bool,
+        removed_members: crate::transport::RemovedMembers,
+    ) -> Driver {
+        self.peer_starter = Some(peer_starter);
+        self.auto_promote_learners = auto_promote_learners;
+        self.removed_members = removed_members;
+        self
+    }
+
+    /// Starts and stops peer senders to match the configuration.
+    fn follow_membership(&mut self) {
+        if self.node.is_removed() {
+            stop_removed();
+        }
+        let Some(starter) = &self.peer_starter else { return };
+        let conf = self.node.conf_state();
+        if conf.voters.is_empty() && conf.learners.is_empty() {
+            return; // a joining member before its first snapshot: keep the links it started with
+        }
+        // Remember who left, so their messages are refused and they learn it.
+        for id in self.peers.keys().filter(|id| !conf.voters.contains(id) && !conf.learners.contains(id)) {
+            if !conf.voters_outgoing.contains(id) {
+                self.removed_members.write().expect("removed members").insert(*id);
+            }
+        }
+        let own = self.ids.member_id;
+        let wanted: std::collections::BTreeSet<u64> =
+            conf.voters.iter().chain(&conf.learners).chain(&conf.voters_outgoing).copied().filter(|id| *id != own).collect();
+        self.peers.retain(|id, _| wanted.contains(id));
+        for id in wanted {
+            if self.peers.contains_key(&id) {
+                continue;
+            }
+            let url = self.node.members().get(&id).and_then(|m| m.peer_urls.first().cloned());
+            let Some(addr) = url.and_then(|url| crate::config::url_to_addr(&url).ok()) else { continue };
+            tracing::info!(member = %format!("{id:016x}"), %addr, "starting the peer link to a new member");
+            self.peers.insert(id, starter(id, addr));
+        }
+    }
+
+    /// On the leader: proposes the promotion of one learner that caught up.
+    fn promote_caught_up_learner(&mut self) {
+        if !self.auto_promote_learners || self.node.conf_change_pending() {
+            return;
+        }
+        if self.conf_change_seq.is_some_and(|seq| self.proposals.contains_key(&seq)) {
+            return;
+        }
+        let Some(learner) = self.node.learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES).first().copied() else {
+            return;
+        };
+        let mut single = raft::prelude::ConfChangeSingle::default();
+        single.set_change_type(raft::prelude::ConfChangeType::AddNode);
+        single.node_id = learner;
+        let mut change = raft::prelude::ConfChangeV2::default();
+        change.set_changes(vec![single].into());
+        let member = MemberAttributes { member_id: learner, ..Default::default() };
+        let seq = self.take_seq();
+        if self.node.propose_conf_change(seq, change, member).is_ok() {
+            tracing::info!(member = %format!("{learner:016x}"), "promoting a learner that caught up");
         }
     }
 
@@ -306,6 +419,7 @@ impl Driver {
                 self.cycle();
             }
             self.build_snapshot_if_asked();
+            self.follow_membership();
         }
         tracing::info!("node driver stopped");
     }
@@ -354,6 +468,38 @@ impl Driver {
             Input::WatchClose { stream } => self.watches.close_stream(stream),
             Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
             Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
+            Input::RemovedFromCluster => stop_removed(),
+            Input::ConfChange { change, member, deadline, reply } => {
+                if self.node.conf_change_pending()
+                    || self.conf_change_seq.is_some_and(|seq| self.proposals.contains_key(&seq))
+                {
+                    let refused = "etcdserver: a membership change is already in progress; retry when it is applied";
+                    let _ = reply.send(Err(RequestError::Refused(refused.into())));
+                    return;
+                }
+                let seq = self.take_seq();
+                match self.node.propose_conf_change(seq, change, member) {
+                    Ok(()) => {
+                        self.conf_change_seq = Some(seq);
+                        self.proposals.insert(seq, PendingProposal { deadline, reply });
+                    }
+                    Err(error) => {
+                        let _ = reply.send(Err(error.into()));
+                    }
+                }
+            }
+            Input::TransferLeader { to, reply } => {
+                let status = self.node.status();
+                let result = if status.role != raft::StateRole::Leader {
+                    Err(RequestError::Refused("etcdserver: not leader".into()))
+                } else if !self.node.conf_state().voters.contains(&to) {
+                    Err(RequestError::Refused(format!("etcdserver: {to:x} is not a voting member")))
+                } else {
+                    self.node.transfer_leader(to);
+                    Ok(())
+                };
+                let _ = reply.send(result);
+            }
             Input::SnapshotBuilt { data, index, term, conf_state } => {
                 self.snapshot_building = false;
                 if !data.is_empty() {
@@ -425,6 +571,7 @@ impl Driver {
     fn on_tick(&mut self) {
         self.ticks += 1;
         self.node.tick();
+        self.promote_caught_up_learner();
         let now = Instant::now();
         self.expire(now);
         // Retry proposals that found no leader, now that one may be known.
@@ -517,7 +664,9 @@ impl Driver {
     /// them (once per [`PUBLISH_RETRY_TICKS`]).
     fn publish_attributes(&mut self) {
         let id = self.ids.member_id;
-        if self.node.members().get(&id) == Some(&self.own_attributes) {
+        let own = &self.own_attributes;
+        let published = self.node.members().get(&id);
+        if published.is_some_and(|m| m.name == own.name && m.client_urls == own.client_urls) {
             self.publish_seq = None;
             return;
         }
@@ -644,7 +793,7 @@ impl Driver {
             OpResponse::Compaction(r) => &mut r.header,
             OpResponse::LeaseGrant(r) => &mut r.header,
             OpResponse::LeaseRevoke(r) => &mut r.header,
-            OpResponse::Internal => return response,
+            OpResponse::ConfChange(_) | OpResponse::Internal => return response,
         };
         if let Some(revision) = slot.as_ref().map(|h| h.revision) {
             header.revision = revision;
@@ -661,6 +810,9 @@ impl Driver {
             conf_state: self.node.conf_state(),
             watchers_count: self.watches.watchers_count() as u64,
             members: self.node.members().clone(),
+            active_voters: self.node.active_voters(),
+            learners_caught_up: self.node.learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES),
+            most_caught_up_voter: self.node.most_caught_up_voter(),
         }
     }
 }
@@ -737,6 +889,23 @@ impl NodeHandle {
                 Box::new(input)
             }
         })
+    }
+
+    /// Proposes a membership change and waits for it to be applied here.
+    pub async fn conf_change(
+        &self,
+        change: raft::prelude::ConfChangeV2,
+        member: MemberAttributes,
+    ) -> Result<OpResponse, RequestError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::ConfChange { change, member, deadline, reply }, deadline).await?;
+        Self::await_answer(answer, deadline).await
+    }
+
+    /// Asks this member, which must lead, to hand leadership to `to`.
+    pub async fn transfer_leader(&self, to: u64) -> Result<(), RequestError> {
+        self.ask(|reply| Input::TransferLeader { to, reply }).await?
     }
 
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {

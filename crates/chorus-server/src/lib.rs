@@ -80,7 +80,8 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     config.validate()?;
     let member_id = config.member_id();
-    let cluster_id = config.cluster_id();
+    let joining = config.initial_cluster_state == ClusterState::Existing;
+    let cluster_id = if joining { join_cluster_id(&config, member_id).await? } else { config.cluster_id() };
     let ids = HeaderIds { cluster_id, member_id };
     let identity = Identity { cluster_id, member_id };
     let data_dir = config.data_dir.clone();
@@ -106,7 +107,9 @@ pub async fn serve(
     let member_ids = config.member_ids();
     let node_config = NodeConfig {
         id: member_id,
-        initial_voters: member_ids.values().copied().collect(),
+        // A joining member starts with no configuration: it learns it from the
+        // leader's snapshot.
+        initial_voters: if joining { Vec::new() } else { member_ids.values().copied().collect() },
         election_ticks: config.election_ticks(),
         heartbeat_ticks: 1,
         seed: member_id ^ opened.boot_count,
@@ -127,15 +130,23 @@ pub async fn serve(
         member_id,
         name: config.name.clone(),
         client_urls: config.advertise_client_urls.clone(),
+        // Peer URLs come from --initial-cluster and from membership changes.
+        peer_urls: Vec::new(),
     };
     let watch_progress_ticks =
         (config.watch_progress_notify_interval_ms / config.heartbeat_interval_ms).max(1);
     let metrics = std::sync::Arc::new(metrics::Metrics::new());
     let image_reader = opened.storage.image_reader();
+    let removed_members = transport::RemovedMembers::default();
     let driver =
         Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
             .with_metrics(metrics.clone())
-            .with_snapshot_builder(input_tx.downgrade());
+            .with_snapshot_builder(input_tx.downgrade())
+            .with_membership(
+                peer_starter(cluster_id, member_id, input_tx.downgrade()),
+                config.auto_promote_learners,
+                removed_members.clone(),
+            );
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())
@@ -157,7 +168,14 @@ pub async fn serve(
     let mut servers = Vec::new();
     for listener in peer_listeners {
         let service =
-            PeerService::new(cluster_id, member_id, input_tx.clone(), handle.clone(), stop_rx.clone());
+            PeerService::new(
+                cluster_id,
+                member_id,
+                input_tx.clone(),
+                handle.clone(),
+                stop_rx.clone(),
+                removed_members.clone(),
+            );
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(service)
@@ -176,7 +194,12 @@ pub async fn serve(
             kv: Arc::new(KvService::new(handle.clone(), config.limits.clone())),
             watch: Arc::new(WatchService::new(handle.clone())),
             lease: Arc::new(LeaseService::new(handle.clone(), &peer_addrs)),
-            cluster: Arc::new(ClusterService::new(handle.clone(), ids, configured.clone())),
+            cluster: Arc::new(ClusterService::new(
+                handle.clone(),
+                ids,
+                configured.clone(),
+                config.initial_cluster_token.clone(),
+            )),
             maintenance: Arc::new(MaintenanceService::new(handle.clone(), ids, image_reader.clone())),
             lock: Arc::new(LockService::new(handle.clone(), config.limits.clone())),
             election: Arc::new(ElectionService::new(handle.clone(), config.limits.clone())),
@@ -273,6 +296,73 @@ async fn bind_all(addrs: &[String]) -> Result<Vec<TcpListener>, ServerError> {
     }
     Ok(listeners)
 }
+
+/// Starts a peer sender for a member added while this one runs.
+fn peer_starter(cluster_id: u64, from_id: u64, driver: mpsc::WeakSender<Input>) -> driver::PeerStarter {
+    let runtime = tokio::runtime::Handle::current();
+    Box::new(move |to_id, addr| {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
+        let link = PeerLink { cluster_id, from_id, to_id, addr };
+        runtime.spawn(transport::run_peer_sender(link, rx, driver.clone()));
+        tx
+    })
+}
+
+/// The id of the cluster a member joins (`--initial-cluster-state existing`):
+/// from its data directory after the first start, otherwise from the first member
+/// in `--initial-cluster` that answers, which must list this member already (it
+/// was added with MemberAdd).
+async fn join_cluster_id(config: &ServerConfig, member_id: u64) -> Result<u64, ServerError> {
+    let data_dir = config.data_dir.clone();
+    let stored = tokio::task::spawn_blocking(move || DiskStorage::stored_identity(&data_dir))
+        .await
+        .expect("storage read task")?;
+    if let Some(identity) = stored {
+        return Ok(identity.cluster_id);
+    }
+    let peers: Vec<String> = config
+        .initial_cluster
+        .iter()
+        .filter(|(name, _)| **name != config.name)
+        .map(|(_, urls)| config::url_to_addr(&urls[0]).expect("validated URL"))
+        .collect();
+    if peers.is_empty() {
+        return Err(ConfigError(
+            "--initial-cluster-state existing: --initial-cluster names no other member to join through".into(),
+        )
+        .into());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(JOIN_WAIT_S);
+    let mut last_error = String::new();
+    while tokio::time::Instant::now() < deadline {
+        for addr in &peers {
+            match transport::ask_cluster_info(addr).await {
+                Ok(info) if info.voters.contains(&member_id) || info.learners.contains(&member_id) => {
+                    tracing::info!(cluster = %format!("{:016x}", info.cluster_id), via = %addr, "joining the cluster");
+                    return Ok(info.cluster_id);
+                }
+                Ok(_) => {
+                    return Err(ConfigError(format!(
+                        "this member ({member_id:016x}, peer URLs {:?}) is not in the cluster's configuration \
+                         (asked {addr}): add it first with `etcdctl member add` or `chorus member add`, \
+                         with the same peer URLs and --initial-cluster-token",
+                        config.initial_advertise_peer_urls
+                    ))
+                    .into())
+                }
+                Err(error) => last_error = format!("{addr}: {error}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(ConfigError(format!(
+        "--initial-cluster-state existing: no member of --initial-cluster answered within {JOIN_WAIT_S} s (last: {last_error})"
+    ))
+    .into())
+}
+
+/// How long a joining member looks for a member of the cluster to answer.
+const JOIN_WAIT_S: u64 = 30;
 
 fn start_peer_senders(
     config: &ServerConfig,

@@ -21,6 +21,10 @@ pub enum RequestError {
     LeaderChanged,
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// A membership request that cannot be carried out now (another change is
+    /// under way, or it would leave too few voters): etcd's message.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<ProposeError> for RequestError {
@@ -62,6 +66,7 @@ impl From<RequestError> for Status {
             | RequestError::Timeout
             | RequestError::LeaderChanged
             | RequestError::Stopped => Code::Unavailable,
+            RequestError::Refused(_) => Code::FailedPrecondition,
         };
         Status::new(code, error.to_string())
     }

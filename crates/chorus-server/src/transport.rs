@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::chorus::v1::peer_server::{Peer, PeerServer};
-use chorus_proto::chorus::v1::{RaftAck, RaftBatch, SnapshotChunk};
+use chorus_proto::chorus::v1::{ClusterInfoRequest, ClusterInfoResponse, RaftAck, RaftBatch, SnapshotChunk};
 use chorus_proto::etcdserverpb::{
     LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
@@ -42,10 +42,18 @@ use crate::driver::{Input, NodeHandle};
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
 
+/// Members removed from the configuration while this member ran: their messages
+/// are refused, which is how a removed member learns it is out.
+pub type RemovedMembers = std::sync::Arc<std::sync::RwLock<std::collections::BTreeSet<u64>>>;
+
+/// The status a removed member's messages get.
+const REMOVED_MESSAGE: &str = "chorus: the member has been permanently removed from the cluster";
+
 /// Receives batches from peers and hands their messages to the driver.
 pub struct PeerService {
     cluster_id: u64,
     member_id: u64,
+    removed: RemovedMembers,
     inputs: mpsc::Sender<Input>,
     node: NodeHandle,
     /// Becomes true when the member stops: open streams end then, so a graceful
@@ -60,8 +68,9 @@ impl PeerService {
         inputs: mpsc::Sender<Input>,
         node: NodeHandle,
         stop: watch::Receiver<bool>,
+        removed: RemovedMembers,
     ) -> PeerServer<PeerService> {
-        PeerServer::new(PeerService { cluster_id, member_id, inputs, node, stop })
+        PeerServer::new(PeerService { cluster_id, member_id, removed, inputs, node, stop })
             .max_decoding_message_size(PEER_BATCH_BYTES_MAX)
     }
 }
@@ -83,6 +92,9 @@ impl Peer for PeerService {
                     "peer belongs to cluster {:016x}, this member to {:016x}",
                     batch.cluster_id, self.cluster_id
                 )));
+            }
+            if self.removed.read().expect("removed members").contains(&batch.from_id) {
+                return Err(Status::failed_precondition(REMOVED_MESSAGE));
             }
             if batch.to_id != self.member_id {
                 return Err(Status::failed_precondition(format!(
@@ -174,6 +186,18 @@ impl Peer for PeerService {
         }
     }
 
+    async fn cluster_info(
+        &self,
+        _: Request<ClusterInfoRequest>,
+    ) -> Result<Response<ClusterInfoResponse>, Status> {
+        let status = self.node.status().await?;
+        Ok(Response::new(ClusterInfoResponse {
+            cluster_id: self.cluster_id,
+            voters: status.conf_state.voters.clone(),
+            learners: status.conf_state.learners.clone(),
+        }))
+    }
+
     /// A keep-alive forwarded by a member that does not lead. Answered only if this
     /// member leads (never forwarded twice).
     async fn lease_keep_alive(
@@ -219,8 +243,15 @@ pub async fn run_peer_sender(link: PeerLink, mut queue: mpsc::Receiver<Message>,
         match connect(&link).await {
             Ok(client) => {
                 delay = RECONNECT_DELAY_MIN;
-                if !stream_batches(&link, client, &mut queue, &snapshots).await {
-                    return;
+                match stream_batches(&link, client, &mut queue, &snapshots).await {
+                    StreamEnd::QueueClosed => return,
+                    StreamEnd::Broken => {}
+                    StreamEnd::Removed => {
+                        if let Some(driver) = snapshots.driver.upgrade() {
+                            let _ = driver.send(Input::RemovedFromCluster).await;
+                        }
+                        return;
+                    }
                 }
             }
             Err(error) => tracing::debug!(peer = %link.addr, %error, "peer connect failed"),
@@ -236,6 +267,17 @@ pub async fn run_peer_sender(link: PeerLink, mut queue: mpsc::Receiver<Message>,
     }
 }
 
+/// Asks the member at `addr` (its peer port) which cluster it belongs to.
+pub async fn ask_cluster_info(addr: &str) -> Result<ClusterInfoResponse, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_millis(1000))
+        .timeout(Duration::from_secs(3));
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let answer = PeerClient::new(channel).cluster_info(ClusterInfoRequest {}).await.map_err(|e| e.message().to_string())?;
+    Ok(answer.into_inner())
+}
+
 async fn connect(link: &PeerLink) -> Result<PeerClient<tonic::transport::Channel>, tonic::transport::Error> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", link.addr))?
         .connect_timeout(Duration::from_millis(500))
@@ -246,14 +288,25 @@ async fn connect(link: &PeerLink) -> Result<PeerClient<tonic::transport::Channel
     Ok(PeerClient::new(channel).max_encoding_message_size(PEER_BATCH_BYTES_MAX))
 }
 
-/// Streams batches until the stream breaks (returns true) or the queue closes
-/// (returns false).
+/// Why a batch stream ended.
+enum StreamEnd {
+    QueueClosed,
+    Broken,
+    /// The peer refused this member's messages: it was removed from the cluster.
+    Removed,
+}
+
+/// Streams batches until the stream breaks or the queue closes.
 async fn stream_batches(
     link: &PeerLink,
     client: PeerClient<tonic::transport::Channel>,
     queue: &mut mpsc::Receiver<Message>,
     snapshots: &SnapshotSender,
-) -> bool {
+) -> StreamEnd {
+    let ended = |result: Result<Result<tonic::Response<RaftAck>, Status>, tokio::task::JoinError>| match result {
+        Ok(Err(status)) if status.message() == REMOVED_MESSAGE => StreamEnd::Removed,
+        _ => StreamEnd::Broken,
+    };
     let (batches, stream) = mpsc::channel::<RaftBatch>(16);
     let mut batch_client = client.clone();
     let mut call = tokio::spawn(async move { batch_client.send(ReceiverStream::new(stream)).await });
@@ -261,9 +314,9 @@ async fn stream_batches(
         let first = tokio::select! {
             message = queue.recv() => match message {
                 Some(message) => message,
-                None => { call.abort(); return false; }
+                None => { call.abort(); return StreamEnd::QueueClosed; }
             },
-            _ = &mut call => return true,
+            result = &mut call => return ended(result),
         };
         let mut batch =
             RaftBatch { cluster_id: link.cluster_id, from_id: link.from_id, to_id: link.to_id, messages: vec![] };
@@ -282,7 +335,7 @@ async fn stream_batches(
             continue;
         }
         if batches.send(batch).await.is_err() {
-            return true;
+            return ended(call.await);
         }
     }
 }

@@ -139,6 +139,27 @@ impl DiskStorage {
         DiskStorage { db: db.into(), path, size: SizeSource::File }.finish_open(identity, created)
     }
 
+    /// The identity a data directory records, if it has a database (None for a
+    /// new directory). Used by a member joining a cluster, which learns its cluster
+    /// id from its peers only the first time.
+    pub fn stored_identity(data_dir: &Path) -> Result<Option<Identity>, StorageError> {
+        let path = data_dir.join("member").join(DB_FILE_NAME);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = open_database(&path, false)?;
+        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: path.clone(), detail: e.to_string() };
+        let txn = db.begin_read().map_err(|e| io(&e))?;
+        let meta = txn.open_table(META).map_err(|e| io(&e))?;
+        let read = |name: &str| -> Result<Option<u64>, StorageError> {
+            Ok(meta.get(name).map_err(|e| io(&e))?.and_then(|v| decode_u64(v.value())))
+        };
+        match (read("cluster_id")?, read("member_id")?) {
+            (Some(cluster_id), Some(member_id)) => Ok(Some(Identity { cluster_id, member_id })),
+            _ => Ok(None),
+        }
+    }
+
     /// Opens (or, when `backend` is empty, creates) the database on `backend` for
     /// `identity` and reads back everything persisted in it, as [`DiskStorage::open`]
     /// does for a file. `label` stands for the path in error messages. `backend` is
@@ -214,6 +235,9 @@ impl DiskStorage {
             for member in &batch.members {
                 let bytes = member.encode_to_vec();
                 members.insert(member.member_id, bytes.as_slice()).map_err(|e| self.io(e))?;
+            }
+            for id in &batch.members_removed {
+                members.remove(*id).map_err(|e| self.io(e))?;
             }
             let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
             for key in &batch.proposals_applied {

@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// current revision, in milliseconds (etcd's default: ten minutes).
     #[arg(long, env = "CHORUS_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value_t = 600_000)]
     pub watch_progress_notify_interval: u64,
+    /// The leader promotes a learner once its log has caught up (etcd needs `member promote`).
+    #[arg(long, env = "CHORUS_AUTO_PROMOTE_LEARNERS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_promote_learners: bool,
     /// Applied raft log entries kept before the log is compacted (etcd's flag).
     #[arg(long, env = "CHORUS_SNAPSHOT_COUNT", default_value_t = limits::LOG_ENTRIES_MAX_DEFAULT)]
     pub snapshot_count: u64,
@@ -129,6 +132,7 @@ impl ServeArgs {
             election_timeout_ms: self.election_timeout,
             request_timeout_ms: self.request_timeout,
             watch_progress_notify_interval_ms: self.watch_progress_notify_interval,
+            auto_promote_learners: self.auto_promote_learners,
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             limits,
@@ -208,6 +212,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             election_timeout: 1000,
             request_timeout: 5000,
             watch_progress_notify_interval: 600_000,
+            auto_promote_learners: true,
             snapshot_count: limits::LOG_ENTRIES_MAX_DEFAULT,
             snapshot_catchup_entries: limits::LOG_CATCHUP_ENTRIES_DEFAULT,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,

@@ -547,7 +547,7 @@ async fn serve_refuses_bad_flags_with_one_line() {
         (
             "--initial-cluster-state existing",
             vec![("--initial-cluster-state", "existing".into())],
-            "--initial-cluster-state existing (joining a running cluster) needs membership changes",
+            "--initial-cluster-state existing: --initial-cluster names no other member to join through",
         ),
         (
             "unknown --initial-cluster-state",

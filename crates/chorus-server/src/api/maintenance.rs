@@ -160,11 +160,35 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(stream)))
     }
 
+    /// Hands leadership to `target_id`; asked of the leader, as etcd requires.
+    /// Answers once the target leads (or fails after an election timeout's worth).
     async fn move_leader(
         &self,
-        _: Request<MoveLeaderRequest>,
+        request: Request<MoveLeaderRequest>,
     ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(not_yet("Maintenance.MoveLeader"))
+        let target = request.into_inner().target_id;
+        let status = self.node.status().await?;
+        if status.node.leader_id != self.ids.member_id {
+            return Err(Status::failed_precondition("etcdserver: not leader"));
+        }
+        if !status.conf_state.voters.contains(&target) {
+            return Err(Status::failed_precondition(format!(
+                "etcdserver: {target:x} is not a voting member of the cluster"
+            )));
+        }
+        if target == self.ids.member_id {
+            return Ok(Response::new(MoveLeaderResponse { header: Some(header(self.ids, &status)) }));
+        }
+        self.node.transfer_leader(target).await?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < self.node.request_timeout() {
+            let now = self.node.status().await?;
+            if now.node.leader_id == target {
+                return Ok(Response::new(MoveLeaderResponse { header: Some(header(self.ids, &now)) }));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Err(Status::unavailable("etcdserver: request timed out, leader transfer took too long"))
     }
 
     async fn downgrade(&self, _: Request<DowngradeRequest>) -> Result<Response<DowngradeResponse>, Status> {

@@ -17,6 +17,8 @@ pub struct Member {
     pub metrics_port: u16,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// `chorus serve` flags of this member only (a joining member's).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -79,6 +81,7 @@ impl Cluster {
                     client_port: free_port(),
                     peer_port: free_port(),
                     metrics_port: free_port(),
+                    extra_args: Vec::new(),
                     child: None,
                 }
             })
@@ -89,6 +92,56 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",");
         Cluster { dir, members, initial_cluster, extra_args: Vec::new() }
+    }
+
+    /// Adds a member that joins the running cluster (`--initial-cluster-state
+    /// existing`, with every member so far in its `--initial-cluster`), without
+    /// starting it; returns its index. Add it to the cluster first (MemberAdd with
+    /// [`Cluster::peer_url`]), then start it with [`Cluster::restart`].
+    pub fn add_member(&mut self) -> usize {
+        let i = self.members.len();
+        let name = format!("m{}", i + 1);
+        let member = Member {
+            data_dir: self.dir.path().join(&name),
+            log_path: self.dir.path().join(format!("{name}.log")),
+            client_port: free_port(),
+            peer_port: free_port(),
+            metrics_port: free_port(),
+            extra_args: vec!["--initial-cluster-state".into(), "existing".into()],
+            child: None,
+            name,
+        };
+        // Founders keep their own --initial-cluster (it fixes the cluster id); a
+        // joiner lists every member so far and itself.
+        let initial_cluster = self
+            .members
+            .iter()
+            .chain(std::iter::once(&member))
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.members.push(member);
+        self.members[i].extra_args.extend(["--initial-cluster".to_string(), initial_cluster]);
+        i
+    }
+
+    /// Member `i`'s peer URL.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].peer_port)
+    }
+
+    /// Waits (bounded) for member `i`'s process to exit by itself; its exit status.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let child = self.members[i].child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.members[i].child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// The `--initial-cluster` the members start with.
@@ -110,11 +163,16 @@ impl Cluster {
             .args(["--advertise-client-urls", &format!("http://127.0.0.1:{}", member.client_port)])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{}", member.peer_port)])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{}", member.peer_port)])
-            .args(["--initial-cluster", &self.initial_cluster])
+            .args(if member.extra_args.iter().any(|a| a == "--initial-cluster") {
+                Vec::new()
+            } else {
+                vec!["--initial-cluster".to_string(), self.initial_cluster.clone()]
+            })
             .args(["--initial-cluster-token", "chorus-test"])
             .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", member.metrics_port)])
             .args(&self.extra_args)
-            .env("CHORUS_LOG", "info,raft=info")
+            .args(&member.extra_args)
+            .env("CHORUS_LOG", std::env::var("CHORUS_TEST_LOG").unwrap_or_else(|_| "info,raft=info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

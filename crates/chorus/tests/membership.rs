@@ -1,0 +1,217 @@
+//! Membership changes with real processes: etcdctl's member commands, a learner
+//! that joins with `--initial-cluster-state existing`, is caught up by a snapshot
+//! and promoted automatically, and a cluster grown from three members to five and
+//! shrunk back to three (removing the leader too) while a write load runs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Cluster;
+use etcd_client::GetOptions;
+
+fn etcdctl(endpoints: &str, args: &[&str]) -> std::process::Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoints, "--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl")
+}
+
+/// (id, name, is_learner) of every member, from `etcdctl member list -w json`.
+fn member_list(endpoint: &str) -> Vec<(u64, String, bool)> {
+    let output = etcdctl(endpoint, &["member", "list", "-w", "json"]);
+    assert!(output.status.success(), "member list: {}", String::from_utf8_lossy(&output.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&output.stdout).expect("member list json");
+    list["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .map(|m| {
+            (
+                m["ID"].as_u64().expect("id"),
+                m["name"].as_str().unwrap_or_default().to_string(),
+                m["isLearner"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+/// `etcdctl member add NAME --peer-urls URL [--learner]`: the new member's id.
+fn member_add(cluster: &Cluster, endpoint: &str, name: &str, peer_url: &str, learner: bool) -> u64 {
+    let mut args = vec!["member", "add", name, "--peer-urls", peer_url, "-w", "json"];
+    if learner {
+        args.push("--learner");
+    }
+    let output = etcdctl(endpoint, &args);
+    if !output.status.success() {
+        cluster.dump_logs();
+        panic!("member add: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let added: serde_json::Value = serde_json::from_slice(&output.stdout).expect("member add json");
+    added["member"]["ID"].as_u64().expect("the new member's id")
+}
+
+/// Waits until `id` is a voter in the member list of `endpoint`.
+async fn wait_voter(cluster: &Cluster, endpoint: &str, id: u64, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if member_list(endpoint).iter().any(|(m, _, learner)| *m == id && !learner) {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.dump_logs();
+    panic!("member {id:x} was not promoted within {limit:?}");
+}
+
+fn member_id_of(cluster: &Cluster, i: usize) -> u64 {
+    let list = member_list(&cluster.endpoint(i));
+    let name = &cluster.members[i].name;
+    list.iter().find(|(_, n, _)| n == name).map(|(id, _, _)| *id).expect("the member is listed by name")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_member_commands_and_a_learner_that_joins_and_is_promoted() {
+    let mut cluster = Cluster::start(3, &["--snapshot-count", "500", "--snapshot-catchup-entries", "50"]);
+    cluster.wait_leader(Duration::from_secs(10)).await;
+    common::wait_members_published(&cluster, Duration::from_secs(10)).await;
+    let endpoints = cluster.endpoints().join(",");
+    let mut client = cluster.client().await;
+    for i in 0..1000 {
+        client.put(format!("before/{i:04}"), format!("v{i}"), None).await.expect("put");
+    }
+
+    // Bad input first: each is refused and changes nothing.
+    let first = member_list(&endpoints);
+    assert_eq!(first.len(), 3);
+    let taken = etcdctl(&endpoints, &["member", "add", "dup", "--peer-urls", &cluster.peer_url(0)]);
+    assert!(!taken.status.success());
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("Peer URLs already exists"), "{taken:?}");
+    let unknown = etcdctl(&endpoints, &["member", "remove", "1234abcd"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("member not found"), "{unknown:?}");
+    let voter = format!("{:x}", first[0].0);
+    let promote_voter = etcdctl(&endpoints, &["member", "promote", &voter]);
+    assert!(String::from_utf8_lossy(&promote_voter.stderr).contains("can only promote a learner member"));
+    let bad_url = etcdctl(&endpoints, &["member", "add", "bad", "--peer-urls", "http://127.0.0.1"]);
+    assert!(!bad_url.status.success());
+    assert_eq!(member_list(&endpoints), first, "refused changes changed the member list");
+
+    // A learner joins: added, started with --initial-cluster-state existing,
+    // caught up by a snapshot, then promoted by the leader on its own.
+    let joiner = cluster.add_member();
+    let id = member_add(&cluster, &endpoints, "m4", &cluster.peer_url(joiner), true);
+    let listed = member_list(&endpoints);
+    assert!(listed.iter().any(|(m, name, learner)| *m == id && name.is_empty() && *learner), "{listed:?}");
+    let started = Instant::now();
+    cluster.restart(joiner);
+    let promoted_after = wait_voter(&cluster, &endpoints, id, Duration::from_secs(30)).await;
+    eprintln!("learner joined and was promoted {:?} after it started", started.elapsed().max(promoted_after));
+    let log = std::fs::read_to_string(&cluster.members[joiner].log_path).unwrap();
+    assert!(log.contains("received a snapshot"), "the learner was not caught up by a snapshot");
+    let mut local = cluster.client_of(joiner).await;
+    let all = local.get("before/", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+    assert_eq!(all.kvs().len(), 1000, "the new member holds every key");
+    let listed = member_list(&cluster.endpoint(joiner));
+    assert!(listed.iter().any(|(m, name, learner)| *m == id && name == "m4" && !learner), "{listed:?}");
+
+    // Writes go on through the new member, and removing it stops it.
+    local.put("after", "join", None).await.expect("put through the new member");
+    let removed = etcdctl(&endpoints, &["member", "remove", &format!("{id:x}")]);
+    assert!(removed.status.success(), "member remove: {}", String::from_utf8_lossy(&removed.stderr));
+    let exit = cluster.wait_exit(joiner, Duration::from_secs(10));
+    assert!(exit.is_some(), "a removed member keeps running");
+    let log = std::fs::read_to_string(&cluster.members[joiner].log_path).unwrap();
+    assert!(log.contains("permanently removed from the cluster"), "no removal line in the log");
+    assert_eq!(member_list(&endpoints).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start(3, &["--snapshot-count", "2000", "--snapshot-catchup-entries", "200"]);
+    cluster.wait_leader(Duration::from_secs(10)).await;
+    common::wait_members_published(&cluster, Duration::from_secs(10)).await;
+
+    // The load: one writer through the member that stays (m3), each key once,
+    // recording what was acknowledged; bounded in count and time.
+    let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+        let mut client = cluster.client_of(2).await;
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut failed = 0u64;
+            for i in 0..200_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120) {
+                    break;
+                }
+                let (key, value) = (format!("load/{i:06}"), format!("v{i}"));
+                match client.put(key.clone(), value.clone(), None).await {
+                    Ok(_) => {
+                        acknowledged.lock().unwrap().insert(key, value);
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
+            failed
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let endpoint = cluster.endpoint(2);
+    let started = Instant::now();
+    for _ in 0..2 {
+        let joiner = cluster.add_member();
+        let id = member_add(&cluster, &endpoint, &cluster.members[joiner].name.clone(), &cluster.peer_url(joiner), true);
+        cluster.restart(joiner);
+        wait_voter(&cluster, &endpoint, id, Duration::from_secs(60)).await;
+    }
+    assert_eq!(member_list(&endpoint).iter().filter(|(_, _, learner)| !learner).count(), 5);
+    eprintln!("grew to five voters in {:?}", started.elapsed());
+
+    // Shrink: remove m1 and m2. The leader is removed through itself, so it
+    // hands its leadership over first.
+    for i in 0..2 {
+        let id = member_id_of(&cluster, i);
+        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+        let through = if leader == i { cluster.endpoint(i) } else { endpoint.clone() };
+        let removed = etcdctl(&through, &["member", "remove", &format!("{id:x}")]);
+        assert!(removed.status.success(), "remove m{}: {}", i + 1, String::from_utf8_lossy(&removed.stderr));
+        assert!(cluster.wait_exit(i, Duration::from_secs(15)).is_some(), "removed m{} keeps running", i + 1);
+    }
+    let remaining = member_list(&endpoint);
+    assert_eq!(remaining.len(), 3, "{remaining:?}");
+    eprintln!("grew to five and shrank to three in {:?}", started.elapsed());
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed = writer.await.expect("writer");
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    eprintln!("{} writes acknowledged, {failed} failed (outcome unknown) during the changes", acknowledged.len());
+    assert!(acknowledged.len() > 500, "the load ran: {}", acknowledged.len());
+
+    // Every acknowledged write is on every remaining member.
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    let revision = common::status_of(&cluster.endpoint(leader)).await.unwrap().header().unwrap().revision();
+    for i in 2..5 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while common::status_of(&cluster.endpoint(i)).await.map_or(0, |s| s.header().unwrap().revision()) < revision {
+            assert!(Instant::now() < deadline, "member m{} did not catch up", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut client = cluster.client_of(i).await;
+        let held = client.get("load/", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+        let held: BTreeMap<String, String> = held
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+            .collect();
+        let missing: Vec<&String> = acknowledged.keys().filter(|k| held.get(*k) != acknowledged.get(*k)).collect();
+        assert!(missing.is_empty(), "m{} lost {} acknowledged writes, e.g. {:?}", i + 1, missing.len(), missing.first());
+    }
+}
