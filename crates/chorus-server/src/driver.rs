@@ -236,12 +236,23 @@ pub struct Driver {
     removed_members: crate::transport::RemovedMembers,
 }
 
-/// A removed member stops, as etcd's does: it can no longer take part.
-fn stop_removed() -> ! {
-    tracing::error!("this member has been permanently removed from the cluster; stopping");
-    eprintln!("chorus: the member has been permanently removed from the cluster");
-    std::process::exit(0);
+/// A removed member stops, as etcd's does: it can no longer take part. It stops
+/// a moment later, so that the answer to a removal it proposed itself (or a
+/// client's request it just answered) still reaches the client.
+fn stop_removed() {
+    static STOPPING: std::sync::Once = std::sync::Once::new();
+    STOPPING.call_once(|| {
+        tracing::error!("this member has been permanently removed from the cluster; stopping");
+        eprintln!("chorus: the member has been permanently removed from the cluster");
+        let _ = std::thread::Builder::new().name("chorus-removed".into()).spawn(|| {
+            std::thread::sleep(REMOVED_EXIT_DELAY);
+            std::process::exit(0);
+        });
+    });
 }
+
+/// How long a removed member goes on answering (with errors) before it exits.
+const REMOVED_EXIT_DELAY: Duration = Duration::from_millis(1000);
 
 /// Starts a peer sender task for (member id, `host:port`) and returns its queue.
 pub type PeerStarter = Box<dyn Fn(u64, String) -> mpsc::Sender<Message> + Send>;
