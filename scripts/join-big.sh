@@ -25,7 +25,7 @@ echo "loading ${MB} MB (1 MB values)..."
 "$BIN" bench put --endpoints "$EP" --clients 4 --conns 2 --val-size 1000000 --key-space "$MB" --total "$MB" \
   --duration-max 900s -w json
 ETCDCTL_API=3 etcdctl --endpoints "$EP" member add j4 --peer-urls http://127.0.0.1:43680 --learner >/dev/null
-"$BIN" bench put --endpoints "$EP" --clients 1 --total 1000000 --duration-max 90s --key-prefix probe/ -w json > "$DIR/probe.json" &
+"$BIN" bench put --endpoints "$EP" --clients 1 --total 1000000 --duration-max 45s --key-prefix probe/ -w json > "$DIR/probe.json" &
 PROBE=$!
 sleep 1
 t0=$(date +%s.%N)
@@ -40,6 +40,6 @@ for _ in $(seq 1 1200); do
 done
 t1=$(date +%s.%N)
 if [ -n "$promoted" ]; then echo "j4 joined and was promoted $(echo "$t1 - $t0" | bc) s after it started"; else echo "j4 was NOT promoted"; fi
-kill $PROBE 2>/dev/null || true; wait $PROBE 2>/dev/null || true
+wait $PROBE 2>/dev/null || true
 python3 -c 'import json; r=json.load(open("'"$DIR"'/probe.json")); print("put loop meanwhile: ops %d, errors %d, p50 %.2f ms, p99 %.2f ms, max %.2f ms" % (r["ops"], r["errors"], r["p50_ms"], r["p99_ms"], r["max_ms"]))' 2>/dev/null || echo "(put loop report unavailable)"
 grep -h "sent a snapshot\|received a snapshot\|promoting a learner\|built a snapshot" "$DIR"/j*.log | sed 's/\x1b\[[0-9;]*m//g' | tail -6
