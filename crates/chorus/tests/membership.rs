@@ -174,12 +174,19 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
     assert_eq!(member_list(&endpoint).iter().filter(|(_, _, learner)| !learner).count(), 5);
     eprintln!("grew to five voters in {:?}", started.elapsed());
 
-    // Shrink: remove m1 and m2. The leader is removed through itself, so it
-    // hands its leadership over first.
+    // Shrink: remove m1 and m2, through m3 (which asks the leader to hand over
+    // first when the leader is the one removed), then make sure the leader is
+    // among them at least once: move leadership to m1 before removing it.
+    let m1 = member_id_of(&cluster, 0);
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    if leader != 0 {
+        let output = etcdctl(&cluster.endpoint(leader), &["move-leader", &format!("{m1:x}")]);
+        assert!(output.status.success(), "move-leader: {}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(cluster.wait_leader(Duration::from_secs(10)).await, 0, "m1 leads after move-leader");
+    }
     for i in 0..2 {
         let id = member_id_of(&cluster, i);
-        let leader = cluster.wait_leader(Duration::from_secs(10)).await;
-        let through = if leader == i { cluster.endpoint(i) } else { endpoint.clone() };
+        let through = endpoint.clone();
         let removed = etcdctl(&through, &["member", "remove", &format!("{id:x}")]);
         assert!(removed.status.success(), "remove m{}: {}", i + 1, String::from_utf8_lossy(&removed.stderr));
         assert!(cluster.wait_exit(i, Duration::from_secs(15)).is_some(), "removed m{} keeps running", i + 1);

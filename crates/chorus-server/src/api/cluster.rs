@@ -129,6 +129,20 @@ impl ClusterService {
     }
 }
 
+/// Asks the leader at its client URL to hand leadership to `target`.
+async fn ask_move_leader(url: &str, target: u64, limit: Duration) -> Result<(), String> {
+    use chorus_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use chorus_proto::etcdserverpb::MoveLeaderRequest;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(limit);
+    let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+    let mut client = MaintenanceClient::new(channel);
+    client.move_leader(MoveLeaderRequest { target_id: target }).await.map_err(|e| e.message().to_string())?;
+    Ok(())
+}
+
 fn forced<T>(request: &Request<T>) -> bool {
     request.metadata().get("chorus-force").is_some_and(|v| v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("true")))
 }
@@ -196,11 +210,26 @@ impl Cluster for ClusterService {
             }
             Self::check_quorum_after(&status, &voters_after, forced)?;
         }
-        if id == self.ids.member_id && status.node.leader_id == id {
+        if status.node.leader_id == id {
             // Removing the leader: hand leadership over first, then remove it
-            // through the new leader (proposals are forwarded to it).
-            if let Some(to) = status.most_caught_up_voter {
-                self.node.transfer_leader(to).await?;
+            // through the new leader (proposals are forwarded to it). Asked of the
+            // leader, it picks the most caught-up voter; asked of another voter,
+            // that voter asks the leader (MoveLeader at its client URL) for it.
+            let moved = if id == self.ids.member_id {
+                match status.most_caught_up_voter {
+                    Some(to) => self.node.transfer_leader(to).await.is_ok(),
+                    None => false,
+                }
+            } else if status.conf_state.voters.contains(&self.ids.member_id) {
+                let url = status.members.get(&id).and_then(|m| m.client_urls.first().cloned());
+                match url {
+                    Some(url) => ask_move_leader(&url, self.ids.member_id, TRANSFER_WAIT).await.is_ok(),
+                    None => false,
+                }
+            } else {
+                false
+            };
+            if moved {
                 let started = Instant::now();
                 while started.elapsed() < TRANSFER_WAIT {
                     let now = self.node.status().await?;
