@@ -42,6 +42,10 @@ pub enum KvError {
     /// released, its lease expired, or a newer holder took it). chorus's own.
     #[error("chorus: fence token {token} for lock {lock:?} is stale: {}", describe_holder(*current))]
     FenceStale { lock: String, token: i64, current: Option<i64> },
+    /// The NOSPACE alarm is raised: writes that could grow the database are
+    /// refused until an operator frees space and disarms it (etcd's message).
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
     /// Persisted state that cannot be decoded: a corrupt data directory, never a
     /// client's mistake.
     #[error("corrupt state: {0}")]

@@ -233,3 +233,7 @@ pub const LOG_HELD_FOR_FOLLOWERS_FACTOR: u64 = 4;
 /// A learner whose log is within this many entries of the leader's is promoted
 /// (with `--auto-promote-learners`, the default).
 pub const LEARNER_PROMOTE_LAG_ENTRIES: u64 = 100;
+/// Default of `--quota-backend-bytes` (8 GiB).
+pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 8 * 1024 * 1024 * 1024;
+/// The largest `--quota-backend-bytes` (100 GiB).
+pub const QUOTA_BACKEND_BYTES_MAX: u64 = 100 * 1024 * 1024 * 1024;

@@ -44,6 +44,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use chorus_proto::chorus::v1::{command::Op, fenced_write, Command, FencedWrite, MemberAttributes, StateImage};
+use chorus_proto::etcdserverpb::alarm_request::AlarmAction;
+use chorus_proto::etcdserverpb::{AlarmMember, AlarmResponse, AlarmType};
 use chorus_proto::etcdserverpb::{
     CompactionResponse, DeleteRangeResponse, LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantResponse,
     LeaseRevokeRequest, LeaseRevokeResponse, PutResponse, TxnResponse,
@@ -134,6 +136,8 @@ pub struct Recovered {
     /// The proposals applied, by proposing member (see [`PersistBatch::proposals_applied`]).
     pub applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
     pub leases: LeaseStore,
+    /// Alarms raised and not disarmed.
+    pub alarms: Vec<AlarmMember>,
 }
 
 /// The first sequence number of a node's own proposals; the driver's stay below.
@@ -169,6 +173,8 @@ pub enum OpResponse {
     Compaction(CompactionResponse),
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
+    /// The alarms after an alarm request.
+    Alarm(AlarmResponse),
     /// A membership change applied: the configuration after it.
     ConfChange(ConfState),
     /// Checkpoints and member attributes: internal, nobody waits for them.
@@ -208,6 +214,8 @@ pub struct PersistBatch {
     pub proposals_forgotten: Vec<(u64, u64)>,
     /// Lease records changed since the last persist.
     pub leases: LeaseWrites,
+    /// The whole alarm list, when it changed since the last persist.
+    pub alarms: Option<Vec<AlarmMember>>,
     /// The index of the last entry whose effects are in `writes` (or earlier).
     pub applied_index: u64,
     /// The batch must be on disk (fsync) before the cycle finishes: it holds log
@@ -423,6 +431,9 @@ pub struct Node {
     pending_writes: WriteSet,
     pending_members: Vec<MemberAttributes>,
     pending_members_removed: Vec<u64>,
+    /// (member, alarm type) of every alarm raised and not disarmed.
+    alarms: BTreeSet<(u64, i32)>,
+    pending_alarms: bool,
     pending_proposals_applied: Vec<(u64, u64)>,
     pending_proposals_forgotten: Vec<(u64, u64)>,
     pending_leases: LeaseWrites,
@@ -508,6 +519,8 @@ impl Node {
             pending_writes: WriteSet::default(),
             pending_members: Vec::new(),
             pending_members_removed: Vec::new(),
+            alarms: recovered.alarms.iter().map(|a| (a.member_id, a.alarm)).collect(),
+            pending_alarms: false,
             pending_proposals_applied: Vec::new(),
             pending_proposals_forgotten: Vec::new(),
             pending_leases: LeaseWrites::default(),
@@ -733,6 +746,7 @@ impl Node {
             || !self.pending_writes.is_empty()
             || !self.pending_members.is_empty()
             || !self.pending_members_removed.is_empty()
+            || self.pending_alarms
             || !self.pending_leases.is_empty()
             || self.pending_conf_state.is_some()
     }
@@ -833,6 +847,7 @@ impl Node {
             leases: &self.leases,
             members: &self.members,
             applied_proposals: &self.applied_proposals,
+            alarms: &self.alarms(),
         })
     }
 
@@ -850,6 +865,8 @@ impl Node {
         self.leases = state.leases;
         self.members = state.members;
         self.applied_proposals = state.applied_proposals;
+        self.alarms = state.alarms.iter().map(|a| (a.member_id, a.alarm)).collect();
+        self.pending_alarms = false;
         self.lease_clock = LeaseClock::new(self.tick_ms, self.election_ticks as u64);
         self.applied_index = metadata.index;
         self.pending_writes = WriteSet::default();
@@ -1038,6 +1055,11 @@ impl Node {
         })
     }
 
+    /// The alarms raised and not disarmed, as etcd lists them.
+    pub fn alarms(&self) -> Vec<AlarmMember> {
+        self.alarms.iter().map(|&(member_id, alarm)| AlarmMember { member_id, alarm }).collect()
+    }
+
     /// Whether this member applied its own removal from the configuration.
     pub fn is_removed(&self) -> bool {
         self.removed
@@ -1115,6 +1137,7 @@ impl Node {
             writes: std::mem::take(&mut self.pending_writes),
             members: std::mem::take(&mut self.pending_members),
             members_removed: std::mem::take(&mut self.pending_members_removed),
+            alarms: std::mem::take(&mut self.pending_alarms).then(|| self.alarms()),
             proposals_applied: std::mem::take(&mut self.pending_proposals_applied),
             proposals_forgotten: std::mem::take(&mut self.pending_proposals_forgotten),
             leases: std::mem::take(&mut self.pending_leases),
@@ -1240,6 +1263,10 @@ impl Node {
     }
 
     fn apply_op(&mut self, op: Op) -> Result<OpResponse, KvError> {
+        // Checked here, at apply, so every member refuses alike.
+        if self.alarms.iter().any(|(_, alarm)| *alarm == AlarmType::Nospace as i32) && grows_database(&op) {
+            return Err(KvError::NoSpace);
+        }
         let writes = &mut self.pending_writes;
         let changes_before = writes.changes.len();
         let result = match op {
@@ -1309,6 +1336,20 @@ impl Node {
                 self.pending_members.push(attributes);
                 Ok(OpResponse::Internal)
             }
+            Op::Alarm(request) => {
+                let key = (request.member_id, request.alarm);
+                match AlarmAction::try_from(request.action) {
+                    Ok(AlarmAction::Activate) if request.alarm != AlarmType::None as i32 => {
+                        self.pending_alarms |= self.alarms.insert(key);
+                    }
+                    Ok(AlarmAction::Deactivate) => {
+                        self.pending_alarms |= self.alarms.remove(&key);
+                    }
+                    Ok(AlarmAction::Get) | Ok(AlarmAction::Activate) => {}
+                    Err(_) => return Err(KvError::InvalidArgument("unknown alarm action".into())),
+                }
+                Ok(OpResponse::Alarm(AlarmResponse { header: None, alarms: self.alarms() }))
+            }
             Op::UpdatePeerUrls(update) => {
                 let conf = conf_members(&self.conf_state());
                 if !conf.contains(&update.member_id) {
@@ -1344,6 +1385,29 @@ impl Node {
         }
         let jitter = self.rng.random_range(0..self.election_ticks);
         self.raw.raft.set_randomized_election_timeout(self.election_ticks + jitter);
+    }
+}
+
+/// Whether a command can grow the database (refused while NOSPACE is raised, as
+/// etcd refuses puts, txns with puts and lease grants).
+fn grows_database(op: &Op) -> bool {
+    fn txn_puts(txn: &chorus_proto::etcdserverpb::TxnRequest) -> bool {
+        use chorus_proto::etcdserverpb::request_op::Request;
+        txn.success.iter().chain(&txn.failure).any(|op| match &op.request {
+            Some(Request::RequestPut(_)) => true,
+            Some(Request::RequestTxn(inner)) => txn_puts(inner),
+            _ => false,
+        })
+    }
+    match op {
+        Op::Put(_) | Op::LeaseGrant(_) => true,
+        Op::Txn(txn) => txn_puts(txn),
+        Op::Fenced(fenced) => match &fenced.write {
+            Some(fenced_write::Write::Put(_)) => true,
+            Some(fenced_write::Write::Txn(txn)) => txn_puts(txn),
+            _ => false,
+        },
+        _ => false,
     }
 }
 

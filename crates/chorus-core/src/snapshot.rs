@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use chorus_proto::etcdserverpb::AlarmMember;
 use chorus_proto::chorus::v1::{AppliedProposal, KvRecord, LeaseRecord, MemberAttributes, StateImage};
 use prost::Message as _;
 use protobuf::Message as _;
@@ -49,6 +50,7 @@ pub struct RestoredState {
     pub leases: LeaseStore,
     pub members: BTreeMap<u64, MemberAttributes>,
     pub applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
+    pub alarms: Vec<AlarmMember>,
 }
 
 /// Why an image or a backup file could not be read.
@@ -75,6 +77,7 @@ pub struct ImageSource<'a> {
     pub leases: &'a LeaseStore,
     pub members: &'a BTreeMap<u64, MemberAttributes>,
     pub applied_proposals: &'a BTreeMap<u64, BTreeSet<u64>>,
+    pub alarms: &'a [AlarmMember],
 }
 
 /// Builds the image of a state.
@@ -99,6 +102,7 @@ pub fn build(source: ImageSource<'_>) -> StateImage {
                 tags.iter().map(|tag| AppliedProposal { proposer_id: *proposer, tag: *tag })
             })
             .collect(),
+        alarms: source.alarms.to_vec(),
     }
 }
 
@@ -140,6 +144,7 @@ pub fn restore(image: &StateImage) -> Result<RestoredState, ImageError> {
         leases,
         members,
         applied_proposals,
+        alarms: image.alarms.clone(),
     })
 }
 
@@ -215,6 +220,7 @@ mod tests {
             leases: &LeaseStore::new(),
             members: &members,
             applied_proposals: &proposals,
+            alarms: &[],
         });
         let restored = restore(&image).expect("restores");
         assert_eq!(restored.mvcc.state_hash(), mvcc.state_hash());
@@ -235,6 +241,7 @@ mod tests {
             leases: &LeaseStore::new(),
             members: &BTreeMap::new(),
             applied_proposals: &BTreeMap::new(),
+            alarms: &[],
         });
         let mut bytes = encode_backup(&image);
         assert_eq!(bytes.len() % BACKUP_ALIGN_BYTES, BACKUP_HASH_BYTES, "etcdctl's length check");

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     /// The leader promotes learners whose log caught up (etcd needs a manual
     /// MemberPromote).
     pub auto_promote_learners: bool,
+    /// `--quota-backend-bytes`: past this size the member raises NOSPACE.
+    pub quota_backend_bytes: u64,
     /// `--snapshot-count`: applied log entries held before the log is compacted.
     pub snapshot_count: u64,
     /// `--snapshot-catchup-entries`: entries kept behind a compaction.
@@ -96,6 +98,12 @@ impl ServerConfig {
         }
         if self.request_timeout_ms == 0 {
             return fail("--request-timeout must be positive".into());
+        }
+        if self.quota_backend_bytes > chorus_core::limits::QUOTA_BACKEND_BYTES_MAX {
+            return fail(format!(
+                "--quota-backend-bytes must be at most {} (0 for the default)",
+                chorus_core::limits::QUOTA_BACKEND_BYTES_MAX
+            ));
         }
         let log_max = chorus_core::limits::LOG_ENTRIES_MAX_MAX;
         if self.snapshot_count == 0 || self.snapshot_count > log_max {

@@ -34,6 +34,8 @@ const READ_RETRY_TICKS: u64 = 3;
 /// How long a keep-alive waits for its renewal record to apply before it is
 /// answered "not the leader" (and retried by the caller).
 const RENEWAL_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often, in ticks, a member compares its database's size with its quota.
+const QUOTA_CHECK_TICKS: u64 = 10;
 /// How often, in ticks, a member re-publishes its attributes until they are applied.
 const PUBLISH_RETRY_TICKS: u64 = 10;
 
@@ -155,6 +157,8 @@ pub struct DriverStatus {
     pub learners_caught_up: Vec<u64>,
     /// On the leader: the voter whose log matches most of its own.
     pub most_caught_up_voter: Option<u64>,
+    /// Alarms raised and not disarmed.
+    pub alarms: Vec<chorus_proto::etcdserverpb::AlarmMember>,
 }
 
 /// Fixed facts the driver stamps into every response header.
@@ -234,6 +238,8 @@ pub struct Driver {
     auto_promote_learners: bool,
     /// Shared with the peer service, which refuses their messages.
     removed_members: crate::transport::RemovedMembers,
+    /// `--quota-backend-bytes`: past it, this member raises the NOSPACE alarm.
+    quota_bytes: u64,
 }
 
 /// A removed member stops, as etcd's does: it can no longer take part. It stops
@@ -294,6 +300,7 @@ impl Driver {
             peer_starter: None,
             auto_promote_learners: false,
             removed_members: Default::default(),
+            quota_bytes: u64::MAX,
         }
     }
 
@@ -310,6 +317,34 @@ impl Driver {
         self.auto_promote_learners = auto_promote_learners;
         self.removed_members = removed_members;
         self
+    }
+
+    /// Raises the NOSPACE alarm once the database passes `quota_bytes`.
+    pub fn with_quota(mut self, quota_bytes: u64) -> Driver {
+        self.quota_bytes = quota_bytes;
+        self
+    }
+
+    /// Proposes this member's NOSPACE alarm when its database is past the quota
+    /// (checked every `QUOTA_CHECK_TICKS`; the alarm is replicated, as etcd's).
+    fn check_quota(&mut self) {
+        if self.ticks % QUOTA_CHECK_TICKS != 0 || self.storage.size_bytes() <= self.quota_bytes {
+            return;
+        }
+        use chorus_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+        let own = self.ids.member_id;
+        let nospace = AlarmType::Nospace as i32;
+        if self.node.alarms().iter().any(|a| a.member_id == own && a.alarm == nospace) {
+            return;
+        }
+        tracing::warn!(
+            size_bytes = self.storage.size_bytes(),
+            quota_bytes = self.quota_bytes,
+            "the database is past --quota-backend-bytes: raising the NOSPACE alarm"
+        );
+        let request = AlarmRequest { action: AlarmAction::Activate as i32, member_id: own, alarm: nospace };
+        let seq = self.take_seq();
+        let _ = self.node.propose(seq, Op::Alarm(request));
     }
 
     /// Starts and stops peer senders to match the configuration.
@@ -583,6 +618,7 @@ impl Driver {
         self.ticks += 1;
         self.node.tick();
         self.promote_caught_up_learner();
+        self.check_quota();
         let now = Instant::now();
         self.expire(now);
         // Retry proposals that found no leader, now that one may be known.
@@ -804,6 +840,7 @@ impl Driver {
             OpResponse::Compaction(r) => &mut r.header,
             OpResponse::LeaseGrant(r) => &mut r.header,
             OpResponse::LeaseRevoke(r) => &mut r.header,
+            OpResponse::Alarm(r) => &mut r.header,
             OpResponse::ConfChange(_) | OpResponse::Internal => return response,
         };
         if let Some(revision) = slot.as_ref().map(|h| h.revision) {
@@ -824,6 +861,7 @@ impl Driver {
             active_voters: self.node.active_voters(),
             learners_caught_up: self.node.learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES),
             most_caught_up_voter: self.node.most_caught_up_voter(),
+            alarms: self.node.alarms(),
         }
     }
 }

@@ -142,6 +142,7 @@ pub async fn serve(
         Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
             .with_metrics(metrics.clone())
             .with_snapshot_builder(input_tx.downgrade())
+            .with_quota(config.quota_backend_bytes)
             .with_membership(
                 peer_starter(cluster_id, member_id, input_tx.downgrade()),
                 config.auto_promote_learners,

@@ -54,6 +54,7 @@ pub fn kv_code(error: &KvError) -> Code {
         KvError::LeaseTtlTooLarge { .. } => Code::OutOfRange,
         KvError::TooManyLeases { .. } | KvError::TooManyLeaseKeys { .. } => Code::ResourceExhausted,
         KvError::FenceStale { .. } => Code::FailedPrecondition,
+        KvError::NoSpace => Code::ResourceExhausted,
         KvError::Corrupt(_) => Code::DataLoss,
     }
 }

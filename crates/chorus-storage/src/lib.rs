@@ -17,7 +17,8 @@
 //! big-endian `u64`), `hard_state` and `conf_state` (raft-rs protobuf), and
 //! `applied_index` and `compact_revision` (big-endian `u64` / `i64`), and
 //! `log_snapshot_index` and `log_snapshot_term` (big-endian `u64`): the index and
-//! term of the last log entry compacted away (absent when none was).
+//! term of the last log entry compacted away (absent when none was), and `alarms`
+//! (`etcdserverpb.AlarmResponse` with only its alarm list, protobuf-encoded).
 //!
 //! Log compaction deletes the `raft_log` rows up to an applied index, in the same
 //! transaction that records that index as applied. Installing a snapshot from the
@@ -45,6 +46,7 @@ use std::path::{Path, PathBuf};
 use chorus_core::mvcc::MvccStore;
 use chorus_core::node::{PersistBatch, Recovered};
 use chorus_proto::chorus::v1::{MemberAttributes, StateImage};
+use chorus_proto::etcdserverpb::AlarmResponse;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState};
@@ -220,6 +222,10 @@ impl DiskStorage {
             }
             let applied = batch.applied_index.to_be_bytes();
             meta.insert("applied_index", applied.as_slice()).map_err(|e| self.io(e))?;
+            if let Some(alarms) = &batch.alarms {
+                let bytes = AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec();
+                meta.insert("alarms", bytes.as_slice()).map_err(|e| self.io(e))?;
+            }
             if let Some(revision) = batch.writes.compact_revision {
                 let bytes = revision.to_be_bytes();
                 meta.insert("compact_revision", bytes.as_slice()).map_err(|e| self.io(e))?;
@@ -288,7 +294,9 @@ impl DiskStorage {
         }
         let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
         let conf_state = conf_state.write_to_bytes().expect("encode conf state");
-        let writes: [(&str, &[u8]); 5] = [
+        let alarms = AlarmResponse { header: None, alarms: image.alarms.clone() }.encode_to_vec();
+        let writes: [(&str, &[u8]); 6] = [
+            ("alarms", &alarms),
             ("conf_state", &conf_state),
             ("applied_index", &image.applied_index.to_be_bytes()),
             ("compact_revision", &image.compact_revision.to_be_bytes()),
@@ -428,6 +436,10 @@ impl DiskStorage {
             }
         };
         recovered.log_snapshot = (read_u64("log_snapshot_index")?, read_u64("log_snapshot_term")?);
+        if let Some(bytes) = meta_bytes("alarms")? {
+            let alarms = AlarmResponse::decode(bytes.as_slice()).map_err(|e| self.corrupt(format!("alarms: {e}")))?;
+            recovered.alarms = alarms.alarms;
+        }
         recovered.entries = self.read_log(&txn)?;
         let snapshot_index = recovered.log_snapshot.0;
         if let Some(first) = recovered.entries.first() {
@@ -627,6 +639,9 @@ impl ImageReader {
             Entry::parse_from_bytes(entry.value()).map_err(|e| io(&e))?.term
         };
         let mut image = StateImage { applied_index, applied_term, conf_state, compact_revision, ..Default::default() };
+        if let Some(bytes) = meta.get("alarms").map_err(|e| io(&e))? {
+            image.alarms = AlarmResponse::decode(bytes.value()).map_err(|e| io(&e))?.alarms;
+        }
         let kv = txn.open_table(KV).map_err(|e| io(&e))?;
         for item in kv.iter().map_err(|e| io(&e))? {
             let (key, value) = item.map_err(|e| io(&e))?;

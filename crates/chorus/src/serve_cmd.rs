@@ -57,6 +57,10 @@ pub struct ServeArgs {
     /// current revision, in milliseconds (etcd's default: ten minutes).
     #[arg(long, env = "CHORUS_WATCH_PROGRESS_NOTIFY_INTERVAL", default_value_t = 600_000)]
     pub watch_progress_notify_interval: u64,
+    /// Database size past which the member raises the NOSPACE alarm and the cluster refuses
+    /// writes that grow it, in bytes (0: the default, 8 GiB)
+    #[arg(long, env = "CHORUS_QUOTA_BACKEND_BYTES", default_value_t = 0)]
+    pub quota_backend_bytes: u64,
     /// The leader promotes a learner once its log has caught up (etcd needs `member promote`).
     #[arg(long, env = "CHORUS_AUTO_PROMOTE_LEARNERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_promote_learners: bool,
@@ -133,6 +137,11 @@ impl ServeArgs {
             request_timeout_ms: self.request_timeout,
             watch_progress_notify_interval_ms: self.watch_progress_notify_interval,
             auto_promote_learners: self.auto_promote_learners,
+            quota_backend_bytes: if self.quota_backend_bytes == 0 {
+                limits::QUOTA_BACKEND_BYTES_DEFAULT
+            } else {
+                self.quota_backend_bytes
+            },
             snapshot_count: self.snapshot_count,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             limits,
@@ -213,6 +222,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             request_timeout: 5000,
             watch_progress_notify_interval: 600_000,
             auto_promote_learners: true,
+            quota_backend_bytes: 0,
             snapshot_count: limits::LOG_ENTRIES_MAX_DEFAULT,
             snapshot_catchup_entries: limits::LOG_CATCHUP_ENTRIES_DEFAULT,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,

@@ -11,6 +11,9 @@ use chorus_proto::etcdserverpb::{
     StatusResponse,
 };
 use chorus_core::limits::SNAPSHOT_CHUNK_BYTES;
+use chorus_core::node::OpResponse;
+use chorus_proto::chorus::v1::command::Op;
+use chorus_proto::etcdserverpb::AlarmType;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -59,12 +62,28 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        match AlarmAction::try_from(request.into_inner().action) {
+        let request = request.into_inner();
+        match AlarmAction::try_from(request.action) {
             Ok(AlarmAction::Get) => {
                 let status = self.node.status().await?;
-                Ok(Response::new(AlarmResponse { header: Some(header(self.ids, &status)), alarms: vec![] }))
+                let alarms = status
+                    .alarms
+                    .iter()
+                    .filter(|a| request.alarm == 0 || a.alarm == request.alarm)
+                    .filter(|a| request.member_id == 0 || a.member_id == request.member_id)
+                    .cloned()
+                    .collect();
+                Ok(Response::new(AlarmResponse { header: Some(header(self.ids, &status)), alarms }))
             }
-            Ok(_) => Err(not_yet("Maintenance.Alarm (activate/deactivate)")),
+            Ok(_) => {
+                if AlarmType::try_from(request.alarm).is_err() {
+                    return Err(Status::invalid_argument("etcdserver: unknown alarm type"));
+                }
+                match self.node.propose(Op::Alarm(request)).await? {
+                    OpResponse::Alarm(response) => Ok(Response::new(response)),
+                    other => Err(Status::internal(format!("unexpected answer to an alarm request: {other:?}"))),
+                }
+            }
             Err(_) => Err(Status::invalid_argument("etcdserver: unknown alarm action")),
         }
     }
@@ -80,7 +99,14 @@ impl Maintenance for MaintenanceService {
             raft_index: status.node.last_index,
             raft_term: status.node.term,
             raft_applied_index: status.node.applied_index,
-            errors: vec![],
+            errors: status
+                .alarms
+                .iter()
+                .map(|a| {
+                    let name = AlarmType::try_from(a.alarm).map(|t| t.as_str_name()).unwrap_or("UNKNOWN");
+                    format!("memberID:{} alarm:{name} ", a.member_id)
+                })
+                .collect(),
             db_size_in_use: status.db_size_bytes as i64,
             is_learner,
             ..Default::default()

@@ -26,7 +26,7 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub members: Vec<Member>,
     initial_cluster: String,
-    extra_args: Vec<String>,
+    pub extra_args: Vec<String>,
 }
 
 /// A free loopback port (bound and released; good enough for tests on one machine).
