@@ -165,6 +165,9 @@ impl Participant {
                         self.finish_round();
                         return;
                     }
+                    // The NOSPACE alarm is raised: try again (nothing was written).
+                    CoordResult::Rejected(KvError::NoSpace) if gave_up => enter.give_up(),
+                    CoordResult::Rejected(KvError::NoSpace) => enter.start_over(),
                     CoordResult::Rejected(error) => {
                         self.problems.push(format!("a barrier step was refused: {error}"));
                         self.finish_round();

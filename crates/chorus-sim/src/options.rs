@@ -85,6 +85,9 @@ pub struct SimOptions {
     /// is promoted, and then a voter (perhaps the leader) is removed and becomes
     /// the next spare, with a new id and an empty disk.
     pub membership_changes: bool,
+    /// An operator raises and disarms the NOSPACE alarm now and then: while it is
+    /// raised, every member must refuse puts, txns with puts and lease grants alike.
+    pub nospace_alarms: bool,
 }
 
 impl SimOptions {
@@ -123,6 +126,7 @@ impl SimOptions {
             log_entries_max: 0,
             log_catchup_entries: 0,
             membership_changes: false,
+            nospace_alarms: false,
         };
         // Drawn from a stream of their own, so that adding them left every other
         // option of a seed as it was (the kept regression seeds replay unchanged).
@@ -130,6 +134,7 @@ impl SimOptions {
         options.log_entries_max = log_rng.random_range(16..=256);
         options.log_catchup_entries = log_rng.random_range(0..=16);
         options.membership_changes = log_rng.random_bool(0.5);
+        options.nospace_alarms = log_rng.random_bool(0.3);
         match bug {
             // Lost fsyncs only show when a majority loses its unsynced state at once.
             Some(Bug::AckBeforeFsync) => {
@@ -162,6 +167,7 @@ impl SimOptions {
             (self.tick_bursts, "tick-bursts"),
             (self.fsync_max_us > 2_000, "slow-disk"),
             (self.membership_changes, "membership"),
+            (self.nospace_alarms, "nospace-alarms"),
         ];
         for (on, name) in flags {
             if on {

@@ -217,6 +217,8 @@ impl Consumer {
                     CoordResult::Done(OpResponse::Txn(response)) => dequeue.on_txn(response),
                     // The lease ran out: grant another.
                     CoordResult::Rejected(KvError::LeaseNotFound) => return,
+                    // The NOSPACE alarm is raised: try again (nothing was written).
+                    CoordResult::Rejected(KvError::NoSpace) => dequeue.start(),
                     CoordResult::Rejected(error) => {
                         self.problems.push(format!("a dequeue step was refused: {error}"));
                         return;

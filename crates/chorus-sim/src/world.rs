@@ -97,6 +97,8 @@ enum Event {
     Restart(usize),
     /// The next step of the membership workload.
     Membership,
+    /// The operator raises or disarms the NOSPACE alarm.
+    Alarm { raise: bool },
     Resume(usize),
     EndFaultPhase,
     StopClients,
@@ -395,6 +397,10 @@ impl World {
             let first = self.membership_rng.random_range(1_000_000..4_000_000);
             self.schedule(first, Event::Membership);
         }
+        if self.options.nospace_alarms {
+            let first = self.membership_rng.random_range(1_000_000..6_000_000);
+            self.schedule(first, Event::Alarm { raise: true });
+        }
         self.schedule(self.options.fault_phase_us, Event::EndFaultPhase);
         let end_us = self.options.fault_phase_us + self.options.quiet_phase_us;
         self.schedule(end_us - 2_000_000, Event::ConvergenceMark);
@@ -473,6 +479,7 @@ impl World {
             }
             Event::Restart(i) => self.restart_node(i),
             Event::Membership => self.membership_step(),
+            Event::Alarm { raise } => self.alarm_step(raise),
             Event::Resume(i) => self.resume_node(i),
             Event::EndFaultPhase => self.end_fault_phase(),
             Event::StopClients => {
@@ -1637,6 +1644,48 @@ impl World {
         }
         self.note(format!("remove node {}", self.nodes[victim].id));
         self.propose_change(leader, ConfChangeType::RemoveNode, victim);
+    }
+
+    /// Raises NOSPACE for a random member (or disarms it), through any running
+    /// member, for a while; disarmed for good when the faults end, so that the
+    /// final reads and writes can succeed. Refused writes are answered as failed
+    /// (definitely not applied): a member that applied one anyway shows as a
+    /// linearizability or convergence violation.
+    fn alarm_step(&mut self, raise: bool) {
+        use chorus_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+        let raise = raise && self.faults_on;
+        let nodes: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| !self.nodes[i].paused && self.nodes[i].running.as_ref().is_some_and(|r| !r.node.is_removed()))
+            .collect();
+        if !nodes.is_empty() {
+            let through = nodes[self.membership_rng.random_range(0..nodes.len())];
+            let member_id = self.nodes[nodes[self.membership_rng.random_range(0..nodes.len())]].id;
+            let action = if raise { AlarmAction::Activate } else { AlarmAction::Deactivate };
+            self.note(format!("alarm: {} NOSPACE of node {member_id} through node {}", if raise { "raise" } else { "disarm all" }, self.nodes[through].id));
+            let running = self.nodes[through].running.as_mut().expect("running");
+            let alarms = if raise {
+                vec![AlarmRequest { action: action as i32, member_id, alarm: AlarmType::Nospace as i32 }]
+            } else {
+                running
+                    .node
+                    .alarms()
+                    .into_iter()
+                    .map(|a| AlarmRequest { action: action as i32, member_id: a.member_id, alarm: a.alarm })
+                    .collect()
+            };
+            for request in alarms {
+                let seq = running.next_seq;
+                running.next_seq += 1;
+                let _ = running.node.propose(seq, chorus_proto::chorus::v1::command::Op::Alarm(request));
+            }
+            self.after_input(through);
+        }
+        if self.faults_on {
+            let next = self.membership_rng.random_range(500_000..3_000_000);
+            self.schedule(next, Event::Alarm { raise: !raise });
+        } else if raise || self.nodes.iter().any(|n| n.running.as_ref().is_some_and(|r| !r.node.alarms().is_empty())) {
+            self.schedule(300_000, Event::Alarm { raise: false });
+        }
     }
 
     fn propose_change(&mut self, leader: usize, kind: ConfChangeType, target: usize) {
