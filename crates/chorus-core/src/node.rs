@@ -804,15 +804,8 @@ impl Node {
         let index = self.applied_index;
         let term = raft::Storage::term(self.raw.store(), index).expect("the applied entry's term is known");
         let conf_state = self.conf_state();
-        let image = self.image();
-        let mut snapshot = Snapshot::default();
-        snapshot.set_data(image.encode_to_vec().into());
-        let metadata = snapshot.mut_metadata();
-        metadata.index = index;
-        metadata.term = term;
-        metadata.set_conf_state(conf_state);
-        self.raw.mut_store().prepared = Some(snapshot);
-        self.prepared_at_tick = self.ticks;
+        let data = self.image().encode_to_vec();
+        self.offer_snapshot(data, index, term, conf_state);
     }
 
     /// Whether raft asked for a snapshot it does not have (and forgets the ask):

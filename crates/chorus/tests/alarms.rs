@@ -5,19 +5,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Cluster;
+use common::{etcdctl, Cluster};
 
-fn etcdctl(endpoints: &str, args: &[&str]) -> std::process::Output {
-    Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .args(["--endpoints", endpoints, "--command-timeout", "10s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nospace_refuses_growing_writes_until_disarmed() {

@@ -283,6 +283,16 @@ impl Drop for Cluster {
     }
 }
 
+/// Runs `etcdctl` (API v3) against `endpoints` with a 10 s command timeout.
+pub fn etcdctl(endpoints: &str, args: &[&str]) -> std::process::Output {
+    Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoints, "--command-timeout", "10s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl")
+}
+
 pub async fn connect(endpoints: &[String]) -> Client {
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
