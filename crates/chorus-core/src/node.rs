@@ -192,7 +192,7 @@ pub struct Reply {
 }
 
 /// What one cycle must write, in one transaction.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct PersistBatch {
     /// Entries to append; an entry replaces any stored entry at the same or a later
     /// index (a new leader may overwrite an uncommitted suffix).

@@ -118,7 +118,16 @@ pub enum Input {
     SnapshotFailed {
         to: u64,
     },
+    /// Defragment this member's database (Maintenance.Defragment); answered when
+    /// the compacted copy has replaced it.
+    Defragment {
+        reply: DefragReply,
+    },
+    /// The defragmentation thread finished its copy.
+    DefragCopied(Result<chorus_storage::DefragCopied, chorus_storage::StorageError>),
 }
+
+pub type DefragReply = oneshot::Sender<Result<chorus_storage::DefragReport, String>>;
 
 /// Watch stream ids, unique in the member (one hub serves every listener, the
 /// gateway and the server's own internal watches).
@@ -148,6 +157,8 @@ pub struct DriverStatus {
     pub node: NodeStatus,
     pub revision: i64,
     pub db_size_bytes: u64,
+    /// The bytes of the records the database holds (etcd's `dbSizeInUse`).
+    pub db_size_in_use_bytes: u64,
     pub conf_state: ConfState,
     pub members: BTreeMap<u64, MemberAttributes>,
     pub watchers_count: u64,
@@ -240,6 +251,9 @@ pub struct Driver {
     removed_members: crate::transport::RemovedMembers,
     /// `--quota-backend-bytes`: past it, this member raises the NOSPACE alarm.
     quota_bytes: u64,
+    /// Callers waiting for the defragmentation under way (when not empty).
+    defrag_waiting: Vec<DefragReply>,
+    defrag_started: Option<Instant>,
 }
 
 /// A removed member stops, as etcd's does: it can no longer take part. It stops
@@ -301,6 +315,8 @@ impl Driver {
             auto_promote_learners: false,
             removed_members: Default::default(),
             quota_bytes: u64::MAX,
+            defrag_waiting: Vec::new(),
+            defrag_started: None,
         }
     }
 
@@ -444,6 +460,62 @@ impl Driver {
         }
     }
 
+    /// Starts a defragmentation, or joins the one under way: the copy is written
+    /// on a thread of its own while this member goes on serving; only the final
+    /// swap (writing the batches persisted meanwhile into the copy, a rename)
+    /// holds up the driver.
+    fn start_defrag(&mut self, reply: DefragReply) {
+        self.defrag_waiting.push(reply);
+        if self.storage.defrag_running() {
+            return;
+        }
+        let Some(answers) = self.snapshot_answers.clone() else {
+            self.answer_defrag(Err("this member cannot defragment (no background worker)".into()));
+            return;
+        };
+        let copy = match self.storage.defrag_begin() {
+            Ok(copy) => copy,
+            Err(error) => return self.answer_defrag(Err(error.to_string())),
+        };
+        tracing::info!(size_bytes = self.storage.size_bytes(), "defragmenting: copying the database");
+        self.defrag_started = Some(Instant::now());
+        let spawned = std::thread::Builder::new().name("chorus-defrag".into()).spawn(move || {
+            let copied = copy.run();
+            if let Some(answers) = answers.upgrade() {
+                let _ = answers.blocking_send(Input::DefragCopied(copied));
+            }
+        });
+        if let Err(error) = spawned {
+            let failed = Err(chorus_storage::StorageError::Io { path: "defrag".into(), detail: error.to_string() });
+            self.finish_defrag(failed);
+        }
+    }
+
+    fn finish_defrag(&mut self, copied: Result<chorus_storage::DefragCopied, chorus_storage::StorageError>) {
+        let swap_started = Instant::now();
+        let result = self.storage.defrag_finish(copied);
+        let swap_ms = swap_started.elapsed().as_millis() as u64;
+        let total_ms = self.defrag_started.take().map_or(0, |t| t.elapsed().as_millis() as u64);
+        match &result {
+            Ok(report) => tracing::info!(
+                size_before = report.size_before,
+                size_after = report.size_after,
+                batches_replayed = report.batches_replayed,
+                swap_ms,
+                total_ms,
+                "defragmented the database"
+            ),
+            Err(error) => tracing::error!(%error, "defragmentation failed; the database is unchanged"),
+        }
+        self.answer_defrag(result.map_err(|e| e.to_string()));
+    }
+
+    fn answer_defrag(&mut self, result: Result<chorus_storage::DefragReport, String>) {
+        for reply in self.defrag_waiting.drain(..) {
+            let _ = reply.send(result.clone());
+        }
+    }
+
     /// Records the duration of every durable (fsynced) write in `metrics`.
     pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Driver {
         self.metrics = Some(metrics);
@@ -514,6 +586,8 @@ impl Driver {
             Input::WatchClose { stream } => self.watches.close_stream(stream),
             Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
             Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
+            Input::Defragment { reply } => self.start_defrag(reply),
+            Input::DefragCopied(copied) => self.finish_defrag(copied),
             Input::RemovedFromCluster => stop_removed(),
             Input::ConfChange { change, member, deadline, reply } => {
                 if self.node.conf_change_pending()
@@ -855,6 +929,7 @@ impl Driver {
             node: self.node.status(),
             revision: self.node.mvcc().revision(),
             db_size_bytes: self.storage.size_bytes(),
+            db_size_in_use_bytes: self.storage.size_in_use_bytes(),
             conf_state: self.node.conf_state(),
             watchers_count: self.watches.watchers_count() as u64,
             members: self.node.members().clone(),
@@ -959,6 +1034,14 @@ impl NodeHandle {
 
     pub async fn status(&self) -> Result<DriverStatus, RequestError> {
         self.ask(|reply| Input::Status { reply }).await
+    }
+
+    /// Defragments this member's database; waits as long as that takes (a
+    /// caller gives up by dropping the call).
+    pub async fn defragment(&self) -> Result<Result<chorus_storage::DefragReport, String>, RequestError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Input::Defragment { reply }, Instant::now() + self.request_timeout).await?;
+        answer.await.map_err(|_| RequestError::Stopped)
     }
 
     /// Sends the input `make` builds around a reply channel and waits for the

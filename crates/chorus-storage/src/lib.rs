@@ -102,12 +102,28 @@ pub enum StorageError {
 
 /// A node's storage: one redb database.
 pub struct DiskStorage {
-    /// Shared with [`ImageReader`]s, which read images on other threads.
     db: std::sync::Arc<Database>,
+    /// The database [`ImageReader`]s read, on other threads: `db`, replaced when a
+    /// defragmentation swaps in the compacted copy.
+    shared: SharedDb,
     /// Names the database in error messages: the file's path, or the label given to
     /// [`DiskStorage::open_with_backend`] (such as `sim://node2`).
     path: PathBuf,
     size: SizeSource,
+    /// Bytes of the records held (kv records and log entries, keys included),
+    /// without redb's own overhead: the size "in use".
+    stored_bytes: u64,
+    /// A defragmentation copying the database on another thread, if one runs.
+    defrag: Option<DefragRunning>,
+}
+
+type SharedDb = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Database>>>;
+
+/// What the writer keeps while a defragmentation's copy is made: every batch
+/// persisted since the copy's read transaction began, to write into the copy too.
+struct DefragRunning {
+    recorded: Vec<PersistBatch>,
+    target: PathBuf,
 }
 
 /// Where [`DiskStorage::size_bytes`] reads the database's size from.
@@ -136,9 +152,16 @@ impl DiskStorage {
         std::fs::create_dir_all(&member_dir)
             .map_err(|source| StorageError::Unreadable { path: data_dir.to_path_buf(), error: source })?;
         let path = member_dir.join(DB_FILE_NAME);
+        // A defragmentation cut off by a crash leaves its unfinished copy behind;
+        // the database itself was never touched.
+        let leftover = defrag_target(&path);
+        if leftover.exists() {
+            std::fs::remove_file(&leftover)
+                .map_err(|error| StorageError::Unreadable { path: leftover.clone(), error })?;
+        }
         let created = !path.exists();
         let db = open_database(&path, created)?;
-        DiskStorage { db: db.into(), path, size: SizeSource::File }.finish_open(identity, created)
+        DiskStorage::new(db, path, SizeSource::File).finish_open(identity, created)
     }
 
     /// The identity a data directory records, if it has a database (None for a
@@ -179,14 +202,21 @@ impl DiskStorage {
         let size = SizeSource::Backend(Box::new(backend.clone()));
         let db = redb::Builder::new().create_with_backend(backend);
         let db = db.map_err(|error| database_error(&path, error))?;
-        DiskStorage { db: db.into(), path, size }.finish_open(identity, length_bytes == 0)
+        DiskStorage::new(db, path, size).finish_open(identity, length_bytes == 0)
+    }
+
+    fn new(db: Database, path: PathBuf, size: SizeSource) -> DiskStorage {
+        let db = std::sync::Arc::new(db);
+        let shared = std::sync::Arc::new(std::sync::RwLock::new(db.clone()));
+        DiskStorage { db, shared, path, size, stored_bytes: 0, defrag: None }
     }
 
     /// The part of opening that is the same for every backend: check (or record) the
     /// identity, count the boot, and read everything back.
-    fn finish_open(self, identity: Identity, created: bool) -> Result<Opened, StorageError> {
+    fn finish_open(mut self, identity: Identity, created: bool) -> Result<Opened, StorageError> {
         let boot_count = self.check_identity(identity, created)?;
-        let recovered = self.recover()?;
+        let (recovered, stored_bytes) = self.recover()?;
+        self.stored_bytes = stored_bytes;
         Ok(Opened { storage: self, recovered, boot_count, created })
     }
 
@@ -195,22 +225,44 @@ impl DiskStorage {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         let durability = if batch.must_sync { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(|e| self.io(e))?;
+        let mut stored = self.stored_bytes;
+        self.write_batch(&txn, batch, &mut stored)?;
+        txn.commit().map_err(|e| self.io(e))?;
+        self.stored_bytes = stored;
+        if let Some(defrag) = &mut self.defrag {
+            defrag.recorded.push(batch.clone());
+        }
+        Ok(())
+    }
+
+    /// Writes `batch` inside `txn`, counting the bytes of records written and
+    /// removed in `stored`.
+    fn write_batch(&self, txn: &redb::WriteTransaction, batch: &PersistBatch, stored: &mut u64) -> Result<(), StorageError> {
         if let Some(image) = &batch.install {
-            self.write_image(&txn, image)?;
+            *stored = self.write_image(txn, image)?;
         }
         {
             let mut log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
             if let Some((index, term)) = batch.log_compacted_to {
-                log.retain_in(..=index, |_, _| false).map_err(|e| self.io(e))?;
+                log.retain_in(..=index, |_, v| {
+                    *stored = stored.saturating_sub(8 + v.len() as u64);
+                    false
+                })
+                .map_err(|e| self.io(e))?;
                 let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
                 meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
                 meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
             }
             if let Some(first) = batch.entries.first() {
-                log.retain_in(first.index.., |_, _| false).map_err(|e| self.io(e))?;
+                log.retain_in(first.index.., |_, v| {
+                    *stored = stored.saturating_sub(8 + v.len() as u64);
+                    false
+                })
+                .map_err(|e| self.io(e))?;
             }
             for entry in &batch.entries {
                 let bytes = entry.write_to_bytes().expect("encode raft entry");
+                *stored += 8 + bytes.len() as u64;
                 log.insert(entry.index, bytes.as_slice()).map_err(|e| self.io(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
@@ -232,10 +284,15 @@ impl DiskStorage {
             }
             let mut kv = txn.open_table(KV).map_err(|e| self.io(e))?;
             for (key, value) in &batch.writes.puts {
-                kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))?;
+                *stored += (key.len() + value.len()) as u64;
+                if let Some(old) = kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))? {
+                    *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+                }
             }
             for key in &batch.writes.removes {
-                kv.remove(key.as_slice()).map_err(|e| self.io(e))?;
+                if let Some(old) = kv.remove(key.as_slice()).map_err(|e| self.io(e))? {
+                    *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+                }
             }
             let mut members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
             for member in &batch.members {
@@ -260,13 +317,14 @@ impl DiskStorage {
                 leases.remove(*id).map_err(|e| self.io(e))?;
             }
         }
-        txn.commit().map_err(|e| self.io(e))
+        Ok(())
     }
 
     /// Replaces the whole replicated state with `image`, inside `txn`: every table
     /// but `meta` is emptied and refilled, the log is emptied, and `meta` records
     /// the image's applied index as the applied index and the log's start.
-    fn write_image(&self, txn: &redb::WriteTransaction, image: &StateImage) -> Result<(), StorageError> {
+    /// Returns the bytes of the kv records written (the log is empty after it).
+    fn write_image(&self, txn: &redb::WriteTransaction, image: &StateImage) -> Result<u64, StorageError> {
         let kv_records = chorus_core::snapshot::kv_records(image).map_err(|e| self.io(e))?;
         let conf_state =
             ConfState::parse_from_bytes(&image.conf_state).map_err(|e| self.io(format!("conf state: {e}")))?;
@@ -274,7 +332,9 @@ impl DiskStorage {
         log.retain(|_, _| false).map_err(|e| self.io(e))?;
         let mut kv = txn.open_table(KV).map_err(|e| self.io(e))?;
         kv.retain(|_, _| false).map_err(|e| self.io(e))?;
+        let mut stored = 0u64;
         for (key, value) in &kv_records {
+            stored += (key.len() + value.len()) as u64;
             kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))?;
         }
         let mut members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
@@ -306,7 +366,7 @@ impl DiskStorage {
         for (name, value) in writes {
             meta.insert(name, value).map_err(|e| self.io(e))?;
         }
-        Ok(())
+        Ok(stored)
     }
 
     /// Writes `image` as the whole state of a fresh data directory, with `hard_state`:
@@ -315,7 +375,7 @@ impl DiskStorage {
     pub fn bootstrap_from_image(&mut self, image: &StateImage, hard_state: &HardState) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
-        self.write_image(&txn, image)?;
+        self.stored_bytes = self.write_image(&txn, image)?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
             let bytes = hard_state.write_to_bytes().expect("encode hard state");
@@ -327,7 +387,7 @@ impl DiskStorage {
     /// A handle that reads images of the last committed state on another thread,
     /// while this storage goes on writing (redb's read transactions are snapshots).
     pub fn image_reader(&self) -> ImageReader {
-        ImageReader { db: self.db.clone(), path: self.path.clone() }
+        ImageReader { db: self.shared.clone(), path: self.path.clone() }
     }
 
     /// The database's size on disk, in bytes (0 when it cannot be read).
@@ -336,6 +396,76 @@ impl DiskStorage {
             SizeSource::File => std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0),
             SizeSource::Backend(backend) => backend.len().unwrap_or(0),
         }
+    }
+
+    /// The bytes of the records the database holds (kv records and log entries,
+    /// keys included), without redb's page overhead and free space: etcd's
+    /// `dbSizeInUse`, what a defragmentation could shrink the file towards.
+    pub fn size_in_use_bytes(&self) -> u64 {
+        self.stored_bytes.min(self.size_bytes().max(self.stored_bytes))
+    }
+
+    /// Starts a defragmentation: from now on every batch persisted is also kept,
+    /// and the returned copy (run it on another thread) writes the state as of
+    /// now into a fresh file next to the database. [`DiskStorage::defrag_finish`]
+    /// then writes the batches kept into the copy and swaps it in. The member goes
+    /// on reading and writing the old file meanwhile.
+    pub fn defrag_begin(&mut self) -> Result<DefragCopy, StorageError> {
+        if !matches!(self.size, SizeSource::File) {
+            return Err(self.io("defragmentation needs a database file"));
+        }
+        if self.defrag.is_some() {
+            return Err(self.io("a defragmentation is already running"));
+        }
+        let target = defrag_target(&self.path);
+        if target.exists() {
+            std::fs::remove_file(&target).map_err(|e| self.io(format!("removing {}: {e}", target.display())))?;
+        }
+        let read = self.db.begin_read().map_err(|e| self.io(e))?;
+        self.defrag = Some(DefragRunning { recorded: Vec::new(), target: target.clone() });
+        Ok(DefragCopy { read, target })
+    }
+
+    /// Ends the defragmentation begun with [`DiskStorage::defrag_begin`]: with the
+    /// copy made, writes the batches persisted since into it, durably, and makes
+    /// it the database (an atomic rename); the old file is gone once the last
+    /// reader still in it finishes. When the copy failed, removes it and answers
+    /// its error; the database is unchanged either way.
+    pub fn defrag_finish(&mut self, copied: Result<DefragCopied, StorageError>) -> Result<DefragReport, StorageError> {
+        let Some(running) = self.defrag.take() else {
+            return Err(self.io("no defragmentation is running"));
+        };
+        let discard = |error: StorageError| {
+            let _ = std::fs::remove_file(&running.target);
+            error
+        };
+        let copied = copied.map_err(discard)?;
+        let size_before = self.size_bytes();
+        let replayed = running.recorded.len();
+        let written = (|| {
+            let mut txn = copied.db.begin_write().map_err(|e| self.io(e))?;
+            txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+            let mut ignored = 0;
+            for batch in &running.recorded {
+                self.write_batch(&txn, batch, &mut ignored)?;
+            }
+            txn.commit().map_err(|e| self.io(e))?;
+            std::fs::rename(&running.target, &self.path)
+                .map_err(|e| self.io(format!("renaming {} over the database: {e}", running.target.display())))?;
+            if let Some(dir) = self.path.parent() {
+                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(format!("syncing {}: {e}", dir.display())))?;
+            }
+            Ok(())
+        })();
+        written.map_err(discard)?;
+        self.db = std::sync::Arc::new(copied.db);
+        *self.shared.write().expect("shared database") = self.db.clone();
+        Ok(DefragReport { size_before, size_after: self.size_bytes(), batches_replayed: replayed })
+    }
+
+    /// Whether a defragmentation's copy is being made.
+    pub fn defrag_running(&self) -> bool {
+        self.defrag.is_some()
     }
 
     /// The database file's path, or the label of the backend it was opened on.
@@ -404,7 +534,8 @@ impl DiskStorage {
         Ok(boot_count)
     }
 
-    fn recover(&self) -> Result<Recovered, StorageError> {
+    /// Everything persisted, and the bytes of its records.
+    fn recover(&self) -> Result<(Recovered, u64), StorageError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let meta = txn.open_table(META).map_err(|e| self.io(e))?;
         let meta_bytes = |name: &str| -> Result<Option<Vec<u8>>, StorageError> {
@@ -440,7 +571,8 @@ impl DiskStorage {
             let alarms = AlarmResponse::decode(bytes.as_slice()).map_err(|e| self.corrupt(format!("alarms: {e}")))?;
             recovered.alarms = alarms.alarms;
         }
-        recovered.entries = self.read_log(&txn)?;
+        let (entries, mut stored_bytes) = self.read_log(&txn)?;
+        recovered.entries = entries;
         let snapshot_index = recovered.log_snapshot.0;
         if let Some(first) = recovered.entries.first() {
             if first.index != snapshot_index + 1 {
@@ -469,6 +601,7 @@ impl DiskStorage {
             let (key, value) = item.map_err(|e| self.io(e))?;
             let key: [u8; 17] =
                 key.value().try_into().map_err(|_| self.corrupt("a kv record key is not 17 bytes"))?;
+            stored_bytes += (key.len() + value.value().len()) as u64;
             records.push((key, value.value().to_vec()));
         }
         recovered.mvcc = MvccStore::restore(records, compact_revision)
@@ -496,14 +629,17 @@ impl DiskStorage {
         }
         recovered.leases = chorus_core::lease::LeaseStore::restore(records, &recovered.mvcc)
             .map_err(|e| self.corrupt(format!("leases: {e}")))?;
-        Ok(recovered)
+        Ok((recovered, stored_bytes))
     }
 
-    fn read_log(&self, txn: &redb::ReadTransaction) -> Result<Vec<Entry>, StorageError> {
+    /// The log's entries, and their bytes as stored.
+    fn read_log(&self, txn: &redb::ReadTransaction) -> Result<(Vec<Entry>, u64), StorageError> {
         let log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
         let mut entries: Vec<Entry> = Vec::new();
+        let mut stored_bytes = 0u64;
         for item in log.iter().map_err(|e| self.io(e))? {
             let (index, value) = item.map_err(|e| self.io(e))?;
+            stored_bytes += 8 + value.value().len() as u64;
             let entry = Entry::parse_from_bytes(value.value())
                 .map_err(|e| self.corrupt(format!("log entry {}: {e}", index.value())))?;
             if entry.index != index.value() {
@@ -520,7 +656,85 @@ impl DiskStorage {
             }
             entries.push(entry);
         }
-        Ok(entries)
+        Ok((entries, stored_bytes))
+    }
+}
+
+/// Where a defragmentation writes its copy of the database at `path`.
+fn defrag_target(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".defrag");
+    path.with_file_name(name)
+}
+
+/// The copy of a defragmentation, made on a thread of its own from one read
+/// transaction of the database (see [`DiskStorage::defrag_begin`]).
+pub struct DefragCopy {
+    read: redb::ReadTransaction,
+    target: PathBuf,
+}
+
+/// A finished copy, for [`DiskStorage::defrag_finish`].
+pub struct DefragCopied {
+    db: Database,
+}
+
+/// What a defragmentation did.
+#[derive(Debug, Clone, Copy)]
+pub struct DefragReport {
+    pub size_before: u64,
+    pub size_after: u64,
+    /// Batches written while the copy was made, written into it at the end.
+    pub batches_replayed: usize,
+}
+
+/// Rows copied per write transaction of a defragmentation's copy.
+const DEFRAG_ROWS_PER_TXN: usize = 50_000;
+
+impl DefragCopy {
+    /// Writes every table into a fresh database file, table by table and key by
+    /// key (so pages are filled in order), then lets redb compact it.
+    pub fn run(self) -> Result<DefragCopied, StorageError> {
+        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.target.clone(), detail: e.to_string() };
+        let mut db = Database::create(&self.target).map_err(|e| io(&e))?;
+        copy_table(&self.read, &db, META).map_err(|e| io(&e))?;
+        copy_table(&self.read, &db, RAFT_LOG).map_err(|e| io(&e))?;
+        copy_table(&self.read, &db, KV).map_err(|e| io(&e))?;
+        copy_table(&self.read, &db, MEMBERS).map_err(|e| io(&e))?;
+        copy_table(&self.read, &db, APPLIED_PROPOSALS).map_err(|e| io(&e))?;
+        copy_table(&self.read, &db, LEASES).map_err(|e| io(&e))?;
+        drop(self.read);
+        while db.compact().map_err(|e| io(&e))? {}
+        Ok(DefragCopied { db })
+    }
+}
+
+/// Copies one table from `read` into `db`, in write transactions of
+/// [`DEFRAG_ROWS_PER_TXN`] rows; the last is durable.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    read: &redb::ReadTransaction,
+    db: &Database,
+    definition: TableDefinition<K, V>,
+) -> Result<(), String> {
+    let source = read.open_table(definition).map_err(|e| e.to_string())?;
+    let mut rows = source.iter().map_err(|e| e.to_string())?.peekable();
+    loop {
+        let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        let last = {
+            let mut table = txn.open_table(definition).map_err(|e| e.to_string())?;
+            for _ in 0..DEFRAG_ROWS_PER_TXN {
+                let Some(row) = rows.next() else { break };
+                let (key, value) = row.map_err(|e| e.to_string())?;
+                table.insert(key.value(), value.value()).map_err(|e| e.to_string())?;
+            }
+            rows.peek().is_none()
+        };
+        let durability = if last { Durability::Immediate } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| e.to_string())?;
+        txn.commit().map_err(|e| e.to_string())?;
+        if last {
+            return Ok(());
+        }
     }
 }
 
@@ -562,7 +776,7 @@ mod tests;
 /// Reads images of a member's committed state without blocking its writer.
 #[derive(Clone)]
 pub struct ImageReader {
-    db: std::sync::Arc<Database>,
+    db: SharedDb,
     path: PathBuf,
 }
 
@@ -578,12 +792,18 @@ pub struct KvHash {
 }
 
 impl ImageReader {
+    /// The member's database now (a defragmentation may have replaced it since
+    /// this reader was made; a read begun before goes on in the old one).
+    fn database(&self) -> std::sync::Arc<Database> {
+        self.db.read().expect("shared database").clone()
+    }
+
     /// etcd's `HashKV` at `revision` (0: the current one), computed from the last
     /// committed state exactly as `MvccStore::hash_kv` computes it from memory,
     /// without holding up the writer.
     pub fn hash_kv(&self, revision: i64) -> Result<Result<KvHash, chorus_core::KvError>, StorageError> {
         let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
-        let txn = self.db.begin_read().map_err(|e| io(&e))?;
+        let txn = self.database().begin_read().map_err(|e| io(&e))?;
         let meta = txn.open_table(META).map_err(|e| io(&e))?;
         let compact_revision =
             meta.get("compact_revision").map_err(|e| io(&e))?.and_then(|v| decode_u64(v.value())).unwrap_or(0) as i64;
@@ -617,7 +837,7 @@ impl ImageReader {
     /// transaction, so they agree with each other.
     pub fn read(&self) -> Result<StateImage, StorageError> {
         let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
-        let txn = self.db.begin_read().map_err(|e| io(&e))?;
+        let txn = self.database().begin_read().map_err(|e| io(&e))?;
         let meta = txn.open_table(META).map_err(|e| io(&e))?;
         let meta_u64 = |name: &str| -> Result<u64, StorageError> {
             let value = meta.get(name).map_err(|e| io(&e))?;

@@ -106,3 +106,80 @@ fn running_as_root() -> bool {
         .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
+
+/// A batch putting `count` keys `prefix-i` with 1 KiB values into `store`.
+fn put_batch(store: &mut MvccStore, prefix: &str, count: usize, index: u64) -> PersistBatch {
+    let mut writes = WriteSet::default();
+    for i in 0..count {
+        let put = PutRequest { key: format!("{prefix}-{i}").into_bytes(), value: vec![b'v'; 1024], ..Default::default() };
+        store.put(&put, &mut writes).unwrap();
+    }
+    batch_with(vec![entry(index, 1, b"")], index, writes, index)
+}
+
+#[test]
+fn defragmentation_shrinks_the_file_and_keeps_writes_made_during_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MvccStore::default();
+    let mut opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    let storage = &mut opened.storage;
+    for index in 1..=20 {
+        storage.persist(&put_batch(&mut store, &format!("old{index}"), 500, index)).unwrap();
+    }
+    // Compacting away every old revision frees most of the file.
+    let mut writes = WriteSet::default();
+    for index in 1..=20 {
+        let key = format!("old{index}").into_bytes();
+        let mut end = key.clone();
+        end.push(0xff);
+        let delete = chorus_proto::etcdserverpb::DeleteRangeRequest { key, range_end: end, ..Default::default() };
+        store.delete_range(&delete, &mut writes).unwrap();
+    }
+    let revision = store.revision();
+    let compaction = chorus_proto::etcdserverpb::CompactionRequest { revision, ..Default::default() };
+    store.compact(&compaction, &mut writes).unwrap();
+    storage.persist(&batch_with(vec![entry(21, 1, b"")], 21, writes, 21)).unwrap();
+    let in_use = storage.size_in_use_bytes();
+    let size_before = storage.size_bytes();
+    assert!(in_use < size_before / 4, "in use {in_use} of {size_before}");
+
+    let copy = storage.defrag_begin().unwrap();
+    assert!(storage.defrag_begin().is_err(), "a second defragmentation is refused while one runs");
+    // Written while the copy is made: must be in the result.
+    storage.persist(&put_batch(&mut store, "during", 50, 22)).unwrap();
+    let copied = std::thread::spawn(move || copy.run()).join().unwrap();
+    let report = storage.defrag_finish(copied).unwrap();
+    assert_eq!(report.batches_replayed, 1);
+    assert!(report.size_after < report.size_before / 2, "{report:?}");
+    // Written after the swap, into the new file.
+    storage.persist(&put_batch(&mut store, "after", 10, 23)).unwrap();
+    let hash = storage.image_reader().hash_kv(0).unwrap().unwrap();
+    let in_use_after = storage.size_in_use_bytes();
+    assert!(!defrag_target(storage.path()).exists());
+    drop(opened);
+
+    let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    assert_eq!(reopened.recovered.applied_index, 23);
+    assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
+    assert_eq!(reopened.storage.image_reader().hash_kv(0).unwrap().unwrap(), hash);
+    assert_eq!(reopened.storage.size_in_use_bytes(), in_use_after, "the running count matches a recount");
+}
+
+#[test]
+fn a_failed_defragmentation_leaves_the_database_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MvccStore::default();
+    let mut opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    opened.storage.persist(&put_batch(&mut store, "k", 10, 1)).unwrap();
+    let copy = opened.storage.defrag_begin().unwrap();
+    drop(copy);
+    let failed = Err(StorageError::Io { path: "copy".into(), detail: "disk full".into() });
+    assert!(opened.storage.defrag_finish(failed).is_err());
+    opened.storage.persist(&put_batch(&mut store, "j", 10, 2)).unwrap();
+    drop(opened);
+    // A copy left behind by a crash is removed at start-up.
+    std::fs::write(defrag_target(&dir.path().join("member").join(DB_FILE_NAME)), b"half a copy").unwrap();
+    let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
+    assert!(!defrag_target(reopened.storage.path()).exists());
+}

@@ -1,5 +1,5 @@
-//! etcd's `Maintenance` service: `Status` and an alarm list (chorus raises no alarms
-//! yet); the other rpcs belong to later work and answer `Unimplemented`.
+//! etcd's `Maintenance` service: status, alarms, hashes, backups, leader moves and
+//! defragmentation; `Downgrade` (a mixed-version upgrade aid) answers `Unimplemented`.
 
 use std::pin::Pin;
 
@@ -107,17 +107,25 @@ impl Maintenance for MaintenanceService {
                     format!("memberID:{} alarm:{name} ", a.member_id)
                 })
                 .collect(),
-            db_size_in_use: status.db_size_bytes as i64,
+            db_size_in_use: status.db_size_in_use_bytes as i64,
             is_learner,
             ..Default::default()
         }))
     }
 
+    /// Compacts this member's database file while it goes on serving: the copy
+    /// is made in the background and swapped in (see `DiskStorage::defrag_begin`).
     async fn defragment(
         &self,
         _: Request<DefragmentRequest>,
     ) -> Result<Response<DefragmentResponse>, Status> {
-        Err(not_yet("Maintenance.Defragment"))
+        match self.node.defragment().await? {
+            Ok(_) => {
+                let status = self.node.status().await?;
+                Ok(Response::new(DefragmentResponse { header: Some(header(self.ids, &status)) }))
+            }
+            Err(error) => Err(Status::internal(format!("chorus: defragmentation failed: {error}"))),
+        }
     }
 
     /// chorus's `Hash` is `HashKV` at the current revision: the replicated key
