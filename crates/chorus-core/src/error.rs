@@ -46,6 +46,12 @@ pub enum KvError {
     /// refused until an operator frees space and disarms it (etcd's message).
     #[error("etcdserver: mvcc: database space exceeded")]
     NoSpace,
+    /// The CORRUPT alarm is raised: a member's key space differs from the
+    /// leader's at the same revision. Writes are refused until an operator has
+    /// repaired the member and disarmed the alarm, so that the divergence does not
+    /// grow (etcd's message); reads still work.
+    #[error("etcdserver: corrupt cluster")]
+    CorruptCluster,
     /// Persisted state that cannot be decoded: a corrupt data directory, never a
     /// client's mistake.
     #[error("corrupt state: {0}")]

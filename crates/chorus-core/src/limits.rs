@@ -237,3 +237,8 @@ pub const LEARNER_PROMOTE_LAG_ENTRIES: u64 = 100;
 pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 8 * 1024 * 1024 * 1024;
 /// The largest `--quota-backend-bytes` (100 GiB).
 pub const QUOTA_BACKEND_BYTES_MAX: u64 = 100 * 1024 * 1024 * 1024;
+
+/// Default of `--corrupt-check-time`: how often, in milliseconds, the leader
+/// compares every member's HashKV with its own (five minutes; etcd's check is
+/// off unless asked for).
+pub const CORRUPT_CHECK_INTERVAL_MS_DEFAULT: u64 = 300_000;

@@ -1260,6 +1260,9 @@ impl Node {
         if self.alarms.iter().any(|(_, alarm)| *alarm == AlarmType::Nospace as i32) && grows_database(&op) {
             return Err(KvError::NoSpace);
         }
+        if self.alarms.iter().any(|(_, alarm)| *alarm == AlarmType::Corrupt as i32) && changes_key_space(&op) {
+            return Err(KvError::CorruptCluster);
+        }
         let writes = &mut self.pending_writes;
         let changes_before = writes.changes.len();
         let result = match op {
@@ -1402,6 +1405,12 @@ fn grows_database(op: &Op) -> bool {
         },
         _ => false,
     }
+}
+
+/// Whether `op` changes the key space or grants a lease: what the CORRUPT alarm
+/// refuses.
+fn changes_key_space(op: &Op) -> bool {
+    matches!(op, Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) | Op::Compaction(_) | Op::LeaseGrant(_))
 }
 
 /// Every member a configuration names: voters (incoming and outgoing) and learners.

@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub quota_backend_bytes: u64,
     /// `--snapshot-count`: applied log entries held before the log is compacted.
     pub snapshot_count: u64,
+    /// `--corrupt-check-time`: how often the leader compares members' HashKV with
+    /// its own (0: never).
+    pub corrupt_check_interval_ms: u64,
     /// `--snapshot-catchup-entries`: entries kept behind a compaction.
     pub snapshot_catchup_entries: u64,
     pub limits: Limits,

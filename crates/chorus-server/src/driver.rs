@@ -501,6 +501,7 @@ impl Driver {
                 size_before = report.size_before,
                 size_after = report.size_after,
                 batches_replayed = report.batches_replayed,
+                batches_replayed_at_swap = report.batches_replayed_at_swap,
                 swap_ms,
                 total_ms,
                 "defragmented the database"

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod backup;
 pub mod config;
+pub mod corrupt;
 pub mod driver;
 pub mod gateway;
 pub mod health;
@@ -176,6 +177,7 @@ pub async fn serve(
                 handle.clone(),
                 stop_rx.clone(),
                 removed_members.clone(),
+                image_reader.clone(),
             );
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -186,6 +188,15 @@ pub async fn serve(
         ));
     }
     drop(input_tx);
+    if config.corrupt_check_interval_ms > 0 {
+        tokio::spawn(corrupt::run(
+            handle.clone(),
+            image_reader.clone(),
+            member_id,
+            Duration::from_millis(config.corrupt_check_interval_ms),
+            stop_rx.clone(),
+        ));
+    }
     let configured = configured_members(&config, &member_ids);
     let message_bytes_max = (config.limits.request_bytes_max + GRPC_MESSAGE_OVERHEAD_BYTES) as usize;
     let gateway_limits = gateway::GatewayLimits::new(message_bytes_max);

@@ -55,6 +55,7 @@ pub fn kv_code(error: &KvError) -> Code {
         KvError::TooManyLeases { .. } | KvError::TooManyLeaseKeys { .. } => Code::ResourceExhausted,
         KvError::FenceStale { .. } => Code::FailedPrecondition,
         KvError::NoSpace => Code::ResourceExhausted,
+        KvError::CorruptCluster => Code::DataLoss,
         KvError::Corrupt(_) => Code::DataLoss,
     }
 }

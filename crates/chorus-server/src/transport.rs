@@ -28,7 +28,7 @@ use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::chorus::v1::peer_server::{Peer, PeerServer};
 use chorus_proto::chorus::v1::{ClusterInfoRequest, ClusterInfoResponse, RaftAck, RaftBatch, SnapshotChunk};
 use chorus_proto::etcdserverpb::{
-    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use futures::StreamExt;
 use protobuf::Message as _;
@@ -59,6 +59,8 @@ pub struct PeerService {
     /// Becomes true when the member stops: open streams end then, so a graceful
     /// shutdown does not wait for peers to hang up.
     stop: watch::Receiver<bool>,
+    /// Hashes the key space for the leader's corruption check.
+    reader: chorus_storage::ImageReader,
 }
 
 impl PeerService {
@@ -69,8 +71,9 @@ impl PeerService {
         node: NodeHandle,
         stop: watch::Receiver<bool>,
         removed: RemovedMembers,
+        reader: chorus_storage::ImageReader,
     ) -> PeerServer<PeerService> {
-        PeerServer::new(PeerService { cluster_id, member_id, removed, inputs, node, stop })
+        PeerServer::new(PeerService { cluster_id, member_id, removed, inputs, node, stop, reader })
             .max_decoding_message_size(PEER_BATCH_BYTES_MAX)
     }
 }
@@ -195,6 +198,23 @@ impl Peer for PeerService {
             cluster_id: self.cluster_id,
             voters: status.conf_state.voters.clone(),
             learners: status.conf_state.learners.clone(),
+        }))
+    }
+
+    /// This member's HashKV at a revision, for the leader's corruption check.
+    async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let revision = request.into_inner().revision;
+        let reader = self.reader.clone();
+        let hashed = tokio::task::spawn_blocking(move || reader.hash_kv(revision))
+            .await
+            .map_err(|e| Status::internal(format!("hashing failed: {e}")))?
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::from(crate::status::RequestError::Kv(e)))?;
+        Ok(Response::new(HashKvResponse {
+            header: None,
+            hash: hashed.hash,
+            compact_revision: hashed.compact_revision,
+            hash_revision: hashed.hash_revision,
         }))
     }
 

@@ -122,9 +122,13 @@ type SharedDb = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Database>>>;
 /// What the writer keeps while a defragmentation's copy is made: every batch
 /// persisted since the copy's read transaction began, to write into the copy too.
 struct DefragRunning {
-    recorded: Vec<PersistBatch>,
+    recorded: Recorded,
     target: PathBuf,
 }
+
+/// Batches persisted since a defragmentation's read transaction began, in order:
+/// the writer appends, the copy thread takes them from the front.
+type Recorded = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<PersistBatch>>>;
 
 /// Where [`DiskStorage::size_bytes`] reads the database's size from.
 enum SizeSource {
@@ -226,147 +230,13 @@ impl DiskStorage {
         let durability = if batch.must_sync { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(|e| self.io(e))?;
         let mut stored = self.stored_bytes;
-        self.write_batch(&txn, batch, &mut stored)?;
+        write_batch(&self.path, &txn, batch, &mut stored)?;
         txn.commit().map_err(|e| self.io(e))?;
         self.stored_bytes = stored;
         if let Some(defrag) = &mut self.defrag {
-            defrag.recorded.push(batch.clone());
+            defrag.recorded.lock().expect("recorded batches").push_back(batch.clone());
         }
         Ok(())
-    }
-
-    /// Writes `batch` inside `txn`, counting the bytes of records written and
-    /// removed in `stored`.
-    fn write_batch(&self, txn: &redb::WriteTransaction, batch: &PersistBatch, stored: &mut u64) -> Result<(), StorageError> {
-        if let Some(image) = &batch.install {
-            *stored = self.write_image(txn, image)?;
-        }
-        {
-            let mut log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
-            if let Some((index, term)) = batch.log_compacted_to {
-                log.retain_in(..=index, |_, v| {
-                    *stored = stored.saturating_sub(8 + v.len() as u64);
-                    false
-                })
-                .map_err(|e| self.io(e))?;
-                let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
-                meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
-                meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
-            }
-            if let Some(first) = batch.entries.first() {
-                log.retain_in(first.index.., |_, v| {
-                    *stored = stored.saturating_sub(8 + v.len() as u64);
-                    false
-                })
-                .map_err(|e| self.io(e))?;
-            }
-            for entry in &batch.entries {
-                let bytes = entry.write_to_bytes().expect("encode raft entry");
-                *stored += 8 + bytes.len() as u64;
-                log.insert(entry.index, bytes.as_slice()).map_err(|e| self.io(e))?;
-            }
-            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
-            let hard_state = batch.hard_state.write_to_bytes().expect("encode hard state");
-            meta.insert("hard_state", hard_state.as_slice()).map_err(|e| self.io(e))?;
-            if let Some(conf_state) = &batch.conf_state {
-                let bytes = conf_state.write_to_bytes().expect("encode conf state");
-                meta.insert("conf_state", bytes.as_slice()).map_err(|e| self.io(e))?;
-            }
-            let applied = batch.applied_index.to_be_bytes();
-            meta.insert("applied_index", applied.as_slice()).map_err(|e| self.io(e))?;
-            if let Some(alarms) = &batch.alarms {
-                let bytes = AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec();
-                meta.insert("alarms", bytes.as_slice()).map_err(|e| self.io(e))?;
-            }
-            if let Some(revision) = batch.writes.compact_revision {
-                let bytes = revision.to_be_bytes();
-                meta.insert("compact_revision", bytes.as_slice()).map_err(|e| self.io(e))?;
-            }
-            let mut kv = txn.open_table(KV).map_err(|e| self.io(e))?;
-            for (key, value) in &batch.writes.puts {
-                *stored += (key.len() + value.len()) as u64;
-                if let Some(old) = kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))? {
-                    *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
-                }
-            }
-            for key in &batch.writes.removes {
-                if let Some(old) = kv.remove(key.as_slice()).map_err(|e| self.io(e))? {
-                    *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
-                }
-            }
-            let mut members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
-            for member in &batch.members {
-                let bytes = member.encode_to_vec();
-                members.insert(member.member_id, bytes.as_slice()).map_err(|e| self.io(e))?;
-            }
-            for id in &batch.members_removed {
-                members.remove(*id).map_err(|e| self.io(e))?;
-            }
-            let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
-            for key in &batch.proposals_applied {
-                proposals.insert(*key, ()).map_err(|e| self.io(e))?;
-            }
-            for key in &batch.proposals_forgotten {
-                proposals.remove(*key).map_err(|e| self.io(e))?;
-            }
-            let mut leases = txn.open_table(LEASES).map_err(|e| self.io(e))?;
-            for (id, record) in &batch.leases.puts {
-                leases.insert(*id, record.as_slice()).map_err(|e| self.io(e))?;
-            }
-            for id in &batch.leases.removes {
-                leases.remove(*id).map_err(|e| self.io(e))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Replaces the whole replicated state with `image`, inside `txn`: every table
-    /// but `meta` is emptied and refilled, the log is emptied, and `meta` records
-    /// the image's applied index as the applied index and the log's start.
-    /// Returns the bytes of the kv records written (the log is empty after it).
-    fn write_image(&self, txn: &redb::WriteTransaction, image: &StateImage) -> Result<u64, StorageError> {
-        let kv_records = chorus_core::snapshot::kv_records(image).map_err(|e| self.io(e))?;
-        let conf_state =
-            ConfState::parse_from_bytes(&image.conf_state).map_err(|e| self.io(format!("conf state: {e}")))?;
-        let mut log = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
-        log.retain(|_, _| false).map_err(|e| self.io(e))?;
-        let mut kv = txn.open_table(KV).map_err(|e| self.io(e))?;
-        kv.retain(|_, _| false).map_err(|e| self.io(e))?;
-        let mut stored = 0u64;
-        for (key, value) in &kv_records {
-            stored += (key.len() + value.len()) as u64;
-            kv.insert(key.as_slice(), value.as_slice()).map_err(|e| self.io(e))?;
-        }
-        let mut members = txn.open_table(MEMBERS).map_err(|e| self.io(e))?;
-        members.retain(|_, _| false).map_err(|e| self.io(e))?;
-        for member in &image.members {
-            members.insert(member.member_id, member.encode_to_vec().as_slice()).map_err(|e| self.io(e))?;
-        }
-        let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| self.io(e))?;
-        proposals.retain(|_, _| false).map_err(|e| self.io(e))?;
-        for proposal in &image.applied_proposals {
-            proposals.insert((proposal.proposer_id, proposal.tag), ()).map_err(|e| self.io(e))?;
-        }
-        let mut leases = txn.open_table(LEASES).map_err(|e| self.io(e))?;
-        leases.retain(|_, _| false).map_err(|e| self.io(e))?;
-        for lease in &image.leases {
-            leases.insert(lease.id, lease.record.as_slice()).map_err(|e| self.io(e))?;
-        }
-        let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
-        let conf_state = conf_state.write_to_bytes().expect("encode conf state");
-        let alarms = AlarmResponse { header: None, alarms: image.alarms.clone() }.encode_to_vec();
-        let writes: [(&str, &[u8]); 6] = [
-            ("alarms", &alarms),
-            ("conf_state", &conf_state),
-            ("applied_index", &image.applied_index.to_be_bytes()),
-            ("compact_revision", &image.compact_revision.to_be_bytes()),
-            ("log_snapshot_index", &image.applied_index.to_be_bytes()),
-            ("log_snapshot_term", &image.applied_term.to_be_bytes()),
-        ];
-        for (name, value) in writes {
-            meta.insert(name, value).map_err(|e| self.io(e))?;
-        }
-        Ok(stored)
     }
 
     /// Writes `image` as the whole state of a fresh data directory, with `hard_state`:
@@ -375,7 +245,7 @@ impl DiskStorage {
     pub fn bootstrap_from_image(&mut self, image: &StateImage, hard_state: &HardState) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
-        self.stored_bytes = self.write_image(&txn, image)?;
+        self.stored_bytes = write_image(&self.path, &txn, image)?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
             let bytes = hard_state.write_to_bytes().expect("encode hard state");
@@ -422,8 +292,9 @@ impl DiskStorage {
             std::fs::remove_file(&target).map_err(|e| self.io(format!("removing {}: {e}", target.display())))?;
         }
         let read = self.db.begin_read().map_err(|e| self.io(e))?;
-        self.defrag = Some(DefragRunning { recorded: Vec::new(), target: target.clone() });
-        Ok(DefragCopy { read, target })
+        let recorded = Recorded::default();
+        self.defrag = Some(DefragRunning { recorded: recorded.clone(), target: target.clone() });
+        Ok(DefragCopy { read, target, recorded, path: self.path.clone() })
     }
 
     /// Ends the defragmentation begun with [`DiskStorage::defrag_begin`]: with the
@@ -441,13 +312,14 @@ impl DiskStorage {
         };
         let copied = copied.map_err(discard)?;
         let size_before = self.size_bytes();
-        let replayed = running.recorded.len();
+        let tail: Vec<PersistBatch> = running.recorded.lock().expect("recorded batches").drain(..).collect();
+        let replayed = copied.replayed + tail.len();
         let written = (|| {
             let mut txn = copied.db.begin_write().map_err(|e| self.io(e))?;
             txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
             let mut ignored = 0;
-            for batch in &running.recorded {
-                self.write_batch(&txn, batch, &mut ignored)?;
+            for batch in &tail {
+                write_batch(&self.path, &txn, batch, &mut ignored)?;
             }
             txn.commit().map_err(|e| self.io(e))?;
             std::fs::rename(&running.target, &self.path)
@@ -460,7 +332,12 @@ impl DiskStorage {
         written.map_err(discard)?;
         self.db = std::sync::Arc::new(copied.db);
         *self.shared.write().expect("shared database") = self.db.clone();
-        Ok(DefragReport { size_before, size_after: self.size_bytes(), batches_replayed: replayed })
+        Ok(DefragReport {
+            size_before,
+            size_after: self.size_bytes(),
+            batches_replayed: replayed,
+            batches_replayed_at_swap: tail.len(),
+        })
     }
 
     /// Whether a defragmentation's copy is being made.
@@ -660,6 +537,144 @@ impl DiskStorage {
     }
 }
 
+/// Writes `batch` inside `txn`, counting the bytes of records written and
+/// removed in `stored`.
+fn write_batch(path: &Path, txn: &redb::WriteTransaction, batch: &PersistBatch, stored: &mut u64) -> Result<(), StorageError> {
+    if let Some(image) = &batch.install {
+        *stored = write_image(path, txn, image)?;
+    }
+    {
+        let mut log = txn.open_table(RAFT_LOG).map_err(|e| io_error(path, e))?;
+        if let Some((index, term)) = batch.log_compacted_to {
+            log.retain_in(..=index, |_, v| {
+                *stored = stored.saturating_sub(8 + v.len() as u64);
+                false
+            })
+            .map_err(|e| io_error(path, e))?;
+            let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
+            meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
+            meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        if let Some(first) = batch.entries.first() {
+            log.retain_in(first.index.., |_, v| {
+                *stored = stored.saturating_sub(8 + v.len() as u64);
+                false
+            })
+            .map_err(|e| io_error(path, e))?;
+        }
+        for entry in &batch.entries {
+            let bytes = entry.write_to_bytes().expect("encode raft entry");
+            *stored += 8 + bytes.len() as u64;
+            log.insert(entry.index, bytes.as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
+        let hard_state = batch.hard_state.write_to_bytes().expect("encode hard state");
+        meta.insert("hard_state", hard_state.as_slice()).map_err(|e| io_error(path, e))?;
+        if let Some(conf_state) = &batch.conf_state {
+            let bytes = conf_state.write_to_bytes().expect("encode conf state");
+            meta.insert("conf_state", bytes.as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        let applied = batch.applied_index.to_be_bytes();
+        meta.insert("applied_index", applied.as_slice()).map_err(|e| io_error(path, e))?;
+        if let Some(alarms) = &batch.alarms {
+            let bytes = AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec();
+            meta.insert("alarms", bytes.as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        if let Some(revision) = batch.writes.compact_revision {
+            let bytes = revision.to_be_bytes();
+            meta.insert("compact_revision", bytes.as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        let mut kv = txn.open_table(KV).map_err(|e| io_error(path, e))?;
+        for (key, value) in &batch.writes.puts {
+            *stored += (key.len() + value.len()) as u64;
+            if let Some(old) = kv.insert(key.as_slice(), value.as_slice()).map_err(|e| io_error(path, e))? {
+                *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+            }
+        }
+        for key in &batch.writes.removes {
+            if let Some(old) = kv.remove(key.as_slice()).map_err(|e| io_error(path, e))? {
+                *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+            }
+        }
+        let mut members = txn.open_table(MEMBERS).map_err(|e| io_error(path, e))?;
+        for member in &batch.members {
+            let bytes = member.encode_to_vec();
+            members.insert(member.member_id, bytes.as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        for id in &batch.members_removed {
+            members.remove(*id).map_err(|e| io_error(path, e))?;
+        }
+        let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| io_error(path, e))?;
+        for key in &batch.proposals_applied {
+            proposals.insert(*key, ()).map_err(|e| io_error(path, e))?;
+        }
+        for key in &batch.proposals_forgotten {
+            proposals.remove(*key).map_err(|e| io_error(path, e))?;
+        }
+        let mut leases = txn.open_table(LEASES).map_err(|e| io_error(path, e))?;
+        for (id, record) in &batch.leases.puts {
+            leases.insert(*id, record.as_slice()).map_err(|e| io_error(path, e))?;
+        }
+        for id in &batch.leases.removes {
+            leases.remove(*id).map_err(|e| io_error(path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the whole replicated state with `image`, inside `txn`: every table
+/// but `meta` is emptied and refilled, the log is emptied, and `meta` records
+/// the image's applied index as the applied index and the log's start.
+/// Returns the bytes of the kv records written (the log is empty after it).
+fn write_image(path: &Path, txn: &redb::WriteTransaction, image: &StateImage) -> Result<u64, StorageError> {
+    let kv_records = chorus_core::snapshot::kv_records(image).map_err(|e| io_error(path, e))?;
+    let conf_state =
+        ConfState::parse_from_bytes(&image.conf_state).map_err(|e| io_error(path, format!("conf state: {e}")))?;
+    let mut log = txn.open_table(RAFT_LOG).map_err(|e| io_error(path, e))?;
+    log.retain(|_, _| false).map_err(|e| io_error(path, e))?;
+    let mut kv = txn.open_table(KV).map_err(|e| io_error(path, e))?;
+    kv.retain(|_, _| false).map_err(|e| io_error(path, e))?;
+    let mut stored = 0u64;
+    for (key, value) in &kv_records {
+        stored += (key.len() + value.len()) as u64;
+        kv.insert(key.as_slice(), value.as_slice()).map_err(|e| io_error(path, e))?;
+    }
+    let mut members = txn.open_table(MEMBERS).map_err(|e| io_error(path, e))?;
+    members.retain(|_, _| false).map_err(|e| io_error(path, e))?;
+    for member in &image.members {
+        members.insert(member.member_id, member.encode_to_vec().as_slice()).map_err(|e| io_error(path, e))?;
+    }
+    let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| io_error(path, e))?;
+    proposals.retain(|_, _| false).map_err(|e| io_error(path, e))?;
+    for proposal in &image.applied_proposals {
+        proposals.insert((proposal.proposer_id, proposal.tag), ()).map_err(|e| io_error(path, e))?;
+    }
+    let mut leases = txn.open_table(LEASES).map_err(|e| io_error(path, e))?;
+    leases.retain(|_, _| false).map_err(|e| io_error(path, e))?;
+    for lease in &image.leases {
+        leases.insert(lease.id, lease.record.as_slice()).map_err(|e| io_error(path, e))?;
+    }
+    let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
+    let conf_state = conf_state.write_to_bytes().expect("encode conf state");
+    let alarms = AlarmResponse { header: None, alarms: image.alarms.clone() }.encode_to_vec();
+    let writes: [(&str, &[u8]); 6] = [
+        ("alarms", &alarms),
+        ("conf_state", &conf_state),
+        ("applied_index", &image.applied_index.to_be_bytes()),
+        ("compact_revision", &image.compact_revision.to_be_bytes()),
+        ("log_snapshot_index", &image.applied_index.to_be_bytes()),
+        ("log_snapshot_term", &image.applied_term.to_be_bytes()),
+    ];
+    for (name, value) in writes {
+        meta.insert(name, value).map_err(|e| io_error(path, e))?;
+    }
+    Ok(stored)
+}
+
+fn io_error(path: &Path, error: impl std::fmt::Display) -> StorageError {
+    StorageError::Io { path: path.to_path_buf(), detail: error.to_string() }
+}
+
 /// Where a defragmentation writes its copy of the database at `path`.
 fn defrag_target(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
@@ -672,11 +687,16 @@ fn defrag_target(path: &Path) -> PathBuf {
 pub struct DefragCopy {
     read: redb::ReadTransaction,
     target: PathBuf,
+    recorded: Recorded,
+    /// The database's path, for error messages of replayed batches.
+    path: PathBuf,
 }
 
 /// A finished copy, for [`DiskStorage::defrag_finish`].
 pub struct DefragCopied {
     db: Database,
+    /// Batches already written into the copy by the copy thread.
+    replayed: usize,
 }
 
 /// What a defragmentation did.
@@ -684,9 +704,19 @@ pub struct DefragCopied {
 pub struct DefragReport {
     pub size_before: u64,
     pub size_after: u64,
-    /// Batches written while the copy was made, written into it at the end.
+    /// Batches persisted while the copy was made, written into it too.
     pub batches_replayed: usize,
+    /// Of those, the ones written during the swap itself (the writer waits for
+    /// them); the copy thread writes the rest while the writer goes on.
+    pub batches_replayed_at_swap: usize,
 }
+
+/// The copy thread catches up with the batches persisted meanwhile until at most
+/// this many are left, which the swap writes while the writer waits.
+const DEFRAG_TAIL_BATCHES: usize = 16;
+/// Rounds of catching up before the copy thread hands over whatever is left (a
+/// writer faster than the copy would otherwise keep it from ever finishing).
+const DEFRAG_CATCH_UP_ROUNDS_MAX: usize = 50;
 
 /// Rows copied per write transaction of a defragmentation's copy.
 const DEFRAG_ROWS_PER_TXN: usize = 50_000;
@@ -705,7 +735,25 @@ impl DefragCopy {
         copy_table(&self.read, &db, LEASES).map_err(|e| io(&e))?;
         drop(self.read);
         while db.compact().map_err(|e| io(&e))? {}
-        Ok(DefragCopied { db })
+        let mut replayed = 0;
+        for _ in 0..DEFRAG_CATCH_UP_ROUNDS_MAX {
+            let batches: Vec<PersistBatch> = {
+                let mut recorded = self.recorded.lock().expect("recorded batches");
+                if recorded.len() <= DEFRAG_TAIL_BATCHES {
+                    break;
+                }
+                recorded.drain(..).collect()
+            };
+            let mut txn = db.begin_write().map_err(|e| io(&e))?;
+            txn.set_durability(Durability::None).map_err(|e| io(&e))?;
+            let mut ignored = 0;
+            for batch in &batches {
+                write_batch(&self.path, &txn, batch, &mut ignored)?;
+            }
+            txn.commit().map_err(|e| io(&e))?;
+            replayed += batches.len();
+        }
+        Ok(DefragCopied { db, replayed })
     }
 }
 

@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// writes that grow it, in bytes (0: the default, 8 GiB)
     #[arg(long, env = "CHORUS_QUOTA_BACKEND_BYTES", default_value_t = 0)]
     pub quota_backend_bytes: u64,
+    /// How often the leader compares every member's HashKV with its own and raises the
+    /// CORRUPT alarm for a member that differs, in milliseconds (0: never)
+    #[arg(long, env = "CHORUS_CORRUPT_CHECK_TIME", default_value_t = limits::CORRUPT_CHECK_INTERVAL_MS_DEFAULT)]
+    pub corrupt_check_time: u64,
     /// The leader promotes a learner once its log has caught up (etcd needs `member promote`).
     #[arg(long, env = "CHORUS_AUTO_PROMOTE_LEARNERS", default_value_t = true, action = clap::ArgAction::Set)]
     pub auto_promote_learners: bool,
@@ -143,6 +147,7 @@ impl ServeArgs {
                 self.quota_backend_bytes
             },
             snapshot_count: self.snapshot_count,
+            corrupt_check_interval_ms: self.corrupt_check_time,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
             limits,
             listen_metrics_addrs: addrs(&self.listen_metrics_urls)?,
@@ -223,6 +228,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             watch_progress_notify_interval: 600_000,
             auto_promote_learners: true,
             quota_backend_bytes: 0,
+            corrupt_check_time: limits::CORRUPT_CHECK_INTERVAL_MS_DEFAULT,
             snapshot_count: limits::LOG_ENTRIES_MAX_DEFAULT,
             snapshot_catchup_entries: limits::LOG_CATCHUP_ENTRIES_DEFAULT,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
