@@ -6,11 +6,12 @@
 # `etcdctl defrag` while a 1-client put loop and a 1-client get loop run against
 # it, and reports the file size before and after, how long the defragmentation
 # took, how long the member's driver was held for the swap (from its log), and
-# the slowest put and get of loops that run PROBE_S seconds around it.
+# the slowest put and get of 1-client loops that run PROBE_S seconds around it,
+# next to the same loops on the same cluster without a defragmentation.
 set -euo pipefail
 MB=${1:-1000}
 BIN=${CHORUS_BIN:-target/release/chorus}
-PROBE_S=${PROBE_S:-60} # how long the put and get loops run (the defragmentation starts 2 s in)
+PROBE_S=${PROBE_S:-12} # how long the put and get loops run, once without and once around the defragmentation (which starts 1 s in)
 DIR=$(mktemp -d /tmp/chorus-defrag.XXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$DIR"' EXIT
 CLUSTER="d1=http://127.0.0.1:43380,d2=http://127.0.0.1:43480,d3=http://127.0.0.1:43580"
@@ -38,18 +39,25 @@ print([e["Endpoint"] for e in s if e["Status"]["leader"]==e["Status"]["header"][
 status() { etcdctl --endpoints "$LEADER_EP" endpoint status -w json | python3 -c '
 import json,sys; s=json.load(sys.stdin)[0]["Status"]; print("dbSize %.1f MB, dbSizeInUse %.1f MB" % (s["dbSize"]/1e6, s["dbSizeInUse"]/1e6))'; }
 echo "leader $LEADER_EP before: $(status)"
-"$BIN" bench put --endpoints "$LEADER_EP" --clients 1 --total 10000000 --duration-max "${PROBE_S}s" --key-prefix probe/ -w json > "$DIR/put.json" &
-PUT=$!
-"$BIN" bench get --endpoints "$LEADER_EP" --clients 1 --total 100000000 --duration-max "${PROBE_S}s" -w json > "$DIR/get.json" 2>/dev/null &
-GET=$!
-sleep 2
+probe() { # tag: a put loop and a get loop against the leader for PROBE_S seconds
+  "$BIN" bench put --endpoints "$LEADER_EP" --clients 1 --total 10000000 --duration-max "${PROBE_S}s" --key-prefix "probe-$1/" -w json > "$DIR/put-$1.json" &
+  PROBES="$!"
+  "$BIN" bench get --endpoints "$LEADER_EP" --clients 1 --total 100000000 --duration-max "${PROBE_S}s" -w json > "$DIR/get-$1.json" 2>/dev/null &
+  PROBES="$PROBES $!"
+}
+echo "baseline: ${PROBE_S} s of the loops without a defragmentation"
+probe quiet
+wait $PROBES
+echo "now the same with a defragmentation starting 1 s in"
+probe defrag
+sleep 1
 t0=$(date +%s.%N)
 etcdctl --endpoints "$LEADER_EP" --command-timeout 600s defrag
 t1=$(date +%s.%N)
-wait $PUT $GET || true
+wait $PROBES
 echo "defragmentation took $(echo "$t1 - $t0" | bc) s"
 echo "leader after: $(status)"
 grep -h "defragmented the database" "$DIR"/d*.log | sed 's/\x1b\[[0-9;]*m//g' | tail -3
-for f in put get; do
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%s loop (whole run): ops %d, errors %d, p50 %.2f ms, p99 %.2f ms, max %.2f ms" % (sys.argv[2], r["ops"], r["errors"], r["p50_ms"], r["p99_ms"], r["max_ms"]))' "$DIR/$f.json" "$f" 2>/dev/null || echo "$f loop: no summary"
-done
+for tag in quiet defrag; do for f in put get; do
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%s: %s loop: ops %d, errors %d, p50 %.2f ms, p99 %.2f ms, max %.2f ms" % (sys.argv[3], sys.argv[2], r["ops"], r["errors"], r["p50_ms"], r["p99_ms"], r["max_ms"]))' "$DIR/$f-$tag.json" "$f" "$tag" 2>/dev/null || echo "$tag $f loop: no summary"
+done; done

@@ -1,7 +1,8 @@
 //! Membership changes with real processes: etcdctl's member commands, a learner
 //! that joins with `--initial-cluster-state existing`, is caught up by a snapshot
 //! and promoted automatically, and a cluster grown from three members to five and
-//! shrunk back to three (removing the leader too) while a write load runs.
+//! shrunk back to three (removing the leader too) while a write load runs, with
+//! every acknowledged write kept and a register's history linearizable.
 
 mod common;
 
@@ -10,7 +11,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{etcdctl, Cluster};
-use etcd_client::GetOptions;
+use etcd_client::{GetOptions, Txn, TxnOp};
+
+/// Checks a single-writer register's history for linearizability. The writer
+/// wrote 1, 2, 3... in order, one at a time: (invoked, acknowledged if it was, n).
+/// Each read (invoked, answered, value) must return a value written no earlier
+/// than the last write acknowledged before the read began and no later than the
+/// last write begun before it was answered, and the reader's successive reads
+/// never go back.
+fn check_register_history(writes: &[(Instant, Option<Instant>, u64)], reads: &[(Instant, Instant, u64)]) {
+    assert!(!reads.is_empty(), "the reader read nothing");
+    let mut previous = 0;
+    for &(invoked, answered, value) in reads {
+        let floor = writes.iter().filter(|(_, acked, _)| acked.is_some_and(|a| a < invoked)).map(|w| w.2).max().unwrap_or(0);
+        let ceiling = writes.iter().filter(|(begun, _, _)| *begun < answered).map(|w| w.2).max().unwrap_or(0);
+        assert!(value >= floor, "a read begun after write {floor} was acknowledged returned {value} (stale)");
+        assert!(value <= ceiling, "a read answered before write {} began returned {value}", ceiling + 1);
+        assert!(value >= previous, "the register went back from {previous} to {value}");
+        previous = value;
+    }
+    eprintln!("register history of {} writes and {} reads is linearizable", writes.len(), reads.len());
+}
 
 
 /// (id, name, is_learner) of every member, from `etcdctl member list -w json`.
@@ -128,28 +149,60 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
     common::wait_members_published(&cluster, Duration::from_secs(10)).await;
 
     // The load: one writer through the member that stays (m3), each key once,
-    // recording what was acknowledged; bounded in count and time.
+    // recording what was acknowledged; bounded in count and time. Each write also
+    // sets the register `reg` to its number, in the same txn, and a reader reads
+    // `reg` (linearizably) through m3 throughout: the history of that register is
+    // checked below.
     let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let writes: Arc<Mutex<Vec<(Instant, Option<Instant>, u64)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
-        let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+        let (acknowledged, writes, stop) = (acknowledged.clone(), writes.clone(), stop.clone());
         let mut client = cluster.client_of(2).await;
         tokio::spawn(async move {
             let started = Instant::now();
             let mut failed = 0u64;
-            for i in 0..200_000u64 {
+            for i in 1..200_000u64 {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120) {
                     break;
                 }
                 let (key, value) = (format!("load/{i:06}"), format!("v{i}"));
-                match client.put(key.clone(), value.clone(), None).await {
+                let txn = Txn::new().and_then([
+                    TxnOp::put(key.clone(), value.clone(), None),
+                    TxnOp::put("reg", i.to_string(), None),
+                ]);
+                let invoked = Instant::now();
+                match client.txn(txn).await {
                     Ok(_) => {
+                        writes.lock().unwrap().push((invoked, Some(Instant::now()), i));
                         acknowledged.lock().unwrap().insert(key, value);
                     }
-                    Err(_) => failed += 1,
+                    Err(_) => {
+                        writes.lock().unwrap().push((invoked, None, i));
+                        failed += 1
+                    }
                 }
             }
             failed
+        })
+    };
+    let reader = {
+        let stop = stop.clone();
+        let mut client = cluster.client_of(2).await;
+        tokio::spawn(async move {
+            let mut reads = Vec::new();
+            for _ in 0..200_000u64 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let invoked = Instant::now();
+                if let Ok(got) = client.get("reg", None).await {
+                    let value = got.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse::<u64>().unwrap());
+                    reads.push((invoked, Instant::now(), value));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            reads
         })
     };
     // The load is under way before the first change (bounded wait; no speed asserted).
@@ -199,7 +252,9 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failed = writer.await.expect("writer");
+    let reads = reader.await.expect("reader");
     let acknowledged = acknowledged.lock().unwrap().clone();
+    check_register_history(&writes.lock().unwrap(), &reads);
     eprintln!("{} writes acknowledged, {failed} failed (outcome unknown) during the changes", acknowledged.len());
 
     // Every acknowledged write is on every remaining member.
@@ -221,4 +276,41 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
         let missing: Vec<&String> = acknowledged.keys().filter(|k| held.get(*k) != acknowledged.get(*k)).collect();
         assert!(missing.is_empty(), "m{} lost {} acknowledged writes, e.g. {:?}", i + 1, missing.len(), missing.first());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_membership_change_while_one_is_pending_is_refused() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    common::wait_members_published(&cluster, Duration::from_secs(10)).await;
+    let mut client = cluster.client_of(leader).await;
+    let first_url = format!("http://127.0.0.1:{}", common::free_port());
+    let second_url = format!("http://127.0.0.1:{}", common::free_port());
+
+    // With both followers paused the first change cannot commit, so it is still
+    // pending when the second arrives.
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    for &i in &followers {
+        cluster.signal(i, "STOP");
+    }
+    let first = {
+        let mut client = client.clone();
+        let options = etcd_client::MemberAddOptions::new().with_is_learner();
+        tokio::spawn(async move { client.member_add([first_url], Some(options)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let options = etcd_client::MemberAddOptions::new().with_is_learner();
+    let second = client.member_add([second_url], Some(options)).await;
+    for &i in &followers {
+        cluster.signal(i, "CONT");
+    }
+    let refused = second.expect_err("a second change while one is pending");
+    let text = refused.to_string();
+    assert!(text.contains("a membership change is already in progress"), "{text}");
+    assert!(text.contains("FailedPrecondition"), "{text}");
+    let added = first.await.unwrap().expect("the first change completes once the followers are back");
+    let id = added.member().expect("the added member").id();
+    let listed = member_list(&cluster.endpoint(leader));
+    assert_eq!(listed.len(), 4, "only the first change was made: {listed:?}");
+    assert!(listed.iter().any(|(m, _, learner)| *m == id && *learner));
 }
