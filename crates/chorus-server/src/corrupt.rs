@@ -10,6 +10,7 @@
 //! A member that has not applied the revision yet, or compacted it away, cannot
 //! be compared this round and is skipped.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chorus_proto::chorus::v1::command::Op;
@@ -25,13 +26,22 @@ use crate::driver::NodeHandle;
 const PEER_HASH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the check every `interval` while this member leads, until `stop`.
-pub async fn run(node: NodeHandle, reader: ImageReader, member_id: u64, interval: Duration, mut stop: watch::Receiver<bool>) {
+/// `initial_peers` (member id to `host:port`, from `--initial-cluster`) stands in
+/// for members whose peer URLs the member table does not hold (the founding ones).
+pub async fn run(
+    node: NodeHandle,
+    reader: ImageReader,
+    member_id: u64,
+    initial_peers: BTreeMap<u64, String>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|stopped| *stopped) => return,
         }
-        if let Err(error) = check_once(&node, &reader, member_id).await {
+        if let Err(error) = check_once(&node, &reader, member_id, &initial_peers).await {
             tracing::warn!(%error, "the corruption check could not run this round");
         }
     }
@@ -39,7 +49,12 @@ pub async fn run(node: NodeHandle, reader: ImageReader, member_id: u64, interval
 
 /// One round; answers the members found to differ (empty when this member does
 /// not lead, or every member agrees).
-pub async fn check_once(node: &NodeHandle, reader: &ImageReader, member_id: u64) -> Result<Vec<u64>, String> {
+pub async fn check_once(
+    node: &NodeHandle,
+    reader: &ImageReader,
+    member_id: u64,
+    initial_peers: &BTreeMap<u64, String>,
+) -> Result<Vec<u64>, String> {
     let status = node.status().await.map_err(|e| e.to_string())?;
     if status.node.leader_id != member_id {
         return Ok(Vec::new());
@@ -53,12 +68,14 @@ pub async fn check_once(node: &NodeHandle, reader: &ImageReader, member_id: u64)
     let mut differing = Vec::new();
     let members = status.conf_state.voters.iter().chain(&status.conf_state.learners);
     for &id in members.filter(|id| **id != member_id) {
-        let Some(addr) = status
+        let addr = status
             .members
             .get(&id)
             .and_then(|m| m.peer_urls.first())
             .and_then(|url| crate::config::url_to_addr(url).ok())
-        else {
+            .or_else(|| initial_peers.get(&id).cloned());
+        let Some(addr) = addr else {
+            tracing::debug!(member = %format!("{id:016x}"), "no peer address known for the member");
             continue;
         };
         let theirs = match ask_hash(&addr, own.hash_revision).await {

@@ -193,6 +193,7 @@ pub async fn serve(
             handle.clone(),
             image_reader.clone(),
             member_id,
+            peer_addrs.clone(),
             Duration::from_millis(config.corrupt_check_interval_ms),
             stop_rx.clone(),
         ));
