@@ -214,6 +214,10 @@ mod tests {
 /// entries than this. Every entry stays in memory until compacted; etcd's default
 /// is 100,000, ours is smaller to bound that memory.
 pub const LOG_ENTRIES_MAX_DEFAULT: u64 = 10_000;
+/// Default of `--snapshot-bytes`: the log is compacted also once its entries hold
+/// more than this many payload bytes (every entry stays in memory until then;
+/// 10,000 entries of 1.5 MiB would be 15 GiB).
+pub const LOG_BYTES_MAX_DEFAULT: u64 = 256 * 1024 * 1024;
 /// Default of `--snapshot-catchup-entries`: applied entries kept behind a
 /// compaction for members that are only slightly behind (etcd's is 5,000).
 pub const LOG_CATCHUP_ENTRIES_DEFAULT: u64 = 5_000;

@@ -88,6 +88,9 @@ pub struct NodeConfig {
     /// The log is compacted once it holds more than this many applied entries
     /// (etcd's `--snapshot-count`).
     pub log_entries_max: u64,
+    /// The log is compacted also once its entries' payloads pass this many bytes
+    /// (`--snapshot-bytes`), keeping at most half as many bytes of applied entries.
+    pub log_bytes_max: u64,
     /// Applied entries kept behind a compaction, so that a member only slightly
     /// behind catches up from the log rather than from a snapshot.
     pub log_catchup_entries: u64,
@@ -114,6 +117,7 @@ impl NodeConfig {
             boot_id: 1,
             tick_ms,
             log_entries_max: crate::limits::LOG_ENTRIES_MAX_DEFAULT,
+            log_bytes_max: crate::limits::LOG_BYTES_MAX_DEFAULT,
             log_catchup_entries: crate::limits::LOG_CATCHUP_ENTRIES_DEFAULT,
             snapshot_retry_ticks: crate::limits::SNAPSHOT_RETRY_MS / tick_ms.max(1),
             inline_snapshots: true,
@@ -275,6 +279,8 @@ pub struct LogStore {
     /// (0 when nothing was).
     snapshot_term: u64,
     entries: VecDeque<Entry>,
+    /// The payload bytes (data and context) of `entries`.
+    bytes: u64,
     /// The latest snapshot built for a member that needs compacted entries.
     prepared: Option<Snapshot>,
     /// raft-rs asked for a snapshot that is not prepared yet.
@@ -292,12 +298,14 @@ impl LogStore {
         for (offset, entry) in entries.iter().enumerate() {
             assert_eq!(entry.index, first_index + offset as u64, "log has a gap");
         }
+        let bytes = entries.iter().map(entry_bytes).sum();
         LogStore {
             hard_state,
             conf_state,
             first_index,
             snapshot_term,
             entries: entries.into(),
+            bytes,
             prepared: None,
             snapshot_wanted: std::cell::Cell::new(false),
         }
@@ -308,7 +316,8 @@ impl LogStore {
         assert!(index >= self.first_index && index <= self.last_index_value(), "compact outside the log");
         let drop_count = (index + 1 - self.first_index) as usize;
         let term = self.entries[drop_count - 1].term;
-        self.entries.drain(..drop_count);
+        let dropped: u64 = self.entries.drain(..drop_count).map(|e| entry_bytes(&e)).sum();
+        self.bytes -= dropped;
         self.first_index = index + 1;
         self.snapshot_term = term;
         term
@@ -317,6 +326,7 @@ impl LogStore {
     /// Replaces the log by an installed snapshot's position.
     fn apply_snapshot(&mut self, index: u64, term: u64, conf_state: ConfState) {
         self.entries.clear();
+        self.bytes = 0;
         self.first_index = index + 1;
         self.snapshot_term = term;
         self.conf_state = conf_state;
@@ -334,8 +344,25 @@ impl LogStore {
         assert!(first_new.index >= self.first_index, "append below the first index");
         assert!(first_new.index <= self.last_index_value() + 1, "append leaves a gap");
         let keep = (first_new.index - self.first_index) as usize;
-        self.entries.truncate(keep);
+        let dropped: u64 = self.entries.drain(keep..).map(|e| entry_bytes(&e)).sum();
+        self.bytes = self.bytes - dropped + new_entries.iter().map(entry_bytes).sum::<u64>();
         self.entries.extend(new_entries.iter().cloned());
+    }
+
+    /// The lowest index such that the entries after it, through `applied`, hold at
+    /// most `budget` payload bytes (`applied` itself when even that one is larger).
+    fn index_keeping_bytes(&self, applied: u64, budget: u64) -> u64 {
+        let mut kept = 0u64;
+        let mut index = applied;
+        while index >= self.first_index {
+            let entry = &self.entries[(index - self.first_index) as usize];
+            kept += entry_bytes(entry);
+            if kept > budget {
+                return index;
+            }
+            index -= 1;
+        }
+        index
     }
 }
 
@@ -445,6 +472,7 @@ pub struct Node {
     /// where the log does not hold the initial configuration).
     compact_through: Option<u64>,
     log_entries_max: u64,
+    log_bytes_max: u64,
     log_catchup_entries: u64,
     snapshot_retry_ticks: u64,
     inline_snapshots: bool,
@@ -528,6 +556,7 @@ impl Node {
             pending_log_compaction: None,
             compact_through: None,
             log_entries_max: config.log_entries_max.max(1),
+            log_bytes_max: config.log_bytes_max.max(1),
             log_catchup_entries: config.log_catchup_entries,
             snapshot_retry_ticks: config.snapshot_retry_ticks.max(1),
             inline_snapshots: config.inline_snapshots,
@@ -1086,14 +1115,21 @@ impl Node {
         let applied = self.applied_index;
         let mut to = None;
         let held = (applied + 1).saturating_sub(first);
-        if held > self.log_entries_max {
+        let bytes = self.raw.store().bytes;
+        if held > self.log_entries_max || bytes > self.log_bytes_max {
             let mut by_count = applied.saturating_sub(self.log_catchup_entries);
+            if bytes > self.log_bytes_max {
+                // Large entries: keep at most half the byte budget of applied ones.
+                by_count = by_count.max(self.raw.store().index_keeping_bytes(applied, self.log_bytes_max / 2));
+            }
             // A leader keeps what its live followers still need (one being sent a
             // snapshot needs what follows the snapshot), or a member slower to
             // install a snapshot than the log moves would never catch up; up to a
             // bound, so a stuck follower cannot pin the log in memory.
             let leading = self.raw.raft.state == StateRole::Leader;
-            if leading && held <= LOG_HELD_FOR_FOLLOWERS_FACTOR * self.log_entries_max {
+            let within = held <= LOG_HELD_FOR_FOLLOWERS_FACTOR * self.log_entries_max
+                && bytes <= LOG_HELD_FOR_FOLLOWERS_FACTOR.saturating_mul(self.log_bytes_max);
+            if leading && within {
                 let own = self.raw.raft.id;
                 let needed = self
                     .raw
@@ -1411,6 +1447,11 @@ fn grows_database(op: &Op) -> bool {
 /// refuses.
 fn changes_key_space(op: &Op) -> bool {
     matches!(op, Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) | Op::Compaction(_) | Op::LeaseGrant(_))
+}
+
+/// The bytes an entry holds in memory beyond its fixed fields.
+fn entry_bytes(entry: &Entry) -> u64 {
+    (entry.data.len() + entry.context.len()) as u64
 }
 
 /// Every member a configuration names: voters (incoming and outgoing) and learners.

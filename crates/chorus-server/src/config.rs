@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub corrupt_check_interval_ms: u64,
     /// `--snapshot-catchup-entries`: entries kept behind a compaction.
     pub snapshot_catchup_entries: u64,
+    /// `--snapshot-bytes`: payload bytes of log entries held before compaction.
+    pub snapshot_bytes: u64,
     pub limits: Limits,
     /// `--listen-metrics-urls`: where `/metrics`, `/livez`, `/readyz` and `/health`
     /// are served, as `host:port` (none: not served).
@@ -111,6 +113,9 @@ impl ServerConfig {
         let log_max = chorus_core::limits::LOG_ENTRIES_MAX_MAX;
         if self.snapshot_count == 0 || self.snapshot_count > log_max {
             return fail(format!("--snapshot-count must be between 1 and {log_max}"));
+        }
+        if self.snapshot_bytes < 1024 * 1024 {
+            return fail("--snapshot-bytes must be at least 1048576 (1 MiB)".into());
         }
         if self.snapshot_catchup_entries > log_max {
             return fail(format!("--snapshot-catchup-entries must be at most {log_max}"));

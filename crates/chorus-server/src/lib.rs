@@ -117,6 +117,7 @@ pub async fn serve(
         boot_id: opened.boot_count,
         tick_ms: config.heartbeat_interval_ms,
         log_entries_max: config.snapshot_count,
+        log_bytes_max: config.snapshot_bytes,
         log_catchup_entries: config.snapshot_catchup_entries,
         snapshot_retry_ticks: chorus_core::limits::SNAPSHOT_RETRY_MS / config.heartbeat_interval_ms,
         inline_snapshots: false,

@@ -80,6 +80,9 @@ pub struct SimOptions {
     /// Log compaction: applied entries held before compacting, and entries kept
     /// behind. Small, so that members behind are caught up by snapshots often.
     pub log_entries_max: u64,
+    /// Compaction by bytes too; derived from the seed without drawing from the
+    /// option generator, so every other choice of a seed stays as it was.
+    pub log_bytes_max: u64,
     pub log_catchup_entries: u64,
     /// Membership changes during the fault phase: a spare node joins as a learner,
     /// is promoted, and then a voter (perhaps the leader) is removed and becomes
@@ -124,6 +127,7 @@ impl SimOptions {
             client_think_us: rng.random_range(5_000..100_000),
             serializable_get_percent: rng.random_range(0..=30),
             log_entries_max: 0,
+            log_bytes_max: u64::MAX,
             log_catchup_entries: 0,
             membership_changes: false,
             nospace_alarms: false,
@@ -135,6 +139,12 @@ impl SimOptions {
         options.log_catchup_entries = log_rng.random_range(0..=16);
         options.membership_changes = log_rng.random_bool(0.5);
         options.nospace_alarms = log_rng.random_bool(0.3);
+        // A third of seeds compact by bytes too, at 2 to 16 KiB of entries (a few
+        // dozen of the workloads' commands); from their own stream as well.
+        let mut bytes_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xb17e5);
+        if bytes_rng.random_bool(0.33) {
+            options.log_bytes_max = bytes_rng.random_range(2_048..=16_384);
+        }
         match bug {
             // Lost fsyncs only show when a majority loses its unsynced state at once.
             Some(Bug::AckBeforeFsync) => {

@@ -529,6 +529,7 @@ impl World {
             boot_id: opened.boot_count,
             tick_ms: self.options.tick_us / 1000,
             log_entries_max: self.options.log_entries_max,
+            log_bytes_max: self.options.log_bytes_max,
             log_catchup_entries: self.options.log_catchup_entries,
             snapshot_retry_ticks: SNAPSHOT_RETRY_TICKS,
             inline_snapshots: true,

@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Applied raft log entries kept before the log is compacted (etcd's flag).
     #[arg(long, env = "CHORUS_SNAPSHOT_COUNT", default_value_t = limits::LOG_ENTRIES_MAX_DEFAULT)]
     pub snapshot_count: u64,
+    /// Payload bytes of raft log entries held before the log is compacted, whatever their
+    /// count (chorus's own; keeps a log of large values from filling memory)
+    #[arg(long, env = "CHORUS_SNAPSHOT_BYTES", default_value_t = limits::LOG_BYTES_MAX_DEFAULT)]
+    pub snapshot_bytes: u64,
     /// Entries kept behind a compaction, for members slightly behind to catch up
     /// from the log instead of a snapshot.
     #[arg(long, env = "CHORUS_SNAPSHOT_CATCHUP_ENTRIES", default_value_t = limits::LOG_CATCHUP_ENTRIES_DEFAULT)]
@@ -149,6 +153,7 @@ impl ServeArgs {
             snapshot_count: self.snapshot_count,
             corrupt_check_interval_ms: self.corrupt_check_time,
             snapshot_catchup_entries: self.snapshot_catchup_entries,
+            snapshot_bytes: self.snapshot_bytes,
             limits,
             listen_metrics_addrs: addrs(&self.listen_metrics_urls)?,
             health: chorus_core::health::HealthConfig {
@@ -231,6 +236,7 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             corrupt_check_time: limits::CORRUPT_CHECK_INTERVAL_MS_DEFAULT,
             snapshot_count: limits::LOG_ENTRIES_MAX_DEFAULT,
             snapshot_catchup_entries: limits::LOG_CATCHUP_ENTRIES_DEFAULT,
+            snapshot_bytes: limits::LOG_BYTES_MAX_DEFAULT,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
             max_txn_ops: chorus_core::limits::TXN_OPS_MAX_DEFAULT,
             listen_metrics_urls: format!("http://127.0.0.1:{}", client + 2),

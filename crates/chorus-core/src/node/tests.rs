@@ -23,6 +23,7 @@ fn config(id: u64) -> NodeConfig {
         boot_id: 1,
         tick_ms: 100,
         log_entries_max: 1_000_000,
+        log_bytes_max: u64::MAX,
         log_catchup_entries: 0,
         snapshot_retry_ticks: 30,
         inline_snapshots: true,
