@@ -73,6 +73,10 @@ async fn the_leader_finds_a_member_whose_key_space_differs() {
     // Alter one follower's stored value while it is down.
     let leader = cluster.wait_leader(Duration::from_secs(10)).await;
     let victim = (leader + 1) % 3;
+    // From here on through the leader only: a client of every endpoint would lose
+    // its connection to the member restarted below, and the altered member serves
+    // its own altered value.
+    let mut through_leader = cluster.client_of(leader).await;
     let revision = client.get("victim", None).await.unwrap().header().unwrap().revision();
     let started = Instant::now();
     while cluster.local_range(victim, "victim").await != vec![("victim".to_string(), "good".to_string())] {
@@ -86,7 +90,7 @@ async fn the_leader_finds_a_member_whose_key_space_differs() {
     cluster.restart(victim);
 
     let victim_id = {
-        let members = client.member_list().await.expect("member list");
+        let members = through_leader.member_list().await.expect("member list");
         let name = &cluster.members[victim].name;
         members.members().iter().find(|m| m.name() == name).expect("the victim is listed").id()
     };
@@ -102,9 +106,9 @@ async fn the_leader_finds_a_member_whose_key_space_differs() {
     assert_eq!(listed.trim(), format!("memberID:{victim_id} alarm:CORRUPT"), "only the altered member is named");
 
     // Writes are refused, changing nothing; reads go on.
-    let refused = client.put("after", "v", None).await.expect_err("a put under CORRUPT");
+    let refused = through_leader.put("after", "v", None).await.expect_err("a put under CORRUPT");
     assert!(refused.to_string().contains("corrupt cluster"), "{refused}");
-    let read = client.get("victim", None).await.expect("a read under CORRUPT");
+    let read = through_leader.get("victim", None).await.expect("a read under CORRUPT");
     assert_eq!(read.kvs()[0].value(), b"good", "the leader serves its own value");
     assert_eq!(read.header().unwrap().revision(), revision, "the refused put changed the revision");
 
@@ -112,6 +116,5 @@ async fn the_leader_finds_a_member_whose_key_space_differs() {
     cluster.kill(victim);
     let disarm = etcdctl(&endpoints, &["alarm", "disarm"]);
     assert!(disarm.status.success(), "{}", String::from_utf8_lossy(&disarm.stderr));
-    let mut client = cluster.client_of(leader).await;
-    client.put("after", "v", None).await.expect("a put after disarming");
+    through_leader.put("after", "v", None).await.expect("a put after disarming");
 }

@@ -96,7 +96,9 @@ async fn defrag_shrinks_every_member_while_writes_go_on() {
     // The defragmented files are what restarted members open.
     cluster.kill(1);
     cluster.restart(1);
-    cluster.wait_leader(Duration::from_secs(10)).await;
+    let leader = cluster.wait_leader(Duration::from_secs(10)).await;
+    // Through the leader: a client of every endpoint lost its connection to m2.
+    let mut client = cluster.client_of(leader).await;
     client.put("after-restart", "v", None).await.expect("a put after the restart");
     let revision = client.get("after-restart", None).await.unwrap().header().unwrap().revision();
     let mut hashes = Vec::new();
