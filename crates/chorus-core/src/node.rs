@@ -1009,7 +1009,17 @@ impl Node {
             .raft
             .prs()
             .iter()
-            .filter(|(id, p)| learners.contains(id) && p.recent_active && p.matched + lag_max >= last)
+            // raft-rs marks a new member recently active before it has ever
+            // answered, with nothing matched: only a learner that has answered (its
+            // progress is replicating, something is matched) counts as caught up,
+            // or one added but never started would be promoted in a young cluster.
+            .filter(|(id, p)| {
+                learners.contains(id)
+                    && p.recent_active
+                    && p.state == raft::ProgressState::Replicate
+                    && p.matched > 0
+                    && p.matched + lag_max >= last
+            })
             .map(|(id, _)| *id)
             .collect()
     }

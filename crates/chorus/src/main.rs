@@ -9,6 +9,7 @@ mod bench_cmd;
 mod client_cmd;
 mod cluster_cmd;
 mod coord_cmd;
+mod member_cmd;
 mod queue_cmd;
 mod serve_cmd;
 mod snapshot_cmd;
@@ -50,6 +51,8 @@ enum Command {
     Barrier(queue_cmd::BarrierArgs),
     /// Cluster-wide views: `chorus cluster health` (every member's diagnosis of every peer).
     Cluster(cluster_cmd::ClusterArgs),
+    /// Membership: list, add (--learner), remove, update, promote (etcd's Cluster service)
+    Member(member_cmd::MemberArgs),
     /// Backups: `save FILE` from a member, `status FILE`, `restore FILE` into a new member's data directory
     Snapshot(snapshot_cmd::SnapshotArgs),
     #[command(flatten)]
@@ -88,6 +91,7 @@ fn main() {
             Command::Queue(args) => return queue_cmd::run_queue(&cli.global, args).await,
             Command::Barrier(args) => return queue_cmd::run_barrier(&cli.global, args).await,
             Command::Cluster(args) => return cluster_cmd::run(&cli.global, args).await,
+            Command::Member(args) => return member_cmd::run(&cli.global, args).await,
             Command::Snapshot(args) => return snapshot_cmd::run(&cli.global, args).await,
         };
         match result {

@@ -315,3 +315,59 @@ async fn a_second_membership_change_while_one_is_pending_is_refused() {
     assert_eq!(listed.len(), 4, "only the first change was made: {listed:?}");
     assert!(listed.iter().any(|(m, _, learner)| *m == id && *learner));
 }
+
+/// Runs `chorus member ARGS` against `endpoint`.
+fn chorus_member(endpoint: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["member", "--endpoints", endpoint])
+        .args(args)
+        .output()
+        .expect("run chorus member")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chorus_member_commands() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(Duration::from_secs(10)).await;
+    common::wait_members_published(&cluster, Duration::from_secs(10)).await;
+    let endpoint = cluster.endpoint(0);
+    let text = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).to_string();
+
+    let listed = chorus_member(&endpoint, &["list"]);
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let lines: Vec<String> = text(&listed).lines().map(str::to_string).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(lines.iter().all(|l| l.contains(", started, ") && l.ends_with(", false")), "{lines:?}");
+
+    let peer_url = format!("http://127.0.0.1:{}", common::free_port());
+    let added = chorus_member(&endpoint, &["add", "newcomer", "--peer-urls", &peer_url, "--learner"]);
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    let said = text(&added);
+    assert!(said.starts_with("Member ") && said.contains(" added to cluster "), "{said}");
+    assert!(said.contains(&format!("newcomer={peer_url}")) && said.contains("--initial-cluster-state existing"), "{said}");
+    let id = said.split_whitespace().nth(1).unwrap().to_string();
+
+    let json = chorus_member(&endpoint, &["list", "-w", "json"]);
+    let parsed: serde_json::Value = serde_json::from_slice(&json.stdout).expect("member list -w json");
+    let members = parsed["members"].as_array().unwrap();
+    assert_eq!(members.len(), 4);
+    let newcomer = members.iter().find(|m| format!("{:x}", m["ID"].as_u64().unwrap()) == id).expect("listed");
+    assert_eq!(newcomer["isLearner"], true);
+    assert!(newcomer.get("name").is_none(), "not started yet: {newcomer}");
+    // The same as etcdctl sees it.
+    assert_eq!(member_list(&endpoint).len(), 4);
+
+    // A learner that has not caught up cannot be promoted; the server's reason is shown.
+    let promote = chorus_member(&endpoint, &["promote", &id]);
+    assert!(!promote.status.success());
+    assert!(String::from_utf8_lossy(&promote.stderr).contains("learner"), "{promote:?}");
+
+    let removed = chorus_member(&endpoint, &["remove", &id]);
+    assert!(removed.status.success(), "{}", String::from_utf8_lossy(&removed.stderr));
+    assert!(text(&removed).contains(&format!("Member {id} removed from cluster")), "{}", text(&removed));
+    assert_eq!(member_list(&endpoint).len(), 3);
+
+    let bad = chorus_member(&endpoint, &["remove", "not-hex"]);
+    assert_eq!(bad.status.code(), Some(2), "a bad ID is a usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("hexadecimal"));
+}

@@ -143,6 +143,22 @@ async fn ask_move_leader(url: &str, target: u64, limit: Duration) -> Result<(), 
     Ok(())
 }
 
+/// Marks a request one member forwarded to the leader, which must not forward it again.
+const FORWARDED: &str = "chorus-forwarded";
+
+/// Asks the leader at its client URL to promote `id`.
+async fn forward_promote(url: &str, id: u64) -> Result<MemberPromoteResponse, Status> {
+    use chorus_proto::etcdserverpb::cluster_client::ClusterClient;
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| Status::internal(format!("leader's client URL {url}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach the leader at {url}: {e}")))?;
+    let mut request = Request::new(MemberPromoteRequest { id });
+    request.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("true"));
+    Ok(ClusterClient::new(channel).member_promote(request).await?.into_inner())
+}
+
 fn forced<T>(request: &Request<T>) -> bool {
     request.metadata().get("chorus-force").is_some_and(|v| v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("true")))
 }
@@ -269,13 +285,24 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let forwarded = request.metadata().get(FORWARDED).is_some();
         let id = request.into_inner().id;
         let status = self.node.status().await?;
         let is_learner = Self::in_conf(&status, id).ok_or_else(not_found)?;
         if !is_learner {
             return Err(Status::failed_precondition("etcdserver: can only promote a learner member"));
         }
-        if status.active_voters.is_some() && !status.learners_caught_up.contains(&id) {
+        if status.active_voters.is_none() {
+            // Only the leader knows how far the learner's log is: ask it (once).
+            if forwarded {
+                return Err(Status::unavailable("etcdserver: leader changed"));
+            }
+            let leader = status.node.leader_id;
+            let url = status.members.get(&leader).and_then(|m| m.client_urls.first().cloned());
+            let url = url.ok_or_else(|| Status::unavailable("etcdserver: no leader"))?;
+            return forward_promote(&url, id).await.map(Response::new);
+        }
+        if !status.learners_caught_up.contains(&id) {
             return Err(Status::failed_precondition(
                 "etcdserver: can only promote a learner member which is in sync with leader",
             ));
