@@ -222,6 +222,9 @@ pub struct PersistBatch {
     pub alarms: Option<Vec<AlarmMember>>,
     /// The index of the last entry whose effects are in `writes` (or earlier).
     pub applied_index: u64,
+    /// That entry's term (storage keeps it with the state, for snapshots built
+    /// from storage alone).
+    pub applied_term: u64,
     /// The batch must be on disk (fsync) before the cycle finishes: it holds log
     /// entries or a changed vote or term.
     pub must_sync: bool,
@@ -1181,6 +1184,7 @@ impl Node {
             proposals_forgotten: std::mem::take(&mut self.pending_proposals_forgotten),
             leases: std::mem::take(&mut self.pending_leases),
             applied_index: self.applied_index,
+            applied_term: self.raw.raft.raft_log.term(self.applied_index).unwrap_or(0),
             must_sync,
             install: None,
             log_compacted_to: self.pending_log_compaction.take(),

@@ -91,6 +91,11 @@ pub struct SimOptions {
     /// An operator raises and disarms the NOSPACE alarm now and then: while it is
     /// raised, every member must refuse puts, txns with puts and lease grants alike.
     pub nospace_alarms: bool,
+    /// Storage: a durable database commit every this many commits, and log
+    /// segments of this many bytes (small, so checkpoints, segment rolls and
+    /// deletions happen many times in a run and crashes land among them).
+    pub checkpoint_commits: u32,
+    pub wal_segment_bytes: u64,
 }
 
 impl SimOptions {
@@ -131,6 +136,8 @@ impl SimOptions {
             log_catchup_entries: 0,
             membership_changes: false,
             nospace_alarms: false,
+            checkpoint_commits: 1,
+            wal_segment_bytes: 1,
         };
         // Drawn from a stream of their own, so that adding them left every other
         // option of a seed as it was (the kept regression seeds replay unchanged).
@@ -145,6 +152,9 @@ impl SimOptions {
         if bytes_rng.random_bool(0.33) {
             options.log_bytes_max = bytes_rng.random_range(2_048..=16_384);
         }
+        let mut storage_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc4ec_4b01);
+        options.checkpoint_commits = storage_rng.random_range(1..=64);
+        options.wal_segment_bytes = storage_rng.random_range(1_024..=32_768);
         match bug {
             // Lost fsyncs only show when a majority loses its unsynced state at once.
             Some(Bug::AckBeforeFsync) => {

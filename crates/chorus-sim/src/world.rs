@@ -518,8 +518,10 @@ impl World {
         let node = &mut self.nodes[i];
         let identity = Identity { cluster_id: CLUSTER_ID, member_id: node.id };
         let label = format!("sim://node{}", node.id);
-        let opened = DiskStorage::open_with_backend(node.disk.backend(), &label, identity)
+        let opened = DiskStorage::open_with_backend(node.disk.backend(), node.disk.wal_dir(), &label, identity)
             .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
+        let mut opened = opened;
+        opened.storage.set_tuning(self.options.checkpoint_commits, self.options.wal_segment_bytes);
         let config = NodeConfig {
             id: node.id,
             initial_voters: if node.founder { (1..=self.options.nodes_count as u64).collect() } else { Vec::new() },

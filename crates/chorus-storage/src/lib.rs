@@ -1,38 +1,51 @@
-//! chorus-storage: one redb database per node, and the only crate that calls fsync.
+//! chorus-storage: one write-ahead log and one redb database per node, and the only
+//! crate that calls fsync.
 //!
-//! # On-disk format (format version 1)
+//! # On-disk format (format version 2)
 //!
-//! One file, `<data-dir>/member/chorus.redb`, with these tables:
+//! `<data-dir>/member/wal/` holds the raft log and the hard state (see [`wal`]);
+//! `<data-dir>/member/chorus.redb` holds the state machine, with these tables:
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | `meta` | name | bytes; see below |
-//! | `raft_log` | raft index (`u64`) | raft-rs `Entry`, protobuf-encoded |
+//! | `raft_log` | raft index (`u64`) | empty since format 2 (format 1 kept the log here) |
 //! | `kv` | 17-byte revision key (see `chorus_core::mvcc`) | `mvccpb.KeyValue`, protobuf-encoded |
 //! | `members` | member id (`u64`) | `chorus.v1.MemberAttributes`, protobuf-encoded |
 //! | `applied_proposals` | (proposer member id, proposal tag) | nothing: the key is the record |
 //! | `leases` | lease id (`i64`) | the lease record of `chorus_core::lease` |
 //!
 //! `meta` holds `format_version`, `cluster_id`, `member_id`, `boot_count` (each a
-//! big-endian `u64`), `hard_state` and `conf_state` (raft-rs protobuf), and
-//! `applied_index` and `compact_revision` (big-endian `u64` / `i64`), and
+//! big-endian `u64`), `hard_state` (raft-rs protobuf; the log's frames carry the
+//! current one, this is the one for an empty log) and `conf_state`, `applied_index`,
+//! `applied_term` and `compact_revision` (big-endian `u64` / `i64`),
 //! `log_snapshot_index` and `log_snapshot_term` (big-endian `u64`): the index and
-//! term of the last log entry compacted away (absent when none was), and `alarms`
-//! (`etcdserverpb.AlarmResponse` with only its alarm list, protobuf-encoded).
+//! term of the last log entry compacted away (absent when none was), `wal_first_seq`
+//! (the first log segment that belongs to this state; older ones predate an
+//! installed snapshot), and `alarms` (`etcdserverpb.AlarmResponse` with only its
+//! alarm list, protobuf-encoded).
 //!
-//! Log compaction deletes the `raft_log` rows up to an applied index, in the same
-//! transaction that records that index as applied. Installing a snapshot from the
-//! leader replaces every table but `meta` with the snapshot's image, and empties
-//! the log, in ONE transaction: a crash leaves either the old state or the new.
+//! # Writing a cycle
 //!
-//! Every cycle of the node is written by [`DiskStorage::persist`] in ONE write
-//! transaction: appended log entries, hard state, conf state, the state machine's
-//! changes and the applied index. The applied index therefore always matches the
-//! data it produced, and replaying the log after a crash is idempotent. The
-//! transaction is fsynced (redb `Durability::Immediate`) when it holds log entries
-//! or a changed term or vote; otherwise it is left for the next durable commit to
-//! carry to disk, which is safe because everything in it can be re-derived by
-//! applying the (durable) log again.
+//! [`DiskStorage::persist`] appends the cycle's new log entries and hard state to
+//! the log as one frame, fsynced when [`PersistBatch::must_sync`] says so (entries,
+//! or a changed term or vote), and then writes the state machine's changes and the
+//! applied index in ONE redb transaction WITHOUT an fsync. Every
+//! [`CHECKPOINT_COMMITS`] commits, or [`CHECKPOINT_LOG_BYTES`] of log, one of those
+//! transactions is made durable instead (a checkpoint), after syncing the log. A
+//! crash therefore rolls the database back to its last checkpoint, whole (redb
+//! guarantees that a non-durable commit is either kept with every earlier one or
+//! lost), and the entries applied since are applied again from the log: the
+//! applied index always matches the data it produced, and replaying is idempotent.
+//! Log segments are deleted once a checkpoint records their entries as compacted.
+//!
+//! Installing a snapshot from the leader replaces every table but `meta` with the
+//! snapshot's image in one durable transaction that also names the next log segment
+//! as the log's first; then the log is begun afresh in that segment. A crash between
+//! the two leaves old segments that the next start-up deletes unread.
+//!
+//! A data directory of format 1 (the log in `raft_log`) is converted at start-up:
+//! the log is written to a fresh segment and synced, and then `raft_log` is emptied.
 //!
 //! Defragmentation ([`DiskStorage::defrag_begin`], [`DefragCopy::run`],
 //! [`DiskStorage::defrag_finish`]) writes a compact copy to `chorus.redb.defrag` from
@@ -40,11 +53,12 @@
 //! meanwhile into it, and renames it over `chorus.redb`. A copy left by a crash is
 //! deleted at start-up; the database itself is never written in place.
 //!
-//! The same code runs on any redb [`StorageBackend`]: [`DiskStorage::open`] uses the
-//! file, and the simulator opens a [`sim_disk::SimDisk`] with
-//! [`DiskStorage::open_with_backend`].
+//! The same code runs on any redb [`StorageBackend`] and any [`wal::WalDir`]:
+//! [`DiskStorage::open`] uses files, and the simulator opens a [`sim_disk::SimDisk`]
+//! with [`DiskStorage::open_with_backend`].
 
 pub mod sim_disk;
+pub mod wal;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -65,8 +79,12 @@ const MEMBERS: TableDefinition<u64, &[u8]> = TableDefinition::new("members");
 const APPLIED_PROPOSALS: TableDefinition<(u64, u64), ()> = TableDefinition::new("applied_proposals");
 const LEASES: TableDefinition<i64, &[u8]> = TableDefinition::new("leases");
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The on-disk format this build writes and reads (it converts format 1).
+pub const FORMAT_VERSION: u64 = 2;
+/// A checkpoint (a durable database commit) every this many commits...
+pub const CHECKPOINT_COMMITS: u32 = 1000;
+/// ...or once this many bytes were appended to the log since the last one.
+pub const CHECKPOINT_LOG_BYTES: u64 = 32 * 1024 * 1024;
 /// The database file's name inside `<data-dir>/member/`.
 pub const DB_FILE_NAME: &str = "chorus.redb";
 
@@ -121,6 +139,17 @@ pub struct DiskStorage {
     stored_bytes: u64,
     /// A defragmentation copying the database on another thread, if one runs.
     defrag: Option<DefragRunning>,
+    /// The raft log (None only while opening).
+    wal: Option<wal::Wal>,
+    /// The log's compaction point as the database records it, and as its last
+    /// durable commit records it (the log's segments up to it may go).
+    log_snapshot_index: u64,
+    durable_log_snapshot_index: u64,
+    /// Database commits since the last durable one, and the log's size then.
+    commits_since_checkpoint: u32,
+    /// A checkpoint every this many commits ([`CHECKPOINT_COMMITS`]).
+    checkpoint_commits: u32,
+    log_bytes_at_checkpoint: u64,
 }
 
 type SharedDb = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Database>>>;
@@ -171,7 +200,10 @@ impl DiskStorage {
         }
         let created = !path.exists();
         let db = open_database(&path, created)?;
-        DiskStorage::new(db, path, SizeSource::File).finish_open(identity, created)
+        let wal_path = member_dir.join("wal");
+        let wal_dir =
+            wal::FsWalDir::new(&wal_path).map_err(|error| StorageError::Unreadable { path: wal_path, error })?;
+        DiskStorage::new(db, path, SizeSource::File).finish_open(identity, created, Box::new(wal_dir))
     }
 
     /// The identity a data directory records, if it has a database (None for a
@@ -202,6 +234,7 @@ impl DiskStorage {
     /// share the storage, as a [`sim_disk::SimBackend`]'s clone does.
     pub fn open_with_backend<B: StorageBackend + Clone>(
         backend: B,
+        wal_dir: impl wal::WalDir + 'static,
         label: &str,
         identity: Identity,
     ) -> Result<Opened, StorageError> {
@@ -212,36 +245,222 @@ impl DiskStorage {
         let size = SizeSource::Backend(Box::new(backend.clone()));
         let db = redb::Builder::new().create_with_backend(backend);
         let db = db.map_err(|error| database_error(&path, error))?;
-        DiskStorage::new(db, path, size).finish_open(identity, length_bytes == 0)
+        DiskStorage::new(db, path, size).finish_open(identity, length_bytes == 0, Box::new(wal_dir))
     }
 
     fn new(db: Database, path: PathBuf, size: SizeSource) -> DiskStorage {
         let db = std::sync::Arc::new(db);
         let shared = std::sync::Arc::new(std::sync::RwLock::new(db.clone()));
-        DiskStorage { db, shared, path, size, stored_bytes: 0, defrag: None }
+        DiskStorage {
+            db,
+            shared,
+            path,
+            size,
+            stored_bytes: 0,
+            defrag: None,
+            wal: None,
+            log_snapshot_index: 0,
+            durable_log_snapshot_index: 0,
+            commits_since_checkpoint: 0,
+            checkpoint_commits: CHECKPOINT_COMMITS,
+            log_bytes_at_checkpoint: 0,
+        }
     }
 
     /// The part of opening that is the same for every backend: check (or record) the
     /// identity, count the boot, and read everything back.
-    fn finish_open(mut self, identity: Identity, created: bool) -> Result<Opened, StorageError> {
+    fn finish_open(
+        mut self,
+        identity: Identity,
+        created: bool,
+        wal_dir: Box<dyn wal::WalDir>,
+    ) -> Result<Opened, StorageError> {
         let boot_count = self.check_identity(identity, created)?;
-        let (recovered, stored_bytes) = self.recover()?;
+        let (mut recovered, stored_bytes, first_seq) = self.recover()?;
         self.stored_bytes = stored_bytes;
+        let wal_label = wal_dir.label();
+        let (mut log, mut from_log) = wal::Wal::open(wal_dir, first_seq).map_err(|e| wal_error(&wal_label, e))?;
+        if from_log.torn_bytes > 0 {
+            // An unacknowledged frame cut short by a crash: expected, but worth a line.
+            eprintln!(
+                "chorus: {}: dropped a log frame cut short by a crash ({} bytes, never acknowledged)",
+                wal_label.display(),
+                from_log.torn_bytes
+            );
+        }
+        self.convert_format_1(&mut log, &mut from_log)?;
+        let snapshot_index = recovered.log_snapshot.0;
+        let mut entries = from_log.entries;
+        entries.retain(|e| e.index > snapshot_index);
+        if let Some(hard_state) = from_log.hard_state {
+            recovered.hard_state = hard_state;
+        }
+        if let Some(first) = entries.first() {
+            if first.index != snapshot_index + 1 {
+                return Err(self.corrupt(format!(
+                    "the log ({}) starts at index {}, but entries up to {snapshot_index} were compacted",
+                    wal_label.display(),
+                    first.index
+                )));
+            }
+        }
+        let last_index = entries.last().map_or(snapshot_index, |e| e.index);
+        if recovered.applied_index > last_index {
+            return Err(self.corrupt(format!(
+                "applied index {} is past the last log entry {last_index} (log in {})",
+                recovered.applied_index,
+                wal_label.display()
+            )));
+        }
+        // The log's hard state may be older than the database's last checkpoint
+        // (a frame not yet synced); everything applied was committed.
+        recovered.hard_state.commit = recovered.hard_state.commit.max(recovered.applied_index);
+        if recovered.hard_state.commit > last_index {
+            return Err(self.corrupt(format!(
+                "commit index {} is past the last log entry {last_index} (log in {})",
+                recovered.hard_state.commit,
+                wal_label.display()
+            )));
+        }
+        recovered.entries = entries;
+        self.log_snapshot_index = snapshot_index;
+        self.durable_log_snapshot_index = snapshot_index;
+        self.log_bytes_at_checkpoint = log.appended_bytes;
+        self.wal = Some(log);
         Ok(Opened { storage: self, recovered, boot_count, created })
     }
 
-    /// Writes one cycle's batch in one transaction, durably when the batch says so.
-    pub fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
+    /// Moves a format-1 log (in the `raft_log` table) into the write-ahead log:
+    /// appended as one synced frame (unless an earlier, interrupted conversion
+    /// already did), then the table is emptied.
+    fn convert_format_1(&mut self, log: &mut wal::Wal, from_log: &mut wal::WalRecovered) -> Result<(), StorageError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let (entries, _) = self.read_log(&txn)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        let hard_state = match meta.get("hard_state").map_err(|e| self.io(e))? {
+            Some(bytes) => HardState::parse_from_bytes(bytes.value())
+                .map_err(|e| self.corrupt(format!("hard state: {e}")))?,
+            None => HardState::default(),
+        };
+        drop(meta);
+        drop(txn);
+        if from_log.entries.is_empty() && from_log.hard_state.is_none() {
+            let label = self.path.clone();
+            log.append(&entries, &hard_state, true).map_err(|e| wal_error(&label, e))?;
+            from_log.entries = entries;
+            from_log.hard_state = Some(hard_state);
+        }
+        let applied = self.recover_applied_index()?;
+        let applied_term = from_log.entries.iter().find(|e| e.index == applied).map(|e| e.term);
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        let durability = if batch.must_sync { Durability::Immediate } else { Durability::None };
-        txn.set_durability(durability).map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+        {
+            let mut table = txn.open_table(RAFT_LOG).map_err(|e| self.io(e))?;
+            table.retain(|_, _| false).map_err(|e| self.io(e))?;
+            if let Some(term) = applied_term {
+                let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+                meta.insert("applied_term", term.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    fn recover_applied_index(&self) -> Result<u64, StorageError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        let value = meta.get("applied_index").map_err(|e| self.io(e))?;
+        Ok(value.and_then(|v| decode_u64(v.value())).unwrap_or(0))
+    }
+
+    fn log(&mut self) -> &mut wal::Wal {
+        self.wal.as_mut().expect("the log is open")
+    }
+
+    /// Writes one cycle's batch: its entries and hard state to the log (synced when
+    /// the batch says so), then everything else in one database transaction, which
+    /// is durable only at a checkpoint (see the module documentation).
+    pub fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
+        let wal_label = self.path.with_file_name("wal");
         let mut stored = self.stored_bytes;
-        write_batch(&self.path, &txn, batch, &mut stored)?;
+        if let Some(image) = &batch.install {
+            // The image, durably, naming the segment the log begins afresh in.
+            let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+            txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+            stored = write_image(&self.path, &txn, image)?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+                let next = self.log().next_seq();
+                meta.insert("wal_first_seq", next.to_be_bytes().as_slice()).map_err(|e| self.io(e))?;
+                let bytes = batch.hard_state.write_to_bytes().expect("encode hard state");
+                meta.insert("hard_state", bytes.as_slice()).map_err(|e| self.io(e))?;
+                let term = image.applied_term.to_be_bytes();
+                meta.insert("applied_term", term.as_slice()).map_err(|e| self.io(e))?;
+            }
+            txn.commit().map_err(|e| self.io(e))?;
+            self.log().reset().map_err(|e| wal_error(&wal_label, e))?;
+            self.log_snapshot_index = image.applied_index;
+            self.durable_log_snapshot_index = image.applied_index;
+            self.commits_since_checkpoint = 0;
+            self.log_bytes_at_checkpoint = self.log().appended_bytes;
+        }
+        let log = self.wal.as_mut().expect("the log is open");
+        log.append(&batch.entries, &batch.hard_state, batch.must_sync).map_err(|e| wal_error(&wal_label, e))?;
+        self.commits_since_checkpoint += 1;
+        let checkpoint = self.commits_since_checkpoint >= self.checkpoint_commits
+            || log.appended_bytes - self.log_bytes_at_checkpoint >= CHECKPOINT_LOG_BYTES;
+        if checkpoint {
+            // Nothing the database records as applied may be missing from the
+            // log after a crash.
+            log.sync().map_err(|e| wal_error(&wal_label, e))?;
+        }
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let durability = if checkpoint { Durability::Immediate } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| self.io(e))?;
+        write_batch(&self.path, &txn, batch, false, &mut stored)?;
         txn.commit().map_err(|e| self.io(e))?;
         self.stored_bytes = stored;
+        if let Some((index, _)) = batch.log_compacted_to {
+            self.log_snapshot_index = self.log_snapshot_index.max(index);
+        }
+        if checkpoint {
+            self.commits_since_checkpoint = 0;
+            self.durable_log_snapshot_index = self.log_snapshot_index;
+            let index = self.durable_log_snapshot_index;
+            let log = self.wal.as_mut().expect("the log is open");
+            self.log_bytes_at_checkpoint = log.appended_bytes;
+            log.release(index).map_err(|e| wal_error(&wal_label, e))?;
+        }
         if let Some(defrag) = &mut self.defrag {
             defrag.recorded.lock().expect("recorded batches").push_back(batch.clone());
         }
+        Ok(())
+    }
+
+    /// Checkpoints every `commits` commits and rolls log segments at
+    /// `segment_bytes` (the simulator makes both small, to exercise them).
+    pub fn set_tuning(&mut self, commits: u32, segment_bytes: u64) {
+        self.checkpoint_commits = commits.max(1);
+        self.log().set_segment_bytes(segment_bytes);
+    }
+
+    /// Makes everything persisted so far durable in the database (a checkpoint),
+    /// so that a start-up replays nothing; a clean shutdown calls it.
+    pub fn checkpoint(&mut self) -> Result<(), StorageError> {
+        let wal_label = self.path.with_file_name("wal");
+        self.log().sync().map_err(|e| wal_error(&wal_label, e))?;
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
+        txn.commit().map_err(|e| self.io(e))?;
+        self.commits_since_checkpoint = 0;
+        self.durable_log_snapshot_index = self.log_snapshot_index;
+        let index = self.durable_log_snapshot_index;
+        let log = self.log();
+        let bytes = log.appended_bytes;
+        log.release(index).map_err(|e| wal_error(&wal_label, e))?;
+        self.log_bytes_at_checkpoint = bytes;
         Ok(())
     }
 
@@ -325,7 +544,7 @@ impl DiskStorage {
             txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
             let mut ignored = 0;
             for batch in &tail {
-                write_batch(&self.path, &txn, batch, &mut ignored)?;
+                write_batch(&self.path, &txn, batch, true, &mut ignored)?;
             }
             txn.commit().map_err(|e| self.io(e))?;
             std::fs::rename(&running.target, &self.path)
@@ -385,7 +604,8 @@ impl DiskStorage {
                     .transpose()
             };
             match read(&meta, "format_version")? {
-                Some(FORMAT_VERSION) => {}
+                // Format 1 is converted once the log is open.
+                Some(1) | Some(FORMAT_VERSION) => {}
                 Some(found) => return Err(StorageError::WrongFormat { path: self.path.clone(), found }),
                 None if created => {}
                 None => return Err(self.corrupt("no format version: not a chorus data directory")),
@@ -422,8 +642,9 @@ impl DiskStorage {
         Ok(boot_count)
     }
 
-    /// Everything persisted, and the bytes of its records.
-    fn recover(&self) -> Result<(Recovered, u64), StorageError> {
+    /// Everything the database holds (the log is read by the caller), the bytes
+    /// of its records, and the log's first segment.
+    fn recover(&self) -> Result<(Recovered, u64, u64), StorageError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let meta = txn.open_table(META).map_err(|e| self.io(e))?;
         let meta_bytes = |name: &str| -> Result<Option<Vec<u8>>, StorageError> {
@@ -459,28 +680,13 @@ impl DiskStorage {
             let alarms = AlarmResponse::decode(bytes.as_slice()).map_err(|e| self.corrupt(format!("alarms: {e}")))?;
             recovered.alarms = alarms.alarms;
         }
-        let (entries, mut stored_bytes) = self.read_log(&txn)?;
-        recovered.entries = entries;
+        let first_seq = read_u64("wal_first_seq")?.max(1);
+        let mut stored_bytes = 0u64;
         let snapshot_index = recovered.log_snapshot.0;
-        if let Some(first) = recovered.entries.first() {
-            if first.index != snapshot_index + 1 {
-                return Err(self.corrupt(format!(
-                    "the log starts at index {}, but entries up to {snapshot_index} were compacted",
-                    first.index
-                )));
-            }
-        }
-        let last_index = recovered.entries.last().map_or(snapshot_index, |e| e.index);
         if recovered.applied_index < snapshot_index {
             return Err(self.corrupt(format!(
                 "applied index {} is before the compacted log's start {snapshot_index}",
                 recovered.applied_index
-            )));
-        }
-        if recovered.applied_index > last_index || recovered.hard_state.commit > last_index {
-            return Err(self.corrupt(format!(
-                "applied index {} or commit index {} is past the last log entry {last_index}",
-                recovered.applied_index, recovered.hard_state.commit
             )));
         }
         let kv = txn.open_table(KV).map_err(|e| self.io(e))?;
@@ -517,7 +723,7 @@ impl DiskStorage {
         }
         recovered.leases = chorus_core::lease::LeaseStore::restore(records, &recovered.mvcc)
             .map_err(|e| self.corrupt(format!("leases: {e}")))?;
-        Ok((recovered, stored_bytes))
+        Ok((recovered, stored_bytes, first_seq))
     }
 
     /// The log's entries, and their bytes as stored.
@@ -550,37 +756,26 @@ impl DiskStorage {
 
 /// Writes `batch` inside `txn`, counting the bytes of records written and
 /// removed in `stored`.
-fn write_batch(path: &Path, txn: &redb::WriteTransaction, batch: &PersistBatch, stored: &mut u64) -> Result<(), StorageError> {
-    if let Some(image) = &batch.install {
+fn write_batch(
+    path: &Path,
+    txn: &redb::WriteTransaction,
+    batch: &PersistBatch,
+    with_install: bool,
+    stored: &mut u64,
+) -> Result<(), StorageError> {
+    if let (Some(image), true) = (&batch.install, with_install) {
         *stored = write_image(path, txn, image)?;
     }
     {
-        let mut log = txn.open_table(RAFT_LOG).map_err(|e| io_error(path, e))?;
+        let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
         if let Some((index, term)) = batch.log_compacted_to {
-            log.retain_in(..=index, |_, v| {
-                *stored = stored.saturating_sub(8 + v.len() as u64);
-                false
-            })
-            .map_err(|e| io_error(path, e))?;
-            let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
             meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
             meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
         }
-        if let Some(first) = batch.entries.first() {
-            log.retain_in(first.index.., |_, v| {
-                *stored = stored.saturating_sub(8 + v.len() as u64);
-                false
-            })
-            .map_err(|e| io_error(path, e))?;
+        if batch.applied_term > 0 {
+            let term = batch.applied_term.to_be_bytes();
+            meta.insert("applied_term", term.as_slice()).map_err(|e| io_error(path, e))?;
         }
-        for entry in &batch.entries {
-            let bytes = entry.write_to_bytes().expect("encode raft entry");
-            *stored += 8 + bytes.len() as u64;
-            log.insert(entry.index, bytes.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
-        let hard_state = batch.hard_state.write_to_bytes().expect("encode hard state");
-        meta.insert("hard_state", hard_state.as_slice()).map_err(|e| io_error(path, e))?;
         if let Some(conf_state) = &batch.conf_state {
             let bytes = conf_state.write_to_bytes().expect("encode conf state");
             meta.insert("conf_state", bytes.as_slice()).map_err(|e| io_error(path, e))?;
@@ -682,6 +877,13 @@ fn write_image(path: &Path, txn: &redb::WriteTransaction, image: &StateImage) ->
     Ok(stored)
 }
 
+fn wal_error(path: &Path, error: wal::WalError) -> StorageError {
+    match error {
+        wal::WalError::Io(detail) => StorageError::Io { path: path.to_path_buf(), detail },
+        wal::WalError::Corrupt(detail) => StorageError::Corrupt { path: path.to_path_buf(), detail },
+    }
+}
+
 fn io_error(path: &Path, error: impl std::fmt::Display) -> StorageError {
     StorageError::Io { path: path.to_path_buf(), detail: error.to_string() }
 }
@@ -760,7 +962,7 @@ impl DefragCopy {
             txn.set_durability(Durability::None).map_err(|e| io(&e))?;
             let mut ignored = 0;
             for batch in &batches {
-                write_batch(&self.path, &txn, batch, &mut ignored)?;
+                write_batch(&self.path, &txn, batch, true, &mut ignored)?;
             }
             txn.commit().map_err(|e| io(&e))?;
             replayed += batches.len();
@@ -921,15 +1123,18 @@ impl ImageReader {
         let (snapshot_index, snapshot_term) = (meta_u64("log_snapshot_index")?, meta_u64("log_snapshot_term")?);
         let conf_state = meta.get("conf_state").map_err(|e| io(&e))?.map(|v| v.value().to_vec());
         let conf_state = conf_state.ok_or_else(|| io(&"no configuration stored yet"))?;
-        let log = txn.open_table(RAFT_LOG).map_err(|e| io(&e))?;
         let applied_term = if applied_index == snapshot_index {
             snapshot_term
         } else {
-            let entry = log.get(applied_index).map_err(|e| io(&e))?.ok_or_else(|| StorageError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("the applied entry {applied_index} is not in the log"),
-            })?;
-            Entry::parse_from_bytes(entry.value()).map_err(|e| io(&e))?.term
+            match meta_u64("applied_term")? {
+                0 => {
+                    return Err(StorageError::Corrupt {
+                        path: self.path.clone(),
+                        detail: format!("the term of the applied entry {applied_index} is not recorded"),
+                    })
+                }
+                term => term,
+            }
         };
         let mut image = StateImage { applied_index, applied_term, conf_state, compact_revision, ..Default::default() };
         if let Some(bytes) = meta.get("alarms").map_err(|e| io(&e))? {

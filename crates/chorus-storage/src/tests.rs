@@ -183,3 +183,71 @@ fn a_failed_defragmentation_leaves_the_database_as_it_was() {
     assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
     assert!(!defrag_target(reopened.storage.path()).exists());
 }
+
+#[test]
+fn a_format_1_data_directory_is_converted_and_keeps_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let member = dir.path().join("member");
+    std::fs::create_dir_all(&member).unwrap();
+    {
+        // What a format-1 build left: the log, hard state and applied index in redb.
+        let db = Database::create(member.join(DB_FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut meta = txn.open_table(META).unwrap();
+            let values = [("format_version", 1u64), ("cluster_id", 0xc1), ("member_id", 0x61), ("boot_count", 3)];
+            for (name, value) in values {
+                meta.insert(name, value.to_be_bytes().as_slice()).unwrap();
+            }
+            meta.insert("applied_index", 2u64.to_be_bytes().as_slice()).unwrap();
+            let hard_state = HardState { term: 4, vote: 0x61, commit: 3, ..Default::default() };
+            meta.insert("hard_state", hard_state.write_to_bytes().unwrap().as_slice()).unwrap();
+            let mut log = txn.open_table(RAFT_LOG).unwrap();
+            for index in 1..=3 {
+                let bytes = entry(index, 4, b"e").write_to_bytes().unwrap();
+                log.insert(index, bytes.as_slice()).unwrap();
+            }
+            txn.open_table(KV).unwrap();
+            txn.open_table(MEMBERS).unwrap();
+            txn.open_table(APPLIED_PROPOSALS).unwrap();
+            txn.open_table(LEASES).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    for boot in [4, 5] {
+        let opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+        assert_eq!(opened.boot_count, boot);
+        let recovered = &opened.recovered;
+        assert_eq!(recovered.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!((recovered.hard_state.term, recovered.hard_state.vote, recovered.hard_state.commit), (4, 0x61, 3));
+        assert_eq!(recovered.applied_index, 2);
+        let txn = opened.storage.db.begin_read().unwrap();
+        assert!(txn.open_table(RAFT_LOG).unwrap().iter().unwrap().next().is_none(), "the old log table is emptied");
+    }
+}
+
+#[test]
+fn checkpoints_delete_compacted_log_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MvccStore::default();
+    let mut opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    opened.storage.set_tuning(5, 2048);
+    for index in 1..=40u64 {
+        let mut batch = put_batch(&mut store, &format!("k{index}"), 1, index);
+        batch.entries[0].data = vec![b'e'; 300].into();
+        batch.applied_term = 1;
+        if index % 10 == 0 {
+            batch.log_compacted_to = Some((index - 2, 1));
+        }
+        opened.storage.persist(&batch).unwrap();
+    }
+    let segments = opened.storage.log().segment_count();
+    assert!(segments < 10, "compacted segments were deleted: {segments} left");
+    drop(opened);
+    let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    let recovered = &reopened.recovered;
+    assert_eq!(recovered.log_snapshot, (38, 1));
+    assert_eq!(recovered.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![39, 40]);
+    assert_eq!(recovered.applied_index, 40);
+    assert_eq!(recovered.mvcc.state_hash(), store.state_hash());
+}
