@@ -17,7 +17,9 @@
 //! 1. `begin`: [`Node::begin_cycle`] takes raft-rs's `Ready`, applies the committed
 //!    entries it holds to the in-memory state machine, and returns a [`Cycle`].
 //! 2. `send-early`: send [`Cycle::messages`] (a leader replicates before it persists;
-//!    raft thesis 10.2.1).
+//!    raft thesis 10.2.1). [`Cycle::replies`] and [`Cycle::reads_ready`] may be
+//!    answered now too, unless [`Cycle::snapshot_installed`]: they come from
+//!    committed entries, which raft-rs hands over only once they are durable here.
 //! 3. `persist`: write [`Cycle::persist`] in ONE storage transaction: new log entries,
 //!    hard state, conf state, the state machine's writes and the applied index
 //!    together, so replaying the log after a crash is idempotent. fsync it when
@@ -26,8 +28,8 @@
 //!    entries that became committed by this persist.
 //! 5. `send-late`: send [`Finished::messages`] (votes and append acknowledgements may
 //!    only leave after the persist).
-//! 6. `reply`: answer clients from [`Cycle::replies`], [`Finished::replies`] and the
-//!    ready reads of both.
+//! 6. `reply`: answer clients from [`Finished::replies`] and its ready reads (and
+//!    from the cycle's, if not answered in step 2).
 //!
 //! Writes applied in step 4 are carried into the next cycle's persist batch (the
 //! entries are already durable in the log on a majority, so nothing is lost if the

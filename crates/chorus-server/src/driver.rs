@@ -818,9 +818,21 @@ impl Driver {
     /// One cycle, in the order documented in `chorus_core::node`.
     fn cycle(&mut self) {
         // 1. begin
-        let cycle = self.node.begin_cycle();
+        let mut cycle = self.node.begin_cycle();
         // 2. send-early
-        self.send(cycle.messages);
+        self.send(std::mem::take(&mut cycle.messages));
+        // The entries applied in `begin` were committed: durable in the log of a
+        // majority, this member's included (raft-rs hands over only entries
+        // persisted here). Their answers, reads and watch events need not wait for
+        // this cycle's write, which holds their effects only for a faster restart.
+        if !cycle.snapshot_installed {
+            if !cycle.persist.writes.changes.is_empty() {
+                let header = self.header();
+                self.watches.notify(&cycle.persist.writes.changes, header);
+            }
+            self.answer(std::mem::take(&mut cycle.replies));
+            self.serve_reads(std::mem::take(&mut cycle.reads_ready));
+        }
         // 3. persist
         let persist_started = Instant::now();
         let persisted = self.storage.persist(&cycle.persist);
@@ -834,23 +846,22 @@ impl Driver {
             eprintln!("chorus: fatal: {error}");
             std::process::exit(70);
         }
-        // Watchers see what is now applied and written.
+        // A snapshot replaced the state: watchers catch up once it is written.
         if cycle.snapshot_installed {
             let header = self.header();
             self.watches.resync_all();
             self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
-        } else if !cycle.persist.writes.changes.is_empty() {
-            let header = self.header();
-            self.watches.notify(&cycle.persist.writes.changes, header);
         }
         // 4. finish
         let finished = self.node.finish_cycle();
         // 5. send-late
         self.send(finished.messages);
         // 6. reply
-        self.answer(cycle.replies);
+        if cycle.snapshot_installed {
+            self.answer(cycle.replies);
+            self.serve_reads(cycle.reads_ready);
+        }
         self.answer(finished.replies);
-        self.serve_reads(cycle.reads_ready);
         self.serve_reads(finished.reads_ready);
     }
 

@@ -134,7 +134,7 @@ pub struct DiskStorage {
     /// [`DiskStorage::open_with_backend`] (such as `sim://node2`).
     path: PathBuf,
     size: SizeSource,
-    /// Bytes of the records held (kv records and log entries, keys included),
+    /// Bytes of the records held (kv records, keys included),
     /// without redb's own overhead: the size "in use".
     stored_bytes: u64,
     /// A defragmentation copying the database on another thread, if one runs.
@@ -493,7 +493,7 @@ impl DiskStorage {
         }
     }
 
-    /// The bytes of the records the database holds (kv records and log entries,
+    /// The bytes of the records the database holds (kv records,
     /// keys included), without redb's page overhead and free space: etcd's
     /// `dbSizeInUse`, what a defragmentation could shrink the file towards.
     pub fn size_in_use_bytes(&self) -> u64 {
