@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Resident memory of each member after 1,000,000 keys of 256 bytes, chorus next to etcd:
-#   scripts/memory-1m.sh [KEYS]   (default 1000000)
+#   scripts/memory-1m.sh [KEYS]   (default 1000000; SYSTEMS=chorus for one of them;
+#   RESTART=1 also restarts chorus's third member and prints its RSS once it has read the data back)
 # Starts a three-member chorus cluster, writes KEYS distinct 32-byte keys with 256-byte
 # values (chorus bench, 64 clients), waits 5 s, prints each member's VmRSS and data
 # directory size, stops it; then the same for a three-member etcd cluster (Debian's
@@ -43,8 +44,19 @@ run() { # system
     rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
     echo "$system m$i: RSS $((rss / 1024)) MiB, data directory $(du -sm "$DIR/$system/m$i" | cut -f1) MiB"
   done
+  if [ "$system" = chorus ] && [ -n "${RESTART:-}" ]; then
+    # The same member after a restart: the key space read back from disk, without
+    # whatever the write path left allocated.
+    kill "$(cat "$DIR/$system-m3.pid")"; sleep 2
+    CHORUS_LOG=warn "$BIN" serve --name m3 --data-dir "$DIR/$system/m3" \
+      --listen-client-urls http://127.0.0.1:43679 --advertise-client-urls http://127.0.0.1:43679 \
+      --listen-peer-urls http://127.0.0.1:43680 --initial-advertise-peer-urls http://127.0.0.1:43680 \
+      --initial-cluster "$cluster" --initial-cluster-token "mem-$system" >>"$DIR/$system-m3.log" 2>&1 &
+    echo $! >"$DIR/$system-m3.pid"
+    sleep 15
+    echo "$system m3 after a restart: RSS $(( $(awk '/VmRSS/ {print $2}' "/proc/$(cat "$DIR/$system-m3.pid")/status") / 1024 )) MiB"
+  fi
   for i in 1 2 3; do kill "$(cat "$DIR/$system-m$i.pid")"; done
   wait 2>/dev/null || true
 }
-run chorus
-run etcd
+for system in ${SYSTEMS:-chorus etcd}; do run "$system"; done

@@ -221,6 +221,11 @@ impl KeyHistory {
             entry.revision,
             self.entries.last().map(|last| last.revision),
         );
+        // Most keys hold one revision: room for exactly one first (a Vec's first
+        // push would make room for four, 216 bytes per key wasted).
+        if self.entries.capacity() == 0 {
+            self.entries.reserve_exact(1);
+        }
         self.entries.push(entry);
     }
 

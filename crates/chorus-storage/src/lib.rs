@@ -243,7 +243,7 @@ impl DiskStorage {
         let length_bytes =
             length_bytes.map_err(|source| StorageError::Unreadable { path: path.clone(), error: source })?;
         let size = SizeSource::Backend(Box::new(backend.clone()));
-        let db = redb::Builder::new().create_with_backend(backend);
+        let db = builder().create_with_backend(backend);
         let db = db.map_err(|error| database_error(&path, error))?;
         DiskStorage::new(db, path, size).finish_open(identity, length_bytes == 0, Box::new(wal_dir))
     }
@@ -940,7 +940,7 @@ impl DefragCopy {
     /// key (so pages are filled in order), then lets redb compact it.
     pub fn run(self) -> Result<DefragCopied, StorageError> {
         let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.target.clone(), detail: e.to_string() };
-        let mut db = Database::create(&self.target).map_err(|e| io(&e))?;
+        let mut db = builder().create(&self.target).map_err(|e| io(&e))?;
         copy_table(&self.read, &db, META).map_err(|e| io(&e))?;
         copy_table(&self.read, &db, RAFT_LOG).map_err(|e| io(&e))?;
         copy_table(&self.read, &db, KV).map_err(|e| io(&e))?;
@@ -1018,8 +1018,20 @@ fn decode_u64(bytes: &[u8]) -> Option<u64> {
 }
 
 /// Opens the database file, turning redb's errors into one-line answers.
+/// redb's page cache. The key space is served from memory, never from redb, so
+/// the cache only needs the pages a commit touches (redb's default is 1 GiB,
+/// which a member with a few hundred megabytes of data would fill with pages
+/// nobody reads again).
+pub const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+fn builder() -> redb::Builder {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(DB_CACHE_BYTES);
+    builder
+}
+
 fn open_database(path: &Path, create: bool) -> Result<Database, StorageError> {
-    let result = if create { Database::create(path) } else { Database::open(path) };
+    let result = if create { builder().create(path) } else { builder().open(path) };
     result.map_err(|error| database_error(path, error))
 }
 
