@@ -242,7 +242,7 @@ impl SimWalFile {
 }
 
 impl crate::wal::WalFile for SimWalFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         self.with(|file| file.current.len() as u64)
     }
 

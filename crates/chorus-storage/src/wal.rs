@@ -52,7 +52,8 @@ const FRAME_HEADER: usize = 8;
 
 /// One segment file, read and written at offsets.
 pub trait WalFile: Send {
-    fn len(&self) -> io::Result<u64>;
+    /// The file's size in bytes.
+    fn size(&self) -> io::Result<u64>;
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()>;
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes every write so far durable (`fdatasync`).
@@ -99,7 +100,7 @@ impl FsWalDir {
 struct FsWalFile(std::fs::File);
 
 impl WalFile for FsWalFile {
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
@@ -224,7 +225,7 @@ impl Wal {
         for (i, &seq) in seqs.iter().enumerate() {
             let newest = i + 1 == seqs.len();
             let file = dir.open(seq).map_err(|e| io(&format!("opening segment {seq:016x}"), e))?;
-            let len = file.len().map_err(|e| io(&format!("reading segment {seq:016x}"), e))?;
+            let len = file.size().map_err(|e| io(&format!("reading segment {seq:016x}"), e))?;
             let mut bytes = vec![0u8; len as usize];
             file.read(0, &mut bytes).map_err(|e| io(&format!("reading segment {seq:016x}"), e))?;
             let (end, max_index) = read_segment(&bytes, &mut recovered).map_err(|detail| {
