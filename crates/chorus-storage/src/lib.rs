@@ -149,6 +149,8 @@ pub struct DiskStorage {
     commits_since_checkpoint: u32,
     /// A checkpoint every this many commits ([`CHECKPOINT_COMMITS`]).
     checkpoint_commits: u32,
+    /// [`DEFRAG_RECORDED_BYTES_MAX`], lower in tests.
+    defrag_recorded_bytes_max: u64,
     log_bytes_at_checkpoint: u64,
 }
 
@@ -159,7 +161,17 @@ type SharedDb = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Database>>>;
 struct DefragRunning {
     recorded: Recorded,
     target: PathBuf,
+    /// Bytes of the batches recorded so far (their key-space and lease records).
+    recorded_bytes: u64,
+    /// Set when the recorded batches passed [`DiskStorage::defrag_recorded_bytes_max`]:
+    /// nothing more is recorded, the copy stops at its next check, and the
+    /// defragmentation ends in an error, the database unchanged.
+    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The most bytes of batches a defragmentation keeps for its copy (writes made
+/// while it copies); past it, it gives up rather than hold more in memory.
+pub const DEFRAG_RECORDED_BYTES_MAX: u64 = 512 * 1024 * 1024;
 
 /// Batches persisted since a defragmentation's read transaction began, in order:
 /// the writer appends, the copy thread takes them from the front.
@@ -263,6 +275,7 @@ impl DiskStorage {
             durable_log_snapshot_index: 0,
             commits_since_checkpoint: 0,
             checkpoint_commits: CHECKPOINT_COMMITS,
+            defrag_recorded_bytes_max: DEFRAG_RECORDED_BYTES_MAX,
             log_bytes_at_checkpoint: 0,
         }
     }
@@ -434,9 +447,24 @@ impl DiskStorage {
             log.release(index).map_err(|e| wal_error(&wal_label, e))?;
         }
         if let Some(defrag) = &mut self.defrag {
-            defrag.recorded.lock().expect("recorded batches").push_back(batch.clone());
+            use std::sync::atomic::Ordering;
+            if !defrag.abandoned.load(Ordering::Acquire) {
+                defrag.recorded_bytes += batch_bytes(batch);
+                let mut recorded = defrag.recorded.lock().expect("recorded batches");
+                if defrag.recorded_bytes > self.defrag_recorded_bytes_max {
+                    defrag.abandoned.store(true, Ordering::Release);
+                    recorded.clear();
+                } else {
+                    recorded.push_back(batch.clone());
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Sets the most bytes of batches a defragmentation keeps (tests use a small one).
+    pub fn set_defrag_recorded_bytes_max(&mut self, bytes: u64) {
+        self.defrag_recorded_bytes_max = bytes;
     }
 
     /// Checkpoints every `commits` commits and rolls log segments at
@@ -518,8 +546,14 @@ impl DiskStorage {
         }
         let read = self.db.begin_read().map_err(|e| self.io(e))?;
         let recorded = Recorded::default();
-        self.defrag = Some(DefragRunning { recorded: recorded.clone(), target: target.clone() });
-        Ok(DefragCopy { read, target, recorded, path: self.path.clone() })
+        let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.defrag = Some(DefragRunning {
+            recorded: recorded.clone(),
+            target: target.clone(),
+            recorded_bytes: 0,
+            abandoned: abandoned.clone(),
+        });
+        Ok(DefragCopy { read, target, recorded, path: self.path.clone(), abandoned })
     }
 
     /// Ends the defragmentation begun with [`DiskStorage::defrag_begin`]: with the
@@ -535,6 +569,13 @@ impl DiskStorage {
             let _ = std::fs::remove_file(&running.target);
             error
         };
+        if running.abandoned.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(discard(self.io(format!(
+                "defragmentation abandoned: more than {} MiB were written while the copy was made, \
+                 more than it keeps in memory; retry when the write load is lower",
+                self.defrag_recorded_bytes_max >> 20
+            ))));
+        }
         let copied = copied.map_err(discard)?;
         let size_before = self.size_bytes();
         let tail: Vec<PersistBatch> = running.recorded.lock().expect("recorded batches").drain(..).collect();
@@ -877,6 +918,14 @@ fn write_image(path: &Path, txn: &redb::WriteTransaction, image: &StateImage) ->
     Ok(stored)
 }
 
+/// About how many bytes a recorded batch holds (its records; the rest is small).
+fn batch_bytes(batch: &PersistBatch) -> u64 {
+    let puts: usize = batch.writes.puts.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let removes: usize = batch.writes.removes.iter().map(|k| k.len()).sum();
+    let leases: usize = batch.leases.puts.iter().map(|(_, r)| 8 + r.len()).sum();
+    (256 + puts + removes + leases) as u64
+}
+
 fn wal_error(path: &Path, error: wal::WalError) -> StorageError {
     match error {
         wal::WalError::Io(detail) => StorageError::Io { path: path.to_path_buf(), detail },
@@ -903,6 +952,7 @@ pub struct DefragCopy {
     recorded: Recorded,
     /// The database's path, for error messages of replayed batches.
     path: PathBuf,
+    abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A finished copy, for [`DiskStorage::defrag_finish`].
@@ -948,9 +998,16 @@ impl DefragCopy {
         copy_table(&self.read, &db, APPLIED_PROPOSALS).map_err(|e| io(&e))?;
         copy_table(&self.read, &db, LEASES).map_err(|e| io(&e))?;
         drop(self.read);
+        let abandoned = || self.abandoned.load(std::sync::atomic::Ordering::Acquire);
+        if abandoned() {
+            return Err(io(&"abandoned"));
+        }
         while db.compact().map_err(|e| io(&e))? {}
         let mut replayed = 0;
         for _ in 0..DEFRAG_CATCH_UP_ROUNDS_MAX {
+            if abandoned() {
+                return Err(io(&"abandoned"));
+            }
             let batches: Vec<PersistBatch> = {
                 let mut recorded = self.recorded.lock().expect("recorded batches");
                 if recorded.len() <= DEFRAG_TAIL_BATCHES {

@@ -251,3 +251,27 @@ fn checkpoints_delete_compacted_log_segments() {
     assert_eq!(recovered.applied_index, 40);
     assert_eq!(recovered.mvcc.state_hash(), store.state_hash());
 }
+
+#[test]
+fn a_defragmentation_outrun_by_writes_gives_up_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MvccStore::default();
+    let mut opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    let storage = &mut opened.storage;
+    storage.set_defrag_recorded_bytes_max(100 * 1024);
+    storage.persist(&put_batch(&mut store, "before", 10, 1)).unwrap();
+    let copy = storage.defrag_begin().unwrap();
+    // 200 KiB written while the copy is made: more than the 100 KiB it may keep.
+    for index in 2..=21 {
+        storage.persist(&put_batch(&mut store, &format!("during{index}"), 10, index)).unwrap();
+    }
+    let copied = std::thread::spawn(move || copy.run()).join().unwrap();
+    let error = storage.defrag_finish(copied).err().unwrap();
+    assert!(error.to_string().contains("defragmentation abandoned"), "{error}");
+    assert!(!defrag_target(storage.path()).exists(), "the copy is removed");
+    assert!(!storage.defrag_running());
+    storage.persist(&put_batch(&mut store, "after", 10, 22)).unwrap();
+    drop(opened);
+    let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
+}
