@@ -196,20 +196,6 @@ pub const HEALTH_SLOW_RTT_SAMPLES_MIN: usize = 20;
 /// close before it cuts them: graceful shutdown must not wait on a client forever.
 pub const SHUTDOWN_DRAIN_MS: u64 = 2_000;
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn defaults_are_etcds() {
-        let limits = Limits::default();
-        assert_eq!(limits.request_bytes_max, 1_572_864);
-        assert_eq!(limits.key_bytes_max, 65_536);
-        assert_eq!(limits.value_bytes_max, 1_572_864);
-        assert_eq!(limits.txn_ops_max, 128);
-    }
-}
-
 /// Default of `--snapshot-count`: the log is compacted once it holds more applied
 /// entries than this. Every entry stays in memory until compacted; etcd's default
 /// is 100,000, ours is smaller to bound that memory.
@@ -246,3 +232,17 @@ pub const QUOTA_BACKEND_BYTES_MAX: u64 = 100 * 1024 * 1024 * 1024;
 /// compares every member's HashKV with its own (five minutes; etcd's check is
 /// off unless asked for).
 pub const CORRUPT_CHECK_INTERVAL_MS_DEFAULT: u64 = 300_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_etcds() {
+        let limits = Limits::default();
+        assert_eq!(limits.request_bytes_max, 1_572_864);
+        assert_eq!(limits.key_bytes_max, 65_536);
+        assert_eq!(limits.value_bytes_max, 1_572_864);
+        assert_eq!(limits.txn_ops_max, 128);
+    }
+}

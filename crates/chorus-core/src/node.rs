@@ -1068,11 +1068,10 @@ impl Node {
         let Some(Op::PublishMember(member)) = command.op else { return None };
         for single in change.get_changes() {
             match single.get_change_type() {
-                raft::prelude::ConfChangeType::RemoveNode => {
-                    if self.members.remove(&single.node_id).is_some() {
-                        self.pending_members_removed.push(single.node_id);
-                    }
+                raft::prelude::ConfChangeType::RemoveNode if self.members.remove(&single.node_id).is_some() => {
+                    self.pending_members_removed.push(single.node_id);
                 }
+                raft::prelude::ConfChangeType::RemoveNode => {}
                 _ if single.node_id == member.member_id && !member.peer_urls.is_empty() => {
                     let entry = self.members.entry(member.member_id).or_insert_with(|| MemberAttributes {
                         member_id: member.member_id,

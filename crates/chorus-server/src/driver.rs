@@ -344,7 +344,7 @@ impl Driver {
     /// Proposes this member's NOSPACE alarm when its database is past the quota
     /// (checked every `QUOTA_CHECK_TICKS`; the alarm is replicated, as etcd's).
     fn check_quota(&mut self) {
-        if self.ticks % QUOTA_CHECK_TICKS != 0 || self.storage.size_bytes() <= self.quota_bytes {
+        if !self.ticks.is_multiple_of(QUOTA_CHECK_TICKS) || self.storage.size_bytes() <= self.quota_bytes {
             return;
         }
         use chorus_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};

@@ -7,6 +7,7 @@
 //! talks to anyone.
 
 pub mod api;
+mod authority;
 pub mod backup;
 pub mod config;
 pub mod corrupt;
@@ -170,16 +171,15 @@ pub async fn serve(
     let health = start_health(&config, &member_ids, cluster_id, member_id, metrics.clone(), &stop_rx);
     let mut servers = Vec::new();
     for listener in peer_listeners {
-        let service =
-            PeerService::new(
-                cluster_id,
-                member_id,
-                input_tx.clone(),
-                handle.clone(),
-                stop_rx.clone(),
-                removed_members.clone(),
-                image_reader.clone(),
-            );
+        let service = PeerService::new(
+            cluster_id,
+            member_id,
+            input_tx.clone(),
+            handle.clone(),
+            stop_rx.clone(),
+            removed_members.clone(),
+            image_reader.clone(),
+        );
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_service(service)
@@ -252,9 +252,11 @@ pub async fn serve(
             .accept_http1(true)
             .layer(metrics::GrpcMetricsLayer(metrics.clone()))
             .add_routes(routes.into());
-        servers.push(tokio::spawn(
-            router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
-        ));
+        // Through AuthorityFix: etcdctl 3.4 names some requests' target as a URL.
+        let incoming = futures::StreamExt::map(nodelay_incoming(listener), |accepted| {
+            accepted.map(authority::AuthorityFix::new)
+        });
+        servers.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()))));
     }
     let metrics_tasks = start_metrics(metrics_listeners, metrics, handle.clone(), &config, &stop_rx);
     drop(handle);
@@ -342,7 +344,8 @@ async fn join_cluster_id(config: &ServerConfig, member_id: u64) -> Result<u64, S
         .collect();
     if peers.is_empty() {
         return Err(ConfigError(
-            "--initial-cluster-state existing: --initial-cluster names no other member to join through".into(),
+            "--initial-cluster-state existing: --initial-cluster names no other member to join through"
+                .into(),
         )
         .into());
     }
@@ -355,15 +358,13 @@ async fn join_cluster_id(config: &ServerConfig, member_id: u64) -> Result<u64, S
                     tracing::info!(cluster = %format!("{:016x}", info.cluster_id), via = %addr, "joining the cluster");
                     return Ok(info.cluster_id);
                 }
-                Ok(_) => {
-                    return Err(ConfigError(format!(
-                        "this member ({member_id:016x}, peer URLs {:?}) is not in the cluster's configuration \
+                Ok(_) => return Err(ConfigError(format!(
+                    "this member ({member_id:016x}, peer URLs {:?}) is not in the cluster's configuration \
                          (asked {addr}): add it first with `etcdctl member add` or `chorus member add`, \
                          with the same peer URLs and --initial-cluster-token",
-                        config.initial_advertise_peer_urls
-                    ))
-                    .into())
-                }
+                    config.initial_advertise_peer_urls
+                ))
+                .into()),
                 Err(error) => last_error = format!("{addr}: {error}"),
             }
         }

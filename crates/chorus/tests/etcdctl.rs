@@ -450,6 +450,48 @@ async fn endpoint_status(ctl: &Etcdctl, cluster: &Cluster) -> anyhow::Result<(u6
     Ok((terms[0], cluster_ids[0], member_ids))
 }
 
+/// Endpoints written as URLs (`http://host:port`, as most operators write them) and
+/// `--cluster` (which takes the members' client URLs from MemberList): etcdctl 3.4
+/// then sends the URL as the request's HTTP/2 authority for its per-endpoint
+/// commands, which chorus must accept as etcd does.
+async fn url_endpoints_and_cluster_flag(ctl: &Etcdctl, member_ids: &[u64]) -> anyhow::Result<()> {
+    let first = ctl.endpoints.split(',').next().context("no endpoint")?;
+    let url_ctl = Etcdctl { path: ctl.path.clone(), endpoints: format!("http://{first}") };
+    let statuses = url_ctl.json(&["endpoint", "status", "--cluster"]).await?;
+    let statuses = statuses.as_array().context("endpoint status is not a list")?;
+    let mut ids: Vec<u64> =
+        statuses.iter().map(|s| uint(&s["Status"]["header"]["member_id"])).collect::<anyhow::Result<_>>()?;
+    ids.sort_unstable();
+    let mut expected = member_ids.to_vec();
+    expected.sort_unstable();
+    expect_eq("members in endpoint status --cluster", ids, expected)?;
+    for status in statuses {
+        let endpoint = status["Endpoint"].as_str().unwrap_or_default();
+        ensure!(endpoint.starts_with("http://127.0.0.1:"), "endpoint {endpoint:?}");
+    }
+    // Each member hashes its current revision: a follower may still be applying the
+    // last write, so a difference is asked again a few times.
+    let mut hashes = Vec::new();
+    for _ in 0..10 {
+        let answer = url_ctl.json(&["endpoint", "hashkv", "--cluster"]).await?;
+        hashes = answer
+            .as_array()
+            .context("endpoint hashkv is not a list")?
+            .iter()
+            .map(|h| uint(&h["HashKV"]["hash"]))
+            .collect::<anyhow::Result<_>>()?;
+        if hashes.iter().all(|h| *h == hashes[0]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    expect_eq("hashes from endpoint hashkv --cluster", hashes.len(), 3)?;
+    ensure!(hashes.iter().all(|h| *h == hashes[0]), "members' hashes differ: {hashes:?}");
+    let simple = url_ctl.ok(&["endpoint", "status"]).await?;
+    ensure!(simple.starts_with(&format!("http://{first}, ")), "endpoint status: {simple:?}");
+    Ok(())
+}
+
 async fn endpoint_health(ctl: &Etcdctl, cluster: &Cluster) -> anyhow::Result<()> {
     let health = ctl.json(&["endpoint", "health"]).await?;
     let mut healthy: Vec<String> = health
@@ -572,6 +614,7 @@ async fn etcdctl_speaks_to_a_three_member_cluster() {
     record("txn", txn(&ctl).await);
     record("endpoint health", endpoint_health(&ctl, &cluster).await);
     record("member list", member_list(&ctl, &cluster, cluster_id, &member_ids).await);
+    record("URL endpoints and --cluster", url_endpoints_and_cluster_flag(&ctl, &member_ids).await);
     record("errors", errors(&ctl).await);
     record("compaction", compaction(&ctl).await);
     if !failures.is_empty() {

@@ -19,7 +19,10 @@ use etcd_client::{GetOptions, Txn, TxnOp};
 /// than the last write acknowledged before the read began and no later than the
 /// last write begun before it was answered, and the reader's successive reads
 /// never go back.
-fn check_register_history(writes: &[(Instant, Option<Instant>, u64)], reads: &[(Instant, Instant, u64)]) {
+/// A write: sent, acknowledged (None if its outcome is unknown), value.
+type Write = (Instant, Option<Instant>, u64);
+
+fn check_register_history(writes: &[Write], reads: &[(Instant, Instant, u64)]) {
     assert!(!reads.is_empty(), "the reader read nothing");
     let mut previous = 0;
     for &(invoked, answered, value) in reads {
@@ -154,7 +157,7 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
     // `reg` (linearizably) through m3 throughout: the history of that register is
     // checked below.
     let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
-    let writes: Arc<Mutex<Vec<(Instant, Option<Instant>, u64)>>> = Arc::default();
+    let writes: Arc<Mutex<Vec<Write>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let (acknowledged, writes, stop) = (acknowledged.clone(), writes.clone(), stop.clone());

@@ -114,7 +114,7 @@ async fn a_member_away_during_50000_writes_is_caught_up_by_a_snapshot() {
     let log = std::fs::read_to_string(&cluster.members[away].log_path).unwrap();
     assert!(log.contains("received a snapshot"), "the member was not caught up by a snapshot");
     let leader_log = std::fs::read_to_string(&cluster.members[leader].log_path).unwrap();
-    let sent = leader_log.lines().filter(|l| l.contains("sent a snapshot")).last().unwrap_or_default();
+    let sent = leader_log.lines().rfind(|l| l.contains("sent a snapshot")).unwrap_or_default();
     eprintln!("leader: {sent}");
 
     let expected = key_space(&cluster, leader, revision).await;
