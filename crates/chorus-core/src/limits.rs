@@ -220,6 +220,13 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 16 * 1024 * 1024 * 1024;
 /// A leader keeps log entries its live followers still need, up to this many
 /// times `--snapshot-count` (beyond that it compacts anyway).
 pub const LOG_HELD_FOR_FOLLOWERS_FACTOR: u64 = 4;
+/// ... but at least this many entries (within the same byte bound): a follower
+/// sent a large snapshot installs it for seconds and then catches up from the
+/// entries that follow it; if those were compacted meanwhile (4 x a small
+/// `--snapshot-count` goes by in a second of writes) it needs another snapshot,
+/// and another, for as long as writes go on. 100,000 entries of a few hundred
+/// bytes are tens of MB.
+pub const LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN: u64 = 100_000;
 /// A learner whose log is within this many entries of the leader's is promoted
 /// (with `--auto-promote-learners`, the default).
 pub const LEARNER_PROMOTE_LAG_ENTRIES: u64 = 100;

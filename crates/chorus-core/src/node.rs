@@ -63,7 +63,8 @@ use crate::error::KvError;
 use crate::lease::{LeaseStore, LeaseWrites};
 use crate::lease_clock::LeaseClock;
 use crate::limits::{
-    LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LOG_HELD_FOR_FOLLOWERS_FACTOR, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX,
+    LEASE_CHECKPOINTS_PER_PROPOSAL_MAX, LEASE_CHECKPOINT_INTERVAL_MS, LEASE_REVOKES_PER_TICK_MAX,
+    LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN, LOG_HELD_FOR_FOLLOWERS_FACTOR,
 };
 use crate::mvcc::{MvccStore, WriteSet};
 
@@ -96,6 +97,10 @@ pub struct NodeConfig {
     /// Applied entries kept behind a compaction, so that a member only slightly
     /// behind catches up from the log rather than from a snapshot.
     pub log_catchup_entries: u64,
+    /// A leader keeps the entries its live followers still need, up to 4 x
+    /// `log_entries_max` or this many entries, whichever is more
+    /// ([`crate::limits::LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN`]; the simulator varies it).
+    pub log_held_entries_min: u64,
     /// A snapshot sent to a member that has not caught up after this many ticks is
     /// counted as failed, and sent again.
     pub snapshot_retry_ticks: u64,
@@ -121,6 +126,7 @@ impl NodeConfig {
             log_entries_max: crate::limits::LOG_ENTRIES_MAX_DEFAULT,
             log_bytes_max: crate::limits::LOG_BYTES_MAX_DEFAULT,
             log_catchup_entries: crate::limits::LOG_CATCHUP_ENTRIES_DEFAULT,
+            log_held_entries_min: LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN,
             snapshot_retry_ticks: crate::limits::SNAPSHOT_RETRY_MS / tick_ms.max(1),
             inline_snapshots: true,
         }
@@ -479,6 +485,7 @@ pub struct Node {
     log_entries_max: u64,
     log_bytes_max: u64,
     log_catchup_entries: u64,
+    log_held_entries_min: u64,
     snapshot_retry_ticks: u64,
     inline_snapshots: bool,
     tick_ms: u64,
@@ -486,6 +493,13 @@ pub struct Node {
     ticks: u64,
     /// Members sent a snapshot, and the tick it was sent.
     snapshots_in_flight: BTreeMap<u64, u64>,
+    /// The tick at which raft asked for a snapshot that is built outside the node,
+    /// until raft sends one: the log is not compacted meanwhile (within the hold's
+    /// bounds), or the snapshot would be too old to use by the time it is built.
+    snapshot_asked_at: Option<u64>,
+    /// Followers sent a snapshot and not yet answered from past it: the snapshot's
+    /// index and the tick it was sent at.
+    snapshot_holds: BTreeMap<u64, (u64, u64)>,
     /// The tick the prepared snapshot was built.
     prepared_at_tick: u64,
     /// This member applied its own removal from the configuration: it no longer
@@ -563,11 +577,14 @@ impl Node {
             log_entries_max: config.log_entries_max.max(1),
             log_bytes_max: config.log_bytes_max.max(1),
             log_catchup_entries: config.log_catchup_entries,
+            log_held_entries_min: config.log_held_entries_min,
             snapshot_retry_ticks: config.snapshot_retry_ticks.max(1),
             inline_snapshots: config.inline_snapshots,
             tick_ms: config.tick_ms,
             ticks: 0,
             snapshots_in_flight: BTreeMap::new(),
+            snapshot_asked_at: None,
+            snapshot_holds: BTreeMap::new(),
             prepared_at_tick: 0,
             removed: false,
             in_cycle: None,
@@ -829,6 +846,9 @@ impl Node {
         for message in messages {
             if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
                 self.snapshots_in_flight.insert(message.to, self.ticks);
+                let index = message.get_snapshot().get_metadata().index;
+                self.snapshot_holds.insert(message.to, (index, self.ticks));
+                self.snapshot_asked_at = None;
             }
         }
     }
@@ -845,7 +865,11 @@ impl Node {
     /// Whether raft asked for a snapshot it does not have (and forgets the ask):
     /// the driver then builds one and offers it (see [`NodeConfig::inline_snapshots`]).
     pub fn take_snapshot_request(&mut self) -> bool {
-        self.raw.store().snapshot_wanted.replace(false)
+        let wanted = self.raw.store().snapshot_wanted.replace(false);
+        if wanted {
+            self.snapshot_asked_at.get_or_insert(self.ticks);
+        }
+        wanted
     }
 
     /// A snapshot built outside the node: the encoded image of the state at
@@ -1141,21 +1165,45 @@ impl Node {
             // install a snapshot than the log moves would never catch up; up to a
             // bound, so a stuck follower cannot pin the log in memory.
             let leading = self.raw.raft.state == StateRole::Leader;
-            let within = held <= LOG_HELD_FOR_FOLLOWERS_FACTOR * self.log_entries_max
+            let held_max =
+                LOG_HELD_FOR_FOLLOWERS_FACTOR.saturating_mul(self.log_entries_max).max(self.log_held_entries_min);
+            let within = held <= held_max
                 && bytes <= LOG_HELD_FOR_FOLLOWERS_FACTOR.saturating_mul(self.log_bytes_max);
             if leading && within {
                 let own = self.raw.raft.id;
-                let needed = self
-                    .raw
-                    .raft
-                    .prs()
+                let prs = self.raw.raft.prs();
+                let (ticks, retry_ticks) = (self.ticks, self.snapshot_retry_ticks);
+                // A follower sent a snapshot needs what follows it until it has
+                // installed it and answered (raft-rs stops tracking the snapshot once
+                // the transport delivered it, seconds before the install is done).
+                self.snapshot_holds.retain(|to, (index, sent)| {
+                    prs.get(*to).is_some_and(|p| p.matched < *index) && ticks - *sent < retry_ticks
+                });
+                let needed = prs
                     .iter()
-                    .filter(|(id, p)| **id != own && (p.recent_active || p.state == raft::ProgressState::Snapshot))
-                    .map(|(_, p)| if p.state == raft::ProgressState::Snapshot { p.pending_snapshot } else { p.matched })
+                    .filter(|(id, _)| **id != own)
+                    .filter_map(|(_, p)| {
+                        if p.state == raft::ProgressState::Snapshot {
+                            Some(p.pending_snapshot)
+                        } else if p.recent_active {
+                            Some(p.matched)
+                        } else {
+                            None
+                        }
+                    })
+                    .chain(self.snapshot_holds.values().map(|(index, _)| *index))
                     .min();
                 if let Some(needed) = needed {
                     by_count = by_count.min(needed);
                 }
+                // A snapshot being built is of the applied state when its build
+                // began, at or after the log's first index today.
+                let building = self.snapshot_asked_at.is_some_and(|at| ticks - at < retry_ticks);
+                if building {
+                    by_count = by_count.min(first.saturating_sub(1));
+                }
+            } else if !leading {
+                self.snapshot_holds.clear();
             }
             to = Some(by_count);
         }

@@ -120,6 +120,7 @@ pub async fn serve(
         log_entries_max: config.snapshot_count,
         log_bytes_max: config.snapshot_bytes,
         log_catchup_entries: config.snapshot_catchup_entries,
+        log_held_entries_min: chorus_core::limits::LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN,
         snapshot_retry_ticks: chorus_core::limits::SNAPSHOT_RETRY_MS / config.heartbeat_interval_ms,
         inline_snapshots: false,
     };

@@ -84,6 +84,10 @@ pub struct SimOptions {
     /// option generator, so every other choice of a seed stays as it was.
     pub log_bytes_max: u64,
     pub log_catchup_entries: u64,
+    /// The leader's hold for live followers: at least this many entries (production
+    /// holds 100,000; half the seeds hold only 4 x `log_entries_max`, so that live
+    /// followers behind are caught up by snapshots too).
+    pub log_held_entries_min: u64,
     /// Membership changes during the fault phase: a spare node joins as a learner,
     /// is promoted, and then a voter (perhaps the leader) is removed and becomes
     /// the next spare, with a new id and an empty disk.
@@ -134,6 +138,7 @@ impl SimOptions {
             log_entries_max: 0,
             log_bytes_max: u64::MAX,
             log_catchup_entries: 0,
+            log_held_entries_min: 0,
             membership_changes: false,
             nospace_alarms: false,
             checkpoint_commits: 1,
@@ -155,6 +160,10 @@ impl SimOptions {
         let mut storage_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc4ec_4b01);
         options.checkpoint_commits = storage_rng.random_range(1..=64);
         options.wal_segment_bytes = storage_rng.random_range(1_024..=32_768);
+        let mut hold_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x401d);
+        if hold_rng.random_bool(0.5) {
+            options.log_held_entries_min = chorus_core::limits::LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN;
+        }
         match bug {
             // Lost fsyncs only show when a majority loses its unsynced state at once.
             Some(Bug::AckBeforeFsync) => {

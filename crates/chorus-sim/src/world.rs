@@ -533,6 +533,7 @@ impl World {
             log_entries_max: self.options.log_entries_max,
             log_bytes_max: self.options.log_bytes_max,
             log_catchup_entries: self.options.log_catchup_entries,
+            log_held_entries_min: self.options.log_held_entries_min,
             snapshot_retry_ticks: SNAPSHOT_RETRY_TICKS,
             inline_snapshots: true,
         };

@@ -25,6 +25,7 @@ fn config(id: u64) -> NodeConfig {
         log_entries_max: 1_000_000,
         log_bytes_max: u64::MAX,
         log_catchup_entries: 0,
+        log_held_entries_min: 0,
         snapshot_retry_ticks: 30,
         inline_snapshots: true,
     }
