@@ -203,6 +203,8 @@ pub async fn serve(
     let configured = configured_members(&config, &member_ids);
     let message_bytes_max = (config.limits.request_bytes_max + GRPC_MESSAGE_OVERHEAD_BYTES) as usize;
     let gateway_limits = gateway::GatewayLimits::new(message_bytes_max);
+    // Readiness (a leader is known), for /readyz and /health, kept by start_metrics.
+    let (ready_tx, ready_rx) = watch::channel(Err("starting".to_string()));
     for listener in client_listeners {
         // One set of service objects serves both gRPC and the HTTP/JSON gateway.
         let services = gateway::Services {
@@ -247,6 +249,7 @@ pub async fn serve(
         let routes = grpc
             .into_axum_router()
             .merge(gateway::router(&services, gateway_limits))
+            .merge(metrics::router(metrics.clone(), ready_rx.clone()))
             .fallback(gateway::fallback);
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -259,7 +262,8 @@ pub async fn serve(
         });
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()))));
     }
-    let metrics_tasks = start_metrics(metrics_listeners, metrics, handle.clone(), &config, &stop_rx);
+    let metrics_tasks =
+        start_metrics(metrics_listeners, metrics, ready_tx, ready_rx, handle.clone(), &config, &stop_rx);
     drop(handle);
     on_ready(client_addrs);
 
@@ -436,11 +440,12 @@ fn start_health(
 fn start_metrics(
     listeners: Vec<(TcpListener, SocketAddr)>,
     metrics: std::sync::Arc<metrics::Metrics>,
+    ready_tx: watch::Sender<Result<(), String>>,
+    ready_rx: watch::Receiver<Result<(), String>>,
     handle: NodeHandle,
     config: &ServerConfig,
     stop: &watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    let (ready_tx, ready_rx) = watch::channel(Err("starting".to_string()));
     let interval = Duration::from_millis(config.heartbeat_interval_ms);
     let mut tasks = vec![tokio::spawn(metrics::run_status_poller(
         metrics.clone(),

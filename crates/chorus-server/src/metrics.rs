@@ -40,6 +40,8 @@ fn latency_histogram() -> Histogram {
 /// Every metric of one member.
 pub struct Metrics {
     registry: Registry,
+    /// When this member started (for `process_start_time_seconds`).
+    started_unix_s: f64,
     pub raft_term: Gauge,
     pub raft_is_leader: Gauge,
     pub raft_has_leader: Gauge,
@@ -94,6 +96,9 @@ impl Metrics {
             mvcc_revision: Gauge::default(),
             registry: Registry::default(),
             grpc_methods_seen: Default::default(),
+            started_unix_s: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs() as f64),
         };
         let r = &mut registry;
         r.register("raft_term", "Current Raft term", m.raft_term.clone());
@@ -165,8 +170,67 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("encoding into a String cannot fail");
+        // The process's own metrics, under the names every Prometheus client
+        // library exports (etcd's dashboards and `etcdctl check datascale` read
+        // process_resident_memory_bytes), before the closing `# EOF`.
+        let process = process_metrics(self.started_unix_s);
+        match text.rfind("# EOF") {
+            Some(at) => text.insert_str(at, &process),
+            None => text.push_str(&process),
+        }
         text
     }
+}
+
+/// `process_*` metrics of this process, from `/proc/self` (Linux), in OpenMetrics
+/// text; a figure that cannot be read is left out.
+fn process_metrics(started_unix_s: f64) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let suffix = if kind == "counter" { "_total" } else { "" };
+        let _ = writeln!(out, "# TYPE {name} {kind}\n# HELP {name} {help}\n{name}{suffix} {value}");
+    };
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let status_kib = |field: &str| -> Option<f64> {
+        let line = status.lines().find(|l| l.starts_with(field))?;
+        line[field.len()..].trim().trim_end_matches("kB").trim().parse::<f64>().ok().map(|kib| kib * 1024.0)
+    };
+    // utime and stime, in clock ticks of 1/100 s (USER_HZ is 100 on Linux), are
+    // fields 14 and 15; the command name (field 2) may hold spaces, so count from ')'.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let cpu_s = stat.rfind(')').and_then(|at| {
+        let fields: Vec<&str> = stat[at + 1..].split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    });
+    if let Some(cpu_s) = cpu_s {
+        metric("process_cpu_seconds", "counter", "Total user and system CPU time spent in seconds.", cpu_s);
+    }
+    if let Some(rss) = status_kib("VmRSS:") {
+        metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", rss);
+    }
+    if let Some(vm) = status_kib("VmSize:") {
+        metric("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", vm);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        metric("process_open_fds", "gauge", "Number of open file descriptors.", fds.count() as f64);
+    }
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let max_fds = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l["Max open files".len()..].split_whitespace().next()?.parse::<f64>().ok());
+    if let Some(max_fds) = max_fds {
+        metric("process_max_fds", "gauge", "Maximum number of open file descriptors.", max_fds);
+    }
+    metric(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        started_unix_s,
+    );
+    out
 }
 
 impl Default for Metrics {
@@ -238,6 +302,30 @@ pub async fn serve_http(
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     use axum::http::{header, StatusCode};
+    let ready_for_health = ready.clone();
+    let health = move || {
+        let ready = ready_for_health.borrow().clone();
+        async move {
+            let (code, healthy, reason) = match ready {
+                Ok(()) => (StatusCode::OK, "true", String::new()),
+                Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "false", reason),
+            };
+            let body = serde_json::json!({ "health": healthy, "reason": reason }).to_string();
+            (code, [(header::CONTENT_TYPE, "application/json")], body)
+        }
+    };
+    let app = router(metrics, ready).route("/health", axum::routing::get(health));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        })
+        .await
+}
+
+/// `/metrics`, `/livez` and `/readyz`: on the metrics listeners and, as etcd does,
+/// on the client port (whose `/health` is the gateway's).
+pub fn router(metrics: Arc<Metrics>, ready: watch::Receiver<Result<(), String>>) -> axum::Router {
+    use axum::http::{header, StatusCode};
     use axum::routing::get;
     let metrics_route = move || {
         let metrics = metrics.clone();
@@ -248,9 +336,8 @@ pub async fn serve_http(
             )
         }
     };
-    let ready_for_readyz = ready.clone();
     let readyz = move || {
-        let ready = ready_for_readyz.borrow().clone();
+        let ready = ready.borrow().clone();
         async move {
             match ready {
                 Ok(()) => (StatusCode::OK, "ok".to_string()),
@@ -258,27 +345,10 @@ pub async fn serve_http(
             }
         }
     };
-    let health = move || {
-        let ready = ready.borrow().clone();
-        async move {
-            let (code, healthy, reason) = match ready {
-                Ok(()) => (StatusCode::OK, "true", String::new()),
-                Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, "false", reason),
-            };
-            let body = serde_json::json!({ "health": healthy, "reason": reason }).to_string();
-            (code, [(header::CONTENT_TYPE, "application/json")], body)
-        }
-    };
-    let app = axum::Router::new()
+    axum::Router::new()
         .route("/metrics", get(metrics_route))
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/health", get(health));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        })
-        .await
 }
 
 /// A tower layer that times every client gRPC request by its method path.

@@ -225,6 +225,20 @@ fn check_metrics_and_health_endpoints(cluster: &Cluster, leader: usize) {
             && s.labels.get("method") == Some("etcdserverpb.KV/Put")),
         "no Put latency histogram"
     );
+    // The process's own metrics, under the names every Prometheus client exports.
+    assert!(value("process_resident_memory_bytes")[0] > 1_000_000.0);
+    assert!(value("process_cpu_seconds_total")[0] > 0.0);
+    assert!(value("process_open_fds")[0] >= 3.0);
+    assert!(value("process_start_time_seconds")[0] > 1.6e9);
+    // etcd serves /metrics on its client port too (`etcdctl check datascale` reads
+    // process_resident_memory_bytes there), and so does chorus.
+    let client_port = cluster.members[leader].client_port;
+    let (code, text) = http_get(client_port, "/metrics");
+    assert_eq!(code, 200);
+    assert!(text.lines().any(|l| l.starts_with("process_resident_memory_bytes ")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("chorus_raft_term ")), "{text}");
+    assert_eq!(http_get(client_port, "/readyz"), (200, "ok".to_string()));
+    assert_eq!(http_get(client_port, "/livez"), (200, "ok".to_string()));
 
     assert_eq!(http_get(port, "/livez"), (200, "ok".to_string()));
     assert_eq!(http_get(port, "/readyz"), (200, "ok".to_string()));
