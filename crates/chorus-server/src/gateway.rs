@@ -64,6 +64,7 @@ pub struct Services {
     pub maintenance: Arc<MaintenanceService>,
     pub lock: Arc<LockService>,
     pub election: Arc<ElectionService>,
+    pub auth: Arc<crate::api::auth::AuthService>,
 }
 
 /// Size bounds of one gateway call.
@@ -176,35 +177,27 @@ pub fn router(s: &Services, limits: GatewayLimits) -> Router {
         .route("/v3/election/leader", unary!(limits, s.election, Election::leader))
         .route("/v3/election/observe", server_stream!(limits, s.election, Election::observe))
         .route("/v3/election/resign", unary!(limits, s.election, Election::resign));
-    // Auth is not served over gRPC either: its paths answer Unimplemented, not 404.
-    AUTH_PATHS.iter().fold(router, |router, path| {
-        router.route(
-            path,
-            post(|| async { status_error(&crate::api::not_yet("Auth")) }).fallback(method_not_allowed),
-        )
-    })
+    // Auth: AuthStatus answers that it is off; the rest say chorus has none yet.
+    use chorus_proto::etcdserverpb::auth_server::Auth;
+    router
+        .route("/v3/auth/enable", unary!(limits, s.auth, Auth::auth_enable))
+        .route("/v3/auth/disable", unary!(limits, s.auth, Auth::auth_disable))
+        .route("/v3/auth/status", unary!(limits, s.auth, Auth::auth_status))
+        .route("/v3/auth/authenticate", unary!(limits, s.auth, Auth::authenticate))
+        .route("/v3/auth/user/add", unary!(limits, s.auth, Auth::user_add))
+        .route("/v3/auth/user/get", unary!(limits, s.auth, Auth::user_get))
+        .route("/v3/auth/user/list", unary!(limits, s.auth, Auth::user_list))
+        .route("/v3/auth/user/delete", unary!(limits, s.auth, Auth::user_delete))
+        .route("/v3/auth/user/changepw", unary!(limits, s.auth, Auth::user_change_password))
+        .route("/v3/auth/user/grant", unary!(limits, s.auth, Auth::user_grant_role))
+        .route("/v3/auth/user/revoke", unary!(limits, s.auth, Auth::user_revoke_role))
+        .route("/v3/auth/role/add", unary!(limits, s.auth, Auth::role_add))
+        .route("/v3/auth/role/get", unary!(limits, s.auth, Auth::role_get))
+        .route("/v3/auth/role/list", unary!(limits, s.auth, Auth::role_list))
+        .route("/v3/auth/role/delete", unary!(limits, s.auth, Auth::role_delete))
+        .route("/v3/auth/role/grant", unary!(limits, s.auth, Auth::role_grant_permission))
+        .route("/v3/auth/role/revoke", unary!(limits, s.auth, Auth::role_revoke_permission))
 }
-
-/// etcd's Auth service paths (rpc.proto).
-const AUTH_PATHS: [&str; 17] = [
-    "/v3/auth/enable",
-    "/v3/auth/disable",
-    "/v3/auth/status",
-    "/v3/auth/authenticate",
-    "/v3/auth/user/add",
-    "/v3/auth/user/get",
-    "/v3/auth/user/list",
-    "/v3/auth/user/delete",
-    "/v3/auth/user/changepw",
-    "/v3/auth/user/grant",
-    "/v3/auth/user/revoke",
-    "/v3/auth/role/add",
-    "/v3/auth/role/get",
-    "/v3/auth/role/list",
-    "/v3/auth/role/delete",
-    "/v3/auth/role/grant",
-    "/v3/auth/role/revoke",
-];
 
 /// The answer for a path no route serves: a gRPC `Unimplemented` for gRPC requests
 /// (what tonic answers), grpc-gateway's 404 for everything else.

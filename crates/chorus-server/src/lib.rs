@@ -220,6 +220,7 @@ pub async fn serve(
             maintenance: Arc::new(MaintenanceService::new(handle.clone(), ids, image_reader.clone())),
             lock: Arc::new(LockService::new(handle.clone(), config.limits.clone())),
             election: Arc::new(ElectionService::new(handle.clone(), config.limits.clone())),
+            auth: Arc::new(api::auth::AuthService::new(handle.clone(), ids)),
         };
         let kv = KvServer::from_arc(services.kv.clone()).max_decoding_message_size(message_bytes_max);
         let fenced_kv = FencedKvServer::new(FencedKvService(services.kv.clone()))
@@ -234,8 +235,10 @@ pub async fn serve(
             .max_decoding_message_size(message_bytes_max);
         let barrier = BarrierServer::new(BarrierService::new(handle.clone(), config.limits.clone()));
         let diagnostics = health::DiagnosticsService::new_server(health.clone(), handle.clone());
+        let auth = chorus_proto::etcdserverpb::auth_server::AuthServer::from_arc(services.auth.clone());
         let grpc = tonic::service::Routes::new(kv)
             .add_service(diagnostics)
+            .add_service(auth)
             .add_service(maintenance)
             .add_service(cluster)
             .add_service(watch)

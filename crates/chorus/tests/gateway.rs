@@ -11,8 +11,8 @@ use chorus_proto::etcdserverpb::kv_client::KvClient;
 use chorus_proto::etcdserverpb::lease_client::LeaseClient;
 use chorus_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use chorus_proto::etcdserverpb::{
-    compare, request_op, AlarmRequest, AuthStatusRequest, CompactionRequest, Compare, DefragmentRequest,
-    DeleteRangeRequest, DowngradeRequest, HashKvRequest, HashRequest, LeaseGrantRequest,
+    compare, request_op, AlarmRequest, AuthStatusRequest, AuthUserListRequest, CompactionRequest, Compare,
+    DefragmentRequest, DeleteRangeRequest, DowngradeRequest, HashKvRequest, HashRequest, LeaseGrantRequest,
     LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, MemberAddRequest,
     MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, MemberUpdateRequest, MoveLeaderRequest,
     PutRequest, RangeRequest, RequestOp, SnapshotRequest, StatusRequest, TxnRequest,
@@ -400,19 +400,27 @@ async fn every_path_answers_as_grpc_does() {
     let answer = maintenance.downgrade(downgrade.clone()).await;
     same_as_grpc(&addr, "/v3/maintenance/downgrade", &downgrade, answer, &[]).await;
 
-    // Paths and methods nobody serves; gRPC to a service chorus lacks is still gRPC's Unimplemented.
+    // Paths and methods nobody serves.
     let (status, body) = post(&addr, "/v3/nothing/here", &json!({})).await;
     assert_eq!((status, body), (404, json!({"error": "Not Found", "code": 5, "message": "Not Found"})));
     let (status, body) = call(&addr, "GET", "/v3/kv/range", "").await;
     assert_eq!((status, body["code"].clone()), (405, json!(12)));
-    let auth = AuthClient::new(grpc.clone()).auth_status(AuthStatusRequest {}).await;
-    assert_eq!(auth.unwrap_err().code(), Code::Unimplemented);
+    // Auth: off, and the rest answers Unimplemented with a sentence, alike on both.
+    let auth = AuthClient::new(grpc.clone()).auth_status(AuthStatusRequest {}).await.expect("auth status");
+    assert!(!auth.get_ref().enabled);
     let (status, body) = post(&addr, "/v3/auth/status", &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["enabled"], json!(true), "{body}");
+    let users = AuthClient::new(grpc.clone()).user_list(AuthUserListRequest {}).await.unwrap_err();
+    assert_eq!(users.code(), Code::Unimplemented);
+    assert!(users.message().contains("does not support authentication"), "{users:?}");
+    let (status, body) = post(&addr, "/v3/auth/user/list", &json!({})).await;
     assert_eq!(
         (status, body["code"].clone()),
         (501, json!(12)),
         "Auth answers Unimplemented as on gRPC: {body}"
     );
+    assert_eq!(body["message"].as_str(), Some(users.message()), "{body}");
 
     // Without a quorum the member cannot serve a linearizable read: /health says so.
     let survivor = (leader + 1) % 3;

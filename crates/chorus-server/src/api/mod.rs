@@ -2,6 +2,7 @@
 //! limits (`chorus_core::validate`) before anything is proposed, then hands it to
 //! the driver through a [`NodeHandle`](crate::driver::NodeHandle).
 
+pub mod auth;
 pub mod barrier;
 pub mod cluster;
 mod coord;
