@@ -230,6 +230,13 @@ pub const LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN: u64 = 100_000;
 /// A learner whose log is within this many entries of the leader's is promoted
 /// (with `--auto-promote-learners`, the default).
 pub const LEARNER_PROMOTE_LAG_ENTRIES: u64 = 100;
+/// The most bytes of writes a defragmentation keeps in memory for its copy
+/// (batches persisted while it copies); past it, it gives up, the database unchanged.
+pub const DEFRAG_RECORDED_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// A client connection's HTTP/2 frame or header block larger than this is not
+/// inspected for a URL authority (chorus-server's `authority`): it is passed on for
+/// the HTTP/2 server to judge, which refuses header lists far smaller.
+pub const AUTHORITY_INSPECT_BYTES_MAX: usize = 1024 * 1024;
 /// Default of `--quota-backend-bytes` (8 GiB).
 pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 8 * 1024 * 1024 * 1024;
 /// The largest `--quota-backend-bytes` (100 GiB).

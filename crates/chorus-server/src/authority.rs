@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
+use chorus_core::limits::AUTHORITY_INSPECT_BYTES_MAX;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// What every HTTP/2 connection starts with (RFC 9113 §3.4).
@@ -35,9 +36,6 @@ const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
 /// The frame size every HTTP/2 server accepts (SETTINGS_MAX_FRAME_SIZE's floor).
 const FRAME_PAYLOAD_MAX: usize = 16_384;
-/// A frame or header block larger than this is not inspected: it is passed on for
-/// the HTTP/2 server to judge (it refuses header lists far smaller).
-const INSPECT_BYTES_MAX: usize = 1024 * 1024;
 /// How much is read from the socket at a time while inspecting.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -92,8 +90,7 @@ impl<S> AuthorityFix<S> {
         if let Some(block) = self.block.take() {
             self.out.extend_from_slice(&block.frames);
         }
-        let raw = self.raw.split();
-        self.out.extend_from_slice(&raw);
+        self.out.extend_from_slice(&self.raw);
         self.raw = BytesMut::new();
         self.decoder = None;
     }
@@ -122,7 +119,7 @@ impl<S> AuthorityFix<S> {
             let flags = self.raw[4];
             let stream_id =
                 u32::from_be_bytes([self.raw[5], self.raw[6], self.raw[7], self.raw[8]]) & 0x7fff_ffff;
-            if length > INSPECT_BYTES_MAX {
+            if length > AUTHORITY_INSPECT_BYTES_MAX {
                 return self.pass_through();
             }
             if self.raw.len() < FRAME_HEADER_BYTES + length {
@@ -145,7 +142,7 @@ impl<S> AuthorityFix<S> {
                 (FRAME_CONTINUATION, Some(block)) if block.stream_id == stream_id => {
                     block.fragment.extend_from_slice(&frame[FRAME_HEADER_BYTES..]);
                     block.frames.extend_from_slice(&frame);
-                    if block.fragment.len() > INSPECT_BYTES_MAX {
+                    if block.fragment.len() > AUTHORITY_INSPECT_BYTES_MAX {
                         return self.pass_through();
                     }
                 }

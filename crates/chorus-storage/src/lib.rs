@@ -63,6 +63,7 @@ pub mod wal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use chorus_core::limits::DEFRAG_RECORDED_BYTES_MAX;
 use chorus_core::mvcc::MvccStore;
 use chorus_core::node::{PersistBatch, Recovered};
 use chorus_proto::chorus::v1::{MemberAttributes, StateImage};
@@ -168,10 +169,6 @@ struct DefragRunning {
     /// defragmentation ends in an error, the database unchanged.
     abandoned: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
-
-/// The most bytes of batches a defragmentation keeps for its copy (writes made
-/// while it copies); past it, it gives up rather than hold more in memory.
-pub const DEFRAG_RECORDED_BYTES_MAX: u64 = 512 * 1024 * 1024;
 
 /// Batches persisted since a defragmentation's read transaction began, in order:
 /// the writer appends, the copy thread takes them from the front.
