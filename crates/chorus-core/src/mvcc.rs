@@ -448,7 +448,10 @@ impl MvccStore {
             })
             .collect();
         records.sort_unstable_by_key(|record| record.0);
-        records.into_iter().map(|(rev_key, key, entry)| (rev_key, entry.to_key_value(key).encode_to_vec())).collect()
+        records
+            .into_iter()
+            .map(|(rev_key, key, entry)| (rev_key, entry.to_key_value(key).encode_to_vec()))
+            .collect()
     }
 
     /// Reads keys at the current revision or an older one. Changes nothing.

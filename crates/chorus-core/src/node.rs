@@ -45,7 +45,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use chorus_proto::chorus::v1::{command::Op, fenced_write, Command, FencedWrite, MemberAttributes, StateImage};
+use chorus_proto::chorus::v1::{
+    command::Op, fenced_write, Command, FencedWrite, MemberAttributes, StateImage,
+};
 use chorus_proto::etcdserverpb::alarm_request::AlarmAction;
 use chorus_proto::etcdserverpb::{AlarmMember, AlarmResponse, AlarmType};
 use chorus_proto::etcdserverpb::{
@@ -522,7 +524,8 @@ impl Node {
         // the first persist, so storage alone always knows the configuration (the
         // snapshots built from storage carry it).
         let mut bootstrapped_conf_state = None;
-        if conf_state.voters.is_empty() && conf_state.learners.is_empty() && !config.initial_voters.is_empty() {
+        if conf_state.voters.is_empty() && conf_state.learners.is_empty() && !config.initial_voters.is_empty()
+        {
             conf_state.voters = config.initial_voters.clone();
             bootstrapped_conf_state = Some(conf_state.clone());
         }
@@ -620,12 +623,8 @@ impl Node {
         let retry_ticks = self.snapshot_retry_ticks;
         let mut failed = Vec::new();
         self.snapshots_in_flight.retain(|&to, &mut sent| {
-            let sending = self
-                .raw
-                .raft
-                .prs()
-                .get(to)
-                .is_some_and(|p| p.state == raft::ProgressState::Snapshot);
+            let sending =
+                self.raw.raft.prs().get(to).is_some_and(|p| p.state == raft::ProgressState::Snapshot);
             if sending && now - sent >= retry_ticks {
                 failed.push(to);
             }
@@ -1092,7 +1091,9 @@ impl Node {
         let Some(Op::PublishMember(member)) = command.op else { return None };
         for single in change.get_changes() {
             match single.get_change_type() {
-                raft::prelude::ConfChangeType::RemoveNode if self.members.remove(&single.node_id).is_some() => {
+                raft::prelude::ConfChangeType::RemoveNode
+                    if self.members.remove(&single.node_id).is_some() =>
+                {
                     self.pending_members_removed.push(single.node_id);
                 }
                 raft::prelude::ConfChangeType::RemoveNode => {}
@@ -1158,17 +1159,19 @@ impl Node {
             let mut by_count = applied.saturating_sub(self.log_catchup_entries);
             if bytes > self.log_bytes_max {
                 // Large entries: keep at most half the byte budget of applied ones.
-                by_count = by_count.max(self.raw.store().index_keeping_bytes(applied, self.log_bytes_max / 2));
+                by_count =
+                    by_count.max(self.raw.store().index_keeping_bytes(applied, self.log_bytes_max / 2));
             }
             // A leader keeps what its live followers still need (one being sent a
             // snapshot needs what follows the snapshot), or a member slower to
             // install a snapshot than the log moves would never catch up; up to a
             // bound, so a stuck follower cannot pin the log in memory.
             let leading = self.raw.raft.state == StateRole::Leader;
-            let held_max =
-                LOG_HELD_FOR_FOLLOWERS_FACTOR.saturating_mul(self.log_entries_max).max(self.log_held_entries_min);
-            let within = held <= held_max
-                && bytes <= LOG_HELD_FOR_FOLLOWERS_FACTOR.saturating_mul(self.log_bytes_max);
+            let held_max = LOG_HELD_FOR_FOLLOWERS_FACTOR
+                .saturating_mul(self.log_entries_max)
+                .max(self.log_held_entries_min);
+            let within =
+                held <= held_max && bytes <= LOG_HELD_FOR_FOLLOWERS_FACTOR.saturating_mul(self.log_bytes_max);
             if leading && within {
                 let own = self.raw.raft.id;
                 let prs = self.raw.raft.prs();
@@ -1289,11 +1292,10 @@ impl Node {
     fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI, index: u64) {
         let before = conf_members(&self.conf_state());
         let own = self.raw.raft.id;
-        let removes_self = change
-            .as_v2()
-            .changes
-            .iter()
-            .any(|c| c.node_id == own && c.get_change_type() == raft::prelude::ConfChangeType::RemoveNode);
+        let removes_self =
+            change.as_v2().changes.iter().any(|c| {
+                c.node_id == own && c.get_change_type() == raft::prelude::ConfChangeType::RemoveNode
+            });
         if removes_self && before.contains(&own) {
             // This member leaves. raft-rs is not told (a leader that applied its own
             // removal panics on its next step, looking for its own progress): the
@@ -1359,7 +1361,8 @@ impl Node {
         if self.alarms.iter().any(|(_, alarm)| *alarm == AlarmType::Nospace as i32) && grows_database(&op) {
             return Err(KvError::NoSpace);
         }
-        if self.alarms.iter().any(|(_, alarm)| *alarm == AlarmType::Corrupt as i32) && changes_key_space(&op) {
+        if self.alarms.iter().any(|(_, alarm)| *alarm == AlarmType::Corrupt as i32) && changes_key_space(&op)
+        {
             return Err(KvError::CorruptCluster);
         }
         let writes = &mut self.pending_writes;
@@ -1509,7 +1512,10 @@ fn grows_database(op: &Op) -> bool {
 /// Whether `op` changes the key space or grants a lease: what the CORRUPT alarm
 /// refuses.
 fn changes_key_space(op: &Op) -> bool {
-    matches!(op, Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) | Op::Compaction(_) | Op::LeaseGrant(_))
+    matches!(
+        op,
+        Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) | Op::Compaction(_) | Op::LeaseGrant(_)
+    )
 }
 
 /// The bytes an entry holds in memory beyond its fixed fields.

@@ -23,8 +23,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chorus_proto::etcdserverpb::AlarmMember;
 use chorus_proto::chorus::v1::{AppliedProposal, KvRecord, LeaseRecord, MemberAttributes, StateImage};
+use chorus_proto::etcdserverpb::AlarmMember;
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::ConfState;
@@ -199,7 +199,8 @@ mod tests {
     fn sample_store() -> MvccStore {
         let mut store = MvccStore::new();
         for i in 0..5 {
-            let request = PutRequest { key: format!("k{i}").into_bytes(), value: vec![i; 3], ..Default::default() };
+            let request =
+                PutRequest { key: format!("k{i}").into_bytes(), value: vec![i; 3], ..Default::default() };
             store.put(&request, &mut WriteSet::default()).expect("put");
         }
         store

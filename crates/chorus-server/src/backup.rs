@@ -64,7 +64,9 @@ pub fn decode(bytes: &[u8], skip_hash_check: bool) -> Result<StateImage, ImageEr
 pub fn restore(backup: &[u8], config: &RestoreConfig) -> Result<Restored, RestoreError> {
     let cluster = config::parse_initial_cluster(&config.initial_cluster)?;
     let Some(own_urls) = cluster.get(&config.name) else {
-        return Err(ConfigError(format!("--initial-cluster has no member named {:?} (--name)", config.name)).into());
+        return Err(
+            ConfigError(format!("--initial-cluster has no member named {:?} (--name)", config.name)).into()
+        );
     };
     let (mut advertised, mut listed) = (config.initial_advertise_peer_urls.clone(), own_urls.clone());
     advertised.sort();
@@ -96,7 +98,12 @@ pub fn restore(backup: &[u8], config: &RestoreConfig) -> Result<Restored, Restor
     let opened = DiskStorage::open(&config.data_dir, identity)?;
     let mut storage = opened.storage;
     storage.bootstrap_from_image(&image, &hard_state)?;
-    Ok(Restored { member_id, cluster_id, revision: state.mvcc.revision(), keys_count: state.mvcc.key_count() })
+    Ok(Restored {
+        member_id,
+        cluster_id,
+        revision: state.mvcc.revision(),
+        keys_count: state.mvcc.key_count(),
+    })
 }
 
 fn is_non_empty_dir(path: &Path) -> bool {

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use chorus_proto::chorus::v1::command::Op;
 use chorus_proto::chorus::v1::peer_client::PeerClient;
-use chorus_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType, HashKvRequest, HashKvResponse};
+use chorus_proto::etcdserverpb::{
+    alarm_request::AlarmAction, AlarmRequest, AlarmType, HashKvRequest, HashKvResponse,
+};
 use chorus_storage::{ImageReader, KvHash};
 use tokio::sync::watch;
 
@@ -116,6 +118,9 @@ async fn ask_hash(addr: &str, revision: i64) -> Result<HashKvResponse, String> {
         .connect_timeout(Duration::from_secs(1))
         .timeout(PEER_HASH_TIMEOUT);
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let answer = PeerClient::new(channel).hash_kv(HashKvRequest { revision }).await.map_err(|e| e.message().to_string())?;
+    let answer = PeerClient::new(channel)
+        .hash_kv(HashKvRequest { revision })
+        .await
+        .map_err(|e| e.message().to_string())?;
     Ok(answer.into_inner())
 }

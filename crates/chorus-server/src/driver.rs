@@ -380,8 +380,14 @@ impl Driver {
             }
         }
         let own = self.ids.member_id;
-        let wanted: std::collections::BTreeSet<u64> =
-            conf.voters.iter().chain(&conf.learners).chain(&conf.voters_outgoing).copied().filter(|id| *id != own).collect();
+        let wanted: std::collections::BTreeSet<u64> = conf
+            .voters
+            .iter()
+            .chain(&conf.learners)
+            .chain(&conf.voters_outgoing)
+            .copied()
+            .filter(|id| *id != own)
+            .collect();
         self.peers.retain(|id, _| wanted.contains(id));
         for id in wanted {
             if self.peers.contains_key(&id) {
@@ -402,7 +408,9 @@ impl Driver {
         if self.conf_change_seq.is_some_and(|seq| self.proposals.contains_key(&seq)) {
             return;
         }
-        let Some(learner) = self.node.learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES).first().copied() else {
+        let Some(learner) =
+            self.node.learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES).first().copied()
+        else {
             return;
         };
         let mut single = raft::prelude::ConfChangeSingle::default();
@@ -443,12 +451,22 @@ impl Driver {
             });
             let input = match built {
                 Ok((data, index, term, conf_state)) => {
-                    tracing::info!(index, bytes = data.len(), build_ms = started.elapsed().as_millis() as u64, "built a snapshot");
+                    tracing::info!(
+                        index,
+                        bytes = data.len(),
+                        build_ms = started.elapsed().as_millis() as u64,
+                        "built a snapshot"
+                    );
                     Input::SnapshotBuilt { data, index, term, conf_state }
                 }
                 Err(error) => {
                     tracing::error!(%error, "could not build a snapshot; raft will ask again");
-                    Input::SnapshotBuilt { data: Vec::new(), index: 0, term: 0, conf_state: ConfState::default() }
+                    Input::SnapshotBuilt {
+                        data: Vec::new(),
+                        index: 0,
+                        term: 0,
+                        conf_state: ConfState::default(),
+                    }
                 }
             };
             if let Some(answers) = answers.upgrade() {
@@ -486,7 +504,8 @@ impl Driver {
             }
         });
         if let Err(error) = spawned {
-            let failed = Err(chorus_storage::StorageError::Io { path: "defrag".into(), detail: error.to_string() });
+            let failed =
+                Err(chorus_storage::StorageError::Io { path: "defrag".into(), detail: error.to_string() });
             self.finish_defrag(failed);
         }
     }
@@ -594,7 +613,8 @@ impl Driver {
                 if self.node.conf_change_pending()
                     || self.conf_change_seq.is_some_and(|seq| self.proposals.contains_key(&seq))
                 {
-                    let refused = "etcdserver: a membership change is already in progress; retry when it is applied";
+                    let refused =
+                        "etcdserver: a membership change is already in progress; retry when it is applied";
                     let _ = reply.send(Err(RequestError::Refused(refused.into())));
                     return;
                 }
@@ -946,7 +966,9 @@ impl Driver {
             watchers_count: self.watches.watchers_count() as u64,
             members: self.node.members().clone(),
             active_voters: self.node.active_voters(),
-            learners_caught_up: self.node.learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES),
+            learners_caught_up: self
+                .node
+                .learners_caught_up(chorus_core::limits::LEARNER_PROMOTE_LAG_ENTRIES),
             most_caught_up_voter: self.node.most_caught_up_voter(),
             alarms: self.node.alarms(),
         }

@@ -366,13 +366,15 @@ async fn join_cluster_id(config: &ServerConfig, member_id: u64) -> Result<u64, S
                     tracing::info!(cluster = %format!("{:016x}", info.cluster_id), via = %addr, "joining the cluster");
                     return Ok(info.cluster_id);
                 }
-                Ok(_) => return Err(ConfigError(format!(
+                Ok(_) => {
+                    return Err(ConfigError(format!(
                     "this member ({member_id:016x}, peer URLs {:?}) is not in the cluster's configuration \
                          (asked {addr}): add it first with `etcdctl member add` or `chorus member add`, \
                          with the same peer URLs and --initial-cluster-token",
                     config.initial_advertise_peer_urls
                 ))
-                .into()),
+                    .into())
+                }
                 Err(error) => last_error = format!("{addr}: {error}"),
             }
         }

@@ -28,7 +28,8 @@ use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::chorus::v1::peer_server::{Peer, PeerServer};
 use chorus_proto::chorus::v1::{ClusterInfoRequest, ClusterInfoResponse, RaftAck, RaftBatch, SnapshotChunk};
 use chorus_proto::etcdserverpb::{
-    HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
+    HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
 };
 use futures::StreamExt;
 use protobuf::Message as _;
@@ -256,7 +257,11 @@ pub struct PeerLink {
 /// Sends everything from `queue` to the peer, reconnecting with backoff when the
 /// stream breaks. Ends when the queue's sender is dropped. A snapshot that cannot
 /// be delivered is reported to `driver`.
-pub async fn run_peer_sender(link: PeerLink, mut queue: mpsc::Receiver<Message>, driver: mpsc::WeakSender<Input>) {
+pub async fn run_peer_sender(
+    link: PeerLink,
+    mut queue: mpsc::Receiver<Message>,
+    driver: mpsc::WeakSender<Input>,
+) {
     let mut delay = RECONNECT_DELAY_MIN;
     let snapshots = SnapshotSender { link: link.clone(), driver, in_flight: Default::default() };
     loop {
@@ -294,7 +299,10 @@ pub async fn ask_cluster_info(addr: &str) -> Result<ClusterInfoResponse, String>
         .connect_timeout(Duration::from_millis(1000))
         .timeout(Duration::from_secs(3));
     let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-    let answer = PeerClient::new(channel).cluster_info(ClusterInfoRequest {}).await.map_err(|e| e.message().to_string())?;
+    let answer = PeerClient::new(channel)
+        .cluster_info(ClusterInfoRequest {})
+        .await
+        .map_err(|e| e.message().to_string())?;
     Ok(answer.into_inner())
 }
 
@@ -323,10 +331,11 @@ async fn stream_batches(
     queue: &mut mpsc::Receiver<Message>,
     snapshots: &SnapshotSender,
 ) -> StreamEnd {
-    let ended = |result: Result<Result<tonic::Response<RaftAck>, Status>, tokio::task::JoinError>| match result {
-        Ok(Err(status)) if status.message() == REMOVED_MESSAGE => StreamEnd::Removed,
-        _ => StreamEnd::Broken,
-    };
+    let ended =
+        |result: Result<Result<tonic::Response<RaftAck>, Status>, tokio::task::JoinError>| match result {
+            Ok(Err(status)) if status.message() == REMOVED_MESSAGE => StreamEnd::Removed,
+            _ => StreamEnd::Broken,
+        };
     let (batches, stream) = mpsc::channel::<RaftBatch>(16);
     let mut batch_client = client.clone();
     let mut call = tokio::spawn(async move { batch_client.send(ReceiverStream::new(stream)).await });
@@ -338,8 +347,12 @@ async fn stream_batches(
             },
             result = &mut call => return ended(result),
         };
-        let mut batch =
-            RaftBatch { cluster_id: link.cluster_id, from_id: link.from_id, to_id: link.to_id, messages: vec![] };
+        let mut batch = RaftBatch {
+            cluster_id: link.cluster_id,
+            from_id: link.from_id,
+            to_id: link.to_id,
+            messages: vec![],
+        };
         let mut next = Some(first);
         while let Some(message) = next.take() {
             if message.get_msg_type() == MessageType::MsgSnapshot {

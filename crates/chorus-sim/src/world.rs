@@ -98,7 +98,9 @@ enum Event {
     /// The next step of the membership workload.
     Membership,
     /// The operator raises or disarms the NOSPACE alarm.
-    Alarm { raise: bool },
+    Alarm {
+        raise: bool,
+    },
     Resume(usize),
     EndFaultPhase,
     StopClients,
@@ -518,13 +520,18 @@ impl World {
         let node = &mut self.nodes[i];
         let identity = Identity { cluster_id: CLUSTER_ID, member_id: node.id };
         let label = format!("sim://node{}", node.id);
-        let opened = DiskStorage::open_with_backend(node.disk.backend(), node.disk.wal_dir(), &label, identity)
-            .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
+        let opened =
+            DiskStorage::open_with_backend(node.disk.backend(), node.disk.wal_dir(), &label, identity)
+                .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
         let mut opened = opened;
         opened.storage.set_tuning(self.options.checkpoint_commits, self.options.wal_segment_bytes);
         let config = NodeConfig {
             id: node.id,
-            initial_voters: if node.founder { (1..=self.options.nodes_count as u64).collect() } else { Vec::new() },
+            initial_voters: if node.founder {
+                (1..=self.options.nodes_count as u64).collect()
+            } else {
+                Vec::new()
+            },
             election_ticks: ELECTION_TICKS,
             heartbeat_ticks: 1,
             seed: self.options.seed ^ opened.boot_count,
@@ -1579,9 +1586,10 @@ impl World {
         let leader = (0..self.nodes.len())
             .filter(|&i| {
                 !self.nodes[i].paused
-                    && self.nodes[i].running.as_ref().is_some_and(|r| {
-                        !r.node.is_removed() && r.node.status().role == StateRole::Leader
-                    })
+                    && self.nodes[i]
+                        .running
+                        .as_ref()
+                        .is_some_and(|r| !r.node.is_removed() && r.node.status().role == StateRole::Leader)
             })
             .max_by_key(|&i| self.nodes[i].running.as_ref().map_or(0, |r| r.node.status().term));
         let Some(leader) = leader else { return };
@@ -1606,7 +1614,10 @@ impl World {
             node.disk.set_sync_is_noop(self.options.bug == Some(Bug::AckBeforeFsync));
             node.id = self.next_node_id;
             self.next_node_id += 1;
-            self.note(format!("node {old_id} removed; its slot comes back as spare node {}", self.nodes[removed].id));
+            self.note(format!(
+                "node {old_id} removed; its slot comes back as spare node {}",
+                self.nodes[removed].id
+            ));
             return;
         }
         let spare = (0..self.nodes.len()).find(|&i| !self.nodes[i].in_cluster);
@@ -1622,7 +1633,8 @@ impl World {
             self.note(format!("promote node {}", self.nodes[joiner].id));
             return self.propose_change(leader, ConfChangeType::AddNode, joiner);
         }
-        let unjoined = (0..self.nodes.len()).find(|&i| self.nodes[i].in_cluster && !in_conf(self.nodes[i].id));
+        let unjoined =
+            (0..self.nodes.len()).find(|&i| self.nodes[i].in_cluster && !in_conf(self.nodes[i].id));
         if let Some(unjoined) = unjoined {
             // The learner's addition was lost: propose it again.
             return self.propose_change(leader, ConfChangeType::AddLearnerNode, unjoined);
@@ -1643,9 +1655,13 @@ impl World {
         self.removing = Some(victim);
         if victim == leader && self.membership_rng.random_bool(0.5) {
             // As the server does: hand leadership over first, remove next step.
-            let voters: Vec<u64> = conf.voters.iter().copied().filter(|id| *id != self.nodes[leader].id).collect();
+            let voters: Vec<u64> =
+                conf.voters.iter().copied().filter(|id| *id != self.nodes[leader].id).collect();
             let to = voters[self.membership_rng.random_range(0..voters.len())];
-            self.note(format!("remove node {}: transfer its leadership to node {to} first", self.nodes[victim].id));
+            self.note(format!(
+                "remove node {}: transfer its leadership to node {to} first",
+                self.nodes[victim].id
+            ));
             let running = self.nodes[leader].running.as_mut().expect("leader runs");
             running.node.transfer_leader(to);
             return self.after_input(leader);
@@ -1663,13 +1679,19 @@ impl World {
         use chorus_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
         let raise = raise && self.faults_on;
         let nodes: Vec<usize> = (0..self.nodes.len())
-            .filter(|&i| !self.nodes[i].paused && self.nodes[i].running.as_ref().is_some_and(|r| !r.node.is_removed()))
+            .filter(|&i| {
+                !self.nodes[i].paused && self.nodes[i].running.as_ref().is_some_and(|r| !r.node.is_removed())
+            })
             .collect();
         if !nodes.is_empty() {
             let through = nodes[self.membership_rng.random_range(0..nodes.len())];
             let member_id = self.nodes[nodes[self.membership_rng.random_range(0..nodes.len())]].id;
             let action = if raise { AlarmAction::Activate } else { AlarmAction::Deactivate };
-            self.note(format!("alarm: {} NOSPACE of node {member_id} through node {}", if raise { "raise" } else { "disarm all" }, self.nodes[through].id));
+            self.note(format!(
+                "alarm: {} NOSPACE of node {member_id} through node {}",
+                if raise { "raise" } else { "disarm all" },
+                self.nodes[through].id
+            ));
             let running = self.nodes[through].running.as_mut().expect("running");
             let alarms = if raise {
                 vec![AlarmRequest { action: action as i32, member_id, alarm: AlarmType::Nospace as i32 }]
@@ -1691,7 +1713,9 @@ impl World {
         if self.faults_on {
             let next = self.membership_rng.random_range(500_000..3_000_000);
             self.schedule(next, Event::Alarm { raise: !raise });
-        } else if raise || self.nodes.iter().any(|n| n.running.as_ref().is_some_and(|r| !r.node.alarms().is_empty())) {
+        } else if raise
+            || self.nodes.iter().any(|n| n.running.as_ref().is_some_and(|r| !r.node.alarms().is_empty()))
+        {
             self.schedule(300_000, Event::Alarm { raise: false });
         }
     }

@@ -210,8 +210,8 @@ impl DiskStorage {
         let created = !path.exists();
         let db = open_database(&path, created)?;
         let wal_path = member_dir.join("wal");
-        let wal_dir =
-            wal::FsWalDir::new(&wal_path).map_err(|error| StorageError::Unreadable { path: wal_path, error })?;
+        let wal_dir = wal::FsWalDir::new(&wal_path)
+            .map_err(|error| StorageError::Unreadable { path: wal_path, error })?;
         DiskStorage::new(db, path, SizeSource::File).finish_open(identity, created, Box::new(wal_dir))
     }
 
@@ -289,7 +289,8 @@ impl DiskStorage {
         let (mut recovered, stored_bytes, first_seq) = self.recover()?;
         self.stored_bytes = stored_bytes;
         let wal_label = wal_dir.label();
-        let (mut log, mut from_log) = wal::Wal::open(wal_dir, first_seq).map_err(|e| wal_error(&wal_label, e))?;
+        let (mut log, mut from_log) =
+            wal::Wal::open(wal_dir, first_seq).map_err(|e| wal_error(&wal_label, e))?;
         if from_log.torn_bytes > 0 {
             // An unacknowledged frame cut short by a crash: expected, but worth a line.
             eprintln!(
@@ -343,7 +344,11 @@ impl DiskStorage {
     /// Moves a format-1 log (in the `raft_log` table) into the write-ahead log:
     /// appended as one synced frame (unless an earlier, interrupted conversion
     /// already did), then the table is emptied.
-    fn convert_format_1(&mut self, log: &mut wal::Wal, from_log: &mut wal::WalRecovered) -> Result<(), StorageError> {
+    fn convert_format_1(
+        &mut self,
+        log: &mut wal::Wal,
+        from_log: &mut wal::WalRecovered,
+    ) -> Result<(), StorageError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let (entries, _) = self.read_log(&txn)?;
         if entries.is_empty() {
@@ -417,7 +422,8 @@ impl DiskStorage {
             self.log_bytes_at_checkpoint = self.log().appended_bytes;
         }
         let log = self.wal.as_mut().expect("the log is open");
-        log.append(&batch.entries, &batch.hard_state, batch.must_sync).map_err(|e| wal_error(&wal_label, e))?;
+        log.append(&batch.entries, &batch.hard_state, batch.must_sync)
+            .map_err(|e| wal_error(&wal_label, e))?;
         self.commits_since_checkpoint += 1;
         let checkpoint = self.commits_since_checkpoint >= self.checkpoint_commits
             || log.appended_bytes - self.log_bytes_at_checkpoint >= CHECKPOINT_LOG_BYTES;
@@ -492,7 +498,11 @@ impl DiskStorage {
     /// Writes `image` as the whole state of a fresh data directory, with `hard_state`:
     /// what `chorus snapshot restore` does to bootstrap a member of a new cluster
     /// from a backup. Durable when it returns.
-    pub fn bootstrap_from_image(&mut self, image: &StateImage, hard_state: &HardState) -> Result<(), StorageError> {
+    pub fn bootstrap_from_image(
+        &mut self,
+        image: &StateImage,
+        hard_state: &HardState,
+    ) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
         self.stored_bytes = write_image(&self.path, &txn, image)?;
@@ -539,7 +549,8 @@ impl DiskStorage {
         }
         let target = defrag_target(&self.path);
         if target.exists() {
-            std::fs::remove_file(&target).map_err(|e| self.io(format!("removing {}: {e}", target.display())))?;
+            std::fs::remove_file(&target)
+                .map_err(|e| self.io(format!("removing {}: {e}", target.display())))?;
         }
         let read = self.db.begin_read().map_err(|e| self.io(e))?;
         let recorded = Recorded::default();
@@ -558,7 +569,10 @@ impl DiskStorage {
     /// it the database (an atomic rename); the old file is gone once the last
     /// reader still in it finishes. When the copy failed, removes it and answers
     /// its error; the database is unchanged either way.
-    pub fn defrag_finish(&mut self, copied: Result<DefragCopied, StorageError>) -> Result<DefragReport, StorageError> {
+    pub fn defrag_finish(
+        &mut self,
+        copied: Result<DefragCopied, StorageError>,
+    ) -> Result<DefragReport, StorageError> {
         let Some(running) = self.defrag.take() else {
             return Err(self.io("no defragmentation is running"));
         };
@@ -585,10 +599,13 @@ impl DiskStorage {
                 write_batch(&self.path, &txn, batch, true, &mut ignored)?;
             }
             txn.commit().map_err(|e| self.io(e))?;
-            std::fs::rename(&running.target, &self.path)
-                .map_err(|e| self.io(format!("renaming {} over the database: {e}", running.target.display())))?;
+            std::fs::rename(&running.target, &self.path).map_err(|e| {
+                self.io(format!("renaming {} over the database: {e}", running.target.display()))
+            })?;
             if let Some(dir) = self.path.parent() {
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(format!("syncing {}: {e}", dir.display())))?;
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| self.io(format!("syncing {}: {e}", dir.display())))?;
             }
             Ok(())
         })();
@@ -709,13 +726,16 @@ impl DiskStorage {
         };
         let read_u64 = |name: &str| -> Result<u64, StorageError> {
             match meta_bytes(name)? {
-                Some(bytes) => decode_u64(&bytes).ok_or_else(|| self.corrupt(format!("meta {name} is malformed"))),
+                Some(bytes) => {
+                    decode_u64(&bytes).ok_or_else(|| self.corrupt(format!("meta {name} is malformed")))
+                }
                 None => Ok(0),
             }
         };
         recovered.log_snapshot = (read_u64("log_snapshot_index")?, read_u64("log_snapshot_term")?);
         if let Some(bytes) = meta_bytes("alarms")? {
-            let alarms = AlarmResponse::decode(bytes.as_slice()).map_err(|e| self.corrupt(format!("alarms: {e}")))?;
+            let alarms =
+                AlarmResponse::decode(bytes.as_slice()).map_err(|e| self.corrupt(format!("alarms: {e}")))?;
             recovered.alarms = alarms.alarms;
         }
         let first_seq = read_u64("wal_first_seq")?.max(1);
@@ -807,7 +827,8 @@ fn write_batch(
     {
         let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
         if let Some((index, term)) = batch.log_compacted_to {
-            meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
+            meta.insert("log_snapshot_index", index.to_be_bytes().as_slice())
+                .map_err(|e| io_error(path, e))?;
             meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
         }
         if batch.applied_term > 0 {
@@ -872,8 +893,8 @@ fn write_batch(
 /// Returns the bytes of the kv records written (the log is empty after it).
 fn write_image(path: &Path, txn: &redb::WriteTransaction, image: &StateImage) -> Result<u64, StorageError> {
     let kv_records = chorus_core::snapshot::kv_records(image).map_err(|e| io_error(path, e))?;
-    let conf_state =
-        ConfState::parse_from_bytes(&image.conf_state).map_err(|e| io_error(path, format!("conf state: {e}")))?;
+    let conf_state = ConfState::parse_from_bytes(&image.conf_state)
+        .map_err(|e| io_error(path, format!("conf state: {e}")))?;
     let mut log = txn.open_table(RAFT_LOG).map_err(|e| io_error(path, e))?;
     log.retain(|_, _| false).map_err(|e| io_error(path, e))?;
     let mut kv = txn.open_table(KV).map_err(|e| io_error(path, e))?;
@@ -986,7 +1007,8 @@ impl DefragCopy {
     /// Writes every table into a fresh database file, table by table and key by
     /// key (so pages are filled in order), then lets redb compact it.
     pub fn run(self) -> Result<DefragCopied, StorageError> {
-        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.target.clone(), detail: e.to_string() };
+        let io =
+            |e: &dyn std::fmt::Display| StorageError::Io { path: self.target.clone(), detail: e.to_string() };
         let mut db = builder().create(&self.target).map_err(|e| io(&e))?;
         copy_table(&self.read, &db, META).map_err(|e| io(&e))?;
         copy_table(&self.read, &db, RAFT_LOG).map_err(|e| io(&e))?;
@@ -1046,7 +1068,8 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
             for _ in 0..DEFRAG_ROWS_PER_TXN {
                 let Some(row) = rows.next() else { break };
                 let (key, value) = row.map_err(|e| e.to_string())?;
-                bytes += K::as_bytes(&key.value()).as_ref().len() + V::as_bytes(&value.value()).as_ref().len();
+                bytes +=
+                    K::as_bytes(&key.value()).as_ref().len() + V::as_bytes(&value.value()).as_ref().len();
                 table.insert(key.value(), value.value()).map_err(|e| e.to_string())?;
                 if bytes >= DEFRAG_BYTES_PER_TXN {
                     break;
@@ -1143,15 +1166,21 @@ impl ImageReader {
     /// committed state exactly as `MvccStore::hash_kv` computes it from memory,
     /// without holding up the writer.
     pub fn hash_kv(&self, revision: i64) -> Result<Result<KvHash, chorus_core::KvError>, StorageError> {
-        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
+        let io =
+            |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
         let txn = self.database().begin_read().map_err(|e| io(&e))?;
         let meta = txn.open_table(META).map_err(|e| io(&e))?;
-        let compact_revision =
-            meta.get("compact_revision").map_err(|e| io(&e))?.and_then(|v| decode_u64(v.value())).unwrap_or(0) as i64;
+        let compact_revision = meta
+            .get("compact_revision")
+            .map_err(|e| io(&e))?
+            .and_then(|v| decode_u64(v.value()))
+            .unwrap_or(0) as i64;
         let kv = txn.open_table(KV).map_err(|e| io(&e))?;
-        let main_of = |key: &[u8]| i64::from_be_bytes(key[..8].try_into().expect("revision keys are 17 bytes"));
+        let main_of =
+            |key: &[u8]| i64::from_be_bytes(key[..8].try_into().expect("revision keys are 17 bytes"));
         let last = kv.last().map_err(|e| io(&e))?;
-        let current_revision = last.map_or(compact_revision.max(1), |(key, _)| main_of(key.value()).max(compact_revision));
+        let current_revision =
+            last.map_or(compact_revision.max(1), |(key, _)| main_of(key.value()).max(compact_revision));
         let at = if revision <= 0 { current_revision } else { revision };
         if at > current_revision {
             return Ok(Err(chorus_core::KvError::FutureRevision { current_revision }));
@@ -1177,7 +1206,8 @@ impl ImageReader {
     /// index, that entry's term, the conf state and every table, all from one read
     /// transaction, so they agree with each other.
     pub fn read(&self) -> Result<StateImage, StorageError> {
-        let io = |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
+        let io =
+            |e: &dyn std::fmt::Display| StorageError::Io { path: self.path.clone(), detail: e.to_string() };
         let txn = self.database().begin_read().map_err(|e| io(&e))?;
         let meta = txn.open_table(META).map_err(|e| io(&e))?;
         let meta_u64 = |name: &str| -> Result<u64, StorageError> {
@@ -1186,7 +1216,8 @@ impl ImageReader {
         };
         let applied_index = meta_u64("applied_index")?;
         let compact_revision = meta_u64("compact_revision")? as i64;
-        let (snapshot_index, snapshot_term) = (meta_u64("log_snapshot_index")?, meta_u64("log_snapshot_term")?);
+        let (snapshot_index, snapshot_term) =
+            (meta_u64("log_snapshot_index")?, meta_u64("log_snapshot_term")?);
         let conf_state = meta.get("conf_state").map_err(|e| io(&e))?.map(|v| v.value().to_vec());
         let conf_state = conf_state.ok_or_else(|| io(&"no configuration stored yet"))?;
         let applied_term = if applied_index == snapshot_index {
@@ -1202,7 +1233,8 @@ impl ImageReader {
                 term => term,
             }
         };
-        let mut image = StateImage { applied_index, applied_term, conf_state, compact_revision, ..Default::default() };
+        let mut image =
+            StateImage { applied_index, applied_term, conf_state, compact_revision, ..Default::default() };
         if let Some(bytes) = meta.get("alarms").map_err(|e| io(&e))? {
             image.alarms = AlarmResponse::decode(bytes.value()).map_err(|e| io(&e))?.alarms;
         }
@@ -1217,7 +1249,10 @@ impl ImageReader {
         let leases = txn.open_table(LEASES).map_err(|e| io(&e))?;
         for item in leases.iter().map_err(|e| io(&e))? {
             let (id, record) = item.map_err(|e| io(&e))?;
-            image.leases.push(chorus_proto::chorus::v1::LeaseRecord { id: id.value(), record: record.value().to_vec() });
+            image.leases.push(chorus_proto::chorus::v1::LeaseRecord {
+                id: id.value(),
+                record: record.value().to_vec(),
+            });
         }
         let members = txn.open_table(MEMBERS).map_err(|e| io(&e))?;
         for item in members.iter().map_err(|e| io(&e))? {

@@ -236,7 +236,10 @@ impl crate::wal::WalDir for SimWalDir {
 impl SimWalFile {
     fn with<T>(&self, f: impl FnOnce(&mut FileImage) -> T) -> io::Result<T> {
         let mut state = live_state(&self.state, self.generation)?;
-        let file = state.wal_files.get_mut(&self.seq).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment deleted"))?;
+        let file = state
+            .wal_files
+            .get_mut(&self.seq)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment deleted"))?;
         Ok(f(file))
     }
 }
@@ -248,8 +251,9 @@ impl crate::wal::WalFile for SimWalFile {
 
     fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
         self.with(|file| {
-            let range = byte_range(offset, out.len(), file.current.len())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the segment"))?;
+            let range = byte_range(offset, out.len(), file.current.len()).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end of the segment")
+            })?;
             out.copy_from_slice(&file.current[range]);
             Ok(())
         })?
@@ -272,7 +276,10 @@ impl crate::wal::WalFile for SimWalFile {
             return Err(crashed());
         }
         if !state.sync_is_noop {
-            let file = state.wal_files.get_mut(&self.seq).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment deleted"))?;
+            let file = state
+                .wal_files
+                .get_mut(&self.seq)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "segment deleted"))?;
             for operation in file.unsynced.drain(..) {
                 operation.apply(&mut file.durable);
             }
@@ -332,7 +339,11 @@ impl DiskState {
 
 /// What a crash leaves of unsynced operations: nothing, or with partial loss
 /// each one kept, lost or torn at random.
-fn lose_unsynced(unsynced: Vec<UnsyncedOperation>, durable: &mut Vec<u8>, partial_loss: &mut Option<SplitMix64>) {
+fn lose_unsynced(
+    unsynced: Vec<UnsyncedOperation>,
+    durable: &mut Vec<u8>,
+    partial_loss: &mut Option<SplitMix64>,
+) {
     if let Some(random) = partial_loss {
         for operation in unsynced {
             match random.below(4) {
@@ -707,7 +718,8 @@ mod tests {
     fn a_second_open_of_a_disk_in_use_is_refused() {
         let disk = SimDisk::new();
         let opened = open(&disk);
-        let error = DiskStorage::open_with_backend(disk.backend(), disk.wal_dir(), LABEL, IDENTITY).err().unwrap();
+        let error =
+            DiskStorage::open_with_backend(disk.backend(), disk.wal_dir(), LABEL, IDENTITY).err().unwrap();
         assert!(matches!(error, StorageError::InUse { .. }), "{error}");
         assert!(error.to_string().contains(LABEL), "{error}");
         drop(opened);

@@ -111,7 +111,11 @@ fn running_as_root() -> bool {
 fn put_batch(store: &mut MvccStore, prefix: &str, count: usize, index: u64) -> PersistBatch {
     let mut writes = WriteSet::default();
     for i in 0..count {
-        let put = PutRequest { key: format!("{prefix}-{i}").into_bytes(), value: vec![b'v'; 1024], ..Default::default() };
+        let put = PutRequest {
+            key: format!("{prefix}-{i}").into_bytes(),
+            value: vec![b'v'; 1024],
+            ..Default::default()
+        };
         store.put(&put, &mut writes).unwrap();
     }
     batch_with(vec![entry(index, 1, b"")], index, writes, index)
@@ -132,7 +136,8 @@ fn defragmentation_shrinks_the_file_and_keeps_writes_made_during_the_copy() {
         let key = format!("old{index}").into_bytes();
         let mut end = key.clone();
         end.push(0xff);
-        let delete = chorus_proto::etcdserverpb::DeleteRangeRequest { key, range_end: end, ..Default::default() };
+        let delete =
+            chorus_proto::etcdserverpb::DeleteRangeRequest { key, range_end: end, ..Default::default() };
         store.delete_range(&delete, &mut writes).unwrap();
     }
     let revision = store.revision();
@@ -195,7 +200,8 @@ fn a_format_1_data_directory_is_converted_and_keeps_its_log() {
         let txn = db.begin_write().unwrap();
         {
             let mut meta = txn.open_table(META).unwrap();
-            let values = [("format_version", 1u64), ("cluster_id", 0xc1), ("member_id", 0x61), ("boot_count", 3)];
+            let values =
+                [("format_version", 1u64), ("cluster_id", 0xc1), ("member_id", 0x61), ("boot_count", 3)];
             for (name, value) in values {
                 meta.insert(name, value.to_be_bytes().as_slice()).unwrap();
             }
@@ -219,10 +225,16 @@ fn a_format_1_data_directory_is_converted_and_keeps_its_log() {
         assert_eq!(opened.boot_count, boot);
         let recovered = &opened.recovered;
         assert_eq!(recovered.entries.iter().map(|e| e.index).collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!((recovered.hard_state.term, recovered.hard_state.vote, recovered.hard_state.commit), (4, 0x61, 3));
+        assert_eq!(
+            (recovered.hard_state.term, recovered.hard_state.vote, recovered.hard_state.commit),
+            (4, 0x61, 3)
+        );
         assert_eq!(recovered.applied_index, 2);
         let txn = opened.storage.db.begin_read().unwrap();
-        assert!(txn.open_table(RAFT_LOG).unwrap().iter().unwrap().next().is_none(), "the old log table is emptied");
+        assert!(
+            txn.open_table(RAFT_LOG).unwrap().iter().unwrap().next().is_none(),
+            "the old log table is emptied"
+        );
     }
 }
 

@@ -131,7 +131,8 @@ impl WalDir for FsWalDir {
 
     fn create(&self, seq: u64, bytes: u64) -> io::Result<Box<dyn WalFile>> {
         let path = self.path(seq);
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
+        let file =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path)?;
         // Blocks allocated up front: appending then changes no file size, and
         // the file system need not find space at every fsync. Where fallocate is
         // not supported the file grows as it is written.
@@ -253,7 +254,8 @@ impl Wal {
         let (current, offset) = match last_open {
             Some(open) => open,
             None => {
-                let file = dir.create(first_seq, SEGMENT_BYTES).map_err(|e| io("creating the first segment", e))?;
+                let file =
+                    dir.create(first_seq, SEGMENT_BYTES).map_err(|e| io("creating the first segment", e))?;
                 segments.push(Segment { seq: first_seq, max_index: 0 });
                 (file, 0)
             }
@@ -291,7 +293,9 @@ impl Wal {
     pub fn sync(&mut self) -> Result<(), WalError> {
         if self.unsynced {
             let label = self.dir.label();
-            self.current.sync().map_err(|e| WalError::Io(format!("syncing the log in {}: {e}", label.display())))?;
+            self.current
+                .sync()
+                .map_err(|e| WalError::Io(format!("syncing the log in {}: {e}", label.display())))?;
             self.unsynced = false;
         }
         Ok(())
@@ -340,7 +344,8 @@ impl Wal {
         let seq = self.segments.last().expect("a current segment").seq + 1;
         let label = self.dir.label();
         let file = self.dir.create(seq, self.segment_bytes);
-        self.current = file.map_err(|e| WalError::Io(format!("creating a log segment in {}: {e}", label.display())))?;
+        self.current =
+            file.map_err(|e| WalError::Io(format!("creating a log segment in {}: {e}", label.display())))?;
         self.segments.push(Segment { seq, max_index: 0 });
         self.offset = 0;
         Ok(())
@@ -358,7 +363,8 @@ impl Wal {
         let label = self.dir.label();
         let io = |what: &str, e: io::Error| WalError::Io(format!("{what} in {}: {e}", label.display()));
         let seq = self.next_seq();
-        self.current = self.dir.create(seq, self.segment_bytes).map_err(|e| io("creating a log segment", e))?;
+        self.current =
+            self.dir.create(seq, self.segment_bytes).map_err(|e| io("creating a log segment", e))?;
         for old in self.segments.drain(..) {
             self.dir.remove(old.seq).map_err(|e| io("removing a log segment", e))?;
         }
@@ -377,9 +383,9 @@ impl Wal {
         while self.segments.len() > 1 && self.segments[0].max_index <= index {
             let seq = self.segments[0].seq;
             let label = self.dir.label();
-            self.dir
-                .remove(seq)
-                .map_err(|e| WalError::Io(format!("removing log segment {seq:016x} in {}: {e}", label.display())))?;
+            self.dir.remove(seq).map_err(|e| {
+                WalError::Io(format!("removing log segment {seq:016x} in {}: {e}", label.display()))
+            })?;
             self.segments.remove(0);
             removed += 1;
         }
@@ -431,7 +437,8 @@ fn read_segment(bytes: &[u8], recovered: &mut WalRecovered) -> Result<(usize, u6
         }
         // A frame whose checksum holds was written whole: a malformed one is not
         // a torn write but a bug or damage.
-        let (hard_state, entries) = decode_payload(payload).map_err(|e| format!("frame at offset {at}: {e}"))?;
+        let (hard_state, entries) =
+            decode_payload(payload).map_err(|e| format!("frame at offset {at}: {e}"))?;
         recovered.hard_state = Some(hard_state);
         for entry in entries {
             max_index = max_index.max(entry.index);
@@ -443,7 +450,10 @@ fn read_segment(bytes: &[u8], recovered: &mut WalRecovered) -> Result<(usize, u6
                     let keep = (entry.index - first.index) as usize;
                     if keep > log.len() {
                         let last = log.last().expect("not empty").index;
-                        return Err(format!("frame at offset {at}: entry {} follows {last}: a gap", entry.index));
+                        return Err(format!(
+                            "frame at offset {at}: entry {} follows {last}: a gap",
+                            entry.index
+                        ));
                     }
                     log.truncate(keep);
                 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chorus_proto::etcdserverpb::cluster_client::ClusterClient;
 use chorus_proto::etcdserverpb::{
-    Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest, MemberUpdateRequest,
-    ResponseHeader,
+    Member, MemberAddRequest, MemberListRequest, MemberPromoteRequest, MemberRemoveRequest,
+    MemberUpdateRequest, ResponseHeader,
 };
 use serde_json::json;
 
@@ -95,7 +95,9 @@ async fn connect(global: &GlobalOpts) -> Result<ClusterClient<tonic::transport::
         match tokio::time::timeout(global.dial_timeout, built.connect()).await {
             Ok(Ok(channel)) => return Ok(ClusterClient::new(channel)),
             Ok(Err(error)) => last = format!("{endpoint}: cannot connect: {error}"),
-            Err(_) => last = format!("{endpoint}: cannot connect within {} ms", global.dial_timeout.as_millis()),
+            Err(_) => {
+                last = format!("{endpoint}: cannot connect within {} ms", global.dial_timeout.as_millis())
+            }
         }
     }
     Err(last)
@@ -119,7 +121,8 @@ async fn execute(global: &GlobalOpts, command: MemberCommand) -> Result<(), Stri
     let json_out = global.write_out == WriteOut::Json;
     match command {
         MemberCommand::List => {
-            let response = call(timeout, client.member_list(MemberListRequest { linearizable: true })).await?;
+            let response =
+                call(timeout, client.member_list(MemberListRequest { linearizable: true })).await?;
             if json_out {
                 print_json(json!({
                     "header": header_json(response.header.as_ref()),

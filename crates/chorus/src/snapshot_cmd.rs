@@ -74,10 +74,16 @@ pub async fn run(global: &GlobalOpts, args: SnapshotArgs) -> i32 {
 
 async fn save(global: &GlobalOpts, file: PathBuf) -> anyhow::Result<()> {
     let [endpoint] = global.endpoints.as_slice() else {
-        anyhow::bail!("snapshot must be requested from one member, not {} (give one --endpoints)", global.endpoints.len());
+        anyhow::bail!(
+            "snapshot must be requested from one member, not {} (give one --endpoints)",
+            global.endpoints.len()
+        );
     };
-    let url =
-        if endpoint.contains("://") { endpoint.trim_end_matches('/').to_string() } else { format!("http://{endpoint}") };
+    let url = if endpoint.contains("://") {
+        endpoint.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
     let channel = tonic::transport::Endpoint::from_shared(url.clone())?.connect_timeout(global.dial_timeout);
     let channel = tokio::time::timeout(global.dial_timeout, channel.connect())
         .await
@@ -101,7 +107,11 @@ async fn save(global: &GlobalOpts, file: PathBuf) -> anyhow::Result<()> {
         if progress && (last_draw.elapsed().as_millis() >= 100 || piece.remaining_bytes == 0) {
             let total = bytes.len() as u64 + piece.remaining_bytes;
             let percent = bytes.len() as f64 * 100.0 / total.max(1) as f64;
-            eprint!("\rreceived {} of {} ({percent:.0}%)", human_bytes(bytes.len() as u64), human_bytes(total));
+            eprint!(
+                "\rreceived {} of {} ({percent:.0}%)",
+                human_bytes(bytes.len() as u64),
+                human_bytes(total)
+            );
             last_draw = Instant::now();
         }
     }
@@ -138,8 +148,10 @@ async fn save(global: &GlobalOpts, file: PathBuf) -> anyhow::Result<()> {
 
 fn status(global: &GlobalOpts, file: PathBuf) -> anyhow::Result<()> {
     let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
-    let image = chorus_core::snapshot::decode_backup(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    let state = chorus_core::snapshot::restore(&image).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let image = chorus_core::snapshot::decode_backup(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let state =
+        chorus_core::snapshot::restore(&image).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let hash = state.mvcc.state_hash();
     let revision = state.mvcc.revision();
     let keys = state.mvcc.key_count();
@@ -163,7 +175,8 @@ fn status(global: &GlobalOpts, file: PathBuf) -> anyhow::Result<()> {
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<()> {
-    let bytes = std::fs::read(&args.file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?;
+    let bytes =
+        std::fs::read(&args.file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", args.file.display()))?;
     let config = RestoreConfig {
         data_dir: args.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.chorus", args.name))),
         name: args.name,

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::{etcdctl, Cluster};
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nospace_refuses_growing_writes_until_disarmed() {
-    let mut cluster = Cluster::start(3, &["--quota-backend-bytes", "4000000", "--max-request-bytes", "2000000"]);
+    let mut cluster =
+        Cluster::start(3, &["--quota-backend-bytes", "4000000", "--max-request-bytes", "2000000"]);
     cluster.wait_leader(Duration::from_secs(10)).await;
     let endpoints = cluster.endpoints().join(",");
     let mut client = cluster.client().await;

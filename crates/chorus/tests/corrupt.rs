@@ -20,7 +20,8 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// Rewrites, in a stopped member's database, the value of every stored record of
 /// `key` to `value`: what a bad disk or a buggy tool could do.
 fn alter_stored_value(data_dir: &std::path::Path, key: &[u8], value: &[u8]) -> usize {
-    let db = redb::Database::open(data_dir.join("member").join("chorus.redb")).expect("open the member's database");
+    let db = redb::Database::open(data_dir.join("member").join("chorus.redb"))
+        .expect("open the member's database");
     let mut altered = Vec::new();
     {
         let read = db.begin_read().unwrap();
@@ -80,7 +81,10 @@ async fn the_leader_finds_a_member_whose_key_space_differs() {
     let revision = client.get("victim", None).await.unwrap().header().unwrap().revision();
     let started = Instant::now();
     while cluster.local_range(victim, "victim").await != vec![("victim".to_string(), "good".to_string())] {
-        assert!(started.elapsed() < Duration::from_secs(10), "member {victim} never applied revision {revision}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "member {victim} never applied revision {revision}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A graceful stop, so the member's last writes are in its file.
@@ -103,7 +107,11 @@ async fn the_leader_finds_a_member_whose_key_space_differs() {
         assert!(started.elapsed() < Duration::from_secs(30), "no CORRUPT alarm: {listed:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(listed.trim(), format!("memberID:{victim_id} alarm:CORRUPT"), "only the altered member is named");
+    assert_eq!(
+        listed.trim(),
+        format!("memberID:{victim_id} alarm:CORRUPT"),
+        "only the altered member is named"
+    );
 
     // Writes are refused, changing nothing; reads go on.
     let refused = through_leader.put("after", "v", None).await.expect_err("a put under CORRUPT");

@@ -22,10 +22,14 @@ async fn defrag_shrinks_every_member_while_writes_go_on() {
     let value = vec![b'x'; 400_000];
     for round in 0..3 {
         for i in 0..20 {
-            client.put(format!("bulk/{i}"), value.clone(), None).await.unwrap_or_else(|e| panic!("put {round}/{i}: {e}"));
+            client
+                .put(format!("bulk/{i}"), value.clone(), None)
+                .await
+                .unwrap_or_else(|e| panic!("put {round}/{i}: {e}"));
         }
     }
-    let deleted = client.delete("bulk/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.expect("delete");
+    let deleted =
+        client.delete("bulk/", Some(etcd_client::DeleteOptions::new().with_prefix())).await.expect("delete");
     assert_eq!(deleted.deleted(), 20);
     client.compact(deleted.header().unwrap().revision(), None).await.expect("compact");
     let mut before = Vec::new();
@@ -37,7 +41,10 @@ async fn defrag_shrinks_every_member_while_writes_go_on() {
             if status.raft_used_db_size() < status.db_size() / 2 {
                 break status;
             }
-            assert!(started.elapsed() < Duration::from_secs(20), "{endpoint} never applied the compaction: {status:?}");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{endpoint} never applied the compaction: {status:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         assert!(status.db_size() > 20_000_000, "{endpoint}: {status:?}");
@@ -66,9 +73,10 @@ async fn defrag_shrinks_every_member_while_writes_go_on() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let defrag = tokio::task::spawn_blocking(move || etcdctl(&endpoints, &["defrag", "--command-timeout", "60s"]))
-        .await
-        .unwrap();
+    let defrag =
+        tokio::task::spawn_blocking(move || etcdctl(&endpoints, &["defrag", "--command-timeout", "60s"]))
+            .await
+            .unwrap();
     let text = String::from_utf8_lossy(&defrag.stdout).to_string();
     assert!(defrag.status.success(), "etcdctl defrag: {text} {}", String::from_utf8_lossy(&defrag.stderr));
     assert_eq!(text.matches("Finished defragmenting etcd member").count(), 3, "{text}");

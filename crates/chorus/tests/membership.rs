@@ -26,7 +26,12 @@ fn check_register_history(writes: &[Write], reads: &[(Instant, Instant, u64)]) {
     assert!(!reads.is_empty(), "the reader read nothing");
     let mut previous = 0;
     for &(invoked, answered, value) in reads {
-        let floor = writes.iter().filter(|(_, acked, _)| acked.is_some_and(|a| a < invoked)).map(|w| w.2).max().unwrap_or(0);
+        let floor = writes
+            .iter()
+            .filter(|(_, acked, _)| acked.is_some_and(|a| a < invoked))
+            .map(|w| w.2)
+            .max()
+            .unwrap_or(0);
         let ceiling = writes.iter().filter(|(begun, _, _)| *begun < answered).map(|w| w.2).max().unwrap_or(0);
         assert!(value >= floor, "a read begun after write {floor} was acknowledged returned {value} (stale)");
         assert!(value <= ceiling, "a read answered before write {} began returned {value}", ceiling + 1);
@@ -35,7 +40,6 @@ fn check_register_history(writes: &[Write], reads: &[(Instant, Instant, u64)]) {
     }
     eprintln!("register history of {} writes and {} reads is linearizable", writes.len(), reads.len());
 }
-
 
 /// (id, name, is_learner) of every member, from `etcdctl member list -w json`.
 fn member_list(endpoint: &str) -> Vec<(u64, String, bool)> {
@@ -166,7 +170,9 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
             let started = Instant::now();
             let mut failed = 0u64;
             for i in 1..200_000u64 {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120) {
+                if stop.load(std::sync::atomic::Ordering::Relaxed)
+                    || started.elapsed() > Duration::from_secs(120)
+                {
                     break;
                 }
                 let (key, value) = (format!("load/{i:06}"), format!("v{i}"));
@@ -200,7 +206,8 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
                 }
                 let invoked = Instant::now();
                 if let Ok(got) = client.get("reg", None).await {
-                    let value = got.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse::<u64>().unwrap());
+                    let value =
+                        got.kvs().first().map_or(0, |kv| kv.value_str().unwrap().parse::<u64>().unwrap());
                     reads.push((invoked, Instant::now(), value));
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -220,7 +227,13 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
     let started = Instant::now();
     for _ in 0..2 {
         let joiner = cluster.add_member();
-        let id = member_add(&cluster, &endpoint, &cluster.members[joiner].name.clone(), &cluster.peer_url(joiner), true);
+        let id = member_add(
+            &cluster,
+            &endpoint,
+            &cluster.members[joiner].name.clone(),
+            &cluster.peer_url(joiner),
+            true,
+        );
         cluster.restart(joiner);
         wait_voter(&cluster, &endpoint, id, Duration::from_secs(60)).await;
     }
@@ -258,26 +271,39 @@ async fn grow_to_five_and_shrink_to_three_under_load_loses_no_acknowledged_write
     let reads = reader.await.expect("reader");
     let acknowledged = acknowledged.lock().unwrap().clone();
     check_register_history(&writes.lock().unwrap(), &reads);
-    eprintln!("{} writes acknowledged, {failed} failed (outcome unknown) during the changes", acknowledged.len());
+    eprintln!(
+        "{} writes acknowledged, {failed} failed (outcome unknown) during the changes",
+        acknowledged.len()
+    );
 
     // Every acknowledged write is on every remaining member.
     let leader = cluster.wait_leader(Duration::from_secs(10)).await;
     let revision = common::status_of(&cluster.endpoint(leader)).await.unwrap().header().unwrap().revision();
     for i in 2..5 {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while common::status_of(&cluster.endpoint(i)).await.map_or(0, |s| s.header().unwrap().revision()) < revision {
+        while common::status_of(&cluster.endpoint(i)).await.map_or(0, |s| s.header().unwrap().revision())
+            < revision
+        {
             assert!(Instant::now() < deadline, "member m{} did not catch up", i + 1);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let mut client = cluster.client_of(i).await;
-        let held = client.get("load/", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
+        let held =
+            client.get("load/", Some(GetOptions::new().with_prefix().with_serializable())).await.unwrap();
         let held: BTreeMap<String, String> = held
             .kvs()
             .iter()
             .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
             .collect();
-        let missing: Vec<&String> = acknowledged.keys().filter(|k| held.get(*k) != acknowledged.get(*k)).collect();
-        assert!(missing.is_empty(), "m{} lost {} acknowledged writes, e.g. {:?}", i + 1, missing.len(), missing.first());
+        let missing: Vec<&String> =
+            acknowledged.keys().filter(|k| held.get(*k) != acknowledged.get(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "m{} lost {} acknowledged writes, e.g. {:?}",
+            i + 1,
+            missing.len(),
+            missing.first()
+        );
     }
 }
 
@@ -347,7 +373,10 @@ async fn chorus_member_commands() {
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     let said = text(&added);
     assert!(said.starts_with("Member ") && said.contains(" added to cluster "), "{said}");
-    assert!(said.contains(&format!("newcomer={peer_url}")) && said.contains("--initial-cluster-state existing"), "{said}");
+    assert!(
+        said.contains(&format!("newcomer={peer_url}")) && said.contains("--initial-cluster-state existing"),
+        "{said}"
+    );
     let id = said.split_whitespace().nth(1).unwrap().to_string();
 
     let json = chorus_member(&endpoint, &["list", "-w", "json"]);

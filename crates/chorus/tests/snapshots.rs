@@ -19,7 +19,11 @@ use etcd_client::GetOptions;
 
 /// Every record of the key space as member `i` holds it (serializable read at
 /// `revision`, 0 = current): key, value, create and mod revision, version, lease.
-async fn key_space(cluster: &Cluster, i: usize, revision: i64) -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64, i64)> {
+async fn key_space(
+    cluster: &Cluster,
+    i: usize,
+    revision: i64,
+) -> Vec<(Vec<u8>, Vec<u8>, i64, i64, i64, i64)> {
     let mut client = cluster.client_of(i).await;
     let options = GetOptions::new().with_all_keys().with_serializable().with_revision(revision);
     let response = client.get(vec![0u8], Some(options)).await.expect("serializable range of every key");
@@ -27,7 +31,14 @@ async fn key_space(cluster: &Cluster, i: usize, revision: i64) -> Vec<(Vec<u8>, 
         .kvs()
         .iter()
         .map(|kv| {
-            (kv.key().to_vec(), kv.value().to_vec(), kv.create_revision(), kv.mod_revision(), kv.version(), kv.lease())
+            (
+                kv.key().to_vec(),
+                kv.value().to_vec(),
+                kv.create_revision(),
+                kv.mod_revision(),
+                kv.version(),
+                kv.lease(),
+            )
         })
         .collect()
 }
@@ -125,7 +136,10 @@ async fn a_member_away_during_50000_writes_is_caught_up_by_a_snapshot() {
     assert_eq!(hash_kv(&cluster, away, revision).await, leader_hash, "HashKV of the caught-up member");
     let hashes = etcdctl_hashkv(&cluster, revision);
     assert_eq!(hashes.len(), 3);
-    assert!(hashes.iter().all(|(_, hash)| *hash == leader_hash as u64), "etcdctl endpoint hashkv: {hashes:?}");
+    assert!(
+        hashes.iter().all(|(_, hash)| *hash == leader_hash as u64),
+        "etcdctl endpoint hashkv: {hashes:?}"
+    );
 
     // It keeps up from the log afterwards, and survives a restart from its
     // compacted log (the snapshot was installed durably).
@@ -219,7 +233,10 @@ async fn a_backup_saved_under_load_restores_into_a_new_cluster() {
     for i in 0..3 {
         wait_revision(&restored, i, revision, Duration::from_secs(15)).await;
         let holds = key_space(&restored, i, 0).await;
-        assert!(holds == expected, "restored member {i} holds a different key space than the backup's revision");
+        assert!(
+            holds == expected,
+            "restored member {i} holds a different key space than the backup's revision"
+        );
         assert_eq!(hash_kv(&restored, i, revision).await, expected_hash, "HashKV of restored member {i}");
     }
     // The lease came along, and the new cluster takes writes.
@@ -273,7 +290,8 @@ async fn etcdctl_snapshot_save_and_damaged_backups() {
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("SHA-256 does not match"));
     let target = cluster.dir.path().join("restore-target");
-    let restore = chorus(&["snapshot", "restore", damaged.to_str().unwrap(), "--data-dir", target.to_str().unwrap()]);
+    let restore =
+        chorus(&["snapshot", "restore", damaged.to_str().unwrap(), "--data-dir", target.to_str().unwrap()]);
     assert!(!restore.status.success());
     assert!(String::from_utf8_lossy(&restore.stderr).contains("SHA-256 does not match"));
     assert!(!target.exists(), "a refused restore created its data directory");

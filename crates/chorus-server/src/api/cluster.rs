@@ -59,7 +59,8 @@ impl ClusterService {
     fn members(&self, status: &DriverStatus) -> Vec<Member> {
         let conf = &status.conf_state;
         let ids = conf.voters.iter().map(|id| (*id, false)).chain(conf.learners.iter().map(|id| (*id, true)));
-        let mut members: Vec<Member> = ids.map(|(id, is_learner)| self.member(status, id, is_learner)).collect();
+        let mut members: Vec<Member> =
+            ids.map(|(id, is_learner)| self.member(status, id, is_learner)).collect();
         members.sort_by_key(|m| m.id);
         members
     }
@@ -153,14 +154,20 @@ async fn forward_promote(url: &str, id: u64) -> Result<MemberPromoteResponse, St
         .map_err(|e| Status::internal(format!("leader's client URL {url}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach the leader at {url}: {e}")))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach the leader at {url}: {e}")))?;
     let mut request = Request::new(MemberPromoteRequest { id });
     request.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("true"));
     Ok(ClusterClient::new(channel).member_promote(request).await?.into_inner())
 }
 
 fn forced<T>(request: &Request<T>) -> bool {
-    request.metadata().get("chorus-force").is_some_and(|v| v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("true")))
+    request
+        .metadata()
+        .get("chorus-force")
+        .is_some_and(|v| v.to_str().is_ok_and(|v| v.eq_ignore_ascii_case("true")))
 }
 
 fn not_found() -> Status {
@@ -172,7 +179,8 @@ fn check_peer_urls(urls: &[String]) -> Result<(), Status> {
         return Err(Status::invalid_argument("etcdserver: member peer URLs must not be empty"));
     }
     for url in urls {
-        crate::config::url_to_addr(url).map_err(|e| Status::invalid_argument(format!("etcdserver: {}", e.0)))?;
+        crate::config::url_to_addr(url)
+            .map_err(|e| Status::invalid_argument(format!("etcdserver: {}", e.0)))?;
     }
     Ok(())
 }
@@ -184,15 +192,22 @@ impl Cluster for ClusterService {
         _: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
         let status = self.node.status().await?;
-        Ok(Response::new(MemberListResponse { header: Some(header(self.ids, &status)), members: self.members(&status) }))
+        Ok(Response::new(MemberListResponse {
+            header: Some(header(self.ids, &status)),
+            members: self.members(&status),
+        }))
     }
 
-    async fn member_add(&self, request: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+    async fn member_add(
+        &self,
+        request: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
         let forced = forced(&request);
         let MemberAddRequest { peer_ur_ls: peer_urls, is_learner } = request.into_inner();
         check_peer_urls(&peer_urls)?;
         let status = self.node.status().await?;
-        let taken = self.members(&status).into_iter().any(|m| m.peer_ur_ls.iter().any(|u| peer_urls.contains(u)));
+        let taken =
+            self.members(&status).into_iter().any(|m| m.peer_ur_ls.iter().any(|u| peer_urls.contains(u)));
         if taken {
             return Err(Status::failed_precondition("etcdserver: Peer URLs already exists"));
         }
@@ -220,7 +235,8 @@ impl Cluster for ClusterService {
         let status = self.node.status().await?;
         let is_learner = Self::in_conf(&status, id).ok_or_else(not_found)?;
         if !is_learner {
-            let voters_after: Vec<u64> = status.conf_state.voters.iter().copied().filter(|v| *v != id).collect();
+            let voters_after: Vec<u64> =
+                status.conf_state.voters.iter().copied().filter(|v| *v != id).collect();
             if voters_after.is_empty() {
                 return Err(Status::failed_precondition("etcdserver: cannot remove the last voting member"));
             }
@@ -278,7 +294,10 @@ impl Cluster for ClusterService {
         let update = MemberAttributes { member_id: id, peer_urls, ..Default::default() };
         self.node.propose(Op::UpdatePeerUrls(update)).await?;
         let status = self.node.status().await?;
-        Ok(Response::new(MemberUpdateResponse { header: Some(header(self.ids, &status)), members: self.members(&status) }))
+        Ok(Response::new(MemberUpdateResponse {
+            header: Some(header(self.ids, &status)),
+            members: self.members(&status),
+        }))
     }
 
     async fn member_promote(

@@ -3,17 +3,17 @@
 
 use std::pin::Pin;
 
+use chorus_core::limits::SNAPSHOT_CHUNK_BYTES;
+use chorus_core::node::OpResponse;
+use chorus_proto::chorus::v1::command::Op;
 use chorus_proto::etcdserverpb::maintenance_server::Maintenance;
+use chorus_proto::etcdserverpb::AlarmType;
 use chorus_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse,
     DowngradeRequest, DowngradeResponse, HashKvRequest, HashKvResponse, HashRequest, HashResponse,
     MoveLeaderRequest, MoveLeaderResponse, ResponseHeader, SnapshotRequest, SnapshotResponse, StatusRequest,
     StatusResponse,
 };
-use chorus_core::limits::SNAPSHOT_CHUNK_BYTES;
-use chorus_core::node::OpResponse;
-use chorus_proto::chorus::v1::command::Op;
-use chorus_proto::etcdserverpb::AlarmType;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -81,7 +81,9 @@ impl Maintenance for MaintenanceService {
                 }
                 match self.node.propose(Op::Alarm(request)).await? {
                     OpResponse::Alarm(response) => Ok(Response::new(response)),
-                    other => Err(Status::internal(format!("unexpected answer to an alarm request: {other:?}"))),
+                    other => {
+                        Err(Status::internal(format!("unexpected answer to an alarm request: {other:?}")))
+                    }
                 }
             }
             Err(_) => Err(Status::invalid_argument("etcdserver: unknown alarm action")),
@@ -162,9 +164,10 @@ impl Maintenance for MaintenanceService {
         let reader = self.reader.clone();
         let (bytes, revision) = tokio::task::spawn_blocking(move || {
             let image = reader.read()?;
-            let revision = chorus_core::snapshot::restore(&image)
-                .map(|state| state.mvcc.revision())
-                .map_err(|e| chorus_storage::StorageError::Io { path: "image".into(), detail: e.to_string() })?;
+            let revision =
+                chorus_core::snapshot::restore(&image).map(|state| state.mvcc.revision()).map_err(|e| {
+                    chorus_storage::StorageError::Io { path: "image".into(), detail: e.to_string() }
+                })?;
             Ok::<_, chorus_storage::StorageError>((chorus_core::snapshot::encode_backup(&image), revision))
         })
         .await
