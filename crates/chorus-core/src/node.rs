@@ -44,6 +44,7 @@
 //! its inputs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use chorus_proto::chorus::v1::{
     command::Op, fenced_write, Command, FencedWrite, MemberAttributes, StateImage,
@@ -134,6 +135,9 @@ impl NodeConfig {
         }
     }
 }
+
+/// The key space of a node, readable from other threads.
+pub type SharedMvcc = Arc<RwLock<MvccStore>>;
 
 /// What storage hands back at start-up: everything the node persisted.
 #[derive(Debug, Default)]
@@ -452,7 +456,9 @@ impl raft::Storage for LogStore {
 /// One member: raft-rs plus the replicated state machine.
 pub struct Node {
     raw: RawNode<LogStore>,
-    mvcc: MvccStore,
+    /// Shared with the server's request threads, which serve serializable reads from
+    /// it directly (see [`Node::shared_mvcc`]); only this node writes it.
+    mvcc: SharedMvcc,
     members: BTreeMap<u64, MemberAttributes>,
     applied_proposals: BTreeMap<u64, BTreeSet<u64>>,
     leases: LeaseStore,
@@ -554,7 +560,7 @@ impl Node {
         let raw = RawNode::new(&raft_config, store, logger)?;
         let mut node = Node {
             raw,
-            mvcc: recovered.mvcc,
+            mvcc: Arc::new(RwLock::new(recovered.mvcc)),
             members: recovered.members,
             applied_proposals: recovered.applied_proposals,
             leases: recovered.leases,
@@ -893,7 +899,7 @@ impl Node {
             applied_index: index,
             applied_term: term,
             conf_state: &self.conf_state(),
-            mvcc: &self.mvcc,
+            mvcc: &self.mvcc(),
             leases: &self.leases,
             members: &self.members,
             applied_proposals: &self.applied_proposals,
@@ -911,7 +917,7 @@ impl Node {
         let state = crate::snapshot::restore(&image)
             .unwrap_or_else(|e| panic!("snapshot at index {} is unusable: {e}", metadata.index));
         assert_eq!(state.applied_index, metadata.index, "snapshot image and metadata disagree");
-        self.mvcc = state.mvcc;
+        *self.mvcc_mut() = state.mvcc;
         self.leases = state.leases;
         self.members = state.members;
         self.applied_proposals = state.applied_proposals;
@@ -952,9 +958,21 @@ impl Node {
         finished
     }
 
-    /// The replicated key space, as applied on this node.
-    pub fn mvcc(&self) -> &MvccStore {
-        &self.mvcc
+    /// The replicated key space, as applied on this node. The guard holds off this
+    /// node's writes: drop it before calling the node again.
+    pub fn mvcc(&self) -> RwLockReadGuard<'_, MvccStore> {
+        self.mvcc.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The key space for readers on other threads: any prefix of the applied log
+    /// they see is one this node applied, which is what a serializable read may
+    /// return. Only this node writes it, one applied command at a time.
+    pub fn shared_mvcc(&self) -> SharedMvcc {
+        self.mvcc.clone()
+    }
+
+    fn mvcc_mut(&self) -> RwLockWriteGuard<'_, MvccStore> {
+        self.mvcc.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Members that have published their attributes, by id.
@@ -1371,13 +1389,18 @@ impl Node {
             Op::Put(request) => self
                 .leases
                 .check_put(&request)
-                .and_then(|()| self.mvcc.put(&request, writes))
+                .and_then(|()| self.mvcc.write().unwrap_or_else(PoisonError::into_inner).put(&request, writes))
                 .map(OpResponse::Put),
-            Op::DeleteRange(request) => self.mvcc.delete_range(&request, writes).map(OpResponse::DeleteRange),
+            Op::DeleteRange(request) => self
+                .mvcc
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .delete_range(&request, writes)
+                .map(OpResponse::DeleteRange),
             Op::Txn(request) => self
                 .leases
                 .check_txn(&request)
-                .and_then(|()| self.mvcc.txn(&request, writes))
+                .and_then(|()| self.mvcc.write().unwrap_or_else(PoisonError::into_inner).txn(&request, writes))
                 .map(OpResponse::Txn),
             Op::Fenced(request) => return self.apply_fenced(request),
             other => return self.apply_other(other),
@@ -1390,7 +1413,7 @@ impl Node {
     /// at this point of the log, then applied as the unfenced write would be.
     fn apply_fenced(&mut self, request: FencedWrite) -> Result<OpResponse, KvError> {
         let fence = request.fence.unwrap_or_default();
-        crate::lock::check_fence(&self.mvcc, &fence)?;
+        crate::lock::check_fence(&self.mvcc(), &fence)?;
         let op = match request.write {
             Some(fenced_write::Write::Put(put)) => Op::Put(put),
             Some(fenced_write::Write::DeleteRange(delete)) => Op::DeleteRange(delete),
@@ -1407,7 +1430,12 @@ impl Node {
             Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) => {
                 unreachable!("applied by apply_op")
             }
-            Op::Compaction(request) => self.mvcc.compact(&request, writes).map(OpResponse::Compaction),
+            Op::Compaction(request) => self
+                .mvcc
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .compact(&request, writes)
+                .map(OpResponse::Compaction),
             Op::LeaseGrant(request) => {
                 let response = self.leases.grant(&request, &mut self.pending_leases)?;
                 self.lease_clock.granted(response.id, response.ttl);
@@ -1415,7 +1443,12 @@ impl Node {
             }
             Op::LeaseRevoke(request) => {
                 let response =
-                    self.leases.revoke(&request, &mut self.mvcc, writes, &mut self.pending_leases)?;
+                    self.leases.revoke(
+                    &request,
+                    &mut self.mvcc.write().unwrap_or_else(PoisonError::into_inner),
+                    writes,
+                    &mut self.pending_leases,
+                )?;
                 self.lease_clock.removed(request.id);
                 Ok(OpResponse::LeaseRevoke(response))
             }

@@ -12,10 +12,12 @@
 
 use chorus_core::limits::INPUT_BATCH_MAX;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use chorus_core::limits::WATCH_SYNC_EVENTS_MAX;
-use chorus_core::node::{LeaseCallError, Node, NodeStatus, OpResponse, Reply};
+use chorus_core::node::{LeaseCallError, Node, NodeStatus, OpResponse, Reply, SharedMvcc};
 use chorus_core::watch::{SinkError, WatchHub, WatchSink};
 use chorus_proto::chorus::v1::{command::Op, MemberAttributes};
 use chorus_proto::etcdserverpb::{
@@ -172,6 +174,30 @@ pub struct DriverStatus {
     pub alarms: Vec<chorus_proto::etcdserverpb::AlarmMember>,
 }
 
+/// What a request thread needs to answer a serializable read by itself, without a
+/// round trip through the driver thread: the applied key space and the current term.
+#[derive(Clone)]
+pub struct ReadView {
+    mvcc: SharedMvcc,
+    term: Arc<AtomicU64>,
+    ids: HeaderIds,
+}
+
+impl ReadView {
+    /// A serializable range over what this member has applied so far.
+    pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse, RequestError> {
+        let mvcc = self.mvcc.read().unwrap_or_else(PoisonError::into_inner);
+        let mut response = mvcc.range(request)?;
+        response.header = Some(ResponseHeader {
+            cluster_id: self.ids.cluster_id,
+            member_id: self.ids.member_id,
+            revision: mvcc.revision(),
+            raft_term: self.term.load(Ordering::Relaxed),
+        });
+        Ok(response)
+    }
+}
+
 /// Fixed facts the driver stamps into every response header.
 #[derive(Debug, Clone, Copy)]
 pub struct HeaderIds {
@@ -254,6 +280,8 @@ pub struct Driver {
     /// Callers waiting for the defragmentation under way (when not empty).
     defrag_waiting: Vec<DefragReply>,
     defrag_started: Option<Instant>,
+    /// The term as of the last input handled, for [`ReadView`]s.
+    term_shared: Arc<AtomicU64>,
 }
 
 /// A removed member stops, as etcd's does: it can no longer take part. It stops
@@ -317,7 +345,14 @@ impl Driver {
             quota_bytes: u64::MAX,
             defrag_waiting: Vec::new(),
             defrag_started: None,
+            term_shared: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A view for request threads to serve serializable reads from.
+    pub fn read_view(&self) -> ReadView {
+        self.term_shared.store(self.node.status().term, Ordering::Relaxed);
+        ReadView { mvcc: self.node.shared_mvcc(), term: self.term_shared.clone(), ids: self.ids }
     }
 
     /// Follows membership changes: starts a sender to every member added (once its
@@ -558,6 +593,7 @@ impl Driver {
             }
             self.build_snapshot_if_asked();
             self.follow_membership();
+            self.term_shared.store(self.node.status().term, Ordering::Relaxed);
         }
         tracing::info!("node driver stopped");
     }
@@ -593,7 +629,7 @@ impl Driver {
             Input::WatchCreate { stream, request } => {
                 let header = self.header();
                 self.watches.create(stream, &request, header);
-                self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+                self.watches.sync(&self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
             }
             Input::WatchCancel { stream, watch_id } => {
                 let header = self.header();
@@ -740,7 +776,7 @@ impl Driver {
         }
         self.publish_attributes();
         let header = self.header();
-        self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+        self.watches.sync(&self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
         self.watches.tick(header, self.watch_progress_ticks);
     }
 
@@ -870,7 +906,7 @@ impl Driver {
         if cycle.snapshot_installed {
             let header = self.header();
             self.watches.resync_all();
-            self.watches.sync(self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+            self.watches.sync(&self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
         }
         // 4. finish
         let finished = self.node.finish_cycle();
@@ -981,11 +1017,19 @@ pub struct NodeHandle {
     inputs: mpsc::Sender<Input>,
     request_timeout: Duration,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    read_view: Option<ReadView>,
 }
 
 impl NodeHandle {
     pub fn new(inputs: mpsc::Sender<Input>, request_timeout: Duration) -> NodeHandle {
-        NodeHandle { inputs, request_timeout, metrics: None }
+        NodeHandle { inputs, request_timeout, metrics: None, read_view: None }
+    }
+
+    /// Serves serializable reads from `view` on the calling thread instead of the
+    /// driver's: a read then costs no hand-off between threads.
+    pub fn with_read_view(mut self, view: ReadView) -> NodeHandle {
+        self.read_view = Some(view);
+        self
     }
 
     /// Counts proposals committed and failed in `metrics`.
@@ -1016,6 +1060,9 @@ impl NodeHandle {
 
     /// Serves a range read (linearizable unless the request is serializable).
     pub async fn read(&self, request: RangeRequest) -> Result<RangeResponse, RequestError> {
+        if let (true, Some(view)) = (request.serializable, &self.read_view) {
+            return view.range(&request);
+        }
         let deadline = Instant::now() + self.request_timeout;
         let (reply, answer) = oneshot::channel();
         self.submit(Input::Read { request, deadline, reply }, deadline).await?;

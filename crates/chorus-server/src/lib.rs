@@ -152,6 +152,7 @@ pub async fn serve(
                 config.auto_promote_learners,
                 removed_members.clone(),
             );
+    let read_view = driver.read_view();
     let driver_thread = std::thread::Builder::new()
         .name(format!("chorus-driver-{}", config.name))
         .spawn(move || driver.run())
@@ -163,7 +164,8 @@ pub async fn serve(
     ));
 
     let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms))
-        .with_metrics(metrics.clone());
+        .with_metrics(metrics.clone())
+        .with_read_view(read_view);
     let peer_addrs: BTreeMap<u64, String> = config
         .initial_cluster
         .iter()

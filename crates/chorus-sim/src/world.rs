@@ -637,7 +637,7 @@ impl World {
             }
         }
         let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
-        running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+        running.watches.sync(&running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
         self.mix(&[1, self.now_us, i as u64]);
         self.after_input(i);
     }
@@ -788,7 +788,7 @@ impl World {
             let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
             if cycle.snapshot_installed {
                 running.watches.resync_all();
-                running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+                running.watches.sync(&running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
                 self.snapshots_installed += 1;
             } else {
                 running.watches.notify(&cycle.persist.writes.changes, header);
@@ -1216,7 +1216,7 @@ impl World {
         running.watches.open_stream(stream, client.sink.clone());
         let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
         running.watches.create(stream, &request, header);
-        running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+        running.watches.sync(&running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
     }
 
     fn close_watch(&mut self, w: usize) {
@@ -1246,7 +1246,7 @@ impl World {
                 if let Some(running) = self.nodes[node].running.as_mut().filter(|r| r.boot == boot) {
                     let header =
                         ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
-                    running.watches.sync(running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
+                    running.watches.sync(&running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
                 }
                 let responses = self.watch_clients[w].sink.drain(usize::MAX);
                 if !self.watch_clients[w].receive(responses) {

@@ -45,6 +45,8 @@ use crate::client_cmd::{GlobalOpts, WriteOut};
 const CLIENTS_MAX: u32 = 10_000;
 /// Most gRPC connections. HTTP/2 multiplexes, so a handful is enough to spread load.
 const CONNS_MAX: u32 = 1_000;
+/// Most load generator threads (`--threads`).
+const THREADS_MAX: u32 = 1_024;
 /// Most operations in one run (also bounds the key space, which is put before reads).
 const TOTAL_OPS_MAX: u64 = 1_000_000_000;
 /// Largest key. etcd accepts larger, but a benchmark key this big is almost surely a typo.
@@ -110,6 +112,11 @@ pub struct BenchArgs {
     /// Share of operations that are reads in the mixed workload (0 to 1)
     #[arg(long, default_value_t = 0.9)]
     read_ratio: f64,
+    /// Threads the load generator runs on. One (the default) runs every client on a single
+    /// thread, which costs the least CPU per request and so takes the least from a server on
+    /// the same machine; more for a generator on a machine of its own
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=THREADS_MAX as i64))]
+    pub threads: u32,
 }
 
 /// What one operation does.

@@ -79,7 +79,20 @@ fn init_logging(format: &str, default_filter: &str) -> anyhow::Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = match &cli.command {
+        // A benchmark's clients share one thread unless told otherwise: handing requests
+        // between worker threads costs the generator more CPU than the requests themselves.
+        Command::Bench(args) if args.threads == 1 => tokio::runtime::Builder::new_current_thread(),
+        Command::Bench(args) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(args.threads as usize);
+            builder
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .expect("tokio runtime");
     let code = runtime.block_on(async move {
         let result = match cli.command {
             Command::Serve(args) => match init_logging(&cli.log_format, "info") {
