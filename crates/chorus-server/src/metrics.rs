@@ -64,11 +64,41 @@ pub struct Metrics {
     pub watchers: Gauge,
     pub leases: Gauge,
     pub mvcc_revision: Gauge,
-    /// Method labels given out so far (bounded by `GRPC_METHOD_LABELS_MAX`).
-    grpc_methods_seen: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Each method path's histogram in `grpc_request_duration`, found once per path
+    /// (at most `GRPC_METHOD_LABELS_MAX` paths), so that a request costs no label
+    /// allocation and no exclusive lock.
+    grpc_method_histograms: std::sync::RwLock<std::collections::HashMap<String, Histogram>>,
 }
 
 impl Metrics {
+    /// The latency histogram of the gRPC method at `path`. The path comes from a
+    /// client: only known services' paths become labels, and at most
+    /// GRPC_METHOD_LABELS_MAX of them, so a client cannot grow the label set
+    /// without bound; others count as "other".
+    fn grpc_histogram(&self, path: &str) -> Histogram {
+        use std::sync::PoisonError;
+        if let Some(histogram) =
+            self.grpc_method_histograms.read().unwrap_or_else(PoisonError::into_inner).get(path)
+        {
+            return histogram.clone();
+        }
+        let known = path.starts_with("/etcdserverpb.") || path.starts_with("/chorus.v1.");
+        let mut histograms = self.grpc_method_histograms.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(histogram) = histograms.get(path) {
+            return histogram.clone();
+        }
+        let admitted = known && histograms.len() < GRPC_METHOD_LABELS_MAX;
+        let label = match admitted {
+            true => path.trim_start_matches('/').chars().take(64).collect::<String>(),
+            false => "other".to_string(),
+        };
+        let histogram = self.grpc_request_duration.get_or_create(&vec![("method".to_string(), label)]).clone();
+        if admitted {
+            histograms.insert(path.to_string(), histogram.clone());
+        }
+        histogram
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("chorus");
         let m = Metrics {
@@ -95,7 +125,7 @@ impl Metrics {
             leases: Gauge::default(),
             mvcc_revision: Gauge::default(),
             registry: Registry::default(),
-            grpc_methods_seen: Default::default(),
+            grpc_method_histograms: Default::default(),
             started_unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs() as f64),
@@ -382,30 +412,12 @@ where
     }
 
     fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
-        // The method path comes from a client: only known services' paths become
-        // labels, and at most GRPC_METHOD_LABELS_MAX of them, so a client cannot
-        // grow the label set without bound.
-        let path = request.uri().path();
-        let known = path.starts_with("/etcdserverpb.") || path.starts_with("/chorus.v1.");
-        let candidate =
-            vec![("method".to_string(), path.trim_start_matches('/').chars().take(64).collect::<String>())];
-        let admitted = known && {
-            let mut seen = self.metrics.grpc_methods_seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.contains(&candidate[0].1) || {
-                let room = seen.len() < GRPC_METHOD_LABELS_MAX;
-                if room {
-                    seen.insert(candidate[0].1.clone());
-                }
-                room
-            }
-        };
-        let labels = if admitted { candidate } else { vec![("method".to_string(), "other".to_string())] };
-        let metrics = self.metrics.clone();
+        let histogram = self.metrics.grpc_histogram(request.uri().path());
         let started = Instant::now();
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
-            metrics.grpc_request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+            histogram.observe(started.elapsed().as_secs_f64());
             result
         })
     }
