@@ -1139,6 +1139,12 @@ impl NodeHandle {
     }
 
     async fn submit(&self, input: Input, deadline: Instant) -> Result<(), RequestError> {
+        // Most of the time the queue has room: no timer for that.
+        let input = match self.inputs.try_send(input) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(RequestError::Stopped),
+            Err(mpsc::error::TrySendError::Full(input)) => input,
+        };
         match tokio::time::timeout_at(deadline.into(), self.inputs.send(input)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(RequestError::Stopped),
