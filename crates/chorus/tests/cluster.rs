@@ -157,3 +157,44 @@ async fn a_member_without_a_quorum_answers_unavailable_within_the_request_timeou
     let local = client.get("before", Some(GetOptions::new().with_serializable())).await.unwrap();
     assert_eq!(local.kvs()[0].value(), b"ok", "serializable reads are still served locally");
 }
+
+/// A serializable get is answered by the member asked, from what it applied, with that
+/// member's id, the cluster's id and term, and the revision of the state it read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_reads_answer_from_the_member_asked_with_its_header() {
+    let cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut client = cluster.client().await;
+    let put = client.put("serial/k", "v1", None).await.unwrap();
+    let written = put.header().unwrap().revision();
+    let linear = client.get("serial/k", None).await.unwrap();
+    let (cluster_id, term) = (linear.header().unwrap().cluster_id(), linear.header().unwrap().raft_term());
+    for i in 0..3 {
+        let status = common::status_of(&cluster.endpoint(i)).await.expect("status");
+        let member_id = status.header().unwrap().member_id();
+        let mut local = cluster.client_of(i).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let response = loop {
+            let response =
+                local.get("serial/k", Some(GetOptions::new().with_serializable())).await.unwrap();
+            if !response.kvs().is_empty() || Instant::now() > deadline {
+                break response;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(response.kvs().len(), 1, "member {i} applied the put within 10 s");
+        assert_eq!(response.kvs()[0].value(), b"v1");
+        assert_eq!(response.kvs()[0].mod_revision(), written);
+        let header = response.header().unwrap();
+        assert_eq!(header.member_id(), member_id, "member {i} answers for itself");
+        assert_eq!(header.cluster_id(), cluster_id);
+        assert_eq!(header.raft_term(), term, "member {i}'s term");
+        assert!(header.revision() >= written, "member {i}: header revision {}", header.revision());
+        // A revision past the member's own is refused, as etcd refuses it.
+        let future = local
+            .get("serial/k", Some(GetOptions::new().with_serializable().with_revision(header.revision() + 1000)))
+            .await
+            .expect_err("a future revision");
+        assert!(format!("{future:?}").contains("future revision"), "{future:?}");
+    }
+}
