@@ -1389,7 +1389,9 @@ impl Node {
             Op::Put(request) => self
                 .leases
                 .check_put(&request)
-                .and_then(|()| self.mvcc.write().unwrap_or_else(PoisonError::into_inner).put(&request, writes))
+                .and_then(|()| {
+                    self.mvcc.write().unwrap_or_else(PoisonError::into_inner).put(&request, writes)
+                })
                 .map(OpResponse::Put),
             Op::DeleteRange(request) => self
                 .mvcc
@@ -1400,7 +1402,9 @@ impl Node {
             Op::Txn(request) => self
                 .leases
                 .check_txn(&request)
-                .and_then(|()| self.mvcc.write().unwrap_or_else(PoisonError::into_inner).txn(&request, writes))
+                .and_then(|()| {
+                    self.mvcc.write().unwrap_or_else(PoisonError::into_inner).txn(&request, writes)
+                })
                 .map(OpResponse::Txn),
             Op::Fenced(request) => return self.apply_fenced(request),
             other => return self.apply_other(other),
@@ -1442,8 +1446,7 @@ impl Node {
                 Ok(OpResponse::LeaseGrant(response))
             }
             Op::LeaseRevoke(request) => {
-                let response =
-                    self.leases.revoke(
+                let response = self.leases.revoke(
                     &request,
                     &mut self.mvcc.write().unwrap_or_else(PoisonError::into_inner),
                     writes,

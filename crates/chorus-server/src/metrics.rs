@@ -92,7 +92,8 @@ impl Metrics {
             true => path.trim_start_matches('/').chars().take(64).collect::<String>(),
             false => "other".to_string(),
         };
-        let histogram = self.grpc_request_duration.get_or_create(&vec![("method".to_string(), label)]).clone();
+        let histogram =
+            self.grpc_request_duration.get_or_create(&vec![("method".to_string(), label)]).clone();
         if admitted {
             histograms.insert(path.to_string(), histogram.clone());
         }

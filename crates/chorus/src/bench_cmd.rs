@@ -19,6 +19,12 @@
 //! Every loop is bounded: by `--total` and by `--duration-max`. An operation still in flight
 //! when the time cap passes is abandoned and counted neither as an op nor as an error.
 //!
+//! Cost: by default every client runs on one thread (`--threads 1`, a current-thread tokio
+//! runtime) and requests go straight onto each HTTP/2 connection (`Conn`). On a machine the
+//! generator shares with the servers it measures, whatever it spends is taken from them: a
+//! multi-threaded runtime and tonic's `Channel` queue cost it about twice the CPU per request
+//! (`scripts/cpu-split.sh` prints the generator's share).
+//!
 //! Exit codes: 0 when at least one operation succeeded (errors are counted, not fatal), 1 when
 //! none did or the cluster could not be reached, 2 for bad usage.
 
@@ -429,7 +435,8 @@ type ConnError = Box<dyn std::error::Error + Send + Sync>;
 impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Conn {
     type Response = tonic::codegen::http::Response<hyper::body::Incoming>;
     type Error = ConnError;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnError>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ConnError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), ConnError>> {
         self.send.poll_ready(cx).map_err(ConnError::from)
@@ -596,11 +603,7 @@ async fn wait_for_slot(plan: &Plan, op_index: u64) -> bool {
     Instant::now() < plan.deadline
 }
 
-async fn execute_operation(
-    kv: &mut KvClient<Conn>,
-    operation: Operation,
-    plan: &Plan,
-) -> Result<(), String> {
+async fn execute_operation(kv: &mut KvClient<Conn>, operation: Operation, plan: &Plan) -> Result<(), String> {
     match operation {
         Operation::Put(key) => put(kv, key, plan.value.clone()).await,
         Operation::Get(key) => get(kv, key, plan.serializable).await.map(|_| ()),

@@ -175,8 +175,7 @@ async fn serializable_reads_answer_from_the_member_asked_with_its_header() {
         let mut local = cluster.client_of(i).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let response = loop {
-            let response =
-                local.get("serial/k", Some(GetOptions::new().with_serializable())).await.unwrap();
+            let response = local.get("serial/k", Some(GetOptions::new().with_serializable())).await.unwrap();
             if !response.kvs().is_empty() || Instant::now() > deadline {
                 break response;
             }
@@ -192,7 +191,10 @@ async fn serializable_reads_answer_from_the_member_asked_with_its_header() {
         assert!(header.revision() >= written, "member {i}: header revision {}", header.revision());
         // A revision past the member's own is refused, as etcd refuses it.
         let future = local
-            .get("serial/k", Some(GetOptions::new().with_serializable().with_revision(header.revision() + 1000)))
+            .get(
+                "serial/k",
+                Some(GetOptions::new().with_serializable().with_revision(header.revision() + 1000)),
+            )
             .await
             .expect_err("a future revision");
         assert!(format!("{future:?}").contains("future revision"), "{future:?}");
