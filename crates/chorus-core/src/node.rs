@@ -701,6 +701,18 @@ impl Node {
         Ok(ttl_s)
     }
 
+    /// A command that changes nothing, for a keep-alive this leader answers "gone"
+    /// (TTL 0): the answer waits until the barrier applies. A leader that was paused
+    /// or cut off may not know it was deposed, and its lease clock may have jumped
+    /// ahead on resuming (missed ticks arrive at once) or its state may lack a lease
+    /// a later leader granted: answering from them at once would tell a client that
+    /// its live lease is gone. An entry of this leader's term that applies proves it
+    /// still led after deciding; on a deposed leader the barrier never commits and
+    /// the keep-alive fails like any write, so the client asks the real leader.
+    pub fn leadership_barrier() -> Op {
+        Op::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints: Vec::new() })
+    }
+
     /// The command that replicates a renewal: a checkpoint of the full TTL. Every
     /// member that applies it (and so any later leader) counts the lease as having
     /// at least its TTL left from then on.

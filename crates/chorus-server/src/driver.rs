@@ -714,12 +714,11 @@ impl Driver {
             }
         };
         let response = LeaseKeepAliveResponse { header: Some(self.header()), id, ttl };
-        if ttl <= 0 {
-            let _ = reply.send(Ok(response));
-            return;
-        }
+        // A renewal is answered once its record applies; "gone" once a barrier
+        // applies, which proves this member still led (see `Node::leadership_barrier`).
+        let record = if ttl > 0 { Node::renewal_record(id, ttl) } else { Node::leadership_barrier() };
         let seq = self.take_seq();
-        match self.node.propose(seq, Node::renewal_record(id, ttl)) {
+        match self.node.propose(seq, record) {
             Ok(()) => {
                 let deadline = Instant::now() + RENEWAL_ANSWER_TIMEOUT;
                 self.renewals.insert(seq, PendingRenewal { deadline, reply, response });

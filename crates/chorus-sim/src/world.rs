@@ -1335,11 +1335,14 @@ impl World {
                 running.node.lease_keep_alive(id)
             };
             match answer {
-                // Acknowledged once the renewal record applies (as the server does).
-                Ok(ttl) if ttl > 0 && !skip_renewal => {
+                // Acknowledged once the renewal record applies, and answered "gone"
+                // once a barrier applies (as the server does).
+                Ok(ttl) if !skip_renewal => {
                     let seq = running.next_seq;
                     running.next_seq += 1;
-                    if running.node.propose(seq, Node::renewal_record(id, ttl)).is_ok() {
+                    let record =
+                        if ttl > 0 { Node::renewal_record(id, ttl) } else { Node::leadership_barrier() };
+                    if running.node.propose(seq, record).is_ok() {
                         running.lease_proposals.insert(seq, (l, request, Some((ttl, sent_us))));
                         self.after_input(target);
                         return;

@@ -71,6 +71,12 @@ async fn etcdctl_lease_commands_behave_as_against_etcd() {
     assert_eq!(ok(&all, &["get", "--prefix", "leased/"]), "");
     let gone = ok(&all, &["lease", "timetolive", &id]);
     assert_eq!(gone, format!("lease {id} already expired\n"));
+    // A keep-alive of the revoked lease is answered "gone" (TTL 0) by the leader once it
+    // has confirmed it still leads, through a follower too.
+    for endpoints in [&all, &follower] {
+        let (success, stdout, stderr) = etcdctl(endpoints, &["lease", "keep-alive", "--once", &id]);
+        assert!(!success && stderr.contains("requested lease not found"), "{stdout}{stderr}");
+    }
     assert_eq!(ok(&all, &["lease", "list"]), "found 0 leases\n");
 
     // A short lease nobody keeps alive expires by itself, and its key goes.
