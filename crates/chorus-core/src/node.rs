@@ -139,6 +139,12 @@ impl NodeConfig {
 /// The key space of a node, readable from other threads.
 pub type SharedMvcc = Arc<RwLock<MvccStore>>;
 
+/// The node's write guard on its key space (a field borrow, so that the caller can
+/// hold the node's other fields at the same time).
+fn write_mvcc(mvcc: &SharedMvcc) -> RwLockWriteGuard<'_, MvccStore> {
+    mvcc.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What storage hands back at start-up: everything the node persisted.
 #[derive(Debug, Default)]
 pub struct Recovered {
@@ -984,7 +990,7 @@ impl Node {
     }
 
     fn mvcc_mut(&self) -> RwLockWriteGuard<'_, MvccStore> {
-        self.mvcc.write().unwrap_or_else(PoisonError::into_inner)
+        write_mvcc(&self.mvcc)
     }
 
     /// Members that have published their attributes, by id.
@@ -1401,22 +1407,15 @@ impl Node {
             Op::Put(request) => self
                 .leases
                 .check_put(&request)
-                .and_then(|()| {
-                    self.mvcc.write().unwrap_or_else(PoisonError::into_inner).put(&request, writes)
-                })
+                .and_then(|()| write_mvcc(&self.mvcc).put(&request, writes))
                 .map(OpResponse::Put),
-            Op::DeleteRange(request) => self
-                .mvcc
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .delete_range(&request, writes)
-                .map(OpResponse::DeleteRange),
+            Op::DeleteRange(request) => {
+                write_mvcc(&self.mvcc).delete_range(&request, writes).map(OpResponse::DeleteRange)
+            }
             Op::Txn(request) => self
                 .leases
                 .check_txn(&request)
-                .and_then(|()| {
-                    self.mvcc.write().unwrap_or_else(PoisonError::into_inner).txn(&request, writes)
-                })
+                .and_then(|()| write_mvcc(&self.mvcc).txn(&request, writes))
                 .map(OpResponse::Txn),
             Op::Fenced(request) => return self.apply_fenced(request),
             other => return self.apply_other(other),
@@ -1446,12 +1445,9 @@ impl Node {
             Op::Put(_) | Op::DeleteRange(_) | Op::Txn(_) | Op::Fenced(_) => {
                 unreachable!("applied by apply_op")
             }
-            Op::Compaction(request) => self
-                .mvcc
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .compact(&request, writes)
-                .map(OpResponse::Compaction),
+            Op::Compaction(request) => {
+                write_mvcc(&self.mvcc).compact(&request, writes).map(OpResponse::Compaction)
+            }
             Op::LeaseGrant(request) => {
                 let response = self.leases.grant(&request, &mut self.pending_leases)?;
                 self.lease_clock.granted(response.id, response.ttl);
@@ -1460,7 +1456,7 @@ impl Node {
             Op::LeaseRevoke(request) => {
                 let response = self.leases.revoke(
                     &request,
-                    &mut self.mvcc.write().unwrap_or_else(PoisonError::into_inner),
+                    &mut write_mvcc(&self.mvcc),
                     writes,
                     &mut self.pending_leases,
                 )?;
