@@ -30,6 +30,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 const HELD_BYTES_MAX: usize = 256 * 1024;
 /// A write at least this large, with nothing held, goes straight to the socket.
 const DIRECT_WRITE_BYTES: usize = 16 * 1024;
+/// Buffer room kept for the next round once everything held is sent; a larger
+/// buffer (after a large answer) is freed, so idle connections stay small.
+const KEPT_CAPACITY_BYTES: usize = 64 * 1024;
 
 /// A byte stream whose flushes wait for the end of the scheduler's round.
 pub struct CoalescedWrites<S> {
@@ -79,7 +82,11 @@ impl<S: AsyncWrite + Unpin> CoalescedWrites<S> {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        self.held.clear();
+        if self.held.capacity() > KEPT_CAPACITY_BYTES {
+            self.held = Vec::new();
+        } else {
+            self.held.clear();
+        }
         self.sent = 0;
         Poll::Ready(Ok(()))
     }
@@ -208,5 +215,21 @@ mod tests {
         writer.shutdown().await.unwrap();
         drop(writer);
         assert_eq!(reader.await.unwrap(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_connection_keeps_no_large_buffer_once_its_large_answer_is_sent() {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        let mut writer = CoalescedWrites::new(client);
+        let piece = [1u8; 1024];
+        for _ in 0..100 {
+            writer.write_all(&piece).await.unwrap();
+        }
+        assert!(writer.held.capacity() >= 100 * 1024);
+        writer.flush().await.unwrap();
+        assert!(writer.held.capacity() <= KEPT_CAPACITY_BYTES, "kept {}", writer.held.capacity());
+        let mut got = vec![0u8; 100 * 1024];
+        server.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().all(|&b| b == 1));
     }
 }
