@@ -147,7 +147,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.held.is_empty() {
-            std::task::ready!(this.poll_round_end(cx));
+            // A send the socket interrupted goes on at once; a new one waits for the round.
+            if this.sent == 0 {
+                std::task::ready!(this.poll_round_end(cx));
+            }
             std::task::ready!(this.poll_send_held(cx))?;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
