@@ -102,14 +102,25 @@ impl LeaseClient {
 /// checkpoint staleness (1 s) and grace (up to 2 s), drift and margin.
 const EXPIRY_BOUND_US: u64 = (LEASE_TTL_S as u64 + 6) * 1_000_000;
 
-/// Checks the end state (at `end_us`) against what the clients did.
-pub fn check(clients: &[LeaseClient], store: &MvccStore, leases_left: &[i64], end_us: u64) -> Vec<String> {
+/// Checks the end state (at `end_us`) against what the clients did. Each new leader
+/// may restart a lease's timer at up to its TTL plus grace (etcd's promote does the
+/// same), so an abandoned lease's bound runs from the later of its abandonment and
+/// the newest leader's start (`last_leader_start_us`), not from the abandonment
+/// alone: seed 3002054 had two leader changes after one, the second 8 s later.
+pub fn check(
+    clients: &[LeaseClient],
+    store: &MvccStore,
+    leases_left: &[i64],
+    last_leader_start_us: u64,
+    end_us: u64,
+) -> Vec<String> {
     let mut violations: Vec<String> = Vec::new();
     for client in clients {
         violations.extend(client.problems.iter().map(|p| format!("lease client: {p}")));
         let attached =
             matches!(client.phase, Phase::KeepAlive | Phase::Abandoned | Phase::Revoke | Phase::Done);
-        let abandoned_long_ago = client.abandoned_at_us.is_some_and(|at| at + EXPIRY_BOUND_US <= end_us);
+        let abandoned_long_ago =
+            client.abandoned_at_us.is_some_and(|at| at.max(last_leader_start_us) + EXPIRY_BOUND_US <= end_us);
         if abandoned_long_ago && leases_left.contains(&client.id) {
             violations.push(format!("lease {:x} was abandoned but never expired", client.id));
         }

@@ -102,6 +102,11 @@ enum Event {
         raise: bool,
     },
     Resume(usize),
+    /// The transport tells node `from` that its snapshot for member `to` was lost.
+    SnapshotFailed {
+        from: usize,
+        to: u64,
+    },
     EndFaultPhase,
     StopClients,
     FinalRead {
@@ -253,6 +258,8 @@ pub struct World {
     committed: BTreeMap<u64, (u64, u32)>,
     events_count: u64,
     leader_changes: u64,
+    /// When the newest leader took office (the lease checker's bound runs from it).
+    last_leader_start_us: u64,
     crashes: u64,
     snapshots_installed: u64,
     watch_clients: Vec<WatchClient>,
@@ -336,6 +343,7 @@ impl World {
             snapshots_installed: 0,
             events_count: 0,
             leader_changes: 0,
+            last_leader_start_us: 0,
             crashes: 0,
             watch_clients: Vec::new(),
             next_stream: 1,
@@ -483,6 +491,9 @@ impl World {
             Event::Membership => self.membership_step(),
             Event::Alarm { raise } => self.alarm_step(raise),
             Event::Resume(i) => self.resume_node(i),
+            Event::SnapshotFailed { from, to } => {
+                self.on_node_input(from, Event::SnapshotFailed { from, to })
+            }
             Event::EndFaultPhase => self.end_fault_phase(),
             Event::StopClients => {
                 for client in &mut self.clients {
@@ -669,6 +680,9 @@ impl World {
                 self.nodes[i].running.as_mut().expect("running").node.step(message);
             }
             Event::Request { client, op_id, op, .. } => self.on_request(i, client, op_id, op),
+            Event::SnapshotFailed { to, .. } => {
+                self.nodes[i].running.as_mut().expect("running").node.report_snapshot(to, false)
+            }
             _ => unreachable!("not a node input"),
         }
         self.after_input(i);
@@ -738,6 +752,7 @@ impl World {
             None => {
                 self.leaders_by_term.insert(status.term, status.id);
                 self.leader_changes += 1;
+                self.last_leader_start_us = self.now_us;
                 self.note(format!("node {} leads term {}", status.id, status.term));
             }
         }
@@ -906,10 +921,14 @@ impl World {
                 drop_newest_record(&mut message);
             }
             let Some(to) = self.index_of(message.to) else { continue };
-            if self.cut.contains(&(from, to)) {
-                continue;
-            }
-            if self.rng.random_range(0..1_000_000) < self.options.drop_ppm {
+            // The server's transport learns that a snapshot stream failed and tells
+            // raft at once (which sends another); other lost messages go unnoticed.
+            let lost = Event::SnapshotFailed { from, to: message.to };
+            let is_snapshot = message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
+            if self.cut.contains(&(from, to)) || self.rng.random_range(0..1_000_000) < self.options.drop_ppm {
+                if is_snapshot {
+                    self.schedule(self.options.delay_max_us + extra_us, lost);
+                }
                 continue;
             }
             let copies = if self.rng.random_range(0..1_000_000) < self.options.duplicate_ppm { 2 } else { 1 };
@@ -1425,7 +1444,13 @@ impl World {
         let Some(running) = self.most_applied() else { return };
         let store = running.node.mvcc().clone();
         let left = running.node.lease_ids();
-        for violation in crate::lease_workload::check(&self.lease_clients, &store, &left, self.now_us) {
+        for violation in crate::lease_workload::check(
+            &self.lease_clients,
+            &store,
+            &left,
+            self.last_leader_start_us,
+            self.now_us,
+        ) {
             self.violation(violation);
         }
     }
