@@ -237,6 +237,9 @@ pub const DEFRAG_RECORDED_BYTES_MAX: u64 = 512 * 1024 * 1024;
 /// inspected for a URL authority (chorus-server's `authority`): it is passed on for
 /// the HTTP/2 server to judge, which refuses header lists far smaller.
 pub const AUTHORITY_INSPECT_BYTES_MAX: usize = 1024 * 1024;
+/// Answers a client connection holds back for one write (chorus-server's
+/// `coalesce`) before a write waits for the socket to take some.
+pub const CLIENT_WRITE_HELD_BYTES_MAX: usize = 256 * 1024;
 /// Default of `--quota-backend-bytes` (8 GiB).
 pub const QUOTA_BACKEND_BYTES_DEFAULT: u64 = 8 * 1024 * 1024 * 1024;
 /// The largest `--quota-backend-bytes` (100 GiB).

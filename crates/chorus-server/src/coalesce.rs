@@ -24,10 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
+use chorus_core::limits::CLIENT_WRITE_HELD_BYTES_MAX as HELD_BYTES_MAX;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// Held bytes past which a write first waits for the socket to take some.
-const HELD_BYTES_MAX: usize = 256 * 1024;
 /// A write at least this large, with nothing held, goes straight to the socket.
 const DIRECT_WRITE_BYTES: usize = 16 * 1024;
 /// Buffer room kept for the next round once everything held is sent; a larger
@@ -96,7 +94,6 @@ impl<S: AsyncWrite + Unpin> CoalescedWrites<S> {
         if !self.waiting {
             self.waiting = true;
             self.round.fired.store(false, Ordering::Release);
-            *self.round.task.lock().expect("round lock") = Some(cx.waker().clone());
             let round_waker = Waker::from(self.round.clone());
             let mut yielded = std::pin::pin!(tokio::task::yield_now());
             // The first poll hands `round_waker` to the scheduler and is pending.
@@ -136,8 +133,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescedWrites<S> {
         if this.held.is_empty() && buf.len() >= DIRECT_WRITE_BYTES {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
-        this.held.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
+        // Up to the bound; the writer offers the rest again.
+        let taken = buf.len().min(HELD_BYTES_MAX - (this.held.len() - this.sent));
+        this.held.extend_from_slice(&buf[..taken]);
+        Poll::Ready(Ok(taken))
     }
 
     fn is_write_vectored(&self) -> bool {

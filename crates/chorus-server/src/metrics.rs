@@ -68,6 +68,8 @@ pub struct Metrics {
     /// (at most `GRPC_METHOD_LABELS_MAX` paths), so that a request costs no label
     /// allocation and no exclusive lock.
     grpc_method_histograms: std::sync::RwLock<std::collections::HashMap<String, Histogram>>,
+    /// The histogram labelled "other", made at the first request that needs it.
+    grpc_other_histogram: std::sync::OnceLock<Histogram>,
 }
 
 impl Metrics {
@@ -77,27 +79,30 @@ impl Metrics {
     /// without bound; others count as "other".
     fn grpc_histogram(&self, path: &str) -> Histogram {
         use std::sync::PoisonError;
-        if let Some(histogram) =
-            self.grpc_method_histograms.read().unwrap_or_else(PoisonError::into_inner).get(path)
-        {
-            return histogram.clone();
-        }
-        let known = path.starts_with("/etcdserverpb.") || path.starts_with("/chorus.v1.");
-        let mut histograms = self.grpc_method_histograms.write().unwrap_or_else(PoisonError::into_inner);
+        let histograms = self.grpc_method_histograms.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(histogram) = histograms.get(path) {
             return histogram.clone();
         }
-        let admitted = known && histograms.len() < GRPC_METHOD_LABELS_MAX;
-        let label = match admitted {
-            true => path.trim_start_matches('/').chars().take(64).collect::<String>(),
-            false => "other".to_string(),
-        };
-        let histogram =
-            self.grpc_request_duration.get_or_create(&vec![("method".to_string(), label)]).clone();
-        if admitted {
-            histograms.insert(path.to_string(), histogram.clone());
+        let known = path.starts_with("/etcdserverpb.") || path.starts_with("/chorus.v1.");
+        let room = histograms.len() < GRPC_METHOD_LABELS_MAX;
+        drop(histograms);
+        if known && room {
+            let mut histograms = self.grpc_method_histograms.write().unwrap_or_else(PoisonError::into_inner);
+            if histograms.len() < GRPC_METHOD_LABELS_MAX {
+                let histogram = histograms.entry(path.to_string()).or_insert_with(|| {
+                    let label = path.trim_start_matches('/').chars().take(64).collect::<String>();
+                    self.grpc_request_duration.get_or_create(&vec![("method".to_string(), label)]).clone()
+                });
+                return histogram.clone();
+            }
         }
-        histogram
+        // Unknown paths and those past the bound share one histogram, without a write lock.
+        self.grpc_other_histogram
+            .get_or_init(|| {
+                let label = vec![("method".to_string(), "other".to_string())];
+                self.grpc_request_duration.get_or_create(&label).clone()
+            })
+            .clone()
     }
 
     pub fn new() -> Metrics {
@@ -127,6 +132,7 @@ impl Metrics {
             mvcc_revision: Gauge::default(),
             registry: Registry::default(),
             grpc_method_histograms: Default::default(),
+            grpc_other_histogram: Default::default(),
             started_unix_s: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs() as f64),

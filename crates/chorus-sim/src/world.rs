@@ -923,10 +923,9 @@ impl World {
             let Some(to) = self.index_of(message.to) else { continue };
             // The server's transport learns that a snapshot stream failed and tells
             // raft at once (which sends another); other lost messages go unnoticed.
-            let lost = Event::SnapshotFailed { from, to: message.to };
-            let is_snapshot = message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot;
             if self.cut.contains(&(from, to)) || self.rng.random_range(0..1_000_000) < self.options.drop_ppm {
-                if is_snapshot {
+                if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                    let lost = Event::SnapshotFailed { from, to: message.to };
                     self.schedule(self.options.delay_max_us + extra_us, lost);
                 }
                 continue;
