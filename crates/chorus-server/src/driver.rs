@@ -3,7 +3,8 @@
 //! `chorus_core::node` (begin, send-early, persist, finish, send-late, reply).
 //!
 //! Everything reaches the driver through one bounded channel of [`Input`]s: ticks,
-//! peer messages, client proposals and reads. The driver takes the first input that
+//! peer messages, client proposals, and word that linearizable reads wait (they
+//! wait in a [`ReadGate`] and run on the request's thread). The driver takes the first input that
 //! arrives, then every input already waiting (up to [`INPUT_BATCH_MAX`]), and only
 //! then runs cycles. So all the proposals that arrived while the previous fsync was
 //! running share the next one: group commit without a timer.
@@ -28,6 +29,7 @@ use chorus_storage::DiskStorage;
 use raft::prelude::{ConfState, Message};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::read_gate::ReadGate;
 use crate::status::RequestError;
 
 /// A linearizable read batch that has had no answer for this many ticks asks again
@@ -42,7 +44,6 @@ const QUOTA_CHECK_TICKS: u64 = 10;
 const PUBLISH_RETRY_TICKS: u64 = 10;
 
 pub type ProposeReply = oneshot::Sender<Result<OpResponse, RequestError>>;
-pub type ReadReply = oneshot::Sender<Result<RangeResponse, RequestError>>;
 
 /// Work for the driver.
 pub enum Input {
@@ -53,12 +54,8 @@ pub enum Input {
         deadline: Instant,
         reply: ProposeReply,
     },
-    /// A range read; linearizable unless the request says `serializable`.
-    Read {
-        request: RangeRequest,
-        deadline: Instant,
-        reply: ReadReply,
-    },
+    /// Linearizable reads wait in the [`ReadGate`] for a read index.
+    ReadsWaiting,
     Status {
         reply: oneshot::Sender<DriverStatus>,
     },
@@ -174,17 +171,19 @@ pub struct DriverStatus {
     pub alarms: Vec<chorus_proto::etcdserverpb::AlarmMember>,
 }
 
-/// What a request thread needs to answer a serializable read by itself, without a
-/// round trip through the driver thread: the applied key space and the current term.
+/// What a request thread needs to answer a read by itself, without a round trip
+/// through the driver thread: the applied key space, the current term, and the
+/// gate where linearizable reads wait for their read index.
 #[derive(Clone)]
 pub struct ReadView {
     mvcc: SharedMvcc,
     term: Arc<AtomicU64>,
     ids: HeaderIds,
+    gate: Arc<ReadGate>,
 }
 
 impl ReadView {
-    /// A serializable range over what this member has applied so far.
+    /// A range over what this member has applied so far.
     pub fn range(&self, request: &RangeRequest) -> Result<RangeResponse, RequestError> {
         let mvcc = self.mvcc.read().unwrap_or_else(PoisonError::into_inner);
         let mut response = mvcc.range(request)?;
@@ -227,14 +226,10 @@ struct ParkedProposal {
     reply: ProposeReply,
 }
 
-struct PendingRead {
-    request: RangeRequest,
-    deadline: Instant,
-    reply: ReadReply,
-}
-
+/// One read-index request: when its index is applied here, the reads with
+/// tickets up to `covers` may go on.
 struct ReadBatch {
-    reads: Vec<PendingRead>,
+    covers: u64,
     asked_at_tick: u64,
 }
 
@@ -249,8 +244,10 @@ pub struct Driver {
     proposals: HashMap<u64, PendingProposal>,
     renewals: HashMap<u64, PendingRenewal>,
     parked: VecDeque<ParkedProposal>,
-    /// Linearizable reads that arrived since the last read-index request.
-    reads_unasked: Vec<PendingRead>,
+    /// Where linearizable reads wait; `tickets_asked` is the last ticket a
+    /// read-index request covers.
+    read_gate: Arc<ReadGate>,
+    tickets_asked: u64,
     read_batches: BTreeMap<u64, ReadBatch>,
     next_read_ctx: u64,
     ticks: u64,
@@ -326,7 +323,8 @@ impl Driver {
             proposals: HashMap::new(),
             renewals: HashMap::new(),
             parked: VecDeque::new(),
-            reads_unasked: Vec::new(),
+            read_gate: Arc::new(ReadGate::default()),
+            tickets_asked: 0,
             read_batches: BTreeMap::new(),
             next_read_ctx: 1,
             ticks: 0,
@@ -349,10 +347,22 @@ impl Driver {
         }
     }
 
-    /// A view for request threads to serve serializable reads from.
+    /// A view for request threads to serve reads from.
     pub fn read_view(&self) -> ReadView {
-        self.term_shared.store(self.node.status().term, Ordering::Relaxed);
-        ReadView { mvcc: self.node.shared_mvcc(), term: self.term_shared.clone(), ids: self.ids }
+        self.publish_status();
+        ReadView {
+            mvcc: self.node.shared_mvcc(),
+            term: self.term_shared.clone(),
+            ids: self.ids,
+            gate: self.read_gate.clone(),
+        }
+    }
+
+    /// The term and leader that request threads read without asking the driver.
+    fn publish_status(&self) {
+        let status = self.node.status();
+        self.term_shared.store(status.term, Ordering::Relaxed);
+        self.read_gate.set_leader(status.leader_id);
     }
 
     /// Follows membership changes: starts a sender to every member added (once its
@@ -593,7 +603,7 @@ impl Driver {
             }
             self.build_snapshot_if_asked();
             self.follow_membership();
-            self.term_shared.store(self.node.status().term, Ordering::Relaxed);
+            self.publish_status();
         }
         tracing::info!("node driver stopped");
     }
@@ -614,14 +624,8 @@ impl Driver {
                 let seq = self.take_seq();
                 self.propose(seq, op, deadline, reply);
             }
-            Input::Read { request, deadline, reply } => {
-                if request.serializable {
-                    let result = self.serve_read(&request);
-                    let _ = reply.send(result);
-                } else {
-                    self.reads_unasked.push(PendingRead { request, deadline, reply });
-                }
-            }
+            // Looked at after the inputs are taken (`ask_read_index`).
+            Input::ReadsWaiting => {}
             Input::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -760,19 +764,7 @@ impl Driver {
             }
             self.propose(parked.seq, parked.op, parked.deadline, parked.reply);
         }
-        // Ask again for read batches whose read index has not come back.
-        let stale: Vec<u64> = self
-            .read_batches
-            .iter()
-            .filter(|(_, batch)| self.ticks - batch.asked_at_tick >= READ_RETRY_TICKS)
-            .map(|(ctx, _)| *ctx)
-            .collect();
-        for ctx in stale {
-            self.node.read_index(ctx);
-            if let Some(batch) = self.read_batches.get_mut(&ctx) {
-                batch.asked_at_tick = self.ticks;
-            }
-        }
+        self.retry_read_index();
         self.publish_attributes();
         let header = self.header();
         self.watches.sync(&self.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
@@ -826,15 +818,6 @@ impl Driver {
             let parked = self.parked.pop_front().expect("front exists");
             let _ = parked.reply.send(Err(RequestError::NoLeader));
         }
-        for batch in self.read_batches.values_mut() {
-            let (expired, live): (Vec<_>, Vec<_>) =
-                std::mem::take(&mut batch.reads).into_iter().partition(|r| r.deadline <= now);
-            batch.reads = live;
-            for read in expired {
-                let _ = read.reply.send(Err(error.clone()));
-            }
-        }
-        self.read_batches.retain(|_, batch| !batch.reads.is_empty());
     }
 
     /// Until this member's client URLs are in the replicated member table, proposes
@@ -860,14 +843,36 @@ impl Driver {
 
     /// One read-index request for all linearizable reads that arrived since the last.
     fn ask_read_index(&mut self) {
-        if self.reads_unasked.is_empty() {
+        let taken = self.read_gate.tickets_taken();
+        if taken <= self.tickets_asked {
             return;
         }
+        self.tickets_asked = taken;
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
-        let reads = std::mem::take(&mut self.reads_unasked);
-        self.read_batches.insert(ctx, ReadBatch { reads, asked_at_tick: self.ticks });
+        self.read_batches.insert(ctx, ReadBatch { covers: taken, asked_at_tick: self.ticks });
         self.node.read_index(ctx);
+    }
+
+    /// A read-index request with no answer for [`READ_RETRY_TICKS`] may have been
+    /// lost with a leader: the newest is asked again, and covers the older ones,
+    /// which are dropped. When every read has given up, so does the driver.
+    fn retry_read_index(&mut self) {
+        if self.read_batches.is_empty() {
+            return;
+        }
+        if !self.read_gate.any_waiting() {
+            self.read_batches.clear();
+            return;
+        }
+        let ticks = self.ticks;
+        let newest = *self.read_batches.keys().next_back().expect("not empty");
+        self.read_batches.retain(|&ctx, batch| ctx == newest || ticks - batch.asked_at_tick < READ_RETRY_TICKS);
+        let batch = self.read_batches.get_mut(&newest).expect("kept");
+        if ticks - batch.asked_at_tick >= READ_RETRY_TICKS {
+            batch.asked_at_tick = ticks;
+            self.node.read_index(newest);
+        }
     }
 
     /// One cycle, in the order documented in `chorus_core::node`.
@@ -946,20 +951,19 @@ impl Driver {
         }
     }
 
+    /// Releases the reads whose read index this member has now applied; a batch
+    /// asked earlier than a released one is covered by it.
     fn serve_reads(&mut self, contexts: Vec<u64>) {
+        let mut through = 0;
         for ctx in contexts {
-            let Some(batch) = self.read_batches.remove(&ctx) else { continue };
-            for read in batch.reads {
-                let result = self.serve_read(&read.request);
-                let _ = read.reply.send(result);
+            if let Some(batch) = self.read_batches.remove(&ctx) {
+                through = through.max(batch.covers);
             }
         }
-    }
-
-    fn serve_read(&self, request: &RangeRequest) -> Result<RangeResponse, RequestError> {
-        let mut response = self.node.mvcc().range(request)?;
-        response.header = Some(self.header());
-        Ok(response)
+        if through > 0 {
+            self.read_batches.retain(|_, batch| batch.covers > through);
+            self.read_gate.release(through);
+        }
     }
 
     fn header(&self) -> ResponseHeader {
@@ -1016,19 +1020,15 @@ pub struct NodeHandle {
     inputs: mpsc::Sender<Input>,
     request_timeout: Duration,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
-    read_view: Option<ReadView>,
+    read_view: ReadView,
 }
 
 impl NodeHandle {
-    pub fn new(inputs: mpsc::Sender<Input>, request_timeout: Duration) -> NodeHandle {
-        NodeHandle { inputs, request_timeout, metrics: None, read_view: None }
-    }
-
-    /// Serves serializable reads from `view` on the calling thread instead of the
-    /// driver's: a read then costs no hand-off between threads.
-    pub fn with_read_view(mut self, view: ReadView) -> NodeHandle {
-        self.read_view = Some(view);
-        self
+    /// Reads are served from `read_view` on the calling thread: a serializable
+    /// read costs no hand-off between threads, a linearizable one waits in the
+    /// view's gate for a read index.
+    pub fn new(inputs: mpsc::Sender<Input>, request_timeout: Duration, read_view: ReadView) -> NodeHandle {
+        NodeHandle { inputs, request_timeout, metrics: None, read_view }
     }
 
     /// Counts proposals committed and failed in `metrics`.
@@ -1059,13 +1059,11 @@ impl NodeHandle {
 
     /// Serves a range read (linearizable unless the request is serializable).
     pub async fn read(&self, request: RangeRequest) -> Result<RangeResponse, RequestError> {
-        if let (true, Some(view)) = (request.serializable, &self.read_view) {
-            return view.range(&request);
+        if !request.serializable {
+            let deadline = Instant::now() + self.request_timeout;
+            self.read_view.gate.wait(&self.inputs, deadline).await?;
         }
-        let deadline = Instant::now() + self.request_timeout;
-        let (reply, answer) = oneshot::channel();
-        self.submit(Input::Read { request, deadline, reply }, deadline).await?;
-        Self::await_answer(answer, deadline).await
+        self.read_view.range(&request)
     }
 
     /// A leader-only lease call: `Ok(Err(NotLeader))` when this member does not lead.

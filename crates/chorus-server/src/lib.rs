@@ -17,6 +17,7 @@ pub mod gateway;
 pub mod health;
 pub mod metrics;
 mod raft_log;
+mod read_gate;
 pub mod status;
 pub mod transport;
 
@@ -164,9 +165,8 @@ pub async fn serve(
         stop_rx.clone(),
     ));
 
-    let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms))
-        .with_metrics(metrics.clone())
-        .with_read_view(read_view);
+    let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms), read_view)
+        .with_metrics(metrics.clone());
     let peer_addrs: BTreeMap<u64, String> = config
         .initial_cluster
         .iter()

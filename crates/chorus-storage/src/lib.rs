@@ -153,6 +153,10 @@ pub struct DiskStorage {
     /// [`DEFRAG_RECORDED_BYTES_MAX`], lower in tests.
     defrag_recorded_bytes_max: u64,
     log_bytes_at_checkpoint: u64,
+    /// The applied index the last database commit wrote (None until the first,
+    /// and after a defragmentation swapped the file): a batch that would write
+    /// only the same again is not committed (see [`unchanged`]).
+    applied_index_written: Option<u64>,
 }
 
 type SharedDb = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Database>>>;
@@ -274,6 +278,7 @@ impl DiskStorage {
             checkpoint_commits: CHECKPOINT_COMMITS,
             defrag_recorded_bytes_max: DEFRAG_RECORDED_BYTES_MAX,
             log_bytes_at_checkpoint: 0,
+            applied_index_written: None,
         }
     }
 
@@ -424,6 +429,11 @@ impl DiskStorage {
         let log = self.wal.as_mut().expect("the log is open");
         log.append(&batch.entries, &batch.hard_state, batch.must_sync)
             .map_err(|e| wal_error(&wal_label, e))?;
+        if batch.install.is_none() && self.applied_index_written == Some(batch.applied_index) && unchanged(batch) {
+            // A cycle that only exchanged messages (heartbeats, read-index rounds):
+            // the database would get the same applied index again.
+            return Ok(());
+        }
         self.commits_since_checkpoint += 1;
         let checkpoint = self.commits_since_checkpoint >= self.checkpoint_commits
             || log.appended_bytes - self.log_bytes_at_checkpoint >= CHECKPOINT_LOG_BYTES;
@@ -438,6 +448,7 @@ impl DiskStorage {
         write_batch(&self.path, &txn, batch, false, &mut stored)?;
         txn.commit().map_err(|e| self.io(e))?;
         self.stored_bytes = stored;
+        self.applied_index_written = Some(batch.applied_index);
         if let Some((index, _)) = batch.log_compacted_to {
             self.log_snapshot_index = self.log_snapshot_index.max(index);
         }
@@ -611,6 +622,7 @@ impl DiskStorage {
         })();
         written.map_err(discard)?;
         let old = std::mem::replace(&mut self.db, std::sync::Arc::new(copied.db));
+        self.applied_index_written = None;
         *self.shared.write().expect("shared database") = self.db.clone();
         // Closing a large database writes its allocator state and syncs (about a
         // second for gigabytes): not on the writer's time. Nothing in it is needed
@@ -814,6 +826,20 @@ impl DiskStorage {
 
 /// Writes `batch` inside `txn`, counting the bytes of records written and
 /// removed in `stored`.
+/// Whether `batch` holds nothing for the database beyond its applied index (and
+/// that index's term, which goes with it).
+fn unchanged(batch: &PersistBatch) -> bool {
+    batch.writes.is_empty()
+        && batch.leases.is_empty()
+        && batch.log_compacted_to.is_none()
+        && batch.conf_state.is_none()
+        && batch.alarms.is_none()
+        && batch.members.is_empty()
+        && batch.members_removed.is_empty()
+        && batch.proposals_applied.is_empty()
+        && batch.proposals_forgotten.is_empty()
+}
+
 fn write_batch(
     path: &Path,
     txn: &redb::WriteTransaction,
