@@ -719,13 +719,13 @@ impl Node {
         Op::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints: Vec::new() })
     }
 
-    /// The command that replicates a renewal: a checkpoint of the full TTL. Every
-    /// member that applies it (and so any later leader) counts the lease as having
-    /// at least its TTL left from then on.
-    pub fn renewal_record(id: i64, ttl_s: i64) -> Op {
-        Op::LeaseCheckpoint(LeaseCheckpointRequest {
-            checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: ttl_s }],
-        })
+    /// The command that replicates renewals, (lease, TTL) each: a checkpoint of
+    /// the full TTL. Every member that applies it (and so any later leader) counts
+    /// each lease as having at least its TTL left from then on. With none, it is a
+    /// [`Node::leadership_barrier`].
+    pub fn renewal_record(renewed: &[(i64, i64)]) -> Op {
+        let checkpoints = renewed.iter().map(|&(id, ttl_s)| LeaseCheckpoint { id, remaining_ttl: ttl_s });
+        Op::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints: checkpoints.collect() })
     }
 
     /// (remaining TTL, granted TTL, keys) of a lease, answered by the leader;

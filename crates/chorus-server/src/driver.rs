@@ -211,11 +211,11 @@ struct PendingProposal {
 
 type KeepAliveReply = oneshot::Sender<Result<LeaseKeepAliveResponse, LeaseCallError>>;
 
-/// A keep-alive renewed on this leader, answered once its renewal record applies.
-struct PendingRenewal {
+/// The keep-alives renewed on this leader in one pass over the inputs, replicated
+/// together in one renewal record and answered once it applies.
+struct PendingRenewals {
     deadline: Instant,
-    reply: KeepAliveReply,
-    response: LeaseKeepAliveResponse,
+    waiting: Vec<(KeepAliveReply, LeaseKeepAliveResponse)>,
 }
 
 /// A proposal raft refused because no leader was known; retried every tick.
@@ -242,7 +242,9 @@ pub struct Driver {
     own_attributes: MemberAttributes,
     next_seq: u64,
     proposals: HashMap<u64, PendingProposal>,
-    renewals: HashMap<u64, PendingRenewal>,
+    renewals: HashMap<u64, PendingRenewals>,
+    /// Keep-alives renewed in this pass over the inputs, proposed after it.
+    renewals_unproposed: Vec<(KeepAliveReply, LeaseKeepAliveResponse)>,
     parked: VecDeque<ParkedProposal>,
     /// Where linearizable reads wait; `tickets_asked` is the last ticket a
     /// read-index request covers.
@@ -322,6 +324,7 @@ impl Driver {
             next_seq: 1,
             proposals: HashMap::new(),
             renewals: HashMap::new(),
+            renewals_unproposed: Vec::new(),
             parked: VecDeque::new(),
             read_gate: Arc::new(ReadGate::default()),
             tickets_asked: 0,
@@ -598,6 +601,7 @@ impl Driver {
                 }
             }
             self.ask_read_index();
+            self.propose_renewals();
             while self.node.has_work() {
                 self.cycle();
             }
@@ -718,17 +722,31 @@ impl Driver {
             }
         };
         let response = LeaseKeepAliveResponse { header: Some(self.header()), id, ttl };
-        // A renewal is answered once its record applies; "gone" once a barrier
-        // applies, which proves this member still led (see `Node::leadership_barrier`).
-        let record = if ttl > 0 { Node::renewal_record(id, ttl) } else { Node::leadership_barrier() };
+        self.renewals_unproposed.push((reply, response));
+    }
+
+    /// Replicates the renewals of this pass over the inputs in one record. A
+    /// renewal is answered once the record applies; a lease "gone" (TTL 0) too,
+    /// since an entry of this leader's term that applies proves it still led (see
+    /// `Node::leadership_barrier`). A leader change within the pass has already
+    /// failed them (`fail_proposals_on_leader_change`).
+    fn propose_renewals(&mut self) {
+        if self.renewals_unproposed.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.renewals_unproposed);
+        let renewed: Vec<(i64, i64)> =
+            waiting.iter().filter(|(_, r)| r.ttl > 0).map(|(_, r)| (r.id, r.ttl)).collect();
         let seq = self.take_seq();
-        match self.node.propose(seq, record) {
+        match self.node.propose(seq, Node::renewal_record(&renewed)) {
             Ok(()) => {
                 let deadline = Instant::now() + RENEWAL_ANSWER_TIMEOUT;
-                self.renewals.insert(seq, PendingRenewal { deadline, reply, response });
+                self.renewals.insert(seq, PendingRenewals { deadline, waiting });
             }
             Err(_) => {
-                let _ = reply.send(Err(LeaseCallError::NotLeader));
+                for (reply, _) in waiting {
+                    let _ = reply.send(Err(LeaseCallError::NotLeader));
+                }
             }
         }
     }
@@ -790,8 +808,9 @@ impl Driver {
             let _ = pending.reply.send(Err(RequestError::LeaderChanged));
         }
         // Unreplicated renewals are not acknowledged: the client retries elsewhere.
-        for (_, pending) in self.renewals.drain() {
-            let _ = pending.reply.send(Err(LeaseCallError::NotLeader));
+        let unanswered = self.renewals.drain().flat_map(|(_, pending)| pending.waiting);
+        for (reply, _) in unanswered.chain(self.renewals_unproposed.drain(..)) {
+            let _ = reply.send(Err(LeaseCallError::NotLeader));
         }
     }
 
@@ -810,8 +829,8 @@ impl Driver {
         let expired: Vec<u64> =
             self.renewals.iter().filter(|(_, r)| r.deadline <= now).map(|(seq, _)| *seq).collect();
         for seq in expired {
-            if let Some(pending) = self.renewals.remove(&seq) {
-                let _ = pending.reply.send(Err(LeaseCallError::NotLeader));
+            for (reply, _) in self.renewals.remove(&seq).map(|p| p.waiting).unwrap_or_default() {
+                let _ = reply.send(Err(LeaseCallError::NotLeader));
             }
         }
         while self.parked.front().is_some_and(|p| p.deadline <= now) {
@@ -867,7 +886,8 @@ impl Driver {
         }
         let ticks = self.ticks;
         let newest = *self.read_batches.keys().next_back().expect("not empty");
-        self.read_batches.retain(|&ctx, batch| ctx == newest || ticks - batch.asked_at_tick < READ_RETRY_TICKS);
+        self.read_batches
+            .retain(|&ctx, batch| ctx == newest || ticks - batch.asked_at_tick < READ_RETRY_TICKS);
         let batch = self.read_batches.get_mut(&newest).expect("kept");
         if ticks - batch.asked_at_tick >= READ_RETRY_TICKS {
             batch.asked_at_tick = ticks;
@@ -941,8 +961,10 @@ impl Driver {
                 self.publish_seq = None;
                 continue;
             }
-            if let Some(renewal) = self.renewals.remove(&reply.seq) {
-                let _ = renewal.reply.send(Ok(renewal.response));
+            if let Some(renewals) = self.renewals.remove(&reply.seq) {
+                for (reply, response) in renewals.waiting {
+                    let _ = reply.send(Ok(response));
+                }
                 continue;
             }
             let Some(pending) = self.proposals.remove(&reply.seq) else { continue };
@@ -1035,6 +1057,16 @@ impl NodeHandle {
     pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> NodeHandle {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// The leader as of the driver's last batch of inputs (0: none known).
+    pub fn leader_hint(&self) -> u64 {
+        self.read_view.gate.leader()
+    }
+
+    /// This member's id.
+    pub fn member_id(&self) -> u64 {
+        self.read_view.ids.member_id
     }
 
     /// How long a request may wait for the cluster.

@@ -165,8 +165,9 @@ pub async fn serve(
         stop_rx.clone(),
     ));
 
-    let handle = NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms), read_view)
-        .with_metrics(metrics.clone());
+    let handle =
+        NodeHandle::new(input_tx.clone(), Duration::from_millis(config.request_timeout_ms), read_view)
+            .with_metrics(metrics.clone());
     let peer_addrs: BTreeMap<u64, String> = config
         .initial_cluster
         .iter()

@@ -70,7 +70,7 @@ impl ReadGate {
         match tokio::time::timeout_at(deadline.into(), released).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(RequestError::Stopped),
-            Err(_) if self.leader.load(Ordering::Relaxed) == raft::INVALID_ID => Err(RequestError::NoLeader),
+            Err(_) if self.leader() == raft::INVALID_ID => Err(RequestError::NoLeader),
             Err(_) => Err(RequestError::Timeout),
         }
     }
@@ -105,6 +105,10 @@ impl ReadGate {
 
     pub fn set_leader(&self, leader: u64) {
         self.leader.store(leader, Ordering::Relaxed);
+    }
+
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Relaxed)
     }
 }
 

@@ -1359,7 +1359,7 @@ impl World {
                     let seq = running.next_seq;
                     running.next_seq += 1;
                     let record =
-                        if ttl > 0 { Node::renewal_record(id, ttl) } else { Node::leadership_barrier() };
+                        if ttl > 0 { Node::renewal_record(&[(id, ttl)]) } else { Node::leadership_barrier() };
                     if running.node.propose(seq, record).is_ok() {
                         running.lease_proposals.insert(seq, (l, request, Some((ttl, sent_us))));
                         self.after_input(target);

@@ -429,7 +429,10 @@ impl DiskStorage {
         let log = self.wal.as_mut().expect("the log is open");
         log.append(&batch.entries, &batch.hard_state, batch.must_sync)
             .map_err(|e| wal_error(&wal_label, e))?;
-        if batch.install.is_none() && self.applied_index_written == Some(batch.applied_index) && unchanged(batch) {
+        if batch.install.is_none()
+            && self.applied_index_written == Some(batch.applied_index)
+            && unchanged(batch)
+        {
             // A cycle that only exchanged messages (heartbeats, read-index rounds):
             // the database would get the same applied index again.
             return Ok(());

@@ -40,6 +40,67 @@ async fn a_lease_kept_alive_survives_sigkill_of_the_leader() {
     assert!(ttl.ttl() > 0 && ttl.ttl() <= 6, "remaining TTL {} within the granted 6 s", ttl.ttl());
 }
 
+/// Many keep-alives at once, on the leader and through the followers: the leader
+/// replicates the renewals of one pass over its inputs in one record, and each
+/// caller gets its own lease's answer; after the leader is killed, the leases kept
+/// alive through the followers are all still alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_leases_kept_alive_at_once_survive_the_leader() {
+    const LEASES: usize = 24;
+    const TTL_S: i64 = 5;
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let mut keepers = Vec::new();
+    for i in 0..LEASES {
+        let member = i % 3;
+        let mut client = cluster.client_of(member).await;
+        let lease = client.lease_grant(TTL_S, None).await.unwrap().id();
+        client.put(format!("many/{i:02}"), "x", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+        keepers.push(tokio::spawn(async move {
+            // Every 500 ms for 9 s, on the lease's own stream; returns the answers
+            // that came back and any that were not this lease's.
+            let (mut keeper, mut responses) = client.lease_keep_alive(lease).await.unwrap();
+            let (mut answered, mut wrong) = (0, Vec::new());
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(9) {
+                if keeper.keep_alive().await.is_ok() {
+                    let next = tokio::time::timeout(Duration::from_secs(3), responses.message()).await;
+                    if let Ok(Ok(Some(response))) = next {
+                        answered += 1;
+                        if response.id() != lease || response.ttl() != TTL_S {
+                            wrong.push((response.id(), response.ttl()));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            (lease, member, answered, wrong)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.kill(leader);
+    let mut leases = Vec::new();
+    for keeper in keepers {
+        let (lease, member, answered, wrong) = keeper.await.unwrap();
+        assert!(wrong.is_empty(), "lease {lease:x} got answers for (id, ttl) {wrong:?}");
+        if member == leader {
+            // Its client's only member is gone: answered until the kill.
+            assert!(answered >= 3, "lease {lease:x}: only {answered} keep-alives answered on the leader");
+            continue;
+        }
+        assert!(answered >= 8, "lease {lease:x}: only {answered} keep-alives answered in 9 s");
+        leases.push(lease);
+    }
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    let mut client = cluster.client_of(survivor).await;
+    for lease in leases {
+        let ttl = client.lease_time_to_live(lease, None).await.unwrap();
+        assert!(ttl.ttl() > 0, "lease {lease:x} kept alive is gone after the leader's death");
+    }
+    let keys = client.get("many/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert!(keys.kvs().len() >= LEASES * 2 / 3, "the keys of the leases kept alive are still there");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_left_alone_is_not_reset_by_a_leader_change_and_expires_with_its_keys() {
     let mut cluster = Cluster::start(3, &[]);

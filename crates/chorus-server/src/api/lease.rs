@@ -65,6 +65,13 @@ impl LeaderCalls {
     /// request timeout, as etcd waits for a leader rather than fail a keep-alive.
     async fn keep_alive(&self, id: i64) -> Result<LeaseKeepAliveResponse, Status> {
         self.with_retries(|| async move {
+            // Known not to lead: straight to the leader, without asking the driver
+            // (a leader that moved on answers "not the leader", and the call is retried).
+            if let Some(channel) = self.other_leader() {
+                let mut peer = PeerClient::new(channel.clone());
+                let call = peer.lease_keep_alive(LeaseKeepAliveRequest { id });
+                return Ok(timed(call).await?.into_inner());
+            }
             match self.node.lease_call(|reply| Input::LeaseKeepAlive { id, reply }).await? {
                 Ok(response) => Ok(response),
                 Err(LeaseCallError::NotLeader) => {
@@ -110,7 +117,19 @@ impl LeaderCalls {
         }
     }
 
+    /// The channel to the leader, when this member knows another member leads.
+    fn other_leader(&self) -> Option<&Channel> {
+        let leader = self.node.leader_hint();
+        if leader == self.node.member_id() {
+            return None;
+        }
+        self.peers.get(&leader)
+    }
+
     async fn leader_client(&self) -> Result<PeerClient<Channel>, Status> {
+        if let Some(channel) = self.other_leader() {
+            return Ok(PeerClient::new(channel.clone()));
+        }
         let leader = self.node.status().await?.node.leader_id;
         match self.peers.get(&leader) {
             Some(channel) => Ok(PeerClient::new(channel.clone())),
