@@ -808,7 +808,16 @@ impl Node {
         if self.removed {
             return;
         }
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        // The leader keeps one pending request per context and ignores a second
+        // with the same bytes (raft-rs's `ReadOnly::add_request`): every member
+        // counts its contexts from 1, so the bytes carry this member's id and boot
+        // as well, which also keeps an answer from before a restart from
+        // releasing a read of this one.
+        let mut bytes = Vec::with_capacity(24);
+        bytes.extend_from_slice(&ctx.to_be_bytes());
+        bytes.extend_from_slice(&self.raw.raft.id.to_be_bytes());
+        bytes.extend_from_slice(&self.boot_id.to_be_bytes());
+        self.raw.read_index(bytes);
         self.reseed_election_timeout();
     }
 
@@ -853,8 +862,9 @@ impl Node {
         let entries = ready.take_entries();
         self.raw.mut_store().append(&entries);
         for read_state in ready.take_read_states() {
-            let ctx = u64::from_be_bytes(read_state.request_ctx[..8].try_into().expect("ctx"));
-            self.reads_waiting.push((ctx, read_state.index));
+            if let Some(ctx) = self.own_read_ctx(&read_state.request_ctx) {
+                self.reads_waiting.push((ctx, read_state.index));
+            }
         }
         cycle.reads_ready = self.take_reads_ready();
         let must_sync = ready.must_sync() || !entries.is_empty() || install.is_some();
@@ -1277,6 +1287,13 @@ impl Node {
             install: None,
             log_compacted_to: self.pending_log_compaction.take(),
         }
+    }
+
+    /// The context of a read index this boot of this member asked for.
+    fn own_read_ctx(&self, bytes: &[u8]) -> Option<u64> {
+        let word = |i: usize| Some(u64::from_be_bytes(bytes.get(i * 8..i * 8 + 8)?.try_into().ok()?));
+        let mine = bytes.len() == 24 && word(1)? == self.raw.raft.id && word(2)? == self.boot_id;
+        mine.then(|| word(0)).flatten()
     }
 
     fn take_reads_ready(&mut self) -> Vec<u64> {

@@ -10,8 +10,9 @@
 //! Checked:
 //! - **no lost update**: in the converged history of the counter, every write is
 //!   the value before it plus one, and every acknowledged increment is there;
-//! - **tokens**: no two clients ever held the same token, and holders acquired
-//!   in strictly increasing token order;
+//! - **tokens**: no two clients ever held the same token, and an acquisition
+//!   asked for after another was answered has a greater token (real-time order:
+//!   answers of one order may arrive out of order, from members that apply later);
 //! - **fences**: accepted fenced writes come in non-decreasing token order (no
 //!   write accepted from a superseded token).
 //!
@@ -63,8 +64,11 @@ pub struct LockClient {
     pub request_in_flight: Option<u64>,
     pub stopped: bool,
     pub fenced: bool,
-    /// (token, time) of every acquisition this client believed it made.
-    pub acquisitions: Vec<(i64, u64)>,
+    /// When the request in flight was sent.
+    pub sent_us: u64,
+    /// (token, request sent, answer received) of every acquisition this client
+    /// believed it made.
+    pub acquisitions: Vec<(i64, u64, u64)>,
     /// (token, mod revision, value) of every acknowledged increment.
     pub acked: Vec<(i64, i64, i64)>,
     pub stale_rejections: u64,
@@ -81,6 +85,7 @@ impl LockClient {
             request_in_flight: None,
             stopped: false,
             fenced,
+            sent_us: 0,
             acquisitions: Vec::new(),
             acked: Vec::new(),
             stale_rejections: 0,
@@ -200,7 +205,7 @@ impl LockClient {
     }
 
     fn acquired(&mut self, now_us: u64) {
-        self.acquisitions.push((self.token, now_us));
+        self.acquisitions.push((self.token, self.sent_us, now_us));
         self.step = Step::ReadCounter;
     }
 }
@@ -254,22 +259,25 @@ pub fn check(clients: &[LockClient], store: &MvccStore) -> Vec<String> {
                 fenced_writes.push((revision, token));
             }
         }
-        for &(token, at) in &client.acquisitions {
+        for &(token, sent, answered) in &client.acquisitions {
             if let Some(other) = tokens.insert(token, client.index) {
                 if other != client.index {
                     violations
                         .push(format!("token {token} was held by clients {other} and {}", client.index));
                 }
             }
-            acquisitions.push((at, token));
+            acquisitions.push((token, sent, answered));
         }
     }
-    acquisitions.sort();
-    for pair in acquisitions.windows(2) {
-        if pair[1].1 <= pair[0].1 && pair[1].0 > pair[0].0 {
+    for &(token, sent, answered) in &acquisitions {
+        // An earlier acquisition, answered before this one was asked for, with a
+        // token at least as great.
+        if let Some(&(before, _, before_at)) =
+            acquisitions.iter().filter(|a| a.2 < sent && a.0 >= token).min_by_key(|a| a.2)
+        {
             violations.push(format!(
-                "token {} acquired at {} us after token {} at {} us",
-                pair[1].1, pair[1].0, pair[0].1, pair[0].0
+                "token {token} acquired by a request sent at {sent} us (answered at {answered} us), \
+                 after token {before} was acquired at {before_at} us"
             ));
         }
     }

@@ -102,6 +102,9 @@ enum Event {
         raise: bool,
     },
     Resume(usize),
+    /// Node `0` has taken the inputs of one pass and proposes the renewals among
+    /// them in one record, as the server's driver does after each pass.
+    ProposeRenewals(usize),
     /// The transport tells node `from` that its snapshot for member `to` was lost.
     SnapshotFailed {
         from: usize,
@@ -191,9 +194,12 @@ struct Running {
     applied_seen: u64,
     /// Highest revision served by a serializable read in this boot.
     serializable_revision_max: i64,
-    /// Lease client proposals: seq to (lease client, request id).
-    /// For a keep-alive's renewal record: the TTL to answer and when it was sent.
-    lease_proposals: BTreeMap<u64, LeaseProposal>,
+    /// Lease client proposals: seq to (lease client, request id), several for one
+    /// record of renewals. For a keep-alive: the TTL to answer and when it was sent.
+    lease_proposals: BTreeMap<u64, Vec<LeaseProposal>>,
+    /// Keep-alives renewed (or found gone) on this leader since its last record of
+    /// renewals, with their lease ids.
+    renewals_unproposed: Vec<(LeaseProposal, i64)>,
     /// Queue and barrier client proposals: seq to (coordination client, request id).
     coord_proposals: BTreeMap<u64, (usize, u64)>,
     /// Lock client proposals: seq to (lock client, request id).
@@ -491,6 +497,7 @@ impl World {
             Event::Membership => self.membership_step(),
             Event::Alarm { raise } => self.alarm_step(raise),
             Event::Resume(i) => self.resume_node(i),
+            Event::ProposeRenewals(i) => self.on_node_input(i, Event::ProposeRenewals(i)),
             Event::SnapshotFailed { from, to } => {
                 self.on_node_input(from, Event::SnapshotFailed { from, to })
             }
@@ -572,6 +579,7 @@ impl World {
             serializable_revision_max: 0,
             watches: WatchHub::default(),
             lease_proposals: BTreeMap::new(),
+            renewals_unproposed: Vec::new(),
             coord_proposals: BTreeMap::new(),
             lock_proposals: BTreeMap::new(),
             boot: opened_boot,
@@ -683,6 +691,7 @@ impl World {
             Event::SnapshotFailed { to, .. } => {
                 self.nodes[i].running.as_mut().expect("running").node.report_snapshot(to, false)
             }
+            Event::ProposeRenewals(_) => self.propose_renewals(i),
             _ => unreachable!("not a node input"),
         }
         self.after_input(i);
@@ -708,8 +717,9 @@ impl World {
         if !had_leader {
             return;
         }
+        let unproposed = std::mem::take(&mut running.renewals_unproposed).into_iter().map(|(p, _)| p);
         let lease_failed: Vec<LeaseProposal> =
-            std::mem::take(&mut running.lease_proposals).into_values().collect();
+            std::mem::take(&mut running.lease_proposals).into_values().flatten().chain(unproposed).collect();
         for (client, request, _) in lease_failed {
             let result = LeaseResult::Failed;
             self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
@@ -841,16 +851,18 @@ impl World {
                 self.schedule(delay_us + 100, Event::CoordAnswer { client, request, result });
                 continue;
             }
-            if let Some((client, request, renewal)) = running.lease_proposals.remove(&reply.seq) {
-                let result = match (reply.result, renewal) {
-                    (Ok(_), Some((ttl, _))) => LeaseResult::Ttl(ttl),
-                    (Ok(_), None) => LeaseResult::Done,
-                    (Err(chorus_core::KvError::LeaseNotFound), _) => LeaseResult::NotFound,
-                    (Err(chorus_core::KvError::LeaseExists), _) => LeaseResult::Done,
-                    (Err(_), _) => LeaseResult::Failed,
-                };
-                let sent_us = renewal.map_or(0, |(_, sent)| sent);
-                self.schedule(delay_us + 100, Event::LeaseAnswer { client, request, sent_us, result });
+            if let Some(waiting) = running.lease_proposals.remove(&reply.seq) {
+                for (client, request, renewal) in waiting {
+                    let result = match (&reply.result, renewal) {
+                        (Ok(_), Some((ttl, _))) => LeaseResult::Ttl(ttl),
+                        (Ok(_), None) => LeaseResult::Done,
+                        (Err(chorus_core::KvError::LeaseNotFound), _) => LeaseResult::NotFound,
+                        (Err(chorus_core::KvError::LeaseExists), _) => LeaseResult::Done,
+                        (Err(_), _) => LeaseResult::Failed,
+                    };
+                    let sent_us = renewal.map_or(0, |(_, sent)| sent);
+                    self.schedule(delay_us + 100, Event::LeaseAnswer { client, request, sent_us, result });
+                }
                 continue;
             }
             let Some((client, op_id)) = running.proposals.remove(&reply.seq) else {
@@ -1317,7 +1329,7 @@ impl World {
         running.next_seq += 1;
         match running.node.propose(seq, op) {
             Ok(()) => {
-                running.lease_proposals.insert(seq, (l, request, None));
+                running.lease_proposals.insert(seq, vec![(l, request, None)]);
             }
             Err(_) => {
                 let result = LeaseResult::Failed;
@@ -1355,17 +1367,17 @@ impl World {
             match answer {
                 // Acknowledged once the renewal record applies, and answered "gone"
                 // once a barrier applies (as the server does).
+                // The record is proposed after the node's current pass over its
+                // inputs, with the other keep-alives of that pass.
                 Ok(ttl) if !skip_renewal => {
-                    let seq = running.next_seq;
-                    running.next_seq += 1;
-                    let record =
-                        if ttl > 0 { Node::renewal_record(&[(id, ttl)]) } else { Node::leadership_barrier() };
-                    if running.node.propose(seq, record).is_ok() {
-                        running.lease_proposals.insert(seq, (l, request, Some((ttl, sent_us))));
-                        self.after_input(target);
-                        return;
+                    if running.renewals_unproposed.is_empty() {
+                        let pass_us = self.rng.random_range(0..300);
+                        self.schedule(pass_us, Event::ProposeRenewals(target));
                     }
-                    break;
+                    let running = self.nodes[target].running.as_mut().expect("up");
+                    running.renewals_unproposed.push(((l, request, Some((ttl, sent_us))), id));
+                    self.after_input(target);
+                    return;
                 }
                 Ok(ttl) => {
                     result = LeaseResult::Ttl(ttl);
@@ -1384,6 +1396,34 @@ impl World {
         }
         let delay = self.rng.random_range(200..3_000);
         self.schedule(delay, Event::LeaseAnswer { client: l, request, sent_us, result });
+    }
+
+    /// One record for the renewals of a pass (a checkpoint of each renewed lease's
+    /// TTL; none for leases found gone, for which it is the leadership barrier),
+    /// answered when it applies; all fail if it cannot be proposed.
+    fn propose_renewals(&mut self, i: usize) {
+        let running = self.nodes[i].running.as_mut().expect("running");
+        let waiting = std::mem::take(&mut running.renewals_unproposed);
+        if waiting.is_empty() {
+            return;
+        }
+        let renewed: Vec<(i64, i64)> = waiting
+            .iter()
+            .filter_map(|((_, _, renewal), id)| {
+                renewal.filter(|(ttl, _)| *ttl > 0).map(|(ttl, _)| (*id, ttl))
+            })
+            .collect();
+        let seq = running.next_seq;
+        running.next_seq += 1;
+        let waiting: Vec<LeaseProposal> = waiting.into_iter().map(|(proposal, _)| proposal).collect();
+        if running.node.propose(seq, Node::renewal_record(&renewed)).is_ok() {
+            running.lease_proposals.insert(seq, waiting);
+            return;
+        }
+        for (client, request, _) in waiting {
+            let result = LeaseResult::Failed;
+            self.schedule(100, Event::LeaseAnswer { client, request, sent_us: 0, result });
+        }
     }
 
     fn lease_answer(&mut self, l: usize, request: u64, sent_us: u64, result: LeaseResult) {
@@ -1469,6 +1509,7 @@ impl World {
         let request = self.next_lock_request;
         self.next_lock_request += 1;
         self.lock_clients[c].request_in_flight = Some(request);
+        self.lock_clients[c].sent_us = self.now_us;
         let timeout = self.options.client_timeout_us;
         self.schedule(timeout, Event::LockAnswer { client: c, request, result: LockResult::Unknown });
         let node = self.lock_rng.random_range(0..self.nodes.len());

@@ -429,17 +429,24 @@ impl DiskStorage {
         let log = self.wal.as_mut().expect("the log is open");
         log.append(&batch.entries, &batch.hard_state, batch.must_sync)
             .map_err(|e| wal_error(&wal_label, e))?;
-        if batch.install.is_none()
-            && self.applied_index_written == Some(batch.applied_index)
-            && unchanged(batch)
-        {
-            // A cycle that only exchanged messages (heartbeats, read-index rounds):
-            // the database would get the same applied index again.
-            return Ok(());
-        }
+        let uncheckpointed = self.commits_since_checkpoint > 0;
         self.commits_since_checkpoint += 1;
         let checkpoint = self.commits_since_checkpoint >= self.checkpoint_commits
             || log.appended_bytes - self.log_bytes_at_checkpoint >= CHECKPOINT_LOG_BYTES;
+        if batch.install.is_none()
+            && self.applied_index_written == Some(batch.applied_index)
+            && unchanged(batch)
+            && !(checkpoint && uncheckpointed)
+        {
+            // A cycle that only exchanged messages (heartbeats, read-index rounds):
+            // the database would get the same applied index again. It still counts
+            // towards the next checkpoint while commits since the last one wait
+            // for it, so that an idle member makes them durable too.
+            if !uncheckpointed {
+                self.commits_since_checkpoint = 0;
+            }
+            return Ok(());
+        }
         if checkpoint {
             // Nothing the database records as applied may be missing from the
             // log after a crash.
@@ -827,8 +834,6 @@ impl DiskStorage {
     }
 }
 
-/// Writes `batch` inside `txn`, counting the bytes of records written and
-/// removed in `stored`.
 /// Whether `batch` holds nothing for the database beyond its applied index (and
 /// that index's term, which goes with it).
 fn unchanged(batch: &PersistBatch) -> bool {
@@ -843,6 +848,8 @@ fn unchanged(batch: &PersistBatch) -> bool {
         && batch.proposals_forgotten.is_empty()
 }
 
+/// Writes `batch` inside `txn`, counting the bytes of records written and
+/// removed in `stored`.
 fn write_batch(
     path: &Path,
     txn: &redb::WriteTransaction,

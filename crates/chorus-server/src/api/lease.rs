@@ -131,6 +131,11 @@ impl LeaderCalls {
             return Ok(PeerClient::new(channel.clone()));
         }
         let leader = self.node.status().await?.node.leader_id;
+        if leader == self.node.member_id() {
+            // Leading, but not yet able to answer lease calls (its lease clock starts
+            // with the first entry of its term): retried.
+            return Err(RequestError::NoLeader.into());
+        }
         match self.peers.get(&leader) {
             Some(channel) => Ok(PeerClient::new(channel.clone())),
             None => Err(RequestError::NoLeader.into()),
