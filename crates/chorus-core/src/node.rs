@@ -520,6 +520,12 @@ pub struct Node {
     /// takes part in consensus (raft-rs must not be stepped any more: a removed
     /// leader would panic looking for its own progress).
     removed: bool,
+    /// A leader that applied its own removal goes on leading raft-rs (refusing
+    /// every request) only until it has handed leadership over to a remaining
+    /// voter: gone silent at once, it would leave the others without the commit
+    /// of its removal, in the old configuration with one voter fewer to elect a
+    /// successor (a 4-voter cluster would need all 3 remaining votes).
+    leaving: bool,
     /// The Ready between `begin_cycle` and `finish_cycle`.
     in_cycle: Option<raft::Ready>,
 }
@@ -602,6 +608,7 @@ impl Node {
             snapshot_holds: BTreeMap::new(),
             prepared_at_tick: 0,
             removed: false,
+            leaving: false,
             in_cycle: None,
         };
         // A member that stored a configuration without itself was removed; a joiner
@@ -615,6 +622,11 @@ impl Node {
     /// Advances raft's logical clock by one tick.
     pub fn tick(&mut self) {
         assert!(self.in_cycle.is_none(), "tick during a cycle");
+        if self.leaving {
+            self.raw.tick();
+            self.hand_over();
+            return;
+        }
         if self.removed {
             return;
         }
@@ -696,7 +708,7 @@ impl Node {
     /// the client was promised. So the caller must not acknowledge a positive TTL
     /// until [`Node::renewal_record`] for it has been proposed and applied.
     pub fn lease_keep_alive(&mut self, id: i64) -> Result<i64, LeaseCallError> {
-        if !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
+        if self.removed || !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
             return Err(LeaseCallError::NotLeader);
         }
         let Some(lease) = self.leases.get(id) else { return Ok(0) };
@@ -731,7 +743,7 @@ impl Node {
     /// (remaining TTL, granted TTL, keys) of a lease, answered by the leader;
     /// remaining -1 and granted 0 for a lease that does not exist (etcd's answer).
     pub fn lease_time_to_live(&self, id: i64) -> Result<(i64, i64, Vec<Vec<u8>>), LeaseCallError> {
-        if !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
+        if self.removed || !self.lease_clock.is_leading() || self.raw.raft.state != StateRole::Leader {
             return Err(LeaseCallError::NotLeader);
         }
         let Some(lease) = self.leases.get(id) else { return Ok((-1, 0, Vec::new())) };
@@ -751,7 +763,7 @@ impl Node {
     /// configuration are ignored (raft-rs reports them as `StepPeerNotFound`).
     pub fn step(&mut self, message: Message) {
         assert!(self.in_cycle.is_none(), "step during a cycle");
-        if self.removed {
+        if self.removed && !self.leaving {
             return;
         }
         // Every error here is a message raft-rs chose to drop (from a removed peer,
@@ -823,7 +835,7 @@ impl Node {
 
     /// Whether a cycle has anything to do.
     pub fn has_work(&self) -> bool {
-        (!self.removed && self.raw.has_ready())
+        ((!self.removed || self.leaving) && self.raw.has_ready())
             || (self.inline_snapshots && self.raw.store().snapshot_wanted.get())
             || self.compact_through.is_some()
             || !self.pending_writes.is_empty()
@@ -841,7 +853,7 @@ impl Node {
         if self.inline_snapshots && self.raw.store().snapshot_wanted.replace(false) {
             self.prepare_snapshot();
         }
-        if self.removed || !self.raw.has_ready() {
+        if (self.removed && !self.leaving) || !self.raw.has_ready() {
             cycle.persist = self.take_persist_batch(Vec::new(), false);
             return cycle;
         }
@@ -983,7 +995,33 @@ impl Node {
         self.raw.advance_apply();
         finished.reads_ready = self.take_reads_ready();
         self.reseed_election_timeout();
+        self.hand_over();
         finished
+    }
+
+    /// A leader that applied its own removal: transfers leadership to the remaining
+    /// voter whose log matches most (again if a transfer timed out), and stops
+    /// taking part once it no longer leads (after the cycle that answered the
+    /// message that ended its term, such as its successor's vote request).
+    fn hand_over(&mut self) {
+        if !self.leaving {
+            return;
+        }
+        if self.raw.raft.state != StateRole::Leader {
+            self.leaving = false;
+            return;
+        }
+        if self.raw.raft.lead_transferee.is_some() {
+            return;
+        }
+        let voters = self.raw.store().conf_state.voters.clone();
+        let prs = self.raw.raft.prs();
+        let to = voters
+            .into_iter()
+            .max_by_key(|id| prs.get(*id).map_or((false, 0), |p| (p.recent_active, p.matched)));
+        if let Some(to) = to {
+            self.raw.transfer_leader(to);
+        }
     }
 
     /// The replicated key space, as applied on this node. The guard holds off this
@@ -1343,6 +1381,9 @@ impl Node {
     }
 
     fn apply_conf_change(&mut self, change: &impl raft_proto::ConfChangeI, index: u64) {
+        if self.removed {
+            return; // a leaving leader applies what follows its removal, but is no member
+        }
         let before = conf_members(&self.conf_state());
         let own = self.raw.raft.id;
         let removes_self =
@@ -1359,6 +1400,7 @@ impl Node {
                 ids.retain(|id| *id != own);
             }
             self.removed = true;
+            self.leaving = self.raw.raft.state == StateRole::Leader;
             self.raw.mut_store().conf_state = conf_state.clone();
             self.pending_conf_state = Some(conf_state);
             return;
