@@ -4,10 +4,11 @@
 //!
 //! Everything reaches the driver through one bounded channel of [`Input`]s: ticks,
 //! peer messages, client proposals, and word that linearizable reads wait (they
-//! wait in a [`ReadGate`] and run on the request's thread). The driver takes the first input that
-//! arrives, then every input already waiting (up to [`INPUT_BATCH_MAX`]), and only
-//! then runs cycles. So all the proposals that arrived while the previous fsync was
-//! running share the next one: group commit without a timer.
+//! wait in a [`ReadGate`] and run on the request's thread). The driver takes the
+//! first input that arrives, then every input already waiting (up to
+//! [`INPUT_BATCH_MAX`]), and only then runs cycles. So all the proposals that
+//! arrived while the previous fsync was running share the next one: group commit
+//! without a timer.
 //!
 //! It is a thread rather than a tokio task because a cycle blocks on fsync.
 

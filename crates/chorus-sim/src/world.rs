@@ -102,7 +102,7 @@ enum Event {
         raise: bool,
     },
     Resume(usize),
-    /// Node `0` has taken the inputs of one pass and proposes the renewals among
+    /// The node has taken the inputs of one pass and proposes the renewals among
     /// them in one record, as the server's driver does after each pass.
     ProposeRenewals(usize),
     /// The transport tells node `from` that its snapshot for member `to` was lost.
@@ -1366,9 +1366,9 @@ impl World {
             };
             match answer {
                 // Acknowledged once the renewal record applies, and answered "gone"
-                // once a barrier applies (as the server does).
-                // The record is proposed after the node's current pass over its
-                // inputs, with the other keep-alives of that pass.
+                // once it applies too (it proves leadership as the barrier does).
+                // It is proposed after the node's current pass over its inputs,
+                // with the other keep-alives of that pass, as the server does.
                 Ok(ttl) if !skip_renewal => {
                     if running.renewals_unproposed.is_empty() {
                         let pass_us = self.rng.random_range(0..300);

@@ -429,22 +429,20 @@ impl DiskStorage {
         let log = self.wal.as_mut().expect("the log is open");
         log.append(&batch.entries, &batch.hard_state, batch.must_sync)
             .map_err(|e| wal_error(&wal_label, e))?;
-        let uncheckpointed = self.commits_since_checkpoint > 0;
+        // A cycle that only exchanged messages (heartbeats, read-index rounds)
+        // would give the database the same applied index again: it is not
+        // committed, but counts towards the next checkpoint while commits since
+        // the last one wait for it, so that an idle member makes them durable too.
+        let idle = batch.install.is_none()
+            && self.applied_index_written == Some(batch.applied_index)
+            && unchanged(batch);
+        if idle && self.commits_since_checkpoint == 0 {
+            return Ok(());
+        }
         self.commits_since_checkpoint += 1;
         let checkpoint = self.commits_since_checkpoint >= self.checkpoint_commits
             || log.appended_bytes - self.log_bytes_at_checkpoint >= CHECKPOINT_LOG_BYTES;
-        if batch.install.is_none()
-            && self.applied_index_written == Some(batch.applied_index)
-            && unchanged(batch)
-            && !(checkpoint && uncheckpointed)
-        {
-            // A cycle that only exchanged messages (heartbeats, read-index rounds):
-            // the database would get the same applied index again. It still counts
-            // towards the next checkpoint while commits since the last one wait
-            // for it, so that an idle member makes them durable too.
-            if !uncheckpointed {
-                self.commits_since_checkpoint = 0;
-            }
+        if idle && !checkpoint {
             return Ok(());
         }
         if checkpoint {
