@@ -23,6 +23,11 @@
 //!            | entry count u32 LE | (entry length u32 LE | Entry (protobuf))*
 //! ```
 //!
+//! The bytes just past the last frame are written with zeros ahead of the frames,
+//! [`ZERO_AHEAD_BYTES`] at a time (see there): a frame then lands on blocks the
+//! file system has already recorded as written, and its `fdatasync` writes the
+//! frame's data alone.
+//!
 //! A length of zero ends a segment. Every frame carries the whole hard state, so
 //! the last frame read holds the current one, and a segment can be deleted once
 //! the entries in it are compacted away and checkpointed. Entries in a frame
@@ -47,6 +52,22 @@ use raft::prelude::{Entry, HardState};
 /// The size a segment is preallocated to; a new segment begins when a frame would
 /// not fit (a larger frame gets a segment of its own, grown as needed).
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How far past the last frame the current segment is overwritten with zeros,
+/// once the frames reach the end of the zeros written before.
+///
+/// `fallocate` reserves a segment's blocks but leaves them "unwritten" (they read
+/// as zeros). The first write into such a block makes the `fdatasync` after it
+/// record the block as written in the file's extent map as well: on ext4 a second
+/// disk write that waits for the first. Zeros written ahead pay that once per
+/// 256 KiB instead of once per frame. Measured on this project's machine
+/// (ext4, 3 KB frames, each followed by `fdatasync`): p50 about 90 us over zeros
+/// against 145-180 us over unwritten blocks; the sync that carries a 256 KiB
+/// piece of zeros takes about 0.4 ms, once every ~85 such frames. etcd
+/// preallocates its WAL files the same way but does not zero them.
+pub const ZERO_AHEAD_BYTES: u64 = 256 * 1024;
+
+static ZEROS: [u8; ZERO_AHEAD_BYTES as usize] = [0; ZERO_AHEAD_BYTES as usize];
 
 const FRAME_HEADER: usize = 8;
 
@@ -192,6 +213,8 @@ pub struct Wal {
     current: Box<dyn WalFile>,
     /// Where the next frame goes in the current segment.
     offset: u64,
+    /// The current segment is written with zeros (or frames) up to here.
+    zeroed_to: u64,
     /// Frames were written to the current segment since its last sync.
     unsynced: bool,
     last_hard_state: HardState,
@@ -266,6 +289,8 @@ impl Wal {
             segments,
             current,
             offset,
+            // Recovery read zeros after `offset`, but the blocks may be unwritten.
+            zeroed_to: offset,
             unsynced: false,
             last_hard_state,
             buf: Vec::new(),
@@ -329,12 +354,31 @@ impl Wal {
         self.offset += buf.len() as u64;
         self.appended_bytes += buf.len() as u64;
         self.unsynced = true;
+        self.zero_ahead()?;
         let segment = self.segments.last_mut().expect("a current segment");
         if let Some(last) = entries.last() {
             segment.max_index = segment.max_index.max(last.index);
         }
         self.last_hard_state = hard_state.clone();
         self.buf = buf;
+        Ok(())
+    }
+
+    /// Once the frames reach the end of the zeros written ahead, writes the next
+    /// [`ZERO_AHEAD_BYTES`] after them (never past the segment's size): they become
+    /// durable with the frame's own sync.
+    fn zero_ahead(&mut self) -> Result<(), WalError> {
+        if self.offset < self.zeroed_to {
+            return Ok(());
+        }
+        let to = (self.offset + ZERO_AHEAD_BYTES).min(self.segment_bytes).max(self.offset);
+        if to > self.offset {
+            let zeros = &ZEROS[..(to - self.offset) as usize];
+            self.current.write(self.offset, zeros).map_err(|e| {
+                WalError::Io(format!("writing zeros ahead in the log in {}: {e}", self.dir.label().display()))
+            })?;
+        }
+        self.zeroed_to = to;
         Ok(())
     }
 
@@ -348,6 +392,7 @@ impl Wal {
             file.map_err(|e| WalError::Io(format!("creating a log segment in {}: {e}", label.display())))?;
         self.segments.push(Segment { seq, max_index: 0 });
         self.offset = 0;
+        self.zeroed_to = 0;
         Ok(())
     }
 
@@ -371,6 +416,7 @@ impl Wal {
         self.dir.sync().map_err(|e| io("syncing", e))?;
         self.segments.push(Segment { seq, max_index: 0 });
         self.offset = 0;
+        self.zeroed_to = 0;
         self.unsynced = false;
         self.last_hard_state = HardState::default();
         Ok(())
@@ -605,5 +651,99 @@ mod tests {
         let (_, recovered) = open(dir.path(), 2);
         assert!(recovered.entries.is_empty());
         assert_eq!(FsWalDir::new(dir.path()).unwrap().list().unwrap(), vec![2]);
+    }
+
+    /// Every write to a segment, as (offset, length, all zeros).
+    type Writes = std::sync::Arc<std::sync::Mutex<Vec<(u64, usize, bool)>>>;
+
+    struct RecordingDir(FsWalDir, Writes);
+    struct RecordingFile(Box<dyn WalFile>, Writes);
+
+    impl WalFile for RecordingFile {
+        fn size(&self) -> io::Result<u64> {
+            self.0.size()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.0.read(offset, out)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.1.lock().unwrap().push((offset, data.len(), data.iter().all(|&b| b == 0)));
+            self.0.write(offset, data)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.0.sync()
+        }
+    }
+
+    impl WalDir for RecordingDir {
+        fn list(&self) -> io::Result<Vec<u64>> {
+            self.0.list()
+        }
+        fn create(&self, seq: u64, bytes: u64) -> io::Result<Box<dyn WalFile>> {
+            Ok(Box::new(RecordingFile(self.0.create(seq, bytes)?, self.1.clone())))
+        }
+        fn open(&self, seq: u64) -> io::Result<Box<dyn WalFile>> {
+            Ok(Box::new(RecordingFile(self.0.open(seq)?, self.1.clone())))
+        }
+        fn remove(&self, seq: u64) -> io::Result<()> {
+            self.0.remove(seq)
+        }
+        fn sync(&self) -> io::Result<()> {
+            self.0.sync()
+        }
+        fn label(&self) -> PathBuf {
+            self.0.label()
+        }
+    }
+
+    #[test]
+    fn zeros_are_written_ahead_of_the_frames_in_pieces_and_never_past_the_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let writes = Writes::default();
+        let recording = RecordingDir(FsWalDir::new(dir.path()).unwrap(), writes.clone());
+        let (mut wal, _) = Wal::open(Box::new(recording), 1).unwrap();
+        let segment = 2 * ZERO_AHEAD_BYTES + ZERO_AHEAD_BYTES / 2;
+        wal.set_segment_bytes(segment);
+        // Frames of about 4 KB: the first segment fills up and a second begins.
+        let big = |index: u64| Entry { index, term: 1, data: vec![7u8; 4000].into(), ..Default::default() };
+        let count = segment * 3 / 2 / 4000;
+        for index in 1..=count {
+            wal.append(&[big(index)], &hard(1, index), true).unwrap();
+        }
+        assert_eq!(wal.segment_count(), 2);
+        let writes = writes.lock().unwrap().clone();
+        let frames: Vec<_> = writes.iter().filter(|w| !w.2).collect();
+        let zeros: Vec<_> = writes.iter().filter(|w| w.2).collect();
+        assert_eq!(frames.len() as u64, count);
+        // In the first segment: zeros after the first frame, then each time the
+        // frames reach the end of them; the last piece stops at the segment's size.
+        let first_frame_end = frames[0].0 + frames[0].1 as u64;
+        assert_eq!(*zeros[0], (first_frame_end, ZERO_AHEAD_BYTES as usize, true));
+        let mut zeroed_to = 0;
+        let mut pieces_in_first = 0;
+        for (at, (offset, len, is_zero)) in writes.iter().enumerate() {
+            let end = offset + *len as u64;
+            if *offset == 0 && at > 0 {
+                break; // the second segment began
+            }
+            if *is_zero {
+                assert!(end <= segment, "zeros past the segment: {offset}+{len}");
+                let (previous, _, _) = writes[at - 1];
+                assert!(*offset >= zeroed_to, "zeros written twice at {offset}");
+                assert_eq!(previous + writes[at - 1].1 as u64, *offset, "zeros begin where the frame ends");
+                zeroed_to = end;
+                pieces_in_first += 1;
+            } else if at + 1 < writes.len() && writes[at + 1].2 {
+                assert!(end >= zeroed_to, "zeros written though the frame at {offset} ended inside them");
+            } else {
+                assert!(end < zeroed_to || end >= segment, "no zeros after the frame at {offset}");
+            }
+        }
+        assert_eq!(pieces_in_first, 3, "{zeros:?}");
+        assert_eq!(zeroed_to, segment);
+        drop(wal);
+        let (_, recovered) = open(dir.path(), 1);
+        assert_eq!(recovered.entries.len() as u64, count);
+        assert_eq!(recovered.torn_bytes, 0);
     }
 }
