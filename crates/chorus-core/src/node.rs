@@ -560,6 +560,11 @@ impl Node {
             applied: recovered.applied_index,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            // Proposals stepped in one pass of the driver each make raft-rs send
+            // every follower an append; with this, an append to a follower not yet
+            // taken from raft-rs takes the new entries too, so a batch of proposals
+            // travels as one message per follower and is acknowledged by one.
+            batch_append: true,
             check_quorum: true,
             pre_vote: true,
             // raft-rs draws from [min, max) with an unseeded RNG on every reset; we

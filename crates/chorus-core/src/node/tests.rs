@@ -116,6 +116,40 @@ fn three_nodes_elect_one_leader() {
 }
 
 #[test]
+fn proposals_of_one_pass_reach_each_follower_in_one_append_and_are_acknowledged_once() {
+    let mut cluster = Cluster::new();
+    cluster.tick_all(30);
+    let leader = cluster.leader().unwrap();
+    for seq in 1..=10 {
+        cluster.node(leader).propose(seq, put(&format!("k{seq}"), "v")).unwrap();
+    }
+    let cycle = cluster.node(leader).begin_cycle();
+    let _ = cluster.node(leader).finish_cycle();
+    let appends: Vec<&Message> =
+        cycle.messages.iter().filter(|m| m.get_msg_type() == raft::prelude::MessageType::MsgAppend).collect();
+    assert_eq!(appends.len(), 2, "one append per follower: {appends:?}");
+    for append in &appends {
+        assert_eq!(append.entries.len(), 10);
+    }
+    let mut responses = Vec::new();
+    for append in appends.into_iter().cloned() {
+        let to = append.to;
+        cluster.node(to).step(append);
+        let cycle = cluster.node(to).begin_cycle();
+        let finished = cluster.node(to).finish_cycle();
+        let sent = cycle.messages.into_iter().chain(finished.messages);
+        responses.extend(sent.filter(|m| m.get_msg_type() == raft::prelude::MessageType::MsgAppendResponse));
+    }
+    assert_eq!(responses.len(), 2, "one acknowledgement per follower");
+    for response in responses {
+        cluster.node(leader).step(response);
+    }
+    cluster.settle();
+    let answered = cluster.replies.iter().filter(|(id, r)| *id == leader && (1..=10).contains(&r.seq));
+    assert_eq!(answered.count(), 10);
+}
+
+#[test]
 fn put_on_a_follower_is_forwarded_applied_everywhere_and_answered_there() {
     let mut cluster = Cluster::new();
     cluster.tick_all(30);
