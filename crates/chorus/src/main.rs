@@ -88,6 +88,11 @@ fn main() {
             builder.worker_threads(args.threads as usize);
             builder
         }
+        Command::Serve(args) if args.threads > 0 => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(args.threads as usize);
+            builder
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     }
     .enable_all()

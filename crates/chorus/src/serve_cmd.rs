@@ -13,6 +13,9 @@ use tokio::sync::watch;
 
 /// Run one member of a chorus cluster. Flags are etcd's, with the same meaning;
 /// each can also be given as an environment variable (`--name` as `CHORUS_NAME`).
+/// Most server threads (`--threads`).
+pub const SERVE_THREADS_MAX: u32 = 1_024;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Human-readable name of this member.
@@ -85,6 +88,12 @@ pub struct ServeArgs {
     /// Most operations in each branch of a txn.
     #[arg(long, env = "CHORUS_MAX_TXN_OPS", default_value_t = chorus_core::limits::TXN_OPS_MAX_DEFAULT)]
     pub max_txn_ops: u64,
+    /// Threads that serve client and peer connections (0, the default: one per CPU). The
+    /// consensus thread and the storage's threads come on top. Fewer suit members that
+    /// share a machine's cores; serializable reads run on these threads, so a member on a
+    /// machine of its own wants one per core.
+    #[arg(long, env = "CHORUS_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=SERVE_THREADS_MAX as i64))]
+    pub threads: u32,
     /// URLs to serve /metrics, /livez, /readyz and /health on (comma separated; none by default).
     #[arg(long, env = "CHORUS_LISTEN_METRICS_URLS", default_value = "")]
     pub listen_metrics_urls: String,
@@ -239,6 +248,8 @@ pub async fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             snapshot_bytes: limits::LOG_BYTES_MAX_DEFAULT,
             max_request_bytes: chorus_core::limits::REQUEST_BYTES_MAX_DEFAULT,
             max_txn_ops: chorus_core::limits::TXN_OPS_MAX_DEFAULT,
+            // The three members share the process's runtime.
+            threads: 0,
             listen_metrics_urls: format!("http://127.0.0.1:{}", client + 2),
             health_heartbeat_interval: limits::HEALTH_HEARTBEAT_INTERVAL_MS_DEFAULT,
             phi_threshold: limits::HEALTH_PHI_THRESHOLD_DEFAULT,

@@ -251,3 +251,30 @@ async fn linearizable_reads_on_followers_see_every_write_acknowledged_before_the
     assert!(total >= WRITES, "readers ran alongside the writes: {total} reads");
     eprintln!("{total} linearizable reads on followers during {WRITES} writes, none stale");
 }
+
+/// The names of a process's threads, from /proc.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threads_sets_how_many_threads_serve_connections() {
+    // tokio names its worker threads and its blocking-pool threads alike; two members
+    // that did the same work have the same blocking threads, so the difference counts
+    // workers.
+    let mut runtime_threads = Vec::new();
+    for threads in ["1", "3"] {
+        let cluster = common::Cluster::start(1, &["--threads", threads]);
+        cluster.wait_leader(Duration::from_secs(10)).await;
+        let mut client = cluster.client().await;
+        client.put("threads", threads, None).await.unwrap();
+        let names = thread_names(cluster.pid(0));
+        assert!(names.iter().any(|name| name.starts_with("chorus-driver")), "{names:?}");
+        runtime_threads.push(names.iter().filter(|name| name.starts_with("tokio-")).count());
+    }
+    assert_eq!(runtime_threads[1] - runtime_threads[0], 2, "{runtime_threads:?}");
+}

@@ -197,6 +197,11 @@ impl Cluster {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// Member `i`'s process id.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.members[i].child.as_ref().expect("member is running").id()
+    }
+
     pub fn is_running(&self, i: usize) -> bool {
         self.members[i].child.is_some()
     }
