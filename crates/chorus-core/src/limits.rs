@@ -52,6 +52,10 @@ impl Default for Limits {
     }
 }
 
+/// Most threads `chorus serve --threads` may ask for to serve client and peer
+/// connections.
+pub const SERVE_THREADS_MAX: u32 = 1_024;
+
 /// How many applied proposals the state machine remembers per proposing member, to
 /// apply each proposal exactly once even if the log holds it twice (a duplicated
 /// forwarded proposal). A duplicate arriving after this many newer proposals from

@@ -728,9 +728,9 @@ mod tests {
             }
             if *is_zero {
                 assert!(end <= segment, "zeros past the segment: {offset}+{len}");
-                let (previous, _, _) = writes[at - 1];
+                let (previous, previous_len, _) = writes[at - 1];
                 assert!(*offset >= zeroed_to, "zeros written twice at {offset}");
-                assert_eq!(previous + writes[at - 1].1 as u64, *offset, "zeros begin where the frame ends");
+                assert_eq!(previous + previous_len as u64, *offset, "zeros begin where the frame ends");
                 zeroed_to = end;
                 pieces_in_first += 1;
             } else if at + 1 < writes.len() && writes[at + 1].2 {

@@ -77,22 +77,21 @@ fn init_logging(format: &str, default_filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A multi-thread runtime with `threads` workers.
+fn multi_thread(threads: u32) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(threads as usize);
+    builder
+}
+
 fn main() {
     let cli = Cli::parse();
     let runtime = match &cli.command {
         // A benchmark's clients share one thread unless told otherwise: handing requests
         // between worker threads costs the generator more CPU than the requests themselves.
         Command::Bench(args) if args.threads == 1 => tokio::runtime::Builder::new_current_thread(),
-        Command::Bench(args) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(args.threads as usize);
-            builder
-        }
-        Command::Serve(args) if args.threads > 0 => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder.worker_threads(args.threads as usize);
-            builder
-        }
+        Command::Bench(args) => multi_thread(args.threads),
+        Command::Serve(args) if args.threads > 0 => multi_thread(args.threads),
         _ => tokio::runtime::Builder::new_multi_thread(),
     }
     .enable_all()

@@ -13,9 +13,6 @@ use tokio::sync::watch;
 
 /// Run one member of a chorus cluster. Flags are etcd's, with the same meaning;
 /// each can also be given as an environment variable (`--name` as `CHORUS_NAME`).
-/// Most server threads (`--threads`).
-pub const SERVE_THREADS_MAX: u32 = 1_024;
-
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Human-readable name of this member.
@@ -92,7 +89,7 @@ pub struct ServeArgs {
     /// consensus thread and the storage's threads come on top. Fewer suit members that
     /// share a machine's cores; serializable reads run on these threads, so a member on a
     /// machine of its own wants one per core.
-    #[arg(long, env = "CHORUS_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=SERVE_THREADS_MAX as i64))]
+    #[arg(long, env = "CHORUS_THREADS", default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=limits::SERVE_THREADS_MAX as i64))]
     pub threads: u32,
     /// URLs to serve /metrics, /livez, /readyz and /health on (comma separated; none by default).
     #[arg(long, env = "CHORUS_LISTEN_METRICS_URLS", default_value = "")]
