@@ -16,6 +16,7 @@ pub mod driver;
 pub mod gateway;
 pub mod health;
 pub mod metrics;
+mod peer_wire;
 mod raft_log;
 mod read_gate;
 pub mod status;
@@ -175,6 +176,13 @@ pub async fn serve(
         .collect();
     let health = start_health(&config, &member_ids, cluster_id, member_id, metrics.clone(), &stop_rx);
     let mut servers = Vec::new();
+    let link_receiver = Arc::new(transport::LinkReceiver {
+        cluster_id,
+        member_id,
+        removed: removed_members.clone(),
+        inputs: input_tx.clone(),
+        stop: stop_rx.clone(),
+    });
     for listener in peer_listeners {
         let service = PeerService::new(
             cluster_id,
@@ -189,10 +197,22 @@ pub async fn serve(
             .tcp_nodelay(true)
             .add_service(service)
             .add_service(health::PeerHealthService::new_server(health.clone()));
+        // The peer port's acceptor keeps raft links and passes gRPC connections on.
+        let (grpc_tx, grpc_rx) = mpsc::channel::<tokio::net::TcpStream>(PEER_PORT_GRPC_BACKLOG);
+        let grpc_incoming =
+            futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(grpc_rx), |stream| {
+                Ok::<_, std::io::Error>(stream)
+            });
         servers.push(tokio::spawn(
-            router.serve_with_incoming_shutdown(nodelay_incoming(listener), wait_stop(stop_rx.clone())),
+            router.serve_with_incoming_shutdown(grpc_incoming, wait_stop(stop_rx.clone())),
         ));
+        let acceptor = link_receiver.clone().accept(listener, grpc_tx);
+        servers.push(tokio::spawn(async move {
+            acceptor.await;
+            Ok(())
+        }));
     }
+    drop(link_receiver);
     drop(input_tx);
     if config.corrupt_check_interval_ms > 0 {
         tokio::spawn(corrupt::run(
@@ -393,6 +413,8 @@ async fn join_cluster_id(config: &ServerConfig, member_id: u64) -> Result<u64, S
 
 /// How long a joining member looks for a member of the cluster to answer.
 const JOIN_WAIT_S: u64 = 30;
+/// gRPC connections the peer port's acceptor hands on before it waits for tonic.
+const PEER_PORT_GRPC_BACKLOG: usize = 64;
 
 fn start_peer_senders(
     config: &ServerConfig,

@@ -1,32 +1,37 @@
-//! The peer transport: raft messages between members over gRPC.
+//! The peer transport: raft messages between members.
 //!
-//! Each member runs a `chorus.v1.Peer` server on its peer port, and for every other
-//! member a sender task that keeps one client stream open and writes batches of
-//! messages into it. raft-rs messages travel as opaque bytes inside our own
-//! `RaftBatch` (raft-rs encodes them with rust-protobuf 2, whose parser has a
-//! published advisory for untrusted input: we parse only batches that carry our
-//! cluster id, from members of our own cluster, and bound their size first).
+//! Each member listens on its peer port for two kinds of connection, told apart by
+//! their first bytes. A raft link (format in [`peer_wire`]) is a plain TCP
+//! connection per ordered pair of members that carries raft messages as
+//! length-prefixed frames: the sender task writes whatever the driver queued since
+//! its last write in one `write`, and the receiving task hands every whole frame of
+//! one read to the driver at once. Everything else is gRPC (`chorus.v1.Peer` and
+//! the failure detector's service): snapshots, cluster info, hashes for the
+//! corruption check and forwarded lease calls. Raft messages once went over gRPC
+//! too; HTTP/2's framing, flow control and extra task hop cost CPU and a thread
+//! wake-up on every message (docs/DECISIONS.md §19).
 //!
 //! Messages are dropped, never queued without bound, when a peer is slow or gone:
 //! raft retransmits whatever matters.
 //!
 //! A raft snapshot message (the whole state, for a member that needs entries the
-//! leader has compacted away) does not travel in a batch: it is streamed on its own
+//! leader has compacted away) does not travel on the link: it is streamed on its own
 //! `InstallSnapshot` call in pieces of [`SNAPSHOT_CHUNK_BYTES`], the last carrying
 //! the SHA-256 of the whole. The receiver hands it to raft only once it is whole
 //! and its hash matches; a broken stream is reported to the leader's driver, and
 //! raft sends the snapshot again from the start. Heartbeats and appends keep
-//! flowing on the batch stream meanwhile.
+//! flowing on the link meanwhile.
 
-use chorus_core::limits::PEER_BATCH_BYTES_MAX;
-use chorus_core::limits::PEER_BATCH_MESSAGES_MAX;
+use chorus_core::limits::{PEER_BATCH_BYTES_MAX, PEER_BATCH_MESSAGES_MAX};
 use chorus_core::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use chorus_proto::chorus::v1::peer_client::PeerClient;
 use chorus_proto::chorus::v1::peer_server::{Peer, PeerServer};
-use chorus_proto::chorus::v1::{ClusterInfoRequest, ClusterInfoResponse, RaftAck, RaftBatch, SnapshotChunk};
+use chorus_proto::chorus::v1::{ClusterInfoRequest, ClusterInfoResponse, RaftAck, SnapshotChunk};
 use chorus_proto::etcdserverpb::{
     HashKvRequest, HashKvResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest,
     LeaseTimeToLiveResponse,
@@ -34,14 +39,24 @@ use chorus_proto::etcdserverpb::{
 use futures::StreamExt;
 use protobuf::Message as _;
 use raft::prelude::{Message, MessageType};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{Input, NodeHandle};
+use crate::peer_wire::{self, Answer, Hello, HELLO_BYTES, MAGIC};
 
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
+/// How long a TCP connect to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the hello and its answer may take, and how long a new connection on
+/// the peer port may take to show what it is. Generous: a loaded machine (or a
+/// debug build under tests) can take a while to schedule either end.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// A link's write buffer grown past this (by a burst of large appends) is let go.
+const LINK_BUFFER_KEPT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Members removed from the configuration while this member ran: their messages
 /// are refused, which is how a removed member learns it is out.
@@ -50,7 +65,8 @@ pub type RemovedMembers = std::sync::Arc<std::sync::RwLock<std::collections::BTr
 /// The status a removed member's messages get.
 const REMOVED_MESSAGE: &str = "chorus: the member has been permanently removed from the cluster";
 
-/// Receives batches from peers and hands their messages to the driver.
+/// Serves the peer calls that are not raft messages: snapshots, cluster info,
+/// hashes and forwarded lease calls.
 pub struct PeerService {
     cluster_id: u64,
     member_id: u64,
@@ -81,46 +97,6 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn send(&self, request: Request<Streaming<RaftBatch>>) -> Result<Response<RaftAck>, Status> {
-        let mut stream = request.into_inner();
-        let mut stop = self.stop.clone();
-        loop {
-            let batch = tokio::select! {
-                batch = stream.next() => batch,
-                _ = stop.wait_for(|stopped| *stopped) => return Err(Status::unavailable("member is stopping")),
-            };
-            let Some(batch) = batch else { break };
-            let batch = batch?;
-            if batch.cluster_id != self.cluster_id {
-                return Err(Status::failed_precondition(format!(
-                    "peer belongs to cluster {:016x}, this member to {:016x}",
-                    batch.cluster_id, self.cluster_id
-                )));
-            }
-            if self.removed.read().expect("removed members").contains(&batch.from_id) {
-                return Err(Status::failed_precondition(REMOVED_MESSAGE));
-            }
-            if batch.to_id != self.member_id {
-                return Err(Status::failed_precondition(format!(
-                    "batch is for member {:016x}, this is {:016x}",
-                    batch.to_id, self.member_id
-                )));
-            }
-            let mut messages = Vec::with_capacity(batch.messages.len());
-            for bytes in &batch.messages {
-                match Message::parse_from_bytes(bytes) {
-                    Ok(message) if message.from == batch.from_id => messages.push(message),
-                    Ok(_) => return Err(Status::invalid_argument("message sender does not match batch")),
-                    Err(e) => return Err(Status::invalid_argument(format!("undecodable raft message: {e}"))),
-                }
-            }
-            if self.inputs.send(Input::Peer(messages)).await.is_err() {
-                return Err(Status::unavailable("member is stopping"));
-            }
-        }
-        Ok(Response::new(RaftAck {}))
-    }
-
     async fn install_snapshot(
         &self,
         request: Request<Streaming<SnapshotChunk>>,
@@ -145,6 +121,9 @@ impl Peer for PeerService {
                 )));
             }
             let (from, total) = *expected.get_or_insert((chunk.from_id, chunk.total_bytes));
+            if self.removed.read().expect("removed members").contains(&from) {
+                return Err(Status::failed_precondition(REMOVED_MESSAGE));
+            }
             if chunk.from_id != from || chunk.total_bytes != total {
                 return Err(Status::invalid_argument("snapshot chunks disagree on sender or size"));
             }
@@ -255,7 +234,7 @@ pub struct PeerLink {
 }
 
 /// Sends everything from `queue` to the peer, reconnecting with backoff when the
-/// stream breaks. Ends when the queue's sender is dropped. A snapshot that cannot
+/// link breaks. Ends when the queue's sender is dropped. A snapshot that cannot
 /// be delivered is reported to `driver`.
 pub async fn run_peer_sender(
     link: PeerLink,
@@ -263,15 +242,21 @@ pub async fn run_peer_sender(
     driver: mpsc::WeakSender<Input>,
 ) {
     let mut delay = RECONNECT_DELAY_MIN;
-    let snapshots = SnapshotSender { link: link.clone(), driver, in_flight: Default::default() };
+    let snapshots = match snapshot_client(&link) {
+        Ok(client) => SnapshotSender { link: link.clone(), client, driver, in_flight: Default::default() },
+        Err(error) => {
+            tracing::error!(peer = %link.addr, %error, "peer address is not usable; no link to this member");
+            return;
+        }
+    };
     loop {
-        match connect(&link).await {
-            Ok(client) => {
+        match open_link(&link).await {
+            Ok(stream) => {
                 delay = RECONNECT_DELAY_MIN;
-                match stream_batches(&link, client, &mut queue, &snapshots).await {
-                    StreamEnd::QueueClosed => return,
-                    StreamEnd::Broken => {}
-                    StreamEnd::Removed => {
+                match send_frames(stream, &mut queue, &snapshots).await {
+                    LinkEnd::QueueClosed => return,
+                    LinkEnd::Broken => {}
+                    LinkEnd::Removed => {
                         if let Some(driver) = snapshots.driver.upgrade() {
                             let _ = driver.send(Input::RemovedFromCluster).await;
                         }
@@ -279,7 +264,13 @@ pub async fn run_peer_sender(
                     }
                 }
             }
-            Err(error) => tracing::debug!(peer = %link.addr, %error, "peer connect failed"),
+            Err(LinkEnd::Removed) => {
+                if let Some(driver) = snapshots.driver.upgrade() {
+                    let _ = driver.send(Input::RemovedFromCluster).await;
+                }
+                return;
+            }
+            Err(_) => {}
         }
         // While disconnected, drop what is queued: it is stale by the time we return.
         while let Ok(message) = queue.try_recv() {
@@ -306,76 +297,276 @@ pub async fn ask_cluster_info(addr: &str) -> Result<ClusterInfoResponse, String>
     Ok(answer.into_inner())
 }
 
-async fn connect(link: &PeerLink) -> Result<PeerClient<tonic::transport::Channel>, tonic::transport::Error> {
+/// The gRPC client that carries snapshots to the peer. It connects when the first
+/// snapshot is sent.
+fn snapshot_client(
+    link: &PeerLink,
+) -> Result<PeerClient<tonic::transport::Channel>, tonic::transport::Error> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", link.addr))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(3));
-    let channel = endpoint.connect().await?;
-    Ok(PeerClient::new(channel).max_encoding_message_size(PEER_BATCH_BYTES_MAX))
+    Ok(PeerClient::new(endpoint.connect_lazy()))
 }
 
-/// Why a batch stream ended.
-enum StreamEnd {
+/// Why a link ended, or could not be opened.
+#[derive(Debug)]
+enum LinkEnd {
     QueueClosed,
     Broken,
     /// The peer refused this member's messages: it was removed from the cluster.
     Removed,
 }
 
-/// Streams batches until the stream breaks or the queue closes.
-async fn stream_batches(
-    link: &PeerLink,
-    client: PeerClient<tonic::transport::Channel>,
+/// Connects to the peer and says hello; returns the stream once the peer accepts.
+async fn open_link(link: &PeerLink) -> Result<TcpStream, LinkEnd> {
+    let opened = tokio::time::timeout(CONNECT_TIMEOUT + HELLO_TIMEOUT, async {
+        let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&link.addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        configure_link_socket(&stream)?;
+        let hello = Hello { cluster_id: link.cluster_id, from_id: link.from_id, to_id: link.to_id };
+        stream.write_all(&hello.encode()).await?;
+        let answer = read_answer(&mut stream).await?;
+        Ok::<_, std::io::Error>((stream, answer))
+    })
+    .await;
+    let (stream, answer) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err(error)) => {
+            tracing::debug!(peer = %link.addr, %error, "peer link failed to open");
+            return Err(LinkEnd::Broken);
+        }
+        Err(_) => {
+            tracing::debug!(peer = %link.addr, "peer link not accepted in time");
+            return Err(LinkEnd::Broken);
+        }
+    };
+    match answer.code {
+        Answer::ACCEPTED => Ok(stream),
+        Answer::REMOVED => Err(LinkEnd::Removed),
+        _ => {
+            tracing::warn!(peer = %link.addr, reason = %answer.reason, "peer refused the link");
+            Err(LinkEnd::Broken)
+        }
+    }
+}
+
+/// Nagle off (a raft message waits for nothing), and a bound on how long written
+/// bytes may go unacknowledged before the connection counts as broken.
+fn configure_link_socket(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    socket2::SockRef::from(stream).set_tcp_user_timeout(Some(peer_wire::IDLE_TIMEOUT))
+}
+
+async fn read_answer<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Answer> {
+    let mut head = [0u8; Answer::HEAD_BYTES];
+    reader.read_exact(&mut head).await?;
+    let mut reason = vec![0u8; Answer::reason_len(&head)];
+    reader.read_exact(&mut reason).await?;
+    Ok(Answer { code: head[0], reason: String::from_utf8_lossy(&reason).into_owned() })
+}
+
+/// Writes frames until the link breaks or the queue closes. Whatever the queue
+/// holds when the sender wakes goes out in one write.
+async fn send_frames(
+    stream: TcpStream,
     queue: &mut mpsc::Receiver<Message>,
     snapshots: &SnapshotSender,
-) -> StreamEnd {
-    let ended =
-        |result: Result<Result<tonic::Response<RaftAck>, Status>, tokio::task::JoinError>| match result {
-            Ok(Err(status)) if status.message() == REMOVED_MESSAGE => StreamEnd::Removed,
-            _ => StreamEnd::Broken,
-        };
-    let (batches, stream) = mpsc::channel::<RaftBatch>(16);
-    let mut batch_client = client.clone();
-    let mut call = tokio::spawn(async move { batch_client.send(ReceiverStream::new(stream)).await });
+) -> LinkEnd {
+    let (mut reader, mut writer) = stream.into_split();
+    // The receiver speaks again only to refuse this member, then closes.
+    let refusal = async move { read_answer(&mut reader).await };
+    tokio::pin!(refusal);
+    let mut buf = Vec::with_capacity(64 * 1024);
     loop {
         let first = tokio::select! {
-            message = queue.recv() => match message {
-                Some(message) => message,
-                None => { call.abort(); return StreamEnd::QueueClosed; }
+            message = tokio::time::timeout(peer_wire::KEEP_ALIVE_INTERVAL, queue.recv()) => match message {
+                Ok(Some(message)) => Some(message),
+                Ok(None) => return LinkEnd::QueueClosed,
+                Err(_) => None,
             },
-            result = &mut call => return ended(result),
+            answer = &mut refusal => return match answer {
+                Ok(Answer { code: Answer::REMOVED, .. }) => LinkEnd::Removed,
+                Ok(answer) => {
+                    tracing::warn!(peer = %snapshots.link.addr, reason = %answer.reason, "peer closed the link");
+                    LinkEnd::Broken
+                }
+                Err(_) => LinkEnd::Broken,
+            },
         };
-        let mut batch = RaftBatch {
-            cluster_id: link.cluster_id,
-            from_id: link.from_id,
-            to_id: link.to_id,
-            messages: vec![],
-        };
-        let mut next = Some(first);
+        buf.clear();
+        let mut next = first;
+        let mut taken = 0;
         while let Some(message) = next.take() {
             if message.get_msg_type() == MessageType::MsgSnapshot {
-                snapshots.start(client.clone(), message).await;
+                snapshots.start(message).await;
             } else {
-                batch.messages.push(message.write_to_bytes().expect("encode raft message"));
+                peer_wire::push_frame(&mut buf, &message);
             }
-            if batch.messages.len() < PEER_BATCH_MESSAGES_MAX {
+            taken += 1;
+            if taken < PEER_BATCH_MESSAGES_MAX {
                 next = queue.try_recv().ok();
             }
         }
-        if batch.messages.is_empty() {
-            continue;
+        if taken == 0 {
+            peer_wire::push_keep_alive(&mut buf);
         }
-        if batches.send(batch).await.is_err() {
-            return ended(call.await);
+        if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
+            return LinkEnd::Broken;
         }
+        if buf.capacity() > LINK_BUFFER_KEPT_BYTES {
+            buf = Vec::with_capacity(64 * 1024);
+        }
+    }
+}
+
+/// Receives raft links on the peer port and hands their messages to the driver.
+pub struct LinkReceiver {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub removed: RemovedMembers,
+    pub inputs: mpsc::Sender<Input>,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl LinkReceiver {
+    /// Accepts connections on a peer port until the member stops: raft links are
+    /// served here, everything else (snapshots, cluster info, health, forwarded
+    /// lease calls) goes to `grpc`.
+    pub async fn accept(self: Arc<Self>, listener: TcpListener, grpc: mpsc::Sender<TcpStream>) {
+        let mut stop = self.stop.clone();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, most likely: do not spin.
+                    tracing::warn!(%error, "peer port accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (receiver, grpc) = (self.clone(), grpc.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HELLO_TIMEOUT, starts_with_magic(&stream)).await {
+                    Ok(Ok(true)) => receiver.serve(stream).await,
+                    Ok(Ok(false)) => {
+                        let _ = grpc.send(stream).await;
+                    }
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            });
+        }
+    }
+
+    /// Reads one link's hello, then its frames, until it ends.
+    async fn serve(&self, mut stream: TcpStream) {
+        let mut hello = [0u8; HELLO_BYTES];
+        if !matches!(tokio::time::timeout(HELLO_TIMEOUT, stream.read_exact(&mut hello)).await, Ok(Ok(_))) {
+            return;
+        }
+        let hello = Hello::decode(&hello).expect("peeked the magic");
+        let refusal = if hello.cluster_id != self.cluster_id {
+            Some(Answer {
+                code: Answer::REFUSED,
+                reason: format!(
+                    "peer belongs to cluster {:016x}, this member to {:016x}",
+                    hello.cluster_id, self.cluster_id
+                ),
+            })
+        } else if hello.to_id != self.member_id {
+            Some(Answer {
+                code: Answer::REFUSED,
+                reason: format!("link is for member {:016x}, this is {:016x}", hello.to_id, self.member_id),
+            })
+        } else if self.is_removed(hello.from_id) {
+            Some(Answer { code: Answer::REMOVED, reason: REMOVED_MESSAGE.into() })
+        } else {
+            None
+        };
+        if let Some(answer) = refusal {
+            let _ = stream.write_all(&answer.encode()).await;
+            return;
+        }
+        if configure_link_socket(&stream).is_err()
+            || stream
+                .write_all(&Answer { code: Answer::ACCEPTED, reason: String::new() }.encode())
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let mut stop = self.stop.clone();
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        loop {
+            let read = tokio::select! {
+                read = tokio::time::timeout(peer_wire::IDLE_TIMEOUT, stream.read_buf(&mut buf)) => read,
+                _ = stop.wait_for(|stopped| *stopped) => return,
+            };
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(Ok(_)) => return,
+                Ok(Err(error)) => {
+                    tracing::debug!(from = %format!("{:016x}", hello.from_id), %error, "peer link broke");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(from = %format!("{:016x}", hello.from_id), "peer link silent: closed");
+                    return;
+                }
+            }
+            let mut messages = Vec::new();
+            if let Err(error) = peer_wire::take_frames(&mut buf, hello.from_id, &mut messages) {
+                tracing::warn!(from = %format!("{:016x}", hello.from_id), %error, "closing a peer link");
+                let _ = stream
+                    .write_all(&Answer { code: Answer::REFUSED, reason: error.to_string() }.encode())
+                    .await;
+                return;
+            }
+            if self.is_removed(hello.from_id) {
+                let _ = stream
+                    .write_all(&Answer { code: Answer::REMOVED, reason: REMOVED_MESSAGE.into() }.encode())
+                    .await;
+                return;
+            }
+            if !messages.is_empty() && self.inputs.send(Input::Peer(messages)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn is_removed(&self, member: u64) -> bool {
+        self.removed.read().expect("removed members").contains(&member)
+    }
+}
+
+/// Whether a new connection opens with the raft link's magic. Waits for as many
+/// bytes as it takes to tell (a gRPC client sends its 24-byte preface at once).
+async fn starts_with_magic(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut head = [0u8; MAGIC.len()];
+    loop {
+        let n = stream.peek(&mut head).await?;
+        if n == 0 || head[..n] != MAGIC[..n] {
+            return Ok(false);
+        }
+        if n == MAGIC.len() {
+            return Ok(true);
+        }
+        // A prefix of the magic: the rest is on its way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
 /// Streams snapshot messages to one peer, one at a time.
 struct SnapshotSender {
     link: PeerLink,
+    client: PeerClient<tonic::transport::Channel>,
     /// Weak, so that the sender does not keep the driver alive at shutdown.
     driver: mpsc::WeakSender<Input>,
     in_flight: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -384,13 +575,14 @@ struct SnapshotSender {
 impl SnapshotSender {
     /// Starts streaming `message` on its own call, unless one is already under way
     /// (then this one is reported failed: raft sends a fresh one later).
-    async fn start(&self, mut client: PeerClient<tonic::transport::Channel>, message: Message) {
+    async fn start(&self, message: Message) {
         use std::sync::atomic::Ordering;
         if self.in_flight.swap(true, Ordering::AcqRel) {
             self.failed().await;
             return;
         }
         let (link, driver, in_flight) = (self.link.clone(), self.driver.clone(), self.in_flight.clone());
+        let mut client = self.client.clone();
         tokio::spawn(async move {
             let started = std::time::Instant::now();
             let index = message.get_snapshot().get_metadata().index;
@@ -458,4 +650,162 @@ fn snapshot_chunks(
             sha256: if last { sha256.clone() } else { Vec::new() },
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLUSTER: u64 = 0xc1;
+    const ME: u64 = 1;
+    const PEER: u64 = 2;
+
+    /// A receiving member's peer port on loopback: its driver's inputs, the gRPC
+    /// connections it passed on, and the removed set.
+    struct Port {
+        addr: String,
+        inputs: mpsc::Receiver<Input>,
+        grpc: mpsc::Receiver<TcpStream>,
+        removed: RemovedMembers,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn port() -> Port {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (inputs_tx, inputs) = mpsc::channel(64);
+        let (grpc_tx, grpc) = mpsc::channel(4);
+        let (stop_tx, stop) = watch::channel(false);
+        let removed = RemovedMembers::default();
+        let receiver = Arc::new(LinkReceiver {
+            cluster_id: CLUSTER,
+            member_id: ME,
+            removed: removed.clone(),
+            inputs: inputs_tx,
+            stop,
+        });
+        tokio::spawn(receiver.accept(listener, grpc_tx));
+        Port { addr, inputs, grpc, removed, _stop: stop_tx }
+    }
+
+    fn append(index: u64) -> Message {
+        peer_wire::tests::append(PEER, index, &[index as u8; 300])
+    }
+
+    /// Starts a sender from PEER in cluster `cluster` to the port; returns its queue
+    /// and what it tells its driver.
+    fn sender(
+        addr: &str,
+        cluster: u64,
+    ) -> (mpsc::Sender<Message>, mpsc::Receiver<Input>, mpsc::Sender<Input>) {
+        let (queue_tx, queue) = mpsc::channel(4096);
+        let (driver_tx, driver) = mpsc::channel(16);
+        let link = PeerLink { cluster_id: cluster, from_id: PEER, to_id: ME, addr: addr.to_string() };
+        tokio::spawn(run_peer_sender(link, queue, driver_tx.downgrade()));
+        (queue_tx, driver, driver_tx)
+    }
+
+    async fn next_input(inputs: &mut mpsc::Receiver<Input>) -> Option<Input> {
+        tokio::time::timeout(Duration::from_secs(10), inputs.recv()).await.ok().flatten()
+    }
+
+    /// Raw hello on a fresh connection; returns the stream and the answer.
+    async fn hello(addr: &str, hello: Hello) -> (TcpStream, Answer) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&hello.encode()).await.unwrap();
+        let answer = read_answer(&mut stream).await.unwrap();
+        (stream, answer)
+    }
+
+    #[tokio::test]
+    async fn every_message_queued_arrives_in_order_at_the_driver() {
+        let mut port = port().await;
+        let (queue, _driver, _keep) = sender(&port.addr, CLUSTER);
+        for index in 0..2000 {
+            queue.send(append(index)).await.unwrap();
+            if index % 500 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut received = Vec::new();
+        while received.len() < 2000 {
+            match next_input(&mut port.inputs).await {
+                Some(Input::Peer(messages)) => received.extend(messages),
+                Some(_) => panic!("only peer messages expected"),
+                None => panic!("{} of 2000 messages arrived", received.len()),
+            }
+        }
+        assert_eq!(received, (0..2000).map(append).collect::<Vec<_>>());
+        assert!(port.grpc.try_recv().is_err(), "the link was taken for gRPC");
+    }
+
+    #[tokio::test]
+    async fn a_link_from_another_cluster_or_for_another_member_is_refused_and_nothing_reaches_the_driver() {
+        let mut port = port().await;
+        let (_, answer) =
+            hello(&port.addr, Hello { cluster_id: CLUSTER + 1, from_id: PEER, to_id: ME }).await;
+        assert_eq!(answer.code, Answer::REFUSED);
+        assert!(answer.reason.contains("peer belongs to cluster 00000000000000c2"), "{}", answer.reason);
+        let (_, answer) =
+            hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME + 7 }).await;
+        assert_eq!(answer.code, Answer::REFUSED);
+        assert!(answer.reason.contains("link is for member 0000000000000008"), "{}", answer.reason);
+
+        let (queue, _driver, _keep) = sender(&port.addr, CLUSTER + 1);
+        queue.send(append(1)).await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(1500), port.inputs.recv()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_removed_member_is_told_so_at_hello_and_on_an_open_link() {
+        let mut port = port().await;
+        let (queue, mut driver, _keep) = sender(&port.addr, CLUSTER);
+        queue.send(append(1)).await.unwrap();
+        assert!(matches!(next_input(&mut port.inputs).await, Some(Input::Peer(_))));
+        // Removed while its link is open: its next frames get the refusal.
+        port.removed.write().unwrap().insert(PEER);
+        queue.send(append(2)).await.unwrap();
+        assert!(matches!(next_input(&mut driver).await, Some(Input::RemovedFromCluster)));
+        assert!(tokio::time::timeout(Duration::from_millis(300), port.inputs.recv()).await.is_err());
+
+        let (_, answer) = hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME }).await;
+        assert_eq!((answer.code, answer.reason.as_str()), (Answer::REMOVED, REMOVED_MESSAGE));
+    }
+
+    #[tokio::test]
+    async fn a_bad_frame_closes_the_link_with_the_reason_and_reaches_no_driver() {
+        let mut port = port().await;
+        let (mut stream, answer) =
+            hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME }).await;
+        assert_eq!(answer.code, Answer::ACCEPTED);
+        stream.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
+        let answer = read_answer(&mut stream).await.unwrap();
+        assert_eq!(answer.code, Answer::REFUSED);
+        assert!(answer.reason.contains("larger than"), "{}", answer.reason);
+        assert_eq!(
+            stream.read(&mut [0u8; 16]).await.unwrap(),
+            0,
+            "the link must be closed after the refusal"
+        );
+        assert!(port.inputs.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_silent_link_is_closed_and_a_connection_without_the_magic_goes_to_grpc() {
+        let mut port = port().await;
+        let (mut stream, answer) =
+            hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME }).await;
+        assert_eq!(answer.code, Answer::ACCEPTED);
+        let started = std::time::Instant::now();
+        let read = tokio::time::timeout(peer_wire::IDLE_TIMEOUT * 2, stream.read(&mut [0u8; 16])).await;
+        assert!(matches!(read, Ok(Ok(0))), "the silent link was not closed: {read:?}");
+        assert!(started.elapsed() >= peer_wire::IDLE_TIMEOUT - Duration::from_millis(100));
+
+        let mut http2 = TcpStream::connect(&port.addr).await.unwrap();
+        http2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        let passed = tokio::time::timeout(Duration::from_secs(5), port.grpc.recv()).await.unwrap().unwrap();
+        let mut preface = [0u8; 24];
+        passed.peek(&mut preface).await.unwrap();
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "the bytes must be left for gRPC");
+    }
 }

@@ -37,14 +37,22 @@ impl MaintenanceService {
         MaintenanceService { node, ids, reader }
     }
 
-    /// HashKV at `revision`, from storage, on a blocking thread.
-    async fn kv_hash(&self, revision: i64) -> Result<KvHash, Status> {
+    /// HashKV at `revision`, from storage, on a blocking thread; with the driver's
+    /// status asked first.
+    ///
+    /// The driver answers a write before its cycle's database write, and answers
+    /// a status request only between cycles: once the status is back, every
+    /// write acknowledged before this request is in the database, so a client
+    /// hashes what it has seen acknowledged (a compaction, say).
+    async fn kv_hash(&self, revision: i64) -> Result<(KvHash, DriverStatus), Status> {
+        let status = self.node.status().await?;
         let reader = self.reader.clone();
         let hashed = tokio::task::spawn_blocking(move || reader.hash_kv(revision))
             .await
             .map_err(|e| Status::internal(format!("hashing failed: {e}")))?
             .map_err(|e| Status::internal(e.to_string()))?;
-        hashed.map_err(|e| crate::status::RequestError::Kv(e).into())
+        let hashed = hashed.map_err(|e| Status::from(crate::status::RequestError::Kv(e)))?;
+        Ok((hashed, status))
     }
 }
 
@@ -134,16 +142,14 @@ impl Maintenance for MaintenanceService {
     /// space is the state members must agree on (etcd hashes its whole bbolt file,
     /// which holds member-local data too).
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        let hashed = self.kv_hash(0).await?;
-        let status = self.node.status().await?;
+        let (hashed, status) = self.kv_hash(0).await?;
         let mut header = header(self.ids, &status);
         header.revision = hashed.current_revision;
         Ok(Response::new(HashResponse { header: Some(header), hash: hashed.hash }))
     }
 
     async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        let hashed = self.kv_hash(request.into_inner().revision).await?;
-        let status = self.node.status().await?;
+        let (hashed, status) = self.kv_hash(request.into_inner().revision).await?;
         let mut header = header(self.ids, &status);
         header.revision = hashed.current_revision;
         Ok(Response::new(HashKvResponse {
