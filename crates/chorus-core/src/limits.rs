@@ -113,11 +113,9 @@ pub const INPUT_BATCH_MAX: usize = 4096;
 pub const DRIVER_QUEUE_INPUTS_MAX: usize = 8192;
 /// Extra room above the request limit for gRPC framing and the other fields.
 pub const GRPC_MESSAGE_OVERHEAD_BYTES: u64 = 64 * 1024;
-/// Messages waiting to be sent to one peer before new ones are dropped.
-pub const PEER_QUEUE_MESSAGES_MAX: usize = 4096;
-/// Messages put into one batch on the wire.
-pub const PEER_BATCH_MESSAGES_MAX: usize = 256;
-/// The largest batch a member accepts from a peer, in bytes.
+/// Bytes of raft frames waiting for a slow peer before new ones are dropped.
+pub const PEER_PENDING_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// The largest raft frame (one message) a member accepts from a peer, in bytes.
 pub const PEER_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Lease keep-alive responses buffered per stream between a member and its client.
 pub const KEEP_ALIVE_RESPONSES_MAX: usize = 64;

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::read_gate::ReadGate;
 use crate::status::RequestError;
+use crate::transport::PeerHandle;
 
 /// A linearizable read batch that has had no answer for this many ticks asks again
 /// (its first read-index request may have been lost with a leader).
@@ -238,7 +239,7 @@ pub struct Driver {
     node: Node,
     storage: DiskStorage,
     inputs: mpsc::Receiver<Input>,
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    peers: HashMap<u64, PeerHandle>,
     ids: HeaderIds,
     own_attributes: MemberAttributes,
     next_seq: u64,
@@ -302,15 +303,15 @@ fn stop_removed() {
 /// How long a removed member goes on answering (with errors) before it exits.
 const REMOVED_EXIT_DELAY: Duration = Duration::from_millis(1000);
 
-/// Starts a peer sender task for (member id, `host:port`) and returns its queue.
-pub type PeerStarter = Box<dyn Fn(u64, String) -> mpsc::Sender<Message> + Send>;
+/// Starts a peer sender task for (member id, `host:port`) and returns its handle.
+pub type PeerStarter = Box<dyn Fn(u64, String) -> PeerHandle + Send>;
 
 impl Driver {
     pub fn new(
         node: Node,
         storage: DiskStorage,
         inputs: mpsc::Receiver<Input>,
-        peers: HashMap<u64, mpsc::Sender<Message>>,
+        peers: HashMap<u64, PeerHandle>,
         ids: HeaderIds,
         own_attributes: MemberAttributes,
         watch_progress_ticks: u64,
@@ -946,12 +947,20 @@ impl Driver {
         self.serve_reads(finished.reads_ready);
     }
 
+    /// Hands each peer its messages of the cycle at once (one write to its link).
+    /// A slow or gone peer's messages are dropped: raft retransmits, so that
+    /// costs time, never safety.
     fn send(&mut self, messages: Vec<Message>) {
+        let mut by_peer: Vec<(u64, Vec<Message>)> = Vec::new();
         for message in messages {
-            if let Some(peer) = self.peers.get(&message.to) {
-                // A full queue means the peer is slow or gone: raft retransmits, so
-                // dropping here only costs time, never safety.
-                let _ = peer.try_send(message);
+            match by_peer.iter_mut().find(|(to, _)| *to == message.to) {
+                Some((_, theirs)) => theirs.push(message),
+                None => by_peer.push((message.to, vec![message])),
+            }
+        }
+        for (to, theirs) in by_peer {
+            if let Some(peer) = self.peers.get(&to) {
+                peer.send(theirs);
             }
         }
     }

@@ -22,8 +22,8 @@ mod read_gate;
 pub mod status;
 pub mod transport;
 
+use chorus_core::limits::GRPC_MESSAGE_OVERHEAD_BYTES;
 use chorus_core::limits::{DRIVER_QUEUE_INPUTS_MAX, SHUTDOWN_DRAIN_MS};
-use chorus_core::limits::{GRPC_MESSAGE_OVERHEAD_BYTES, PEER_QUEUE_MESSAGES_MAX};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -57,7 +57,7 @@ use crate::api::maintenance::MaintenanceService;
 use crate::api::queue::QueueService;
 use crate::api::watch::WatchService;
 use crate::driver::{Driver, HeaderIds, Input, NodeHandle};
-use crate::transport::{PeerLink, PeerService};
+use crate::transport::{PeerHandle, PeerLink, PeerService};
 use chorus_proto::chorus::v1::barrier_server::BarrierServer;
 use chorus_proto::chorus::v1::queue_server::QueueServer;
 
@@ -350,10 +350,8 @@ async fn bind_all(addrs: &[String]) -> Result<Vec<TcpListener>, ServerError> {
 fn peer_starter(cluster_id: u64, from_id: u64, driver: mpsc::WeakSender<Input>) -> driver::PeerStarter {
     let runtime = tokio::runtime::Handle::current();
     Box::new(move |to_id, addr| {
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
         let link = PeerLink { cluster_id, from_id, to_id, addr };
-        runtime.spawn(transport::run_peer_sender(link, rx, driver.clone()));
-        tx
+        PeerHandle::start(link, driver.clone(), &runtime)
     })
 }
 
@@ -422,7 +420,7 @@ fn start_peer_senders(
     cluster_id: u64,
     member_id: u64,
     driver: &mpsc::Sender<Input>,
-) -> HashMap<u64, mpsc::Sender<raft::prelude::Message>> {
+) -> HashMap<u64, PeerHandle> {
     let mut peers = HashMap::new();
     for (name, urls) in &config.initial_cluster {
         let peer_id = member_ids[name];
@@ -430,10 +428,9 @@ fn start_peer_senders(
             continue;
         }
         let addr = config::url_to_addr(&urls[0]).expect("validated URL");
-        let (tx, rx) = mpsc::channel(PEER_QUEUE_MESSAGES_MAX);
         let link = PeerLink { cluster_id, from_id: member_id, to_id: peer_id, addr };
-        tokio::spawn(transport::run_peer_sender(link, rx, driver.downgrade()));
-        peers.insert(peer_id, tx);
+        peers
+            .insert(peer_id, PeerHandle::start(link, driver.downgrade(), &tokio::runtime::Handle::current()));
     }
     peers
 }

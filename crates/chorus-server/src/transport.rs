@@ -22,7 +22,7 @@
 //! raft sends the snapshot again from the start. Heartbeats and appends keep
 //! flowing on the link meanwhile.
 
-use chorus_core::limits::{PEER_BATCH_BYTES_MAX, PEER_BATCH_MESSAGES_MAX};
+use chorus_core::limits::{PEER_BATCH_BYTES_MAX, PEER_PENDING_BYTES_MAX};
 use chorus_core::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -233,14 +233,112 @@ pub struct PeerLink {
     pub addr: String,
 }
 
-/// Sends everything from `queue` to the peer, reconnecting with backoff when the
-/// link breaks. Ends when the queue's sender is dropped. A snapshot that cannot
-/// be delivered is reported to `driver`.
-pub async fn run_peer_sender(
-    link: PeerLink,
-    mut queue: mpsc::Receiver<Message>,
-    driver: mpsc::WeakSender<Input>,
-) {
+/// The driver's end of one peer's link.
+///
+/// The driver writes a cycle's frames for the peer straight into the link's socket
+/// (a non-blocking write, from the driver's thread) when nothing waits to be
+/// written before them: no thread is woken to send a message. What the socket
+/// cannot take at once waits in `pending` for the peer's sender task, and while it
+/// waits, later frames queue behind it, so bytes never interleave. The task also
+/// opens and reopens the link, writes keep-alives, reads a refusal and streams
+/// snapshots over gRPC. Dropping the handle stops the task.
+pub struct PeerHandle {
+    outbox: Arc<Outbox>,
+}
+
+struct Outbox {
+    state: std::sync::Mutex<OutboxState>,
+    /// Wakes the sender task: bytes are pending, a snapshot waits, or the handle
+    /// was dropped.
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    /// The open link, once the peer accepted it.
+    link: Option<Arc<TcpStream>>,
+    /// Whole frames the sender task writes before anyone writes more.
+    pending: Vec<u8>,
+    /// The sender task is writing bytes it took from `pending`.
+    writing: bool,
+    /// Snapshot messages for the task to stream over gRPC.
+    snapshots: Vec<Message>,
+    /// Where the driver encodes a cycle's frames (kept to save an allocation).
+    scratch: Vec<u8>,
+    closed: bool,
+}
+
+impl PeerHandle {
+    /// Starts the sender task for `link` on `runtime`. A snapshot that cannot be
+    /// delivered, and the peer's word that this member was removed, are reported
+    /// to `driver`.
+    pub fn start(
+        link: PeerLink,
+        driver: mpsc::WeakSender<Input>,
+        runtime: &tokio::runtime::Handle,
+    ) -> PeerHandle {
+        let outbox = Arc::new(Outbox { state: Default::default(), wake: tokio::sync::Notify::new() });
+        runtime.spawn(run_peer_sender(link, outbox.clone(), driver));
+        PeerHandle { outbox }
+    }
+
+    /// Hands the peer `messages`, in order. Never blocks. Without an open link, or
+    /// with more than [`PEER_PENDING_BYTES_MAX`] waiting for a slow peer, the
+    /// messages are dropped: raft sends again whatever matters.
+    pub fn send(&self, messages: Vec<Message>) {
+        let mut guard = self.outbox.state.lock().expect("peer outbox");
+        let state = &mut *guard;
+        let mut wake = false;
+        let mut scratch = std::mem::take(&mut state.scratch);
+        scratch.clear();
+        for message in messages {
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                state.snapshots.push(message);
+                wake = true;
+            } else if state.link.is_some() {
+                peer_wire::push_frame(&mut scratch, &message);
+            }
+        }
+        if let (Some(link), false) = (&state.link, scratch.is_empty()) {
+            if !state.writing && state.pending.is_empty() {
+                match link.try_write(&scratch) {
+                    Ok(written) if written == scratch.len() => {}
+                    Ok(written) => {
+                        state.pending.extend_from_slice(&scratch[written..]);
+                        wake = true;
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        state.pending.extend_from_slice(&scratch);
+                        wake = true;
+                    }
+                    // The link is broken: the task finds out on its own.
+                    Err(_) => {}
+                }
+            } else if state.pending.len() + scratch.len() <= PEER_PENDING_BYTES_MAX {
+                state.pending.extend_from_slice(&scratch);
+                wake = true;
+            }
+        }
+        if scratch.capacity() <= LINK_BUFFER_KEPT_BYTES {
+            state.scratch = scratch;
+        }
+        drop(guard);
+        if wake {
+            self.outbox.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for PeerHandle {
+    fn drop(&mut self) {
+        self.outbox.state.lock().expect("peer outbox").closed = true;
+        self.outbox.wake.notify_one();
+    }
+}
+
+/// Opens the link to the peer and keeps it open, reconnecting with backoff when it
+/// breaks, until the handle is dropped or the peer says this member was removed.
+async fn run_peer_sender(link: PeerLink, outbox: Arc<Outbox>, driver: mpsc::WeakSender<Input>) {
     let mut delay = RECONNECT_DELAY_MIN;
     let snapshots = match snapshot_client(&link) {
         Ok(client) => SnapshotSender { link: link.clone(), client, driver, in_flight: Default::default() },
@@ -250,35 +348,43 @@ pub async fn run_peer_sender(
         }
     };
     loop {
-        match open_link(&link).await {
+        let end = match open_link(&link).await {
             Ok(stream) => {
                 delay = RECONNECT_DELAY_MIN;
-                match send_frames(stream, &mut queue, &snapshots).await {
-                    LinkEnd::QueueClosed => return,
-                    LinkEnd::Broken => {}
-                    LinkEnd::Removed => {
-                        if let Some(driver) = snapshots.driver.upgrade() {
-                            let _ = driver.send(Input::RemovedFromCluster).await;
-                        }
-                        return;
-                    }
-                }
+                serve_link(Arc::new(stream), &outbox, &snapshots).await
             }
-            Err(LinkEnd::Removed) => {
+            Err(end) => end,
+        };
+        match end {
+            LinkEnd::Closed => return,
+            LinkEnd::Broken => {}
+            LinkEnd::Removed => {
                 if let Some(driver) = snapshots.driver.upgrade() {
                     let _ = driver.send(Input::RemovedFromCluster).await;
                 }
                 return;
             }
-            Err(_) => {}
         }
-        // While disconnected, drop what is queued: it is stale by the time we return.
-        while let Ok(message) = queue.try_recv() {
-            if message.get_msg_type() == MessageType::MsgSnapshot {
-                snapshots.failed().await;
+        // While disconnected, snapshots cannot be sent either: raft retries them.
+        let waiting = {
+            let mut state = outbox.state.lock().expect("peer outbox");
+            if state.closed {
+                return;
+            }
+            std::mem::take(&mut state.snapshots)
+        };
+        for _ in waiting {
+            snapshots.failed().await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = outbox.wake.notified() => {
+                // Only a drop matters here: bytes cannot be pending without a link.
+                if outbox.state.lock().expect("peer outbox").closed {
+                    return;
+                }
             }
         }
-        tokio::time::sleep(delay).await;
         delay = (delay * 2).min(RECONNECT_DELAY_MAX);
     }
 }
@@ -313,7 +419,8 @@ fn snapshot_client(
 /// Why a link ended, or could not be opened.
 #[derive(Debug)]
 enum LinkEnd {
-    QueueClosed,
+    /// The driver dropped the handle.
+    Closed,
     Broken,
     /// The peer refused this member's messages: it was removed from the cluster.
     Removed,
@@ -368,26 +475,25 @@ async fn read_answer<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<An
     Ok(Answer { code: head[0], reason: String::from_utf8_lossy(&reason).into_owned() })
 }
 
-/// Writes frames until the link breaks or the queue closes. Whatever the queue
-/// holds when the sender wakes goes out in one write.
-async fn send_frames(
-    stream: TcpStream,
-    queue: &mut mpsc::Receiver<Message>,
-    snapshots: &SnapshotSender,
-) -> LinkEnd {
-    let (mut reader, mut writer) = stream.into_split();
+/// The sender task's part of an open link: writes what the driver could not,
+/// keep-alives in silences, and snapshots; watches for a refusal. Returns when the
+/// link breaks, the peer refuses this member, or the handle is dropped.
+async fn serve_link(link: Arc<TcpStream>, outbox: &Outbox, snapshots: &SnapshotSender) -> LinkEnd {
+    {
+        let mut state = outbox.state.lock().expect("peer outbox");
+        state.pending.clear();
+        state.writing = false;
+        state.link = Some(link.clone());
+    }
+    let reader = link.clone();
     // The receiver speaks again only to refuse this member, then closes.
-    let refusal = async move { read_answer(&mut reader).await };
+    let refusal = async move { read_answer(&mut SharedRead(&reader)).await };
     tokio::pin!(refusal);
-    let mut buf = Vec::with_capacity(64 * 1024);
-    loop {
-        let first = tokio::select! {
-            message = tokio::time::timeout(peer_wire::KEEP_ALIVE_INTERVAL, queue.recv()) => match message {
-                Ok(Some(message)) => Some(message),
-                Ok(None) => return LinkEnd::QueueClosed,
-                Err(_) => None,
-            },
-            answer = &mut refusal => return match answer {
+    let end = 'link: loop {
+        let keep_alive = tokio::select! {
+            _ = outbox.wake.notified() => false,
+            _ = tokio::time::sleep(peer_wire::KEEP_ALIVE_INTERVAL) => true,
+            answer = &mut refusal => break match answer {
                 Ok(Answer { code: Answer::REMOVED, .. }) => LinkEnd::Removed,
                 Ok(answer) => {
                     tracing::warn!(peer = %snapshots.link.addr, reason = %answer.reason, "peer closed the link");
@@ -396,28 +502,72 @@ async fn send_frames(
                 Err(_) => LinkEnd::Broken,
             },
         };
-        buf.clear();
-        let mut next = first;
-        let mut taken = 0;
-        while let Some(message) = next.take() {
-            if message.get_msg_type() == MessageType::MsgSnapshot {
+        let mut first = true;
+        loop {
+            let (bytes, waiting) = {
+                let mut state = outbox.state.lock().expect("peer outbox");
+                if state.closed {
+                    break 'link LinkEnd::Closed;
+                }
+                if keep_alive && first && state.pending.is_empty() && !state.writing {
+                    peer_wire::push_keep_alive(&mut state.pending);
+                }
+                first = false;
+                state.writing = !state.pending.is_empty();
+                (std::mem::take(&mut state.pending), std::mem::take(&mut state.snapshots))
+            };
+            for message in waiting {
                 snapshots.start(message).await;
-            } else {
-                peer_wire::push_frame(&mut buf, &message);
             }
-            taken += 1;
-            if taken < PEER_BATCH_MESSAGES_MAX {
-                next = queue.try_recv().ok();
+            if bytes.is_empty() {
+                break;
+            }
+            if write_all_shared(&link, &bytes).await.is_err() {
+                break 'link LinkEnd::Broken;
             }
         }
-        if taken == 0 {
-            peer_wire::push_keep_alive(&mut buf);
+    };
+    let mut state = outbox.state.lock().expect("peer outbox");
+    state.link = None;
+    state.pending = Vec::new();
+    state.writing = false;
+    end
+}
+
+/// Writes all of `bytes` to a socket the driver may also write to (never at the
+/// same time: the outbox's `writing` flag keeps them apart).
+async fn write_all_shared(stream: &TcpStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(bytes) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => bytes = &bytes[written..],
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
         }
-        if !buf.is_empty() && writer.write_all(&buf).await.is_err() {
-            return LinkEnd::Broken;
-        }
-        if buf.capacity() > LINK_BUFFER_KEPT_BYTES {
-            buf = Vec::with_capacity(64 * 1024);
+    }
+    Ok(())
+}
+
+/// Reads from a socket shared with writers.
+struct SharedRead<'a>(&'a TcpStream);
+
+impl AsyncRead for SharedRead<'_> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            std::task::ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(buf.initialize_unfilled()) {
+                Ok(read) => {
+                    buf.advance(read);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(error) => return std::task::Poll::Ready(Err(error)),
+            }
         }
     }
 }
@@ -692,17 +842,21 @@ mod tests {
         peer_wire::tests::append(PEER, index, &[index as u8; 300])
     }
 
-    /// Starts a sender from PEER in cluster `cluster` to the port; returns its queue
+    /// Starts a sender from PEER in cluster `cluster` to the port; returns its handle
     /// and what it tells its driver.
-    fn sender(
-        addr: &str,
-        cluster: u64,
-    ) -> (mpsc::Sender<Message>, mpsc::Receiver<Input>, mpsc::Sender<Input>) {
-        let (queue_tx, queue) = mpsc::channel(4096);
+    fn sender(addr: &str, cluster: u64) -> (PeerHandle, mpsc::Receiver<Input>, mpsc::Sender<Input>) {
         let (driver_tx, driver) = mpsc::channel(16);
         let link = PeerLink { cluster_id: cluster, from_id: PEER, to_id: ME, addr: addr.to_string() };
-        tokio::spawn(run_peer_sender(link, queue, driver_tx.downgrade()));
-        (queue_tx, driver, driver_tx)
+        let handle = PeerHandle::start(link, driver_tx.downgrade(), &tokio::runtime::Handle::current());
+        (handle, driver, driver_tx)
+    }
+
+    /// Waits until the sender's link is open (or 10 s).
+    async fn wait_open(handle: &PeerHandle) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while handle.outbox.state.lock().unwrap().link.is_none() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     async fn next_input(inputs: &mut mpsc::Receiver<Input>) -> Option<Input> {
@@ -720,10 +874,13 @@ mod tests {
     #[tokio::test]
     async fn every_message_queued_arrives_in_order_at_the_driver() {
         let mut port = port().await;
-        let (queue, _driver, _keep) = sender(&port.addr, CLUSTER);
-        for index in 0..2000 {
-            queue.send(append(index)).await.unwrap();
-            if index % 500 == 0 {
+        let (handle, _driver, _keep) = sender(&port.addr, CLUSTER);
+        wait_open(&handle).await;
+        // Batches large enough that some writes cannot finish at once and wait for
+        // the sender task, while later batches queue behind them.
+        for batch in 0..40 {
+            handle.send((batch * 50..batch * 50 + 50).map(append).collect());
+            if batch % 10 == 0 {
                 tokio::task::yield_now().await;
             }
         }
@@ -739,6 +896,51 @@ mod tests {
         assert!(port.grpc.try_recv().is_err(), "the link was taken for gRPC");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn frames_the_socket_cannot_take_at_once_wait_in_order_and_a_stalled_peer_costs_only_drops() {
+        // A receiver that takes the hello and then reads nothing until told to.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (handle, _driver, _keep) = sender(&addr, CLUSTER);
+        let (mut peer, _) = listener.accept().await.unwrap();
+        let mut hello = [0u8; HELLO_BYTES];
+        peer.read_exact(&mut hello).await.unwrap();
+        peer.write_all(&Answer { code: Answer::ACCEPTED, reason: String::new() }.encode()).await.unwrap();
+        wait_open(&handle).await;
+        // 3 MB a batch: the socket buffers fill, writes wait for the sender task,
+        // and once PEER_PENDING_BYTES_MAX waits, whole batches are dropped.
+        let big = |index: u64| peer_wire::tests::append(PEER, index, &vec![index as u8; 1 << 20]);
+        let batches = (PEER_PENDING_BYTES_MAX >> 20) as u64 + 12;
+        for batch in 0..batches {
+            let started = std::time::Instant::now();
+            handle.send((batch * 3..batch * 3 + 3).map(big).collect());
+            assert!(started.elapsed() < Duration::from_secs(1), "send blocked on a stalled peer");
+        }
+        let pending = handle.outbox.state.lock().unwrap().pending.len();
+        assert!(pending > 0 && pending <= PEER_PENDING_BYTES_MAX, "{pending} bytes pending");
+        // Now the peer reads: every frame it gets is whole, in order, from an
+        // unbroken prefix of the batches.
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1 << 16];
+        // Until no message has come for 2 s (keep-alives keep coming).
+        let mut last_message = std::time::Instant::now();
+        while last_message.elapsed() < Duration::from_secs(2) {
+            match tokio::time::timeout(Duration::from_secs(2), peer.read(&mut byte)).await {
+                Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&byte[..n]),
+                _ => break,
+            }
+            let before = got.len();
+            peer_wire::take_frames(&mut buf, PEER, &mut got).unwrap();
+            if got.len() > before {
+                last_message = std::time::Instant::now();
+            }
+        }
+        assert!(got.len() >= 3, "only {} messages arrived", got.len());
+        assert!(got.len() < (batches * 3) as usize, "nothing was dropped");
+        assert_eq!(got, (0..got.len() as u64).map(big).collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn a_link_from_another_cluster_or_for_another_member_is_refused_and_nothing_reaches_the_driver() {
         let mut port = port().await;
@@ -751,20 +953,24 @@ mod tests {
         assert_eq!(answer.code, Answer::REFUSED);
         assert!(answer.reason.contains("link is for member 0000000000000008"), "{}", answer.reason);
 
-        let (queue, _driver, _keep) = sender(&port.addr, CLUSTER + 1);
-        queue.send(append(1)).await.unwrap();
+        let (handle, _driver, _keep) = sender(&port.addr, CLUSTER + 1);
+        for index in 0..10 {
+            handle.send(vec![append(index)]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert!(tokio::time::timeout(Duration::from_millis(1500), port.inputs.recv()).await.is_err());
     }
 
     #[tokio::test]
     async fn a_removed_member_is_told_so_at_hello_and_on_an_open_link() {
         let mut port = port().await;
-        let (queue, mut driver, _keep) = sender(&port.addr, CLUSTER);
-        queue.send(append(1)).await.unwrap();
+        let (handle, mut driver, _keep) = sender(&port.addr, CLUSTER);
+        wait_open(&handle).await;
+        handle.send(vec![append(1)]);
         assert!(matches!(next_input(&mut port.inputs).await, Some(Input::Peer(_))));
         // Removed while its link is open: its next frames get the refusal.
         port.removed.write().unwrap().insert(PEER);
-        queue.send(append(2)).await.unwrap();
+        handle.send(vec![append(2)]);
         assert!(matches!(next_input(&mut driver).await, Some(Input::RemovedFromCluster)));
         assert!(tokio::time::timeout(Duration::from_millis(300), port.inputs.recv()).await.is_err());
 
