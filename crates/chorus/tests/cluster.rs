@@ -278,3 +278,70 @@ async fn threads_sets_how_many_threads_serve_connections() {
     }
     assert_eq!(runtime_threads[1] - runtime_threads[0], 2, "{runtime_threads:?}");
 }
+
+/// A follower stopped with SIGSTOP for longer than the raft links' timeouts
+/// (`IDLE_TIMEOUT`, `TCP_USER_TIMEOUT`, both 5 s) while 4 KB puts pour in: the
+/// leader's writes to it back up in its socket and then in the link's outbox, and
+/// must never hold up the leader's driver; the links are closed and reopened as
+/// the timeouts say; once resumed, the follower holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_stopped_past_the_link_timeouts_never_stalls_the_leader_and_catches_up() {
+    let cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let follower = (leader + 1) % 3;
+    let value = "v".repeat(4096);
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop_writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut writers = Vec::new();
+    for w in 0..WRITERS_COUNT {
+        let mut client = cluster.client_of(leader).await;
+        let (acked, stop_writing, value) = (acked.clone(), stop_writing.clone(), value.clone());
+        writers.push(tokio::spawn(async move {
+            for k in (w..20_000).step_by(WRITERS_COUNT) {
+                if stop_writing.load(std::sync::atomic::Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let key = format!("paused/{k:05}");
+                let value = format!("{k}-{value}");
+                if client.put(key.as_str(), value.as_str(), None).await.is_ok() {
+                    acked.lock().unwrap().insert(key, value);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.signal(follower, "STOP");
+    let acked_at_stop = acked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let acked_while_stopped = acked.lock().unwrap().len() - acked_at_stop;
+    cluster.signal(follower, "CONT");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_writing.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    eprintln!(
+        "acknowledged: {acked_while_stopped} while the follower was stopped, {} in all",
+        acked.lock().unwrap().len()
+    );
+    assert!(acked_while_stopped >= 50, "the leader stalled: {acked_while_stopped} puts in 7 s");
+
+    let leader_status = common::status_of(&cluster.endpoint(leader)).await.unwrap();
+    cluster.wait_applied(follower, leader_status.raft_applied_index(), Duration::from_secs(30)).await;
+    // All of it is too large for one response: every key, then values of a sample.
+    let acked = acked.lock().unwrap().clone();
+    let mut local = cluster.client_of(follower).await;
+    let keys_only = GetOptions::new().with_prefix().with_serializable().with_keys_only();
+    let held = local.get("paused/", Some(keys_only)).await.expect("keys of the resumed follower");
+    let held: Vec<String> = held.kvs().iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    assert_eq!(held.len(), acked.len(), "the resumed follower's key count");
+    assert!(held.iter().eq(acked.keys()), "the resumed follower holds other keys than were acknowledged");
+    for (key, value) in acked.iter().step_by(97).chain(acked.iter().rev().take(20)) {
+        let got = local.get(key.as_str(), Some(GetOptions::new().with_serializable())).await.unwrap();
+        assert_eq!(got.kvs()[0].value_str().unwrap(), value, "{key} on the resumed follower");
+    }
+    // Its own link to the leader works again: it forwards a write.
+    let mut through_follower = cluster.client_of(follower).await;
+    through_follower.put("after", "resume", None).await.expect("a put through the resumed follower");
+}
