@@ -959,7 +959,7 @@ impl Driver {
             }
         }
         for (to, theirs) in by_peer {
-            if let Some(peer) = self.peers.get(&to) {
+            if let Some(peer) = self.peers.get_mut(&to) {
                 peer.send(theirs);
             }
         }

@@ -176,13 +176,13 @@ pub async fn serve(
         .collect();
     let health = start_health(&config, &member_ids, cluster_id, member_id, metrics.clone(), &stop_rx);
     let mut servers = Vec::new();
-    let link_receiver = Arc::new(transport::LinkReceiver {
+    let link_receiver = Arc::new(transport::LinkReceiver::new(
         cluster_id,
         member_id,
-        removed: removed_members.clone(),
-        inputs: input_tx.clone(),
-        stop: stop_rx.clone(),
-    });
+        removed_members.clone(),
+        input_tx.clone(),
+        stop_rx.clone(),
+    ));
     for listener in peer_listeners {
         let service = PeerService::new(
             cluster_id,

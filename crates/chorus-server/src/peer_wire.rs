@@ -38,6 +38,10 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// written bytes may stay unacknowledged before the kernel gives up on the peer.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The most a receiver reserves ahead for the rest of a frame; beyond it the buffer
+/// grows as bytes arrive.
+pub const FRAME_RESERVE_BYTES_MAX: usize = 1024 * 1024;
+
 /// Who opens a link, to whom, in which cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hello {
@@ -133,8 +137,9 @@ pub fn take_frames(buf: &mut BytesMut, from: u64, out: &mut Vec<Message>) -> Res
             return Err(FrameError::TooLarge(len));
         }
         if buf.len() < 4 + len {
-            // Room for the rest, so the next reads need no reallocation.
-            buf.reserve(4 + len - buf.len());
+            // Room for the rest, so the next reads need no reallocation; but not
+            // more than FRAME_RESERVE_BYTES_MAX on a length no byte has backed yet.
+            buf.reserve((4 + len - buf.len()).min(FRAME_RESERVE_BYTES_MAX));
             break;
         }
         buf.advance(4);

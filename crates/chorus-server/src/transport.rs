@@ -3,9 +3,11 @@
 //! Each member listens on its peer port for two kinds of connection, told apart by
 //! their first bytes. A raft link (format in [`peer_wire`]) is a plain TCP
 //! connection per ordered pair of members that carries raft messages as
-//! length-prefixed frames: the sender task writes whatever the driver queued since
-//! its last write in one `write`, and the receiving task hands every whole frame of
-//! one read to the driver at once. Everything else is gRPC (`chorus.v1.Peer` and
+//! length-prefixed frames: the driver writes a cycle's frames for a peer into its
+//! link itself ([`PeerHandle`]), the peer's sender task writes only what the socket
+//! could not take at once, and the receiving task hands every whole frame of one
+//! read to the driver at once. A member has one link to each other member: a newer
+//! link from the same member ends the older one. Everything else is gRPC (`chorus.v1.Peer` and
 //! the failure detector's service): snapshots, cluster info, hashes for the
 //! corruption check and forwarded lease calls. Raft messages once went over gRPC
 //! too; HTTP/2's framing, flow control and extra task hop cost CPU and a thread
@@ -241,9 +243,12 @@ pub struct PeerLink {
 /// cannot take at once waits in `pending` for the peer's sender task, and while it
 /// waits, later frames queue behind it, so bytes never interleave. The task also
 /// opens and reopens the link, writes keep-alives, reads a refusal and streams
-/// snapshots over gRPC. Dropping the handle stops the task.
+/// snapshots over gRPC. Dropping the handle stops the task (once it has finished
+/// opening a link, if it is doing that).
 pub struct PeerHandle {
     outbox: Arc<Outbox>,
+    /// Where the driver encodes a cycle's frames, outside the outbox's lock.
+    scratch: Vec<u8>,
 }
 
 struct Outbox {
@@ -263,8 +268,6 @@ struct OutboxState {
     writing: bool,
     /// Snapshot messages for the task to stream over gRPC.
     snapshots: Vec<Message>,
-    /// Where the driver encodes a cycle's frames (kept to save an allocation).
-    scratch: Vec<u8>,
     closed: bool,
 }
 
@@ -279,30 +282,33 @@ impl PeerHandle {
     ) -> PeerHandle {
         let outbox = Arc::new(Outbox { state: Default::default(), wake: tokio::sync::Notify::new() });
         runtime.spawn(run_peer_sender(link, outbox.clone(), driver));
-        PeerHandle { outbox }
+        PeerHandle { outbox, scratch: Vec::new() }
     }
 
     /// Hands the peer `messages`, in order. Never blocks. Without an open link, or
-    /// with more than [`PEER_PENDING_BYTES_MAX`] waiting for a slow peer, the
-    /// messages are dropped: raft sends again whatever matters.
-    pub fn send(&self, messages: Vec<Message>) {
-        let mut guard = self.outbox.state.lock().expect("peer outbox");
-        let state = &mut *guard;
-        let mut wake = false;
-        let mut scratch = std::mem::take(&mut state.scratch);
+    /// with more than [`PEER_PENDING_BYTES_MAX`] already waiting for a slow peer
+    /// (beyond what the sender task is writing), the messages are dropped: raft
+    /// sends again whatever matters.
+    pub fn send(&mut self, messages: Vec<Message>) {
+        let mut scratch = std::mem::take(&mut self.scratch);
         scratch.clear();
+        let mut snapshots = Vec::new();
         for message in messages {
             if message.get_msg_type() == MessageType::MsgSnapshot {
-                state.snapshots.push(message);
-                wake = true;
-            } else if state.link.is_some() {
+                snapshots.push(message);
+            } else {
                 peer_wire::push_frame(&mut scratch, &message);
             }
         }
+        let mut guard = self.outbox.state.lock().expect("peer outbox");
+        let state = &mut *guard;
+        let mut wake = !snapshots.is_empty();
+        state.snapshots.append(&mut snapshots);
         if let (Some(link), false) = (&state.link, scratch.is_empty()) {
             if !state.writing && state.pending.is_empty() {
                 match link.try_write(&scratch) {
                     Ok(written) if written == scratch.len() => {}
+                    // The rest of a frame must follow whatever the cap says.
                     Ok(written) => {
                         state.pending.extend_from_slice(&scratch[written..]);
                         wake = true;
@@ -319,10 +325,10 @@ impl PeerHandle {
                 wake = true;
             }
         }
-        if scratch.capacity() <= LINK_BUFFER_KEPT_BYTES {
-            state.scratch = scratch;
-        }
         drop(guard);
+        if scratch.capacity() <= LINK_BUFFER_KEPT_BYTES {
+            self.scratch = scratch;
+        }
         if wake {
             self.outbox.wake.notify_one();
         }
@@ -350,8 +356,13 @@ async fn run_peer_sender(link: PeerLink, outbox: Arc<Outbox>, driver: mpsc::Weak
     loop {
         let end = match open_link(&link).await {
             Ok(stream) => {
-                delay = RECONNECT_DELAY_MIN;
-                serve_link(Arc::new(stream), &outbox, &snapshots).await
+                let opened = tokio::time::Instant::now();
+                let end = serve_link(Arc::new(stream), &outbox, &snapshots).await;
+                // A link refused as soon as it opens must not be reopened at once, forever.
+                if opened.elapsed() >= RECONNECT_DELAY_MAX {
+                    delay = RECONNECT_DELAY_MIN;
+                }
+                end
             }
             Err(end) => end,
         };
@@ -376,12 +387,15 @@ async fn run_peer_sender(link: PeerLink, outbox: Arc<Outbox>, driver: mpsc::Weak
         for _ in waiting {
             snapshots.failed().await;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = outbox.wake.notified() => {
-                // Only a drop matters here: bytes cannot be pending without a link.
-                if outbox.state.lock().expect("peer outbox").closed {
-                    return;
+        // Sleep out the delay; a wake (a snapshot, a drop) ends it only for a drop.
+        let retry_at = tokio::time::Instant::now() + delay;
+        while tokio::time::Instant::now() < retry_at {
+            tokio::select! {
+                _ = tokio::time::sleep_until(retry_at) => {}
+                _ = outbox.wake.notified() => {
+                    if outbox.state.lock().expect("peer outbox").closed {
+                        return;
+                    }
                 }
             }
         }
@@ -516,14 +530,29 @@ async fn serve_link(link: Arc<TcpStream>, outbox: &Outbox, snapshots: &SnapshotS
                 state.writing = !state.pending.is_empty();
                 (std::mem::take(&mut state.pending), std::mem::take(&mut state.snapshots))
             };
+            if !bytes.is_empty() {
+                let write = write_all_shared(&link, &bytes);
+                tokio::pin!(write);
+                // A slow peer's write can take long: a dropped handle must not wait for it.
+                let written = loop {
+                    tokio::select! {
+                        written = &mut write => break written,
+                        _ = outbox.wake.notified() => {
+                            if outbox.state.lock().expect("peer outbox").closed {
+                                break 'link LinkEnd::Closed;
+                            }
+                        }
+                    }
+                };
+                if written.is_err() {
+                    break 'link LinkEnd::Broken;
+                }
+            }
             for message in waiting {
                 snapshots.start(message).await;
             }
             if bytes.is_empty() {
                 break;
-            }
-            if write_all_shared(&link, &bytes).await.is_err() {
-                break 'link LinkEnd::Broken;
             }
         }
     };
@@ -574,14 +603,39 @@ impl AsyncRead for SharedRead<'_> {
 
 /// Receives raft links on the peer port and hands their messages to the driver.
 pub struct LinkReceiver {
-    pub cluster_id: u64,
-    pub member_id: u64,
-    pub removed: RemovedMembers,
-    pub inputs: mpsc::Sender<Input>,
-    pub stop: watch::Receiver<bool>,
+    cluster_id: u64,
+    member_id: u64,
+    removed: RemovedMembers,
+    inputs: mpsc::Sender<Input>,
+    stop: watch::Receiver<bool>,
+    /// The newest link from each member (its number): a member has one link to
+    /// this one, and a newer link ends the one before.
+    newest: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 impl LinkReceiver {
+    pub fn new(
+        cluster_id: u64,
+        member_id: u64,
+        removed: RemovedMembers,
+        inputs: mpsc::Sender<Input>,
+        stop: watch::Receiver<bool>,
+    ) -> LinkReceiver {
+        LinkReceiver { cluster_id, member_id, removed, inputs, stop, newest: Default::default() }
+    }
+
+    /// Numbers a new link from `from`, ending any older one.
+    fn register(&self, from: u64) -> u64 {
+        let mut newest = self.newest.lock().expect("newest links");
+        let number = newest.get(&from).map_or(1, |n| n + 1);
+        newest.insert(from, number);
+        number
+    }
+
+    fn is_newest(&self, from: u64, number: u64) -> bool {
+        self.newest.lock().expect("newest links").get(&from) == Some(&number)
+    }
+
     /// Accepts connections on a peer port until the member stops: raft links are
     /// served here, everything else (snapshots, cluster info, health, forwarded
     /// lease calls) goes to `grpc`.
@@ -652,6 +706,7 @@ impl LinkReceiver {
         {
             return;
         }
+        let number = self.register(hello.from_id);
         let mut stop = self.stop.clone();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -679,6 +734,13 @@ impl LinkReceiver {
                     .await;
                 return;
             }
+            if !self.is_newest(hello.from_id, number) {
+                tracing::debug!(from = %format!("{:016x}", hello.from_id), "a newer link replaced this one");
+                return;
+            }
+            if buf.is_empty() && buf.capacity() > LINK_BUFFER_KEPT_BYTES {
+                buf = BytesMut::with_capacity(64 * 1024);
+            }
             if self.is_removed(hello.from_id) {
                 let _ = stream
                     .write_all(&Answer { code: Answer::REMOVED, reason: REMOVED_MESSAGE.into() }.encode())
@@ -700,6 +762,7 @@ impl LinkReceiver {
 /// bytes as it takes to tell (a gRPC client sends its 24-byte preface at once).
 async fn starts_with_magic(stream: &TcpStream) -> std::io::Result<bool> {
     let mut head = [0u8; MAGIC.len()];
+    let mut wait = Duration::from_millis(1);
     loop {
         let n = stream.peek(&mut head).await?;
         if n == 0 || head[..n] != MAGIC[..n] {
@@ -708,8 +771,10 @@ async fn starts_with_magic(stream: &TcpStream) -> std::io::Result<bool> {
         if n == MAGIC.len() {
             return Ok(true);
         }
-        // A prefix of the magic: the rest is on its way.
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        // A prefix of the magic: the rest is on its way (backing off, so that a
+        // connection that stalls here costs few wake-ups).
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -827,13 +892,7 @@ mod tests {
         let (grpc_tx, grpc) = mpsc::channel(4);
         let (stop_tx, stop) = watch::channel(false);
         let removed = RemovedMembers::default();
-        let receiver = Arc::new(LinkReceiver {
-            cluster_id: CLUSTER,
-            member_id: ME,
-            removed: removed.clone(),
-            inputs: inputs_tx,
-            stop,
-        });
+        let receiver = Arc::new(LinkReceiver::new(CLUSTER, ME, removed.clone(), inputs_tx, stop));
         tokio::spawn(receiver.accept(listener, grpc_tx));
         Port { addr, inputs, grpc, removed, _stop: stop_tx }
     }
@@ -874,7 +933,7 @@ mod tests {
     #[tokio::test]
     async fn every_message_queued_arrives_in_order_at_the_driver() {
         let mut port = port().await;
-        let (handle, _driver, _keep) = sender(&port.addr, CLUSTER);
+        let (mut handle, _driver, _keep) = sender(&port.addr, CLUSTER);
         wait_open(&handle).await;
         // Batches large enough that some writes cannot finish at once and wait for
         // the sender task, while later batches queue behind them.
@@ -901,7 +960,7 @@ mod tests {
         // A receiver that takes the hello and then reads nothing until told to.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let (handle, _driver, _keep) = sender(&addr, CLUSTER);
+        let (mut handle, _driver, _keep) = sender(&addr, CLUSTER);
         let (mut peer, _) = listener.accept().await.unwrap();
         let mut hello = [0u8; HELLO_BYTES];
         peer.read_exact(&mut hello).await.unwrap();
@@ -953,7 +1012,7 @@ mod tests {
         assert_eq!(answer.code, Answer::REFUSED);
         assert!(answer.reason.contains("link is for member 0000000000000008"), "{}", answer.reason);
 
-        let (handle, _driver, _keep) = sender(&port.addr, CLUSTER + 1);
+        let (mut handle, _driver, _keep) = sender(&port.addr, CLUSTER + 1);
         for index in 0..10 {
             handle.send(vec![append(index)]);
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -964,7 +1023,7 @@ mod tests {
     #[tokio::test]
     async fn a_removed_member_is_told_so_at_hello_and_on_an_open_link() {
         let mut port = port().await;
-        let (handle, mut driver, _keep) = sender(&port.addr, CLUSTER);
+        let (mut handle, mut driver, _keep) = sender(&port.addr, CLUSTER);
         wait_open(&handle).await;
         handle.send(vec![append(1)]);
         assert!(matches!(next_input(&mut port.inputs).await, Some(Input::Peer(_))));
@@ -994,6 +1053,31 @@ mod tests {
             "the link must be closed after the refusal"
         );
         assert!(port.inputs.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_newer_link_from_the_same_member_ends_the_older_one() {
+        let mut port = port().await;
+        let me = Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME };
+        let (mut older, answer) = hello(&port.addr, me).await;
+        assert_eq!(answer.code, Answer::ACCEPTED);
+        let (mut newer, answer) = hello(&port.addr, me).await;
+        assert_eq!(answer.code, Answer::ACCEPTED);
+        let frame = |index: u64| {
+            let mut bytes = Vec::new();
+            peer_wire::push_frame(&mut bytes, &append(index));
+            bytes
+        };
+        older.write_all(&frame(1)).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(5), older.read(&mut [0u8; 16])).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the older link stayed open: {read:?}");
+        newer.write_all(&frame(2)).await.unwrap();
+        match next_input(&mut port.inputs).await {
+            Some(Input::Peer(messages)) => {
+                assert_eq!(messages, vec![append(2)], "the older link's frame came through")
+            }
+            _ => panic!("the newer link's frame did not arrive"),
+        }
     }
 
     #[tokio::test]
