@@ -116,7 +116,15 @@ pub const GRPC_MESSAGE_OVERHEAD_BYTES: u64 = 64 * 1024;
 /// Bytes of raft frames waiting for a slow peer before new ones are dropped.
 pub const PEER_PENDING_BYTES_MAX: usize = 32 * 1024 * 1024;
 /// The largest raft frame (one message) a member accepts from a peer, in bytes.
-pub const PEER_BATCH_BYTES_MAX: usize = 64 * 1024 * 1024;
+pub const PEER_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// The most a link's receiver reserves ahead for the rest of a frame; beyond it
+/// the buffer grows as bytes arrive (a length alone costs no memory).
+pub const PEER_FRAME_RESERVE_BYTES_MAX: usize = 1024 * 1024;
+/// A link's read or write buffer grown past this (by a burst of large appends) is
+/// let go once empty.
+pub const PEER_LINK_BUFFER_KEPT_BYTES: usize = 4 * 1024 * 1024;
+/// gRPC connections the peer port's acceptor hands on before it waits for tonic.
+pub const PEER_PORT_GRPC_BACKLOG: usize = 64;
 /// Lease keep-alive responses buffered per stream between a member and its client.
 pub const KEEP_ALIVE_RESPONSES_MAX: usize = 64;
 /// The HTTP/JSON gateway accepts a body this many times the gRPC message limit

@@ -22,8 +22,8 @@ mod read_gate;
 pub mod status;
 pub mod transport;
 
-use chorus_core::limits::GRPC_MESSAGE_OVERHEAD_BYTES;
 use chorus_core::limits::{DRIVER_QUEUE_INPUTS_MAX, SHUTDOWN_DRAIN_MS};
+use chorus_core::limits::{GRPC_MESSAGE_OVERHEAD_BYTES, PEER_PORT_GRPC_BACKLOG};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -411,8 +411,6 @@ async fn join_cluster_id(config: &ServerConfig, member_id: u64) -> Result<u64, S
 
 /// How long a joining member looks for a member of the cluster to answer.
 const JOIN_WAIT_S: u64 = 30;
-/// gRPC connections the peer port's acceptor hands on before it waits for tonic.
-const PEER_PORT_GRPC_BACKLOG: usize = 64;
 
 fn start_peer_senders(
     config: &ServerConfig,

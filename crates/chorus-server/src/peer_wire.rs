@@ -18,10 +18,10 @@
 //!
 //! rust-protobuf 2's parser has a published advisory for untrusted input: a
 //! receiver parses frames only after the hello named its cluster and itself, from a
-//! member not removed, and only frames no longer than [`PEER_BATCH_BYTES_MAX`].
+//! member not removed, and only frames no longer than [`PEER_FRAME_BYTES_MAX`].
 
 use bytes::{Buf, BytesMut};
-use chorus_core::limits::PEER_BATCH_BYTES_MAX;
+use chorus_core::limits::{PEER_FRAME_BYTES_MAX, PEER_FRAME_RESERVE_BYTES_MAX};
 use protobuf::Message as _;
 use raft::prelude::Message;
 use std::time::Duration;
@@ -37,10 +37,6 @@ pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a receiver waits for a byte before it closes the link, and how long
 /// written bytes may stay unacknowledged before the kernel gives up on the peer.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The most a receiver reserves ahead for the rest of a frame; beyond it the buffer
-/// grows as bytes arrive.
-pub const FRAME_RESERVE_BYTES_MAX: usize = 1024 * 1024;
 
 /// Who opens a link, to whom, in which cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +83,18 @@ impl Answer {
     /// The length of an answer before its reason.
     pub const HEAD_BYTES: usize = 3;
 
+    pub fn accepted() -> Answer {
+        Answer { code: Self::ACCEPTED, reason: String::new() }
+    }
+
+    pub fn refused(reason: impl Into<String>) -> Answer {
+        Answer { code: Self::REFUSED, reason: reason.into() }
+    }
+
+    pub fn removed(reason: impl Into<String>) -> Answer {
+        Answer { code: Self::REMOVED, reason: reason.into() }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let reason = &self.reason.as_bytes()[..self.reason.len().min(REASON_BYTES_MAX)];
         let mut bytes = Vec::with_capacity(Self::HEAD_BYTES + reason.len());
@@ -119,7 +127,7 @@ pub fn push_keep_alive(buf: &mut Vec<u8>) {
 /// Why a receiver closes a link.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("frame of {0} bytes is larger than the {PEER_BATCH_BYTES_MAX} bytes a member accepts")]
+    #[error("frame of {0} bytes is larger than the {PEER_FRAME_BYTES_MAX} bytes a member accepts")]
     TooLarge(usize),
     #[error("undecodable raft message: {0}")]
     Undecodable(String),
@@ -133,13 +141,13 @@ pub enum FrameError {
 pub fn take_frames(buf: &mut BytesMut, from: u64, out: &mut Vec<Message>) -> Result<(), FrameError> {
     while buf.len() >= 4 {
         let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
-        if len > PEER_BATCH_BYTES_MAX {
+        if len > PEER_FRAME_BYTES_MAX {
             return Err(FrameError::TooLarge(len));
         }
         if buf.len() < 4 + len {
             // Room for the rest, so the next reads need no reallocation; but not
-            // more than FRAME_RESERVE_BYTES_MAX on a length no byte has backed yet.
-            buf.reserve((4 + len - buf.len()).min(FRAME_RESERVE_BYTES_MAX));
+            // more than PEER_FRAME_RESERVE_BYTES_MAX on a length no byte has backed yet.
+            buf.reserve((4 + len - buf.len()).min(PEER_FRAME_RESERVE_BYTES_MAX));
             break;
         }
         buf.advance(4);
@@ -221,9 +229,9 @@ pub(crate) mod tests {
     #[test]
     fn a_frame_too_large_undecodable_or_from_another_member_is_refused() {
         let mut buf = BytesMut::new();
-        buf.extend_from_slice(&((PEER_BATCH_BYTES_MAX + 1) as u32).to_le_bytes());
+        buf.extend_from_slice(&((PEER_FRAME_BYTES_MAX + 1) as u32).to_le_bytes());
         let mut got = Vec::new();
-        assert_eq!(take_frames(&mut buf, 3, &mut got), Err(FrameError::TooLarge(PEER_BATCH_BYTES_MAX + 1)));
+        assert_eq!(take_frames(&mut buf, 3, &mut got), Err(FrameError::TooLarge(PEER_FRAME_BYTES_MAX + 1)));
 
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&3u32.to_le_bytes());

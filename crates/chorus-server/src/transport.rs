@@ -24,7 +24,7 @@
 //! raft sends the snapshot again from the start. Heartbeats and appends keep
 //! flowing on the link meanwhile.
 
-use chorus_core::limits::{PEER_BATCH_BYTES_MAX, PEER_PENDING_BYTES_MAX};
+use chorus_core::limits::{PEER_FRAME_BYTES_MAX, PEER_LINK_BUFFER_KEPT_BYTES, PEER_PENDING_BYTES_MAX};
 use chorus_core::limits::{SNAPSHOT_BYTES_MAX, SNAPSHOT_CHUNK_BYTES};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -57,8 +57,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// the peer port may take to show what it is. Generous: a loaded machine (or a
 /// debug build under tests) can take a while to schedule either end.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
-/// A link's write buffer grown past this (by a burst of large appends) is let go.
-const LINK_BUFFER_KEPT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Members removed from the configuration while this member ran: their messages
 /// are refused, which is how a removed member learns it is out.
@@ -93,7 +91,7 @@ impl PeerService {
         reader: chorus_storage::ImageReader,
     ) -> PeerServer<PeerService> {
         PeerServer::new(PeerService { cluster_id, member_id, removed, inputs, node, stop, reader })
-            .max_decoding_message_size(PEER_BATCH_BYTES_MAX)
+            .max_decoding_message_size(PEER_FRAME_BYTES_MAX)
     }
 }
 
@@ -326,7 +324,7 @@ impl PeerHandle {
             }
         }
         drop(guard);
-        if scratch.capacity() <= LINK_BUFFER_KEPT_BYTES {
+        if scratch.capacity() <= PEER_LINK_BUFFER_KEPT_BYTES {
             self.scratch = scratch;
         }
         if wake {
@@ -608,9 +606,12 @@ pub struct LinkReceiver {
     removed: RemovedMembers,
     inputs: mpsc::Sender<Input>,
     stop: watch::Receiver<bool>,
-    /// The newest link from each member (its number): a member has one link to
-    /// this one, and a newer link ends the one before.
+    /// The newest link from each member with a live link (its number): a member
+    /// has one link to this one, and a newer link ends the one before.
     newest: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+    /// Numbers links, never twice (a forgotten member's next link must not share
+    /// a number with an older one still open).
+    next_number: std::sync::atomic::AtomicU64,
 }
 
 impl LinkReceiver {
@@ -621,19 +622,35 @@ impl LinkReceiver {
         inputs: mpsc::Sender<Input>,
         stop: watch::Receiver<bool>,
     ) -> LinkReceiver {
-        LinkReceiver { cluster_id, member_id, removed, inputs, stop, newest: Default::default() }
+        LinkReceiver {
+            cluster_id,
+            member_id,
+            removed,
+            inputs,
+            stop,
+            newest: Default::default(),
+            next_number: Default::default(),
+        }
     }
 
     /// Numbers a new link from `from`, ending any older one.
     fn register(&self, from: u64) -> u64 {
-        let mut newest = self.newest.lock().expect("newest links");
-        let number = newest.get(&from).map_or(1, |n| n + 1);
-        newest.insert(from, number);
+        let number = self.next_number.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.newest.lock().expect("newest links").insert(from, number);
         number
     }
 
     fn is_newest(&self, from: u64, number: u64) -> bool {
         self.newest.lock().expect("newest links").get(&from) == Some(&number)
+    }
+
+    /// Forgets a link that ended, unless a newer one replaced it: the map holds
+    /// only members with a live link.
+    fn forget(&self, from: u64, number: u64) {
+        let mut newest = self.newest.lock().expect("newest links");
+        if newest.get(&from) == Some(&number) {
+            newest.remove(&from);
+        }
     }
 
     /// Accepts connections on a peer port until the member stops: raft links are
@@ -677,20 +694,17 @@ impl LinkReceiver {
         }
         let hello = Hello::decode(&hello).expect("peeked the magic");
         let refusal = if hello.cluster_id != self.cluster_id {
-            Some(Answer {
-                code: Answer::REFUSED,
-                reason: format!(
-                    "peer belongs to cluster {:016x}, this member to {:016x}",
-                    hello.cluster_id, self.cluster_id
-                ),
-            })
+            Some(Answer::refused(format!(
+                "peer belongs to cluster {:016x}, this member to {:016x}",
+                hello.cluster_id, self.cluster_id
+            )))
         } else if hello.to_id != self.member_id {
-            Some(Answer {
-                code: Answer::REFUSED,
-                reason: format!("link is for member {:016x}, this is {:016x}", hello.to_id, self.member_id),
-            })
+            Some(Answer::refused(format!(
+                "link is for member {:016x}, this is {:016x}",
+                hello.to_id, self.member_id
+            )))
         } else if self.is_removed(hello.from_id) {
-            Some(Answer { code: Answer::REMOVED, reason: REMOVED_MESSAGE.into() })
+            Some(Answer::removed(REMOVED_MESSAGE))
         } else {
             None
         };
@@ -699,14 +713,18 @@ impl LinkReceiver {
             return;
         }
         if configure_link_socket(&stream).is_err()
-            || stream
-                .write_all(&Answer { code: Answer::ACCEPTED, reason: String::new() }.encode())
-                .await
-                .is_err()
+            || stream.write_all(&Answer::accepted().encode()).await.is_err()
         {
             return;
         }
         let number = self.register(hello.from_id);
+        self.read_frames(&mut stream, hello.from_id, number).await;
+        self.forget(hello.from_id, number);
+    }
+
+    /// Reads an accepted link's frames and hands their messages to the driver,
+    /// until the link ends, breaks, falls silent or is replaced by a newer one.
+    async fn read_frames(&self, stream: &mut TcpStream, from: u64, number: u64) {
         let mut stop = self.stop.clone();
         let mut buf = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -718,33 +736,29 @@ impl LinkReceiver {
                 Ok(Ok(n)) if n > 0 => {}
                 Ok(Ok(_)) => return,
                 Ok(Err(error)) => {
-                    tracing::debug!(from = %format!("{:016x}", hello.from_id), %error, "peer link broke");
+                    tracing::debug!(from = %format!("{:016x}", from), %error, "peer link broke");
                     return;
                 }
                 Err(_) => {
-                    tracing::debug!(from = %format!("{:016x}", hello.from_id), "peer link silent: closed");
+                    tracing::debug!(from = %format!("{:016x}", from), "peer link silent: closed");
                     return;
                 }
             }
             let mut messages = Vec::new();
-            if let Err(error) = peer_wire::take_frames(&mut buf, hello.from_id, &mut messages) {
-                tracing::warn!(from = %format!("{:016x}", hello.from_id), %error, "closing a peer link");
-                let _ = stream
-                    .write_all(&Answer { code: Answer::REFUSED, reason: error.to_string() }.encode())
-                    .await;
+            if let Err(error) = peer_wire::take_frames(&mut buf, from, &mut messages) {
+                tracing::warn!(from = %format!("{:016x}", from), %error, "closing a peer link");
+                let _ = stream.write_all(&Answer::refused(error.to_string()).encode()).await;
                 return;
             }
-            if !self.is_newest(hello.from_id, number) {
-                tracing::debug!(from = %format!("{:016x}", hello.from_id), "a newer link replaced this one");
+            if !self.is_newest(from, number) {
+                tracing::debug!(from = %format!("{:016x}", from), "a newer link replaced this one");
                 return;
             }
-            if buf.is_empty() && buf.capacity() > LINK_BUFFER_KEPT_BYTES {
+            if buf.is_empty() && buf.capacity() > PEER_LINK_BUFFER_KEPT_BYTES {
                 buf = BytesMut::with_capacity(64 * 1024);
             }
-            if self.is_removed(hello.from_id) {
-                let _ = stream
-                    .write_all(&Answer { code: Answer::REMOVED, reason: REMOVED_MESSAGE.into() }.encode())
-                    .await;
+            if self.is_removed(from) {
+                let _ = stream.write_all(&Answer::removed(REMOVED_MESSAGE).encode()).await;
                 return;
             }
             if !messages.is_empty() && self.inputs.send(Input::Peer(messages)).await.is_err() {
@@ -964,7 +978,7 @@ mod tests {
         let (mut peer, _) = listener.accept().await.unwrap();
         let mut hello = [0u8; HELLO_BYTES];
         peer.read_exact(&mut hello).await.unwrap();
-        peer.write_all(&Answer { code: Answer::ACCEPTED, reason: String::new() }.encode()).await.unwrap();
+        peer.write_all(&Answer::accepted().encode()).await.unwrap();
         wait_open(&handle).await;
         // 3 MB a batch: the socket buffers fill, writes wait for the sender task,
         // and once PEER_PENDING_BYTES_MAX waits, whole batches are dropped.
@@ -1078,6 +1092,53 @@ mod tests {
             }
             _ => panic!("the newer link's frame did not arrive"),
         }
+    }
+
+    #[tokio::test]
+    async fn links_that_ended_are_forgotten_and_a_superseded_link_stays_superseded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (inputs_tx, mut inputs) = mpsc::channel(64);
+        let (grpc_tx, _grpc) = mpsc::channel(4);
+        let (_stop_tx, stop) = watch::channel(false);
+        let receiver = Arc::new(LinkReceiver::new(CLUSTER, ME, RemovedMembers::default(), inputs_tx, stop));
+        tokio::spawn(receiver.clone().accept(listener, grpc_tx));
+        let me = Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME };
+        let frame = |index: u64| {
+            let mut bytes = Vec::new();
+            peer_wire::push_frame(&mut bytes, &append(index));
+            bytes
+        };
+        let (mut older, _) = hello(&addr, me).await;
+        let (newer, _) = hello(&addr, me).await;
+        drop(newer);
+        wait_forgotten(&receiver).await;
+        let (mut third, answer) = hello(&addr, me).await;
+        assert_eq!(answer.code, Answer::ACCEPTED);
+        // The older link's frame goes first: were it not superseded, it would arrive first.
+        older.write_all(&frame(1)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        third.write_all(&frame(3)).await.unwrap();
+        match next_input(&mut inputs).await {
+            Some(Input::Peer(messages)) => {
+                assert_eq!(messages, vec![append(3)], "a superseded link's frame came through")
+            }
+            _ => panic!("the newest link's frame did not arrive"),
+        }
+        drop((older, third));
+        wait_forgotten(&receiver).await;
+    }
+
+    /// Waits (at most 5 s) until the receiver remembers no live link.
+    async fn wait_forgotten(receiver: &LinkReceiver) {
+        let forgotten = async {
+            while !receiver.newest.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), forgotten)
+            .await
+            .expect("an ended link is still remembered");
     }
 
     #[tokio::test]
