@@ -896,6 +896,7 @@ mod tests {
         inputs: mpsc::Receiver<Input>,
         grpc: mpsc::Receiver<TcpStream>,
         removed: RemovedMembers,
+        receiver: Arc<LinkReceiver>,
         _stop: watch::Sender<bool>,
     }
 
@@ -907,8 +908,15 @@ mod tests {
         let (stop_tx, stop) = watch::channel(false);
         let removed = RemovedMembers::default();
         let receiver = Arc::new(LinkReceiver::new(CLUSTER, ME, removed.clone(), inputs_tx, stop));
-        tokio::spawn(receiver.accept(listener, grpc_tx));
-        Port { addr, inputs, grpc, removed, _stop: stop_tx }
+        tokio::spawn(receiver.clone().accept(listener, grpc_tx));
+        Port { addr, inputs, grpc, removed, receiver, _stop: stop_tx }
+    }
+
+    /// `append(index)` as one frame on the wire.
+    fn frame(index: u64) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        peer_wire::push_frame(&mut bytes, &append(index));
+        bytes
     }
 
     fn append(index: u64) -> Message {
@@ -1077,11 +1085,6 @@ mod tests {
         assert_eq!(answer.code, Answer::ACCEPTED);
         let (mut newer, answer) = hello(&port.addr, me).await;
         assert_eq!(answer.code, Answer::ACCEPTED);
-        let frame = |index: u64| {
-            let mut bytes = Vec::new();
-            peer_wire::push_frame(&mut bytes, &append(index));
-            bytes
-        };
         older.write_all(&frame(1)).await.unwrap();
         let read = tokio::time::timeout(Duration::from_secs(5), older.read(&mut [0u8; 16])).await;
         assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the older link stayed open: {read:?}");
@@ -1096,19 +1099,9 @@ mod tests {
 
     #[tokio::test]
     async fn links_that_ended_are_forgotten_and_a_superseded_link_stays_superseded() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let (inputs_tx, mut inputs) = mpsc::channel(64);
-        let (grpc_tx, _grpc) = mpsc::channel(4);
-        let (_stop_tx, stop) = watch::channel(false);
-        let receiver = Arc::new(LinkReceiver::new(CLUSTER, ME, RemovedMembers::default(), inputs_tx, stop));
-        tokio::spawn(receiver.clone().accept(listener, grpc_tx));
+        let mut port = port().await;
+        let (addr, receiver) = (port.addr.clone(), port.receiver.clone());
         let me = Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME };
-        let frame = |index: u64| {
-            let mut bytes = Vec::new();
-            peer_wire::push_frame(&mut bytes, &append(index));
-            bytes
-        };
         let (mut older, _) = hello(&addr, me).await;
         let (newer, _) = hello(&addr, me).await;
         drop(newer);
@@ -1119,7 +1112,7 @@ mod tests {
         older.write_all(&frame(1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         third.write_all(&frame(3)).await.unwrap();
-        match next_input(&mut inputs).await {
+        match next_input(&mut port.inputs).await {
             Some(Input::Peer(messages)) => {
                 assert_eq!(messages, vec![append(3)], "a superseded link's frame came through")
             }
