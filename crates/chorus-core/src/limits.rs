@@ -56,6 +56,18 @@ impl Default for Limits {
 /// connections.
 pub const SERVE_THREADS_MAX: u32 = 1_024;
 
+/// How long the consensus thread goes on polling its inputs after a pass that did work
+/// before it sleeps (`chorus serve --busy-poll`, in microseconds). Under load the next
+/// message (a follower's acknowledgement, the next append, the next proposal) usually
+/// arrives within this time: taking it without a sleep and a wake-up saves the wake-up's
+/// latency on both sides, and the sender's wake call. It polls with `sched_yield`
+/// between tries, so other runnable threads keep the core. An idle member (ticks and
+/// heartbeats only) never polls.
+pub const BUSY_POLL_US_DEFAULT: u64 = 1_000;
+
+/// Most `--busy-poll` microseconds accepted.
+pub const BUSY_POLL_US_MAX: u64 = 100_000;
+
 /// How many applied proposals the state machine remembers per proposing member, to
 /// apply each proposal exactly once even if the log holds it twice (a duplicated
 /// forwarded proposal). A duplicate arriving after this many newer proposals from

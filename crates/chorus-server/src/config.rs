@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub listen_metrics_addrs: Vec<String>,
     /// The failure detector's and clock monitor's parameters.
     pub health: chorus_core::health::HealthConfig,
+    /// `--busy-poll`: how long the consensus thread polls for more inputs after a
+    /// pass that did work before it sleeps, in microseconds (0: never polls).
+    pub busy_poll_us: u64,
 }
 
 /// A configuration that cannot work, with a message that says how to fix it.

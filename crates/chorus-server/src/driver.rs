@@ -27,7 +27,7 @@ use chorus_proto::etcdserverpb::{
     RangeResponse, ResponseHeader, WatchCreateRequest, WatchResponse,
 };
 use chorus_storage::DiskStorage;
-use raft::prelude::{ConfState, Message};
+use raft::prelude::{ConfState, Message, MessageType};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::read_gate::ReadGate;
@@ -283,6 +283,10 @@ pub struct Driver {
     defrag_started: Option<Instant>,
     /// The term as of the last input handled, for [`ReadView`]s.
     term_shared: Arc<AtomicU64>,
+    /// How long to poll for more inputs after a pass that did work (`with_busy_poll`).
+    busy_poll: Duration,
+    /// Whether the inputs of this pass held work beyond ticks and heartbeats.
+    pass_worked: bool,
 }
 
 /// A removed member stops, as etcd's does: it can no longer take part. It stops
@@ -349,6 +353,8 @@ impl Driver {
             defrag_waiting: Vec::new(),
             defrag_started: None,
             term_shared: Arc::new(AtomicU64::new(0)),
+            busy_poll: Duration::ZERO,
+            pass_worked: false,
         }
     }
 
@@ -592,9 +598,17 @@ impl Driver {
         self
     }
 
+    /// After a pass over the inputs that did work, polls for the next input this
+    /// long before sleeping (see `chorus_core::limits::BUSY_POLL_US_DEFAULT`).
+    pub fn with_busy_poll(mut self, busy_poll: Duration) -> Driver {
+        self.busy_poll = busy_poll;
+        self
+    }
+
     /// Runs until every sender of the input channel is gone.
     pub fn run(mut self) {
-        while let Some(first) = self.inputs.blocking_recv() {
+        while let Some(first) = self.next_input() {
+            self.pass_worked = false;
             self.handle(first);
             for _ in 1..INPUT_BATCH_MAX {
                 match self.inputs.try_recv() {
@@ -614,7 +628,47 @@ impl Driver {
         tracing::info!("node driver stopped");
     }
 
+    /// The next input: polled for `busy_poll` after a pass that did work, so that
+    /// a message arriving soon is taken without a sleep and a wake-up; waited for
+    /// otherwise. Polling yields the CPU between tries.
+    fn next_input(&mut self) -> Option<Input> {
+        if self.pass_worked && !self.busy_poll.is_zero() {
+            let started = Instant::now();
+            let until = started + self.busy_poll;
+            let polled = loop {
+                match self.inputs.try_recv() {
+                    Ok(input) => break Some(input),
+                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+                if Instant::now() >= until {
+                    break None;
+                }
+                std::thread::yield_now();
+            };
+            if let Some(metrics) = &self.metrics {
+                let ended =
+                    if polled.is_some() { &metrics.busy_polls_input } else { &metrics.busy_polls_timeout };
+                ended.inc();
+                metrics.busy_poll_seconds.inc_by(started.elapsed().as_secs_f64());
+            }
+            if polled.is_some() {
+                return polled;
+            }
+        }
+        self.inputs.blocking_recv()
+    }
+
     fn handle(&mut self, input: Input) {
+        // Replication and client requests; not ticks, heartbeats or the periodic
+        // status and metrics questions of an idle member.
+        self.pass_worked |= match &input {
+            Input::Peer(messages) => messages.iter().any(|m| {
+                !matches!(m.get_msg_type(), MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse)
+            }),
+            Input::Propose { .. } | Input::LeaseKeepAlive { .. } => true,
+            _ => false,
+        };
         match input {
             Input::Tick => {
                 self.on_tick();

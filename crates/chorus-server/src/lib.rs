@@ -148,6 +148,7 @@ pub async fn serve(
     let driver =
         Driver::new(node, opened.storage, input_rx, peers, ids, own_attributes, watch_progress_ticks)
             .with_metrics(metrics.clone())
+            .with_busy_poll(Duration::from_micros(config.busy_poll_us))
             .with_snapshot_builder(input_tx.downgrade())
             .with_quota(config.quota_backend_bytes)
             .with_membership(

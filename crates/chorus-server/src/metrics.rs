@@ -64,6 +64,14 @@ pub struct Metrics {
     pub watchers: Gauge,
     pub leases: Gauge,
     pub mvcc_revision: Gauge,
+    /// The consensus thread's polls for input (`--busy-poll`), by how each ended:
+    /// "input" (one arrived) or "timeout" (it went to sleep); the two counters are
+    /// made once, so that counting a poll allocates nothing.
+    busy_polls: Family<Labels, Counter>,
+    pub busy_polls_input: Counter,
+    pub busy_polls_timeout: Counter,
+    /// Time the consensus thread spent polling for input.
+    pub busy_poll_seconds: Counter<f64, AtomicU64>,
     /// Each method path's histogram in `grpc_request_duration`, found once per path
     /// (at most `GRPC_METHOD_LABELS_MAX` paths), so that a request costs no label
     /// allocation and no exclusive lock.
@@ -107,6 +115,10 @@ impl Metrics {
 
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("chorus");
+        let busy_polls = Family::<Labels, Counter>::default();
+        let busy_polls_by =
+            |result: &str| busy_polls.get_or_create(&vec![("result".into(), result.into())]).clone();
+        let (busy_polls_input, busy_polls_timeout) = (busy_polls_by("input"), busy_polls_by("timeout"));
         let m = Metrics {
             raft_term: Gauge::default(),
             raft_is_leader: Gauge::default(),
@@ -130,6 +142,10 @@ impl Metrics {
             watchers: Gauge::default(),
             leases: Gauge::default(),
             mvcc_revision: Gauge::default(),
+            busy_polls,
+            busy_polls_input,
+            busy_polls_timeout,
+            busy_poll_seconds: Counter::default(),
             registry: Registry::default(),
             grpc_method_histograms: Default::default(),
             grpc_other_histogram: Default::default(),
@@ -198,6 +214,16 @@ impl Metrics {
         );
         r.register("db_size_bytes", "Size of the database file", m.db_size_bytes.clone());
         r.register("watchers", "Watchers open on this member", m.watchers.clone());
+        r.register(
+            "busy_polls",
+            "Polls of the consensus thread for input after work (--busy-poll), by result (input, timeout)",
+            m.busy_polls.clone(),
+        );
+        r.register(
+            "busy_poll_seconds",
+            "Time the consensus thread spent polling for input (--busy-poll)",
+            m.busy_poll_seconds.clone(),
+        );
         r.register("leases", "Leases in the replicated state", m.leases.clone());
         r.register("mvcc_revision", "Current MVCC revision", m.mvcc_revision.clone());
         Metrics { registry, ..m }

@@ -249,6 +249,57 @@ fn check_metrics_and_health_endpoints(cluster: &Cluster, leader: usize) {
     assert_eq!(http_get(port, "/nothing").0, 404);
 }
 
+/// A member's `chorus_busy_polls_total` counters: (polls that took an input,
+/// polls that ended in sleep).
+fn busy_polls(port: u16) -> (u64, u64) {
+    let (code, body) = http_get(port, "/metrics");
+    assert_eq!(code, 200);
+    let count = |result: &str| {
+        let prefix = format!("chorus_busy_polls_total{{result=\"{result}\"}} ");
+        body.lines().find_map(|line| line.strip_prefix(prefix.as_str())).map_or(0, |n| n.parse().unwrap())
+    };
+    (count("input"), count("timeout"))
+}
+
+/// `--busy-poll`: the consensus thread polls for input after replication work,
+/// and only then. Under writes the leader's polls take inputs; then, with the
+/// members idle for 3 s (ticks, heartbeats and the metrics' status questions every
+/// 100 ms still arrive), no member starts a single poll. With `--busy-poll 0` no
+/// member ever polls. A value past the limit is refused naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_polls_only_after_work() {
+    for poll in ["1000", "0"] {
+        let cluster = Cluster::start(3, &["--busy-poll", poll]);
+        let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+        let mut client = cluster.client_of(leader).await;
+        for i in 0..200 {
+            client.put(format!("poll/{i}"), poll, None).await.unwrap();
+        }
+        let (leader_input, _) = busy_polls(cluster.members[leader].metrics_port);
+        if poll == "0" {
+            assert_eq!(leader_input, 0, "--busy-poll 0 polled");
+        } else {
+            assert!(leader_input > 0, "the leader never took an input by polling under writes");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before: Vec<(u64, u64)> = cluster.members.iter().map(|m| busy_polls(m.metrics_port)).collect();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after: Vec<(u64, u64)> = cluster.members.iter().map(|m| busy_polls(m.metrics_port)).collect();
+        assert_eq!(before, after, "--busy-poll {poll}: idle members polled");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--busy-poll", "100001"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "--busy-poll 100001 was accepted");
+    assert!(stderr.contains("--busy-poll") && stderr.contains("0..=100000"), "{stderr}");
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "a refused flag created files");
+}
+
 #[test]
 fn bad_failure_detector_flags_are_refused() {
     for (flag, value, expected) in [
