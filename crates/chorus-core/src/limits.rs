@@ -58,12 +58,14 @@ pub const SERVE_THREADS_MAX: u32 = 1_024;
 
 /// How long the consensus thread goes on polling its inputs after a pass that did work
 /// before it sleeps (`chorus serve --busy-poll`, in microseconds). Under load the next
-/// message (a follower's acknowledgement, the next append, the next proposal) usually
-/// arrives within this time: taking it without a sleep and a wake-up saves the wake-up's
-/// latency on both sides, and the sender's wake call. It polls with `sched_yield`
-/// between tries, so other runnable threads keep the core. An idle member (ticks and
-/// heartbeats only) never polls.
-pub const BUSY_POLL_US_DEFAULT: u64 = 1_000;
+/// message (the next append, the next proposal) usually arrives within a millisecond:
+/// taking it without a sleep and a wake-up saves the wake-up's latency on both sides,
+/// and the sender's wake call. It polls with `sched_yield` between tries, and an idle
+/// member (ticks and heartbeats only) never polls. Off by default: a polling thread
+/// keeps its core looking busy, so the scheduler queues other threads' wake-ups behind
+/// busy cores instead of on it, which tripled watch p99 with three members on two cores
+/// (DECISIONS §20). For members with cores to spare.
+pub const BUSY_POLL_US_DEFAULT: u64 = 0;
 
 /// Most `--busy-poll` microseconds accepted.
 pub const BUSY_POLL_US_MAX: u64 = 100_000;

@@ -118,10 +118,11 @@ pub struct ServeArgs {
     /// Wall-clock offset to a peer (beyond its error bound) that raises an alarm, in milliseconds.
     #[arg(long, env = "CHORUS_MAX_CLOCK_SKEW", default_value_t = limits::HEALTH_MAX_CLOCK_SKEW_MS_DEFAULT)]
     pub max_clock_skew: u64,
-    /// After a pass that did work, the consensus thread polls for more input (yielding the
-    /// CPU between polls) for this many microseconds before it sleeps. Under load this
-    /// saves a thread wake-up per message and lowers latency, at the cost of some CPU while
-    /// busy; an idle member never polls. 0 turns polling off.
+    /// After a pass that did replication work, the consensus thread polls for more input
+    /// (yielding the CPU between polls) for this many microseconds before it sleeps (0, the
+    /// default: never). Under load this saves a thread wake-up per message and lowers write
+    /// latency, at the cost of CPU while busy; an idle member never polls. For members with
+    /// cores to spare: where cores are short it delays other threads (watch delivery).
     #[arg(long, env = "CHORUS_BUSY_POLL", default_value_t = limits::BUSY_POLL_US_DEFAULT, value_parser = clap::value_parser!(u64).range(0..=limits::BUSY_POLL_US_MAX))]
     pub busy_poll: u64,
 }
