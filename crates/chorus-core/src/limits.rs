@@ -12,6 +12,13 @@
 /// Default of [`Limits::request_bytes_max`]: etcd's `--max-request-bytes` (1.5 MiB).
 pub const REQUEST_BYTES_MAX_DEFAULT: u64 = 1_572_864;
 
+/// Most `--max-request-bytes` accepted (32 MiB): an accepted request becomes one log
+/// entry, which must reach the other members in one raft frame (at most
+/// [`PEER_FRAME_BYTES_MAX`], 64 MiB, with room for the entry's wrapping). A larger
+/// limit would let a member accept a write that no follower can ever receive, and
+/// replication would stop there for good.
+pub const REQUEST_BYTES_MAX_MAX: u64 = 32 * 1024 * 1024;
+
 /// Default of [`Limits::key_bytes_max`] (64 KiB).
 pub const KEY_BYTES_MAX_DEFAULT: u64 = 65_536;
 

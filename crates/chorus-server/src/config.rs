@@ -104,6 +104,12 @@ impl ServerConfig {
         if self.election_timeout_ms > 50_000 {
             return fail("--election-timeout must be at most 50000 ms".into());
         }
+        let request_max = chorus_core::limits::REQUEST_BYTES_MAX_MAX;
+        if self.limits.request_bytes_max == 0 || self.limits.request_bytes_max > request_max {
+            return fail(format!(
+                "--max-request-bytes must be between 1 and {request_max} (32 MiB): every request accepted must fit in one message to the other members"
+            ));
+        }
         if self.request_timeout_ms == 0 {
             return fail("--request-timeout must be positive".into());
         }

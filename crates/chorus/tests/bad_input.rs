@@ -580,6 +580,16 @@ async fn serve_refuses_bad_flags_with_one_line() {
             "TLS is not supported yet",
         ),
         (
+            "--max-request-bytes above what one raft frame carries",
+            vec![("--max-request-bytes", "33554433".into())],
+            "--max-request-bytes must be between 1 and 33554432 (32 MiB)",
+        ),
+        (
+            "--max-request-bytes 0",
+            vec![("--max-request-bytes", "0".into())],
+            "--max-request-bytes must be between 1 and 33554432 (32 MiB)",
+        ),
+        (
             "advertised peer URL not in --initial-cluster",
             vec![("--initial-advertise-peer-urls", other_peer)],
             "--initial-advertise-peer-urls",

@@ -345,3 +345,53 @@ async fn a_follower_stopped_past_the_link_timeouts_never_stalls_the_leader_and_c
     let mut through_follower = cluster.client_of(follower).await;
     through_follower.put("after", "resume", None).await.expect("a put through the resumed follower");
 }
+
+/// The largest `--max-request-bytes` accepted (`REQUEST_BYTES_MAX_MAX`, 32 MiB)
+/// still replicates: a txn of 21 puts of 1.5 MiB values (31.5 MiB, one log entry)
+/// is acknowledged and reaches every member, so every request a member can accept
+/// fits in one raft frame to the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_the_largest_accepted_size_reaches_every_member() {
+    use chorus_proto::etcdserverpb::kv_client::KvClient;
+    use chorus_proto::etcdserverpb::{request_op, PutRequest, RangeRequest, RequestOp, TxnRequest};
+    const LIMIT: usize = 32 * 1024 * 1024;
+    const VALUE_BYTES: usize = 1_572_864;
+    let cluster = Cluster::start(3, &["--max-request-bytes", &LIMIT.to_string()]);
+    let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let kv = |i: usize| {
+        let endpoint = format!("http://{}", cluster.endpoint(i));
+        async move {
+            KvClient::connect(endpoint)
+                .await
+                .unwrap()
+                .max_encoding_message_size(2 * LIMIT)
+                .max_decoding_message_size(2 * LIMIT)
+        }
+    };
+    let success: Vec<RequestOp> = (0..21)
+        .map(|i| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: format!("big/{i:02}").into_bytes(),
+                value: vec![b'a' + i as u8; VALUE_BYTES],
+                ..Default::default()
+            })),
+        })
+        .collect();
+    let txn = TxnRequest { success, ..Default::default() };
+    assert!(prost::Message::encoded_len(&txn) < LIMIT);
+    kv(leader).await.txn(txn).await.expect("the 31.5 MiB txn is acknowledged");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for member in 0..3 {
+        let mut client = kv(member).await;
+        loop {
+            let range = RangeRequest { key: b"big/20".to_vec(), serializable: true, ..Default::default() };
+            let got = client.range(range).await.unwrap().into_inner();
+            if let Some(found) = got.kvs.first() {
+                assert_eq!(found.value, vec![b'a' + 20; VALUE_BYTES], "member {member}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "member {member} never received the 31.5 MiB entry");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
