@@ -669,10 +669,16 @@ impl Node {
     }
 
     /// The transport's word on a snapshot it carried: on failure raft-rs sends
-    /// another without waiting for [`NodeConfig::snapshot_retry_ticks`].
+    /// another without waiting for [`NodeConfig::snapshot_retry_ticks`]. Once
+    /// delivered, raft-rs stops waiting for the member's answer to the snapshot and
+    /// probes it at the member's next heartbeat answer: an answer lost on the way
+    /// (sent before the member's link to this leader was open) would otherwise hold
+    /// the member in snapshot state, sent nothing, until the retry.
     pub fn report_snapshot(&mut self, to: u64, delivered: bool) {
         assert!(self.in_cycle.is_none(), "report_snapshot during a cycle");
-        if !delivered {
+        if delivered {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
+        } else {
             self.snapshots_in_flight.remove(&to);
             self.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
         }

@@ -119,6 +119,10 @@ pub enum Input {
     SnapshotFailed {
         to: u64,
     },
+    /// The transport delivered a snapshot to member `to` (its receiver took it).
+    SnapshotDelivered {
+        to: u64,
+    },
     /// Defragment this member's database (Maintenance.Defragment); answered when
     /// the compacted copy has replaced it.
     Defragment {
@@ -706,6 +710,7 @@ impl Driver {
             Input::WatchClose { stream } => self.watches.close_stream(stream),
             Input::LeaseKeepAlive { id, reply } => self.keep_alive(id, reply),
             Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
+            Input::SnapshotDelivered { to } => self.node.report_snapshot(to, true),
             Input::Defragment { reply } => self.start_defrag(reply),
             Input::DefragCopied(copied) => self.finish_defrag(copied),
             Input::RemovedFromCluster => stop_removed(),

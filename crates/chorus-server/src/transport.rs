@@ -839,6 +839,9 @@ impl SnapshotSender {
                         mb_per_s = format!("{:.1}", total as f64 / 1e6 / seconds.max(1e-9)),
                         "sent a snapshot"
                     );
+                    if let Some(driver) = driver.upgrade() {
+                        let _ = driver.send(Input::SnapshotDelivered { to: link.to_id }).await;
+                    }
                 }
                 Err(status) => {
                     tracing::warn!(to = %format!("{:016x}", link.to_id), index, %status, "snapshot not delivered");

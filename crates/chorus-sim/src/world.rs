@@ -110,6 +110,11 @@ enum Event {
         from: usize,
         to: u64,
     },
+    /// The transport tells node `from` that member `to` took its snapshot.
+    SnapshotDelivered {
+        from: usize,
+        to: u64,
+    },
     EndFaultPhase,
     StopClients,
     FinalRead {
@@ -501,6 +506,9 @@ impl World {
             Event::SnapshotFailed { from, to } => {
                 self.on_node_input(from, Event::SnapshotFailed { from, to })
             }
+            Event::SnapshotDelivered { from, to } => {
+                self.on_node_input(from, Event::SnapshotDelivered { from, to })
+            }
             Event::EndFaultPhase => self.end_fault_phase(),
             Event::StopClients => {
                 for client in &mut self.clients {
@@ -663,6 +671,21 @@ impl World {
 
     /// Messages and requests for node `i`: dropped if it is down, queued if paused.
     fn on_node_input(&mut self, i: usize, event: Event) {
+        // A snapshot's stream ends in the sender's transport learning whether the
+        // receiver took it (a paused receiver takes it later).
+        if let Event::Deliver { message, .. } = &event {
+            if message.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                if let Some(from) = self.index_of(message.from) {
+                    let to = message.to;
+                    let report = if self.nodes[i].running.is_some() {
+                        Event::SnapshotDelivered { from, to }
+                    } else {
+                        Event::SnapshotFailed { from, to }
+                    };
+                    self.schedule(self.options.delay_max_us, report);
+                }
+            }
+        }
         if self.nodes[i].running.is_none() {
             if let Event::Request { client, op_id, .. } = event {
                 // Connection refused: definitely not applied.
@@ -690,6 +713,9 @@ impl World {
             Event::Request { client, op_id, op, .. } => self.on_request(i, client, op_id, op),
             Event::SnapshotFailed { to, .. } => {
                 self.nodes[i].running.as_mut().expect("running").node.report_snapshot(to, false)
+            }
+            Event::SnapshotDelivered { to, .. } => {
+                self.nodes[i].running.as_mut().expect("running").node.report_snapshot(to, true)
             }
             Event::ProposeRenewals(_) => self.propose_renewals(i),
             _ => unreachable!("not a node input"),

@@ -349,7 +349,10 @@ async fn a_follower_stopped_past_the_link_timeouts_never_stalls_the_leader_and_c
 /// The largest `--max-request-bytes` accepted (`REQUEST_BYTES_MAX_MAX`, 32 MiB)
 /// still replicates: a txn of 21 puts of 1.5 MiB values (31.5 MiB, one log entry)
 /// is acknowledged and reaches every member, so every request a member can accept
-/// fits in one raft frame to the others.
+/// fits in one raft frame to the others. Writing and syncing 31.5 MiB on every
+/// member can take longer than the election timeout on a loaded machine, and the
+/// leader may step down meanwhile ("leader changed"): the txn (idempotent puts) is
+/// then sent again, to the new leader, within a bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_of_the_largest_accepted_size_reaches_every_member() {
     use chorus_proto::etcdserverpb::kv_client::KvClient;
@@ -379,8 +382,20 @@ async fn a_request_of_the_largest_accepted_size_reaches_every_member() {
         .collect();
     let txn = TxnRequest { success, ..Default::default() };
     assert!(prost::Message::encoded_len(&txn) < LIMIT);
-    kv(leader).await.txn(txn).await.expect("the 31.5 MiB txn is acknowledged");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut leader = leader;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match kv(leader).await.txn(txn.clone()).await {
+            Ok(_) => break,
+            Err(status) if status.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                eprintln!("attempt {attempts}: {}; sending the txn again", status.message());
+                leader = cluster.wait_leader(Duration::from_secs(20)).await;
+            }
+            Err(status) => panic!("the 31.5 MiB txn was refused (attempt {attempts}): {status}"),
+        }
+    }
     for member in 0..3 {
         let mut client = kv(member).await;
         loop {

@@ -11,6 +11,8 @@ struct Cluster {
     cut: Vec<(u64, u64)>,
     replies: Vec<(u64, Reply)>,
     reads: Vec<(u64, u64)>,
+    /// Drops the next accepting append answer on this link: (from, to).
+    lose_next_append_answer: Option<(u64, u64)>,
 }
 
 fn config(id: u64) -> NodeConfig {
@@ -33,10 +35,20 @@ fn config(id: u64) -> NodeConfig {
 
 impl Cluster {
     fn new() -> Cluster {
+        Cluster::with_config(config)
+    }
+
+    fn with_config(config: impl Fn(u64) -> NodeConfig) -> Cluster {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let nodes =
             (1..=3).map(|id| Node::new(&config(id), Recovered::default(), &logger).unwrap()).collect();
-        Cluster { nodes, cut: Vec::new(), replies: Vec::new(), reads: Vec::new() }
+        Cluster {
+            nodes,
+            cut: Vec::new(),
+            replies: Vec::new(),
+            reads: Vec::new(),
+            lose_next_append_answer: None,
+        }
     }
 
     fn node(&mut self, id: u64) -> &mut Node {
@@ -66,6 +78,13 @@ impl Cluster {
                 return;
             }
             for message in messages {
+                if self.lose_next_append_answer == Some((message.from, message.to))
+                    && message.get_msg_type() == raft::prelude::MessageType::MsgAppendResponse
+                    && !message.reject
+                {
+                    self.lose_next_append_answer = None;
+                    continue;
+                }
                 if !self.cut.contains(&(message.from, message.to)) {
                     self.node(message.to).step(message);
                 }
@@ -252,4 +271,48 @@ fn a_proposal_that_is_in_the_log_twice_is_applied_once() {
     for node in &cluster.nodes {
         assert_eq!(node.mvcc().revision(), 2, "applied once: one revision");
     }
+}
+
+/// A snapshot the transport delivered, whose member's answer was lost (sent before
+/// its link to the leader was open): raft-rs would hold the member in snapshot
+/// state, sending it nothing, until the retry (`snapshot_retry_ticks`, 30 here).
+/// Told that the snapshot was delivered, the leader probes the member at its next
+/// heartbeat answer and catches it up within a few ticks.
+#[test]
+fn a_delivered_snapshot_whose_answer_is_lost_is_followed_up_at_the_next_heartbeat() {
+    let mut cluster = Cluster::with_config(|id| NodeConfig { log_entries_max: 10, ..config(id) });
+    cluster.tick_all(30);
+    let leader = cluster.leader().unwrap();
+    let lagging = (1..=3).find(|&id| id != leader).unwrap();
+    cluster.cut = vec![(leader, lagging), (lagging, leader)];
+    for i in 0..50 {
+        cluster.node(leader).propose(100 + i, put(&format!("k{i}"), "v")).unwrap();
+        cluster.settle();
+    }
+    let applied = cluster.node(leader).status().applied_index;
+    assert!(cluster.node(lagging).status().applied_index < applied - 40);
+
+    cluster.cut.clear();
+    cluster.lose_next_append_answer = Some((lagging, leader));
+    cluster.tick_all(3);
+    assert!(cluster.lose_next_append_answer.is_none(), "the member never answered a snapshot");
+    let in_snapshot_state = |cluster: &mut Cluster| {
+        cluster.node(leader).raw.raft.prs().get(lagging).unwrap().state == raft::ProgressState::Snapshot
+    };
+    assert!(in_snapshot_state(&mut cluster), "the leader still waits for the lost answer");
+    let behind_by = applied - cluster.node(lagging).status().applied_index;
+    cluster.tick_all(3);
+    assert!(in_snapshot_state(&mut cluster), "without the report, raft-rs goes on waiting");
+
+    cluster.node(leader).propose(200, put("after", "v")).unwrap();
+    cluster.settle();
+    cluster.node(leader).report_snapshot(lagging, true);
+    cluster.tick_all(3);
+    assert!(!in_snapshot_state(&mut cluster));
+    let leader_applied = cluster.node(leader).status().applied_index;
+    assert_eq!(
+        cluster.node(lagging).status().applied_index,
+        leader_applied,
+        "the member was {behind_by} entries behind after the snapshot and did not catch up"
+    );
 }
