@@ -19,6 +19,11 @@ pub const REQUEST_BYTES_MAX_DEFAULT: u64 = 1_572_864;
 /// replication would stop there for good.
 pub const REQUEST_BYTES_MAX_MAX: u64 = 32 * 1024 * 1024;
 
+/// Above this `--max-request-bytes` (10 MiB, etcd's recommended most), `chorus serve`
+/// warns at start-up: writing and syncing an entry of tens of MiB on every member can
+/// outlast the election timeout on a loaded machine and cost a leader change.
+pub const REQUEST_BYTES_RECOMMENDED_MAX: u64 = 10 * 1024 * 1024;
+
 /// Default of [`Limits::key_bytes_max`] (64 KiB).
 pub const KEY_BYTES_MAX_DEFAULT: u64 = 65_536;
 

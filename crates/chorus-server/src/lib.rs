@@ -84,6 +84,14 @@ pub async fn serve(
     on_ready: impl FnOnce(Vec<SocketAddr>) + Send,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    let recommended = chorus_core::limits::REQUEST_BYTES_RECOMMENDED_MAX;
+    if config.limits.request_bytes_max > recommended {
+        tracing::warn!(
+            max_request_bytes = config.limits.request_bytes_max,
+            recommended_max = recommended,
+            "--max-request-bytes is above the recommended most: an entry this large, written and synced on every member, can outlast the election timeout and cost a leader change"
+        );
+    }
     let member_id = config.member_id();
     let joining = config.initial_cluster_state == ClusterState::Existing;
     let cluster_id = if joining { join_cluster_id(&config, member_id).await? } else { config.cluster_id() };

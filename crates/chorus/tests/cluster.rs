@@ -361,6 +361,8 @@ async fn a_request_of_the_largest_accepted_size_reaches_every_member() {
     const VALUE_BYTES: usize = 1_572_864;
     let cluster = Cluster::start(3, &["--max-request-bytes", &LIMIT.to_string()]);
     let leader = cluster.wait_leader(Duration::from_secs(20)).await;
+    let log = std::fs::read_to_string(&cluster.members[leader].log_path).unwrap();
+    assert!(log.contains("--max-request-bytes is above the recommended most"), "no warning at start-up");
     let kv = |i: usize| {
         let endpoint = format!("http://{}", cluster.endpoint(i));
         async move {
