@@ -636,7 +636,7 @@ impl Driver {
     /// a message arriving soon is taken without a sleep and a wake-up; waited for
     /// otherwise. Polling yields the CPU between tries.
     fn next_input(&mut self) -> Option<Input> {
-        if self.pass_worked && !self.busy_poll.is_zero() {
+        if self.pass_worked {
             let started = Instant::now();
             let until = started + self.busy_poll;
             let polled = loop {
@@ -665,14 +665,17 @@ impl Driver {
 
     fn handle(&mut self, input: Input) {
         // Replication and client requests; not ticks, heartbeats or the periodic
-        // status and metrics questions of an idle member.
-        self.pass_worked |= match &input {
-            Input::Peer(messages) => messages.iter().any(|m| {
-                !matches!(m.get_msg_type(), MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse)
-            }),
-            Input::Propose { .. } | Input::LeaseKeepAlive { .. } => true,
-            _ => false,
-        };
+        // status and metrics questions of an idle member. Only looked at when
+        // polling is on (it is off by default).
+        if !self.busy_poll.is_zero() && !self.pass_worked {
+            self.pass_worked = match &input {
+                Input::Peer(messages) => messages.iter().any(|m| {
+                    !matches!(m.get_msg_type(), MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse)
+                }),
+                Input::Propose { .. } | Input::LeaseKeepAlive { .. } => true,
+                _ => false,
+            };
+        }
         match input {
             Input::Tick => {
                 self.on_tick();

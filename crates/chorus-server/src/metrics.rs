@@ -65,9 +65,8 @@ pub struct Metrics {
     pub leases: Gauge,
     pub mvcc_revision: Gauge,
     /// The consensus thread's polls for input (`--busy-poll`), by how each ended:
-    /// "input" (one arrived) or "timeout" (it went to sleep); the two counters are
-    /// made once, so that counting a poll allocates nothing.
-    busy_polls: Family<Labels, Counter>,
+    /// "input" (one arrived) or "timeout" (it went to sleep): the two members of
+    /// the `busy_polls` family, made once, so that counting a poll allocates nothing.
     pub busy_polls_input: Counter,
     pub busy_polls_timeout: Counter,
     /// Time the consensus thread spent polling for input.
@@ -142,7 +141,6 @@ impl Metrics {
             watchers: Gauge::default(),
             leases: Gauge::default(),
             mvcc_revision: Gauge::default(),
-            busy_polls,
             busy_polls_input,
             busy_polls_timeout,
             busy_poll_seconds: Counter::default(),
@@ -217,7 +215,7 @@ impl Metrics {
         r.register(
             "busy_polls",
             "Polls of the consensus thread for input after work (--busy-poll), by result (input, timeout)",
-            m.busy_polls.clone(),
+            busy_polls,
         );
         r.register(
             "busy_poll_seconds",

@@ -891,6 +891,8 @@ mod tests {
     const CLUSTER: u64 = 0xc1;
     const ME: u64 = 1;
     const PEER: u64 = 2;
+    /// The hello of a link from PEER to this member, of this cluster.
+    const PEER_TO_ME: Hello = Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME };
 
     /// A receiving member's peer port on loopback: its driver's inputs, the gRPC
     /// connections it passed on, and the removed set.
@@ -1058,15 +1060,14 @@ mod tests {
         assert!(matches!(next_input(&mut driver).await, Some(Input::RemovedFromCluster)));
         assert!(tokio::time::timeout(Duration::from_millis(300), port.inputs.recv()).await.is_err());
 
-        let (_, answer) = hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME }).await;
+        let (_, answer) = hello(&port.addr, PEER_TO_ME).await;
         assert_eq!((answer.code, answer.reason.as_str()), (Answer::REMOVED, REMOVED_MESSAGE));
     }
 
     #[tokio::test]
     async fn a_bad_frame_closes_the_link_with_the_reason_and_reaches_no_driver() {
         let mut port = port().await;
-        let (mut stream, answer) =
-            hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME }).await;
+        let (mut stream, answer) = hello(&port.addr, PEER_TO_ME).await;
         assert_eq!(answer.code, Answer::ACCEPTED);
         stream.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
         let answer = read_answer(&mut stream).await.unwrap();
@@ -1083,7 +1084,7 @@ mod tests {
     #[tokio::test]
     async fn a_newer_link_from_the_same_member_ends_the_older_one() {
         let mut port = port().await;
-        let me = Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME };
+        let me = PEER_TO_ME;
         let (mut older, answer) = hello(&port.addr, me).await;
         assert_eq!(answer.code, Answer::ACCEPTED);
         let (mut newer, answer) = hello(&port.addr, me).await;
@@ -1104,7 +1105,7 @@ mod tests {
     async fn links_that_ended_are_forgotten_and_a_superseded_link_stays_superseded() {
         let mut port = port().await;
         let (addr, receiver) = (port.addr.clone(), port.receiver.clone());
-        let me = Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME };
+        let me = PEER_TO_ME;
         let (mut older, _) = hello(&addr, me).await;
         let (newer, _) = hello(&addr, me).await;
         drop(newer);
@@ -1140,8 +1141,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_link_is_closed_and_a_connection_without_the_magic_goes_to_grpc() {
         let mut port = port().await;
-        let (mut stream, answer) =
-            hello(&port.addr, Hello { cluster_id: CLUSTER, from_id: PEER, to_id: ME }).await;
+        let (mut stream, answer) = hello(&port.addr, PEER_TO_ME).await;
         assert_eq!(answer.code, Answer::ACCEPTED);
         let started = std::time::Instant::now();
         let read = tokio::time::timeout(peer_wire::IDLE_TIMEOUT * 2, stream.read(&mut [0u8; 16])).await;
