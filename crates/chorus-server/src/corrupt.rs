@@ -57,7 +57,8 @@ pub async fn check_once(
     member_id: u64,
     initial_peers: &BTreeMap<u64, String>,
 ) -> Result<Vec<u64>, String> {
-    let status = node.status().await.map_err(|e| e.to_string())?;
+    // The database holds everything applied so far (its writes may wait).
+    let status = node.status_with_storage_flushed().await.map_err(|e| e.to_string())?;
     if status.node.leader_id != member_id {
         return Ok(Vec::new());
     }

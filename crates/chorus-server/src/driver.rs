@@ -128,6 +128,12 @@ pub enum Input {
     Defragment {
         reply: DefragReply,
     },
+    /// Commit the database writes still waiting, then answer the status (before
+    /// the database is read for a backup or a hash; see
+    /// `DiskStorage::persist_deferring`).
+    FlushStorage {
+        reply: oneshot::Sender<DriverStatus>,
+    },
     /// The defragmentation thread finished its copy.
     DefragCopied(Result<chorus_storage::DefragCopied, chorus_storage::StorageError>),
 }
@@ -629,6 +635,10 @@ impl Driver {
             self.follow_membership();
             self.publish_status();
         }
+        // Not needed for safety (the log has them), but a restart replays less.
+        if let Err(error) = self.storage.flush() {
+            tracing::warn!(%error, "could not commit the last database writes at stop");
+        }
         tracing::info!("node driver stopped");
     }
 
@@ -715,6 +725,10 @@ impl Driver {
             Input::SnapshotFailed { to } => self.node.report_snapshot(to, false),
             Input::SnapshotDelivered { to } => self.node.report_snapshot(to, true),
             Input::Defragment { reply } => self.start_defrag(reply),
+            Input::FlushStorage { reply } => {
+                self.flush_storage();
+                let _ = reply.send(self.status());
+            }
             Input::DefragCopied(copied) => self.finish_defrag(copied),
             Input::RemovedFromCluster => stop_removed(),
             Input::ConfChange { change, member, deadline, reply } => {
@@ -832,6 +846,8 @@ impl Driver {
 
     fn on_tick(&mut self) {
         self.ticks += 1;
+        // Database writes wait at most a tick (see `DiskStorage::persist_deferring`).
+        self.flush_storage();
         self.node.tick();
         self.promote_caught_up_learner();
         self.check_quota();
@@ -979,16 +995,13 @@ impl Driver {
         }
         // 3. persist
         let persist_started = Instant::now();
-        let persisted = self.storage.persist(&cycle.persist);
-        if let (Some(metrics), true) = (&self.metrics, cycle.persist.must_sync) {
+        let must_sync = cycle.persist.must_sync;
+        let persisted = self.storage.persist_deferring(std::mem::take(&mut cycle.persist));
+        if let (Some(metrics), true) = (&self.metrics, must_sync) {
             metrics.disk_fsync_duration.observe(persist_started.elapsed().as_secs_f64());
         }
         if let Err(error) = persisted {
-            // The node cannot go on without its disk: continuing could acknowledge
-            // writes that are not durable. Stop the whole process.
-            tracing::error!(%error, "storage write failed; stopping");
-            eprintln!("chorus: fatal: {error}");
-            std::process::exit(70);
+            storage_failed(error);
         }
         // A snapshot replaced the state: watchers catch up once it is written.
         if cycle.snapshot_installed {
@@ -1007,6 +1020,13 @@ impl Driver {
         }
         self.answer(finished.replies);
         self.serve_reads(finished.reads_ready);
+    }
+
+    /// Commits the database writes still waiting.
+    fn flush_storage(&mut self) {
+        if let Err(error) = self.storage.flush() {
+            storage_failed(error);
+        }
     }
 
     /// Hands each peer its messages of the cycle at once (one write to its link).
@@ -1226,6 +1246,12 @@ impl NodeHandle {
         answer.await.map_err(|_| RequestError::Stopped)
     }
 
+    /// The status, asked after this member's database writes still waiting are
+    /// committed: everything applied before the call is in the database's next read.
+    pub async fn status_with_storage_flushed(&self) -> Result<DriverStatus, RequestError> {
+        self.ask(|reply| Input::FlushStorage { reply }).await
+    }
+
     /// Sends the input `make` builds around a reply channel and waits for the
     /// answer, both within the request timeout.
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Input) -> Result<T, RequestError> {
@@ -1266,4 +1292,12 @@ impl NodeHandle {
             Err(_) => Err(RequestError::Timeout),
         }
     }
+}
+
+/// The node cannot go on without its disk: continuing could acknowledge writes
+/// that are not durable. Stops the whole process.
+fn storage_failed(error: chorus_storage::StorageError) -> ! {
+    tracing::error!(%error, "storage write failed; stopping");
+    eprintln!("chorus: fatal: {error}");
+    std::process::exit(70);
 }

@@ -184,6 +184,8 @@ impl Peer for PeerService {
     /// This member's HashKV at a revision, for the leader's corruption check.
     async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
         let revision = request.into_inner().revision;
+        // What this member applied so far is hashed (database writes may wait).
+        self.node.status_with_storage_flushed().await?;
         let reader = self.reader.clone();
         let hashed = tokio::task::spawn_blocking(move || reader.hash_kv(revision))
             .await

@@ -108,6 +108,10 @@ fn print_options(options: &SimOptions) {
         options.delay_min_us, options.delay_max_us, options.drop_ppm, options.duplicate_ppm
     );
     println!("  fsync: {}..{} us", options.fsync_min_us, options.fsync_max_us);
+    println!(
+        "  storage: checkpoint every {} commits, log segments of {} bytes, up to {} cycles' database writes wait",
+        options.checkpoint_commits, options.wal_segment_bytes, options.deferred_cycles_max
+    );
     println!("  faults every ~{} ms: {}", options.fault_interval_us / 1000, options.fault_kinds().join(", "));
     println!(
         "  client timeout {} ms, think ~{} ms, serializable gets {}%",

@@ -100,6 +100,9 @@ pub struct SimOptions {
     /// deletions happen many times in a run and crashes land among them).
     pub checkpoint_commits: u32,
     pub wal_segment_bytes: u64,
+    /// At most this many cycles' database writes wait to be committed together
+    /// (0: none waits; chorus serve uses `DEFERRED_CYCLES_MAX`).
+    pub deferred_cycles_max: usize,
 }
 
 impl SimOptions {
@@ -143,6 +146,7 @@ impl SimOptions {
             nospace_alarms: false,
             checkpoint_commits: 1,
             wal_segment_bytes: 1,
+            deferred_cycles_max: 0,
         };
         // Drawn from a stream of their own, so that adding them left every other
         // option of a seed as it was (the kept regression seeds replay unchanged).
@@ -160,6 +164,10 @@ impl SimOptions {
         let mut storage_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xc4ec_4b01);
         options.checkpoint_commits = storage_rng.random_range(1..=64);
         options.wal_segment_bytes = storage_rng.random_range(1_024..=32_768);
+        let mut deferred_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xdef0_44ed);
+        if !deferred_rng.random_ratio(1, 4) {
+            options.deferred_cycles_max = deferred_rng.random_range(1..=chorus_storage::DEFERRED_CYCLES_MAX);
+        }
         let mut hold_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x401d);
         if hold_rng.random_bool(0.5) {
             options.log_held_entries_min = chorus_core::limits::LOG_HELD_FOR_FOLLOWERS_ENTRIES_MIN;

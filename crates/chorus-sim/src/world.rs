@@ -551,6 +551,7 @@ impl World {
                 .unwrap_or_else(|e| panic!("node {} cannot reopen its disk: {e}", node.id));
         let mut opened = opened;
         opened.storage.set_tuning(self.options.checkpoint_commits, self.options.wal_segment_bytes);
+        opened.storage.set_deferred_max(self.options.deferred_cycles_max);
         let config = NodeConfig {
             id: node.id,
             initial_voters: if node.founder {
@@ -649,6 +650,8 @@ impl World {
             return;
         };
         running.node.tick();
+        // As the driver does: database writes wait at most a tick.
+        running.storage.flush().expect("simulated disk write");
         running.ticks += 1;
         let ticks = running.ticks;
         let stale: Vec<u64> = running
@@ -835,14 +838,15 @@ impl World {
             }
             let cycle = running.node.begin_cycle();
             let early = cycle.messages;
-            running.storage.persist(&cycle.persist).expect("simulated disk write");
+            let changes = cycle.persist.writes.changes.clone();
+            running.storage.persist_deferring(cycle.persist).expect("simulated disk write");
             let header = ResponseHeader { revision: running.node.mvcc().revision(), ..Default::default() };
             if cycle.snapshot_installed {
                 running.watches.resync_all();
                 running.watches.sync(&running.node.mvcc(), header, WATCH_SYNC_EVENTS_MAX);
                 self.snapshots_installed += 1;
             } else {
-                running.watches.notify(&cycle.persist.writes.changes, header);
+                running.watches.notify(&changes, header);
             }
             let finished = running.node.finish_cycle();
             let fsync_us = self.rng.random_range(self.options.fsync_min_us..=self.options.fsync_max_us);

@@ -39,6 +39,13 @@
 //! applied index always matches the data it produced, and replaying is idempotent.
 //! Log segments are deleted once a checkpoint records their entries as compacted.
 //!
+//! [`DiskStorage::persist_deferring`] (what the server calls) may let the database
+//! writes of up to [`DEFERRED_CYCLES_MAX`] cycles wait, to commit them in one
+//! transaction: a crash loses them as it loses any commit since the last checkpoint,
+//! and the log holds their entries. Writes never wait past a checkpoint, a snapshot
+//! installed, a log compaction or a defragmentation's start, and the server commits
+//! them at every tick and before the database is read for a backup or a hash.
+//!
 //! Installing a snapshot from the leader replaces every table but `meta` with the
 //! snapshot's image in one durable transaction that also names the next log segment
 //! as the log's first; then the log is begun afresh in that segment. A crash between
@@ -86,6 +93,11 @@ pub const FORMAT_VERSION: u64 = 2;
 pub const CHECKPOINT_COMMITS: u32 = 1000;
 /// ...or once this many bytes were appended to the log since the last one.
 pub const CHECKPOINT_LOG_BYTES: u64 = 32 * 1024 * 1024;
+/// At most this many cycles' database writes wait to be committed together
+/// (see [`DiskStorage::persist_deferring`])...
+pub const DEFERRED_CYCLES_MAX: usize = 16;
+/// ...holding at most this many bytes of records.
+pub const DEFERRED_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// The database file's name inside `<data-dir>/member/`.
 pub const DB_FILE_NAME: &str = "chorus.redb";
 
@@ -157,6 +169,13 @@ pub struct DiskStorage {
     /// and after a defragmentation swapped the file): a batch that would write
     /// only the same again is not committed (see [`unchanged`]).
     applied_index_written: Option<u64>,
+    /// Cycles whose log frame is written but whose database writes wait, to be
+    /// committed in one transaction with later ones ([`DiskStorage::persist_deferring`]).
+    deferred: Vec<PersistBatch>,
+    /// Their bytes of records ([`batch_bytes`]).
+    deferred_bytes: u64,
+    /// At most this many wait ([`DEFERRED_CYCLES_MAX`]; 0: none ever does).
+    deferred_max: usize,
 }
 
 type SharedDb = std::sync::Arc<std::sync::RwLock<std::sync::Arc<Database>>>;
@@ -279,6 +298,9 @@ impl DiskStorage {
             defrag_recorded_bytes_max: DEFRAG_RECORDED_BYTES_MAX,
             log_bytes_at_checkpoint: 0,
             applied_index_written: None,
+            deferred: Vec::new(),
+            deferred_bytes: 0,
+            deferred_max: DEFERRED_CYCLES_MAX,
         }
     }
 
@@ -403,13 +425,72 @@ impl DiskStorage {
     /// the batch says so), then everything else in one database transaction, which
     /// is durable only at a checkpoint (see the module documentation).
     pub fn persist(&mut self, batch: &PersistBatch) -> Result<(), StorageError> {
+        match self.append_to_log(batch)? {
+            Some(checkpoint) => self.commit_database(Some(batch), checkpoint),
+            None => Ok(()),
+        }
+    }
+
+    /// [`DiskStorage::persist`], except that the database writes may wait, to be
+    /// committed in one transaction with those of the next cycles: a commit costs
+    /// about as much as the writes of a dozen puts (it rewrites the B-trees' paths
+    /// and the allocator's state), and under load a cycle holds few writes. Nothing
+    /// is less safe for it: like every commit between checkpoints, a waiting write
+    /// is lost in a crash and made again from the log. The log frame is written (and
+    /// synced) at once as always. Writes wait until [`DEFERRED_CYCLES_MAX`] cycles or
+    /// [`DEFERRED_BYTES_MAX`] bytes are waiting, a checkpoint, a snapshot installed, a
+    /// log compaction (so that an image read from the database never predates the
+    /// log's first entry), a defragmentation, or [`DiskStorage::flush`], which the
+    /// driver calls at every tick and before a backup is read.
+    pub fn persist_deferring(&mut self, batch: PersistBatch) -> Result<(), StorageError> {
+        let Some(checkpoint) = self.append_to_log(&batch)? else { return Ok(()) };
+        let bytes = batch_bytes(&batch);
+        let defer = !checkpoint
+            && self.deferred.len() + 1 < self.deferred_max
+            && self.deferred_bytes + bytes <= DEFERRED_BYTES_MAX
+            && batch.install.is_none()
+            && batch.log_compacted_to.is_none();
+        if !defer {
+            return self.commit_database(Some(&batch), checkpoint);
+        }
+        self.record_for_defrag(&batch);
+        self.applied_index_written = Some(batch.applied_index);
+        self.deferred_bytes += bytes;
+        self.deferred.push(batch);
+        Ok(())
+    }
+
+    /// Commits the database writes still waiting (see [`DiskStorage::persist_deferring`]).
+    pub fn flush(&mut self) -> Result<(), StorageError> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        self.commit_database(None, false)
+    }
+
+    /// Cycles whose database writes are waiting.
+    pub fn deferred_cycles(&self) -> usize {
+        self.deferred.len()
+    }
+
+    /// Lets at most `cycles` cycles' database writes wait (0: none; the simulator
+    /// varies it).
+    pub fn set_deferred_max(&mut self, cycles: usize) {
+        self.deferred_max = cycles;
+    }
+
+    /// The log half of a cycle's write: installs a snapshot if the batch carries
+    /// one, appends the frame, and says whether the database must be written too
+    /// (None: the cycle changed nothing there) and if so, whether as a checkpoint.
+    fn append_to_log(&mut self, batch: &PersistBatch) -> Result<Option<bool>, StorageError> {
         let wal_label = self.path.with_file_name("wal");
-        let mut stored = self.stored_bytes;
         if let Some(image) = &batch.install {
+            // Writes waiting predate the image, which replaces them.
+            self.flush()?;
             // The image, durably, naming the segment the log begins afresh in.
             let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
             txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
-            stored = write_image(&self.path, &txn, image)?;
+            self.stored_bytes = write_image(&self.path, &txn, image)?;
             {
                 let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
                 let next = self.log().next_seq();
@@ -437,28 +518,43 @@ impl DiskStorage {
             && self.applied_index_written == Some(batch.applied_index)
             && unchanged(batch);
         if idle && self.commits_since_checkpoint == 0 {
-            return Ok(());
+            return Ok(None);
         }
         self.commits_since_checkpoint += 1;
         let checkpoint = self.commits_since_checkpoint >= self.checkpoint_commits
             || log.appended_bytes - self.log_bytes_at_checkpoint >= CHECKPOINT_LOG_BYTES;
         if idle && !checkpoint {
-            return Ok(());
+            return Ok(None);
         }
+        Ok(Some(checkpoint))
+    }
+
+    /// Commits the waiting database writes and then `batch`'s in one transaction,
+    /// durable when it is a checkpoint (after syncing the log: nothing the database
+    /// records as applied may be missing from the log after a crash).
+    fn commit_database(
+        &mut self,
+        batch: Option<&PersistBatch>,
+        checkpoint: bool,
+    ) -> Result<(), StorageError> {
+        let wal_label = self.path.with_file_name("wal");
         if checkpoint {
-            // Nothing the database records as applied may be missing from the
-            // log after a crash.
-            log.sync().map_err(|e| wal_error(&wal_label, e))?;
+            self.log().sync().map_err(|e| wal_error(&wal_label, e))?;
         }
+        let mut stored = self.stored_bytes;
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         let durability = if checkpoint { Durability::Immediate } else { Durability::None };
         txn.set_durability(durability).map_err(|e| self.io(e))?;
-        write_batch(&self.path, &txn, batch, false, &mut stored)?;
+        let deferred = std::mem::take(&mut self.deferred);
+        self.deferred_bytes = 0;
+        write_batches(&self.path, &txn, deferred.iter().chain(batch), &mut stored)?;
         txn.commit().map_err(|e| self.io(e))?;
         self.stored_bytes = stored;
-        self.applied_index_written = Some(batch.applied_index);
-        if let Some((index, _)) = batch.log_compacted_to {
-            self.log_snapshot_index = self.log_snapshot_index.max(index);
+        for written in deferred.iter().chain(batch) {
+            self.applied_index_written = Some(written.applied_index);
+            if let Some((index, _)) = written.log_compacted_to {
+                self.log_snapshot_index = self.log_snapshot_index.max(index);
+            }
         }
         if checkpoint {
             self.commits_since_checkpoint = 0;
@@ -468,6 +564,14 @@ impl DiskStorage {
             self.log_bytes_at_checkpoint = log.appended_bytes;
             log.release(index).map_err(|e| wal_error(&wal_label, e))?;
         }
+        if let Some(batch) = batch {
+            self.record_for_defrag(batch);
+        }
+        Ok(())
+    }
+
+    /// Keeps `batch` for the defragmentation's copy, if one is being made.
+    fn record_for_defrag(&mut self, batch: &PersistBatch) {
         if let Some(defrag) = &mut self.defrag {
             use std::sync::atomic::Ordering;
             if !defrag.abandoned.load(Ordering::Acquire) {
@@ -481,7 +585,6 @@ impl DiskStorage {
                 }
             }
         }
-        Ok(())
     }
 
     /// Sets the most bytes of batches a defragmentation keeps (tests use a small one).
@@ -499,19 +602,7 @@ impl DiskStorage {
     /// Makes everything persisted so far durable in the database (a checkpoint),
     /// so that a start-up replays nothing; a clean shutdown calls it.
     pub fn checkpoint(&mut self) -> Result<(), StorageError> {
-        let wal_label = self.path.with_file_name("wal");
-        self.log().sync().map_err(|e| wal_error(&wal_label, e))?;
-        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
-        txn.commit().map_err(|e| self.io(e))?;
-        self.commits_since_checkpoint = 0;
-        self.durable_log_snapshot_index = self.log_snapshot_index;
-        let index = self.durable_log_snapshot_index;
-        let log = self.log();
-        let bytes = log.appended_bytes;
-        log.release(index).map_err(|e| wal_error(&wal_label, e))?;
-        self.log_bytes_at_checkpoint = bytes;
-        Ok(())
+        self.commit_database(None, true)
     }
 
     /// Writes `image` as the whole state of a fresh data directory, with `hard_state`:
@@ -571,6 +662,8 @@ impl DiskStorage {
             std::fs::remove_file(&target)
                 .map_err(|e| self.io(format!("removing {}: {e}", target.display())))?;
         }
+        // The copy starts from the database as committed: nothing may wait.
+        self.flush()?;
         let read = self.db.begin_read().map_err(|e| self.io(e))?;
         let recorded = Recorded::default();
         let abandoned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -615,7 +708,7 @@ impl DiskStorage {
             txn.set_durability(Durability::Immediate).map_err(|e| self.io(e))?;
             let mut ignored = 0;
             for batch in &tail {
-                write_batch(&self.path, &txn, batch, true, &mut ignored)?;
+                write_replayed(&self.path, &txn, batch, &mut ignored)?;
             }
             txn.commit().map_err(|e| self.io(e))?;
             std::fs::rename(&running.target, &self.path).map_err(|e| {
@@ -631,6 +724,9 @@ impl DiskStorage {
         written.map_err(discard)?;
         let old = std::mem::replace(&mut self.db, std::sync::Arc::new(copied.db));
         self.applied_index_written = None;
+        // Every write still waiting was recorded, so the copy has it.
+        self.deferred.clear();
+        self.deferred_bytes = 0;
         *self.shared.write().expect("shared database") = self.db.clone();
         // Closing a large database writes its allocator state and syncs (about a
         // second for gigabytes): not on the writer's time. Nothing in it is needed
@@ -846,76 +942,82 @@ fn unchanged(batch: &PersistBatch) -> bool {
         && batch.proposals_forgotten.is_empty()
 }
 
-/// Writes `batch` inside `txn`, counting the bytes of records written and
-/// removed in `stored`.
-fn write_batch(
+/// Writes `batches` inside `txn`, in order, counting the bytes of records written
+/// and removed in `stored`. Each table is opened once for all of them. An image a
+/// batch installs is not written here (see [`write_replayed`]).
+fn write_batches<'a>(
     path: &Path,
     txn: &redb::WriteTransaction,
-    batch: &PersistBatch,
-    with_install: bool,
+    batches: impl Iterator<Item = &'a PersistBatch>,
     stored: &mut u64,
 ) -> Result<(), StorageError> {
-    if let (Some(image), true) = (&batch.install, with_install) {
-        *stored = write_image(path, txn, image)?;
-    }
+    let io = |e: &dyn std::fmt::Display| io_error(path, e);
+    let batches: Vec<&PersistBatch> = batches.collect();
     {
-        let mut meta = txn.open_table(META).map_err(|e| io_error(path, e))?;
-        if let Some((index, term)) = batch.log_compacted_to {
-            meta.insert("log_snapshot_index", index.to_be_bytes().as_slice())
-                .map_err(|e| io_error(path, e))?;
-            meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        if batch.applied_term > 0 {
-            let term = batch.applied_term.to_be_bytes();
-            meta.insert("applied_term", term.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        if let Some(conf_state) = &batch.conf_state {
-            let bytes = conf_state.write_to_bytes().expect("encode conf state");
-            meta.insert("conf_state", bytes.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        let applied = batch.applied_index.to_be_bytes();
-        meta.insert("applied_index", applied.as_slice()).map_err(|e| io_error(path, e))?;
-        if let Some(alarms) = &batch.alarms {
-            let bytes = AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec();
-            meta.insert("alarms", bytes.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        if let Some(revision) = batch.writes.compact_revision {
-            let bytes = revision.to_be_bytes();
-            meta.insert("compact_revision", bytes.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        let mut kv = txn.open_table(KV).map_err(|e| io_error(path, e))?;
-        for (key, value) in &batch.writes.puts {
-            *stored += (key.len() + value.len()) as u64;
-            if let Some(old) = kv.insert(key.as_slice(), value.as_slice()).map_err(|e| io_error(path, e))? {
-                *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+        let mut meta = txn.open_table(META).map_err(|e| io(&e))?;
+        for batch in &batches {
+            if let Some((index, term)) = batch.log_compacted_to {
+                meta.insert("log_snapshot_index", index.to_be_bytes().as_slice()).map_err(|e| io(&e))?;
+                meta.insert("log_snapshot_term", term.to_be_bytes().as_slice()).map_err(|e| io(&e))?;
+            }
+            if let Some(conf_state) = &batch.conf_state {
+                let bytes = conf_state.write_to_bytes().expect("encode conf state");
+                meta.insert("conf_state", bytes.as_slice()).map_err(|e| io(&e))?;
+            }
+            if let Some(alarms) = &batch.alarms {
+                let bytes = AlarmResponse { header: None, alarms: alarms.clone() }.encode_to_vec();
+                meta.insert("alarms", bytes.as_slice()).map_err(|e| io(&e))?;
+            }
+            if let Some(revision) = batch.writes.compact_revision {
+                let bytes = revision.to_be_bytes();
+                meta.insert("compact_revision", bytes.as_slice()).map_err(|e| io(&e))?;
             }
         }
-        for key in &batch.writes.removes {
-            if let Some(old) = kv.remove(key.as_slice()).map_err(|e| io_error(path, e))? {
-                *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+        // Written once, from the last batch that has each (later ones win).
+        if let Some(term) = batches.iter().rev().map(|b| b.applied_term).find(|&t| t > 0) {
+            meta.insert("applied_term", term.to_be_bytes().as_slice()).map_err(|e| io(&e))?;
+        }
+        if let Some(last) = batches.last() {
+            let applied = last.applied_index.to_be_bytes();
+            meta.insert("applied_index", applied.as_slice()).map_err(|e| io(&e))?;
+        }
+        let mut kv = txn.open_table(KV).map_err(|e| io(&e))?;
+        for batch in &batches {
+            for (key, value) in &batch.writes.puts {
+                *stored += (key.len() + value.len()) as u64;
+                if let Some(old) = kv.insert(key.as_slice(), value.as_slice()).map_err(|e| io(&e))? {
+                    *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+                }
+            }
+            for key in &batch.writes.removes {
+                if let Some(old) = kv.remove(key.as_slice()).map_err(|e| io(&e))? {
+                    *stored = stored.saturating_sub((key.len() + old.value().len()) as u64);
+                }
             }
         }
-        let mut members = txn.open_table(MEMBERS).map_err(|e| io_error(path, e))?;
-        for member in &batch.members {
-            let bytes = member.encode_to_vec();
-            members.insert(member.member_id, bytes.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        for id in &batch.members_removed {
-            members.remove(*id).map_err(|e| io_error(path, e))?;
-        }
-        let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| io_error(path, e))?;
-        for key in &batch.proposals_applied {
-            proposals.insert(*key, ()).map_err(|e| io_error(path, e))?;
-        }
-        for key in &batch.proposals_forgotten {
-            proposals.remove(*key).map_err(|e| io_error(path, e))?;
-        }
-        let mut leases = txn.open_table(LEASES).map_err(|e| io_error(path, e))?;
-        for (id, record) in &batch.leases.puts {
-            leases.insert(*id, record.as_slice()).map_err(|e| io_error(path, e))?;
-        }
-        for id in &batch.leases.removes {
-            leases.remove(*id).map_err(|e| io_error(path, e))?;
+        let mut members = txn.open_table(MEMBERS).map_err(|e| io(&e))?;
+        let mut proposals = txn.open_table(APPLIED_PROPOSALS).map_err(|e| io(&e))?;
+        let mut leases = txn.open_table(LEASES).map_err(|e| io(&e))?;
+        for batch in &batches {
+            for member in &batch.members {
+                let bytes = member.encode_to_vec();
+                members.insert(member.member_id, bytes.as_slice()).map_err(|e| io(&e))?;
+            }
+            for id in &batch.members_removed {
+                members.remove(*id).map_err(|e| io(&e))?;
+            }
+            for key in &batch.proposals_applied {
+                proposals.insert(*key, ()).map_err(|e| io(&e))?;
+            }
+            for key in &batch.proposals_forgotten {
+                proposals.remove(*key).map_err(|e| io(&e))?;
+            }
+            for (id, record) in &batch.leases.puts {
+                leases.insert(*id, record.as_slice()).map_err(|e| io(&e))?;
+            }
+            for id in &batch.leases.removes {
+                leases.remove(*id).map_err(|e| io(&e))?;
+            }
         }
     }
     Ok(())
@@ -968,6 +1070,20 @@ fn write_image(path: &Path, txn: &redb::WriteTransaction, image: &StateImage) ->
         meta.insert(name, value).map_err(|e| io_error(path, e))?;
     }
     Ok(stored)
+}
+
+/// Writes a batch recorded during a defragmentation into its copy: the image it
+/// installs, if any, then the rest.
+fn write_replayed(
+    path: &Path,
+    txn: &redb::WriteTransaction,
+    batch: &PersistBatch,
+    stored: &mut u64,
+) -> Result<(), StorageError> {
+    if let Some(image) = &batch.install {
+        *stored = write_image(path, txn, image)?;
+    }
+    write_batches(path, txn, std::iter::once(batch), stored)
 }
 
 /// About how many bytes a recorded batch holds (its records; the rest is small).
@@ -1072,7 +1188,7 @@ impl DefragCopy {
             txn.set_durability(Durability::None).map_err(|e| io(&e))?;
             let mut ignored = 0;
             for batch in &batches {
-                write_batch(&self.path, &txn, batch, true, &mut ignored)?;
+                write_replayed(&self.path, &txn, batch, &mut ignored)?;
             }
             txn.commit().map_err(|e| io(&e))?;
             replayed += batches.len();

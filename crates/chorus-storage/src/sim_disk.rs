@@ -654,6 +654,23 @@ mod tests {
     }
 
     #[test]
+    fn database_writes_waiting_are_lost_in_a_crash_and_their_entries_kept_to_apply_again() {
+        let disk = SimDisk::new();
+        let mut opened = open(&disk);
+        opened.storage.set_deferred_max(16);
+        let mut store = MvccStore::default();
+        opened.storage.persist(&batch(1, &mut store, true)).unwrap();
+        opened.storage.persist_deferring(batch(2, &mut store, true)).unwrap();
+        opened.storage.persist_deferring(batch(3, &mut store, true)).unwrap();
+        assert_eq!(opened.storage.deferred_cycles(), 2);
+        disk.crash();
+        drop(opened);
+        let opened = open(&disk);
+        assert_eq!(assert_consistent(&opened), 3, "both waiting cycles' entries are in the log");
+        assert!(opened.recovered.applied_index <= 1, "applied {}", opened.recovered.applied_index);
+    }
+
+    #[test]
     fn with_sync_as_a_noop_a_durable_batch_is_lost_in_a_crash() {
         let disk = SimDisk::new();
         let mut opened = open(&disk);

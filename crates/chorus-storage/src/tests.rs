@@ -287,3 +287,75 @@ fn a_defragmentation_outrun_by_writes_gives_up_and_changes_nothing() {
     let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
     assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
 }
+
+#[test]
+fn database_writes_wait_until_the_limit_a_flush_or_a_log_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MvccStore::default();
+    let mut opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    let storage = &mut opened.storage;
+    storage.set_deferred_max(4);
+    let reader = storage.image_reader();
+    let committed_revision = || reader.hash_kv(0).unwrap().unwrap().current_revision;
+    let empty = committed_revision();
+    for index in 1..=3 {
+        storage.persist_deferring(put_batch(&mut store, &format!("k{index}"), 2, index)).unwrap();
+    }
+    assert_eq!(storage.deferred_cycles(), 3);
+    assert_eq!(committed_revision(), empty, "nothing is committed yet");
+    storage.persist_deferring(put_batch(&mut store, "k4", 2, 4)).unwrap();
+    assert_eq!(storage.deferred_cycles(), 0, "the fourth cycle commits all four");
+    assert_eq!(committed_revision(), store.revision());
+
+    storage.persist_deferring(put_batch(&mut store, "k5", 2, 5)).unwrap();
+    assert_eq!(storage.deferred_cycles(), 1);
+    storage.flush().unwrap();
+    assert_eq!(storage.deferred_cycles(), 0);
+    assert_eq!(committed_revision(), store.revision());
+
+    // A log compaction never waits: an image read from the database must not
+    // predate the log's first entry.
+    storage.persist_deferring(put_batch(&mut store, "k6", 2, 6)).unwrap();
+    let mut compacting = put_batch(&mut store, "k7", 2, 7);
+    compacting.log_compacted_to = Some((5, 1));
+    storage.persist_deferring(compacting).unwrap();
+    assert_eq!(storage.deferred_cycles(), 0);
+    assert_eq!(committed_revision(), store.revision());
+
+    storage.set_deferred_max(0);
+    storage.persist_deferring(put_batch(&mut store, "k8", 2, 8)).unwrap();
+    assert_eq!(storage.deferred_cycles(), 0, "with a limit of 0 nothing waits");
+    let in_use = storage.size_in_use_bytes();
+    drop(reader);
+    drop(opened);
+
+    let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    assert_eq!(reopened.recovered.applied_index, 8);
+    assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
+    assert_eq!(reopened.storage.size_in_use_bytes(), in_use, "the running count matches a recount");
+}
+
+#[test]
+fn a_defragmentation_keeps_the_database_writes_that_were_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = MvccStore::default();
+    let mut opened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    let storage = &mut opened.storage;
+    storage.set_deferred_max(16);
+    storage.persist_deferring(put_batch(&mut store, "before1", 2, 1)).unwrap();
+    storage.persist_deferring(put_batch(&mut store, "before2", 2, 2)).unwrap();
+    let copy = storage.defrag_begin().unwrap();
+    assert_eq!(storage.deferred_cycles(), 0, "committed before the copy began");
+    storage.persist_deferring(put_batch(&mut store, "during", 2, 3)).unwrap();
+    assert_eq!(storage.deferred_cycles(), 1);
+    let copied = std::thread::spawn(move || copy.run()).join().unwrap();
+    storage.defrag_finish(copied).unwrap();
+    assert_eq!(storage.deferred_cycles(), 0, "the copy has the waiting write");
+    storage.persist_deferring(put_batch(&mut store, "after", 2, 4)).unwrap();
+    storage.flush().unwrap();
+    drop(opened);
+
+    let reopened = DiskStorage::open(dir.path(), IDENTITY).unwrap();
+    assert_eq!(reopened.recovered.applied_index, 4);
+    assert_eq!(reopened.recovered.mvcc.state_hash(), store.state_hash());
+}

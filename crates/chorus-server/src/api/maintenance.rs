@@ -40,12 +40,13 @@ impl MaintenanceService {
     /// HashKV at `revision`, from storage, on a blocking thread; with the driver's
     /// status asked first.
     ///
-    /// The driver answers a write before its cycle's database write, and answers
-    /// a status request only between cycles: once the status is back, every
-    /// write acknowledged before this request is in the database, so a client
-    /// hashes what it has seen acknowledged (a compaction, say).
+    /// The driver answers a write before its cycle's database write, and may let
+    /// database writes wait a few cycles; it answers this status request after
+    /// committing them: once the status is back, every write acknowledged before
+    /// this request is in the database, so a client hashes what it has seen
+    /// acknowledged (a compaction, say).
     async fn kv_hash(&self, revision: i64) -> Result<(KvHash, DriverStatus), Status> {
-        let status = self.node.status().await?;
+        let status = self.node.status_with_storage_flushed().await?;
         let reader = self.reader.clone();
         let hashed = tokio::task::spawn_blocking(move || reader.hash_kv(revision))
             .await
@@ -165,7 +166,8 @@ impl Maintenance for MaintenanceService {
     /// A consistent backup: the image of this member's applied state followed by
     /// its SHA-256 (see `chorus_core::snapshot`), in pieces with the bytes left.
     async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<SnapshotStream>, Status> {
-        let status = self.node.status().await?;
+        // Everything this member applied so far goes into the backup.
+        let status = self.node.status_with_storage_flushed().await?;
         let started = std::time::Instant::now();
         let reader = self.reader.clone();
         let (bytes, revision) = tokio::task::spawn_blocking(move || {
