@@ -188,6 +188,47 @@ impl Entry {
         }
     }
 
+    /// `to_key_value(key).encode_to_vec()`, written straight from the entry: the
+    /// persisted record of every write, made without copying the key and value
+    /// into a `KeyValue` first.
+    fn encode_record(&self, key: &[u8]) -> Vec<u8> {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, int64, WireType};
+        let ints = [(2, self.create_revision), (3, self.revision.main), (4, self.version)];
+        let bytes_len = |tag: u32, len: usize| {
+            if len == 0 {
+                0
+            } else {
+                prost::encoding::key_len(tag) + encoded_len_varint(len as u64) + len
+            }
+        };
+        let int_len = |tag: u32, value: i64| if value == 0 { 0 } else { int64::encoded_len(tag, &value) };
+        let len = bytes_len(1, key.len())
+            + ints.iter().map(|&(tag, value)| int_len(tag, value)).sum::<usize>()
+            + bytes_len(5, self.value.len())
+            + int_len(6, self.lease);
+        let mut buf = Vec::with_capacity(len);
+        let put_bytes = |tag: u32, bytes: &[u8], buf: &mut Vec<u8>| {
+            if !bytes.is_empty() {
+                encode_key(tag, WireType::LengthDelimited, buf);
+                encode_varint(bytes.len() as u64, buf);
+                buf.extend_from_slice(bytes);
+            }
+        };
+        let put_int = |tag: u32, value: i64, buf: &mut Vec<u8>| {
+            if value != 0 {
+                int64::encode(tag, &value, buf);
+            }
+        };
+        put_bytes(1, key, &mut buf);
+        for (tag, value) in ints {
+            put_int(tag, value, &mut buf);
+        }
+        put_bytes(5, &self.value, &mut buf);
+        put_int(6, self.lease, &mut buf);
+        debug_assert_eq!(buf.len(), len);
+        buf
+    }
+
     fn rev_key(&self) -> RevKey {
         self.revision.to_rev_key(self.tombstone)
     }
@@ -448,10 +489,7 @@ impl MvccStore {
             })
             .collect();
         records.sort_unstable_by_key(|record| record.0);
-        records
-            .into_iter()
-            .map(|(rev_key, key, entry)| (rev_key, entry.to_key_value(key).encode_to_vec()))
-            .collect()
+        records.into_iter().map(|(rev_key, key, entry)| (rev_key, entry.encode_record(key))).collect()
     }
 
     /// Reads keys at the current revision or an older one. Changes nothing.
@@ -587,10 +625,13 @@ impl MvccStore {
         batch: &mut Batch,
         write_set: &mut WriteSet,
     ) {
-        let record = entry.to_key_value(key).encode_to_vec();
+        let record = entry.encode_record(key);
         write_set.puts.push((entry.rev_key(), record));
         write_set.changes.push(change);
-        self.keys.entry(key.to_vec()).or_default().push(entry);
+        match self.keys.get_mut(key) {
+            Some(history) => history.push(entry),
+            None => self.keys.entry(key.to_vec()).or_default().push(entry),
+        }
         batch.touched_keys.push(key.to_vec());
     }
 
@@ -981,5 +1022,35 @@ mod tests {
         assert_eq!(result, Err(KvError::EmptyKey));
         assert_eq!(store, MvccStore::new());
         assert!(write_set.is_empty());
+    }
+
+    #[test]
+    fn a_record_is_encoded_as_its_key_value_would_be() {
+        let values = [Vec::new(), b"v".to_vec(), vec![7u8; 127], vec![7u8; 128], vec![0u8; 70_000]];
+        let ints = [0i64, 1, 127, 128, 1 << 40, i64::MAX, -1, i64::MIN];
+        let keys: [&[u8]; 3] = [b"", b"k", &[0xff; 300]];
+        let mut cases = 0;
+        for key in keys {
+            for value in &values {
+                for (i, &int) in ints.iter().enumerate() {
+                    let other = ints[(i + 3) % ints.len()];
+                    for tombstone in [false, true] {
+                        let entry = Entry {
+                            revision: Revision { main: other, sub: 0 },
+                            tombstone,
+                            create_revision: int,
+                            version: other,
+                            value: value.clone(),
+                            lease: int,
+                        };
+                        let expected = entry.to_key_value(key).encode_to_vec();
+                        assert_eq!(entry.encode_record(key), expected, "{entry:?}");
+                        assert_eq!(KeyValue::decode(expected.as_slice()).unwrap(), entry.to_key_value(key));
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 3 * 5 * 8 * 2);
     }
 }
