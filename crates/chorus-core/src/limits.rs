@@ -269,6 +269,12 @@ pub const LEARNER_PROMOTE_LAG_ENTRIES: u64 = 100;
 /// The most bytes of writes a defragmentation keeps in memory for its copy
 /// (batches persisted while it copies); past it, it gives up, the database unchanged.
 pub const DEFRAG_RECORDED_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// At most this many cycles' database writes wait in memory to be committed together
+/// (`DiskStorage::persist_deferring`; between checkpoints such commits are not durable,
+/// so waiting loses nothing a crash would not)...
+pub const DEFERRED_CYCLES_MAX: usize = 16;
+/// ...holding at most this many bytes of records.
+pub const DEFERRED_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// A client connection's HTTP/2 frame or header block larger than this is not
 /// inspected for a URL authority (chorus-server's `authority`): it is passed on for
 /// the HTTP/2 server to judge, which refuses header lists far smaller.

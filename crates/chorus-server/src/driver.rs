@@ -635,9 +635,9 @@ impl Driver {
             self.follow_membership();
             self.publish_status();
         }
-        // Not needed for safety (the log has them), but a restart replays less.
-        if let Err(error) = self.storage.flush() {
-            tracing::warn!(%error, "could not commit the last database writes at stop");
+        // Not needed for safety (the log has everything), but a restart replays nothing.
+        if let Err(error) = self.storage.checkpoint() {
+            tracing::warn!(%error, "could not checkpoint the database at stop");
         }
         tracing::info!("node driver stopped");
     }

@@ -166,7 +166,8 @@ impl SimOptions {
         options.wal_segment_bytes = storage_rng.random_range(1_024..=32_768);
         let mut deferred_rng = ChaCha8Rng::seed_from_u64(seed ^ 0xdef0_44ed);
         if !deferred_rng.random_ratio(1, 4) {
-            options.deferred_cycles_max = deferred_rng.random_range(1..=chorus_storage::DEFERRED_CYCLES_MAX);
+            options.deferred_cycles_max =
+                deferred_rng.random_range(1..=chorus_core::limits::DEFERRED_CYCLES_MAX);
         }
         let mut hold_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x401d);
         if hold_rng.random_bool(0.5) {

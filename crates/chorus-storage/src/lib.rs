@@ -70,7 +70,7 @@ pub mod wal;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use chorus_core::limits::DEFRAG_RECORDED_BYTES_MAX;
+use chorus_core::limits::{DEFERRED_BYTES_MAX, DEFERRED_CYCLES_MAX, DEFRAG_RECORDED_BYTES_MAX};
 use chorus_core::mvcc::MvccStore;
 use chorus_core::node::{PersistBatch, Recovered};
 use chorus_proto::chorus::v1::{MemberAttributes, StateImage};
@@ -93,11 +93,6 @@ pub const FORMAT_VERSION: u64 = 2;
 pub const CHECKPOINT_COMMITS: u32 = 1000;
 /// ...or once this many bytes were appended to the log since the last one.
 pub const CHECKPOINT_LOG_BYTES: u64 = 32 * 1024 * 1024;
-/// At most this many cycles' database writes wait to be committed together
-/// (see [`DiskStorage::persist_deferring`])...
-pub const DEFERRED_CYCLES_MAX: usize = 16;
-/// ...holding at most this many bytes of records.
-pub const DEFERRED_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// The database file's name inside `<data-dir>/member/`.
 pub const DB_FILE_NAME: &str = "chorus.redb";
 
@@ -550,11 +545,12 @@ impl DiskStorage {
         write_batches(&self.path, &txn, deferred.iter().chain(batch), &mut stored)?;
         txn.commit().map_err(|e| self.io(e))?;
         self.stored_bytes = stored;
-        for written in deferred.iter().chain(batch) {
-            self.applied_index_written = Some(written.applied_index);
-            if let Some((index, _)) = written.log_compacted_to {
-                self.log_snapshot_index = self.log_snapshot_index.max(index);
-            }
+        if let Some(last) = batch.or(deferred.last()) {
+            self.applied_index_written = Some(last.applied_index);
+        }
+        // A batch that compacts the log never waits, so only `batch` can carry one.
+        if let Some((index, _)) = batch.and_then(|b| b.log_compacted_to) {
+            self.log_snapshot_index = self.log_snapshot_index.max(index);
         }
         if checkpoint {
             self.commits_since_checkpoint = 0;
